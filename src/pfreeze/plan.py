@@ -1,0 +1,443 @@
+"""The selector language and the plan it compiles to: what trains, down to single elements.
+
+A selector is clauses separated by `;`. A clause is space-separated terms, all of which must
+hold (AND); clauses add up (OR); a clause starting with `!` removes what it matches.
+
+    layers=15: roles=q,k,v          q, k, v of blocks 15 and up (also -6:, 0,2,5, 50%:)
+    roles=q heads=0,3               query heads 0 and 3 of every block (GQA-aware for k/v)
+    re=model\\.norm\\..*             anchored regex over parameter names
+    *.q_proj.weight[:, 0:64]        glob over names, then an element slice
+    roles=attn; !layers=0           all attention, except block 0
+
+Roles: q k v o attn(=q,k,v,o) mlp embed norm head. Q, K and V are exact even inside fused
+matrices (GPT-2 `c_attn` column blocks, GPT-NeoX `query_key_value` per-head interleaving).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from pfreeze.errors import PfreezeError
+
+ROLES = ("q", "k", "v", "o", "mlp", "embed", "norm", "head")
+ROLE_ALIASES = {"attn": ("q", "k", "v", "o"), "qkv": ("q", "k", "v")}
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How one family of parameter names maps to roles.
+
+    layout: "whole" (one role, whole tensor), "out"/"in" (one role; heads index that dim),
+    "qkv_blocks" (GPT-2: [q|k|v] blocks along `dim`), "qkv_heads" (NeoX: [head][q,k,v][hd]).
+    """
+
+    pattern: str
+    role: str
+    layout: str = "whole"
+    dim: int = 0
+
+
+@dataclass(frozen=True)
+class Arch:
+    block: str  # regex matching the block prefix, group 1 = layer index
+    rules: tuple[Rule, ...]
+
+
+ARCHITECTURES: dict[str, Arch] = {
+    "llama": Arch(r"model\.layers\.(\d+)\.", (
+        Rule(r"model\.embed_tokens\.weight", "embed"),
+        Rule(r"lm_head\.weight", "head"),
+        Rule(r".*norm\.weight", "norm"),
+        Rule(r".*self_attn\.q_proj\.(weight|bias)", "q", "out", 0),
+        Rule(r".*self_attn\.k_proj\.(weight|bias)", "k", "out", 0),
+        Rule(r".*self_attn\.v_proj\.(weight|bias)", "v", "out", 0),
+        Rule(r".*self_attn\.o_proj\.weight", "o", "in", 1),
+        Rule(r".*self_attn\.o_proj\.bias", "o"),
+        Rule(r".*mlp\..*", "mlp"),
+    )),
+    "gpt2": Arch(r"transformer\.h\.(\d+)\.", (
+        Rule(r"transformer\.(wte|wpe)\.weight", "embed"),
+        Rule(r"lm_head\.weight", "head"),
+        Rule(r".*ln_(1|2|f)\.(weight|bias)", "norm"),
+        # Conv1D stores (in, out): q, k, v are column blocks of the weight, slices of the bias.
+        Rule(r".*attn\.c_attn\.weight", "qkv", "qkv_blocks", 1),
+        Rule(r".*attn\.c_attn\.bias", "qkv", "qkv_blocks", 0),
+        Rule(r".*attn\.c_proj\.weight", "o", "in", 0),
+        Rule(r".*attn\.c_proj\.bias", "o"),
+        Rule(r".*mlp\..*", "mlp"),
+    )),
+    "gpt-neo": Arch(r"transformer\.h\.(\d+)\.", (
+        Rule(r"transformer\.(wte|wpe)\.weight", "embed"),
+        Rule(r"lm_head\.weight", "head"),
+        Rule(r".*ln_(1|2|f)\.(weight|bias)", "norm"),
+        Rule(r".*attention\.q_proj\.weight", "q", "out", 0),
+        Rule(r".*attention\.k_proj\.weight", "k", "out", 0),
+        Rule(r".*attention\.v_proj\.weight", "v", "out", 0),
+        Rule(r".*attention\.out_proj\.weight", "o", "in", 1),
+        Rule(r".*attention\.out_proj\.bias", "o"),
+        Rule(r".*mlp\..*", "mlp"),
+    )),
+    "gpt-neox": Arch(r"gpt_neox\.layers\.(\d+)\.", (
+        Rule(r"gpt_neox\.embed_in\.weight", "embed"),
+        Rule(r"(embed_out|lm_head)\.weight", "head"),
+        Rule(r".*(layernorm|layer_norm)\.(weight|bias)", "norm"),
+        # Linear rows are laid out per head as [head][q, k, v][head_dim].
+        Rule(r".*attention\.query_key_value\.(weight|bias)", "qkv", "qkv_heads", 0),
+        Rule(r".*attention\.dense\.weight", "o", "in", 1),
+        Rule(r".*attention\.dense\.bias", "o"),
+        Rule(r".*mlp\..*", "mlp"),
+    )),
+}
+
+
+@dataclass
+class Geometry:
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def of(cls, model: nn.Module) -> Geometry:
+        c = model.config
+        heads = c.num_attention_heads
+        kv = getattr(c, "num_key_value_heads", None) or heads
+        hd = getattr(c, "head_dim", None) or c.hidden_size // heads
+        return cls(c.num_hidden_layers, heads, kv, hd)
+
+    def heads_of(self, role: str) -> int:
+        return self.n_kv_heads if role in ("k", "v") else self.n_heads
+
+
+@dataclass
+class ParamInfo:
+    name: str
+    shape: tuple[int, ...]
+    layer: int | None
+    rule: Rule
+    tied: str | None = None  # name of the parameter that shares this storage
+
+
+@dataclass
+class TensorPlan:
+    """What trains in one parameter: mask None means every element."""
+
+    mask: torch.Tensor | None
+    total: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def trainable(self) -> int:
+        return self.total if self.mask is None else int(self.mask.sum())
+
+
+@dataclass
+class Plan:
+    selector: str
+    tensors: dict[str, TensorPlan]  # only parameters with at least one trainable element
+    params: dict[str, ParamInfo]
+
+    @property
+    def trainable(self) -> int:
+        return sum(t.trainable for t in self.tensors.values())
+
+    @property
+    def total(self) -> int:
+        return sum(_numel(p.shape) for p in self.params.values())
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def describe_params(model: nn.Module, family: str) -> dict[str, ParamInfo]:
+    arch = ARCHITECTURES[family]
+    out: dict[str, ParamInfo] = {}
+    for name, p in model.named_parameters():
+        m = re.match(arch.block, name)
+        layer = int(m.group(1)) if m else None
+        rule = next((r for r in arch.rules if re.fullmatch(r.pattern, name)), Rule(".*", "other"))
+        out[name] = ParamInfo(name, tuple(p.shape), layer, rule)
+    out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
+    if out_emb is not None and in_emb is not None and out_emb.weight is in_emb.weight:
+        # named_parameters() lists a tied weight once, under the input embedding's name.
+        emb = next(n for n, p in model.named_parameters() if p is in_emb.weight)
+        out[emb].tied = "lm_head"
+    return out
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _split_terms(clause: str) -> list[str]:
+    """Split on spaces that are not inside [...], so `w[:, 0:64]` stays one term."""
+    terms, depth, cur = [], 0, ""
+    for ch in clause:
+        depth += ch == "["
+        depth -= ch == "]"
+        if ch.isspace() and depth == 0:
+            if cur:
+                terms.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    if cur:
+        terms.append(cur)
+    return terms
+
+
+def parse_layers(spec: str, n_layers: int) -> list[int]:
+    """`6:`, `-6:`, `0,2,5`, `3:8`, `50%:` -> sorted block indices, range-checked."""
+
+    def bound(tok: str) -> int | None:
+        if tok == "":
+            return None
+        if tok.endswith("%"):
+            return round(float(tok[:-1]) / 100 * n_layers)
+        return int(tok)
+
+    chosen: set[int] = set()
+    for item in spec.split(","):
+        item = item.strip()
+        try:
+            if ":" in item:
+                a, b = item.split(":", 1)
+                chosen.update(range(n_layers)[slice(bound(a), bound(b))])
+            else:
+                i = int(item)
+                if not -n_layers <= i < n_layers:
+                    raise PfreezeError(
+                        f"layers={spec}: block {i} is out of range",
+                        f"this model has {n_layers} blocks (0..{n_layers - 1})",
+                    )
+                chosen.add(i % n_layers)
+        except ValueError:
+            raise PfreezeError(
+                f"layers={spec}: '{item}' is not a block index or slice",
+                "write e.g. layers=6: or layers=-6: or layers=0,2,5 or layers=50%:",
+            ) from None
+    if not chosen:
+        raise PfreezeError(
+            f"layers={spec} selects no block",
+            f"this model has {n_layers} blocks (0..{n_layers - 1})",
+        )
+    return sorted(chosen)
+
+
+def _parse_index(expr: str, shape: tuple[int, ...], term: str) -> tuple[slice | int, ...]:
+    parts = [p.strip() for p in expr.split(",")]
+    if len(parts) > len(shape):
+        raise PfreezeError(f"'{term}' has {len(parts)} indices for a {len(shape)}-d tensor",
+                           f"the tensor's shape is {list(shape)}")
+    idx: list[slice | int] = []
+    for p in parts:
+        try:
+            if ":" in p:
+                nums = [int(x) if x.strip() else None for x in p.split(":")]
+                idx.append(slice(*nums))
+            else:
+                idx.append(int(p))
+        except ValueError:
+            raise PfreezeError(f"'{term}': cannot read index '{p}'",
+                               "use integers and slices like [:, 0:64]") from None
+    return tuple(idx)
+
+
+# --------------------------------------------------------------------------- compiling
+
+
+def role_index(info: ParamInfo, role: str, heads: list[int] | None, g: Geometry) -> torch.Tensor | None:
+    """Indices along info.rule.dim that belong to `role` (and `heads`); None = whole tensor."""
+    rule, size = info.rule, info.shape[info.rule.dim] if info.shape else 0
+    if rule.layout in ("whole",):
+        return None if heads is None else torch.empty(0, dtype=torch.long)
+    if rule.layout in ("out", "in"):
+        if heads is None:
+            return None
+        hd = size // g.heads_of(role)
+        return torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in heads])
+    hs = heads if heads is not None else list(range(g.n_heads))
+    r = "qkv".index(role)
+    if rule.layout == "qkv_blocks":
+        width = size // 3
+        hd = width // g.n_heads
+        return torch.cat([torch.arange(r * width + h * hd, r * width + (h + 1) * hd) for h in hs])
+    hd = size // (3 * g.n_heads)  # qkv_heads
+    return torch.cat([torch.arange(h * 3 * hd + r * hd, h * 3 * hd + (r + 1) * hd) for h in hs])
+
+
+def _roles_in(info: ParamInfo) -> tuple[str, ...]:
+    if info.rule.role == "qkv":
+        return ("q", "k", "v")
+    if info.tied:
+        return (info.rule.role, "head")
+    return (info.rule.role,)
+
+
+def _clause_masks(clause: str, params: dict[str, ParamInfo], g: Geometry,
+                  family: str) -> dict[str, torch.Tensor | None]:
+    layers: list[int] | None = None
+    roles: set[str] | None = None
+    heads: list[int] | None = None
+    name_filters: list[tuple[str, str, str | None]] = []  # (kind, pattern, index expr)
+    for term in _split_terms(clause):
+        key, eq, val = term.partition("=")
+        if eq and key == "layers":
+            layers = parse_layers(val, g.n_layers)
+        elif eq and key == "roles":
+            roles = set()
+            for r in val.split(","):
+                if r in ROLE_ALIASES:
+                    roles.update(ROLE_ALIASES[r])
+                elif r in ROLES:
+                    roles.add(r)
+                else:
+                    raise PfreezeError(f"unknown role '{r}' in '{clause}'",
+                                       f"roles are {', '.join(ROLES + tuple(ROLE_ALIASES))}")
+        elif eq and key == "heads":
+            try:
+                heads = sorted({int(h) for h in val.split(",")})
+            except ValueError:
+                raise PfreezeError(f"heads={val}: not a list of head indices",
+                                   "write e.g. heads=0,3") from None
+        elif eq and key == "re":
+            name_filters.append(("re", val, None))
+        elif not eq or "[" in key:
+            m = re.fullmatch(r"([^\[]+)(?:\[(.*)\])?", term)
+            if not m:
+                raise PfreezeError(f"cannot read term '{term}'", "see `pfreeze plan --help`")
+            name_filters.append(("glob", m.group(1), m.group(2)))
+        else:
+            raise PfreezeError(f"unknown selector key '{key}' in '{clause}'",
+                               "keys are layers=, roles=, heads=, re=, or a name glob")
+    if heads is not None and roles is None:
+        raise PfreezeError(f"'{clause}': heads= needs roles=",
+                           "write e.g. roles=q heads=0,3")
+    wanted = set(roles) if roles else None
+    if wanted is not None:
+        have = {r for p in params.values() for r in _roles_in(p)}
+        if missing := wanted - have:
+            raise PfreezeError(
+                f"the {family} architecture has no parameters with role {sorted(missing)}",
+                f"roles present: {', '.join(sorted(have - {'other'}))}",
+            )
+    out: dict[str, torch.Tensor | None] = {}
+    for name, info in params.items():
+        if layers is not None and info.layer not in layers:
+            continue
+        index_expr = None
+        ok = True
+        for kind, pat, idx in name_filters:
+            hit = re.fullmatch(pat, name) if kind == "re" else fnmatch.fnmatchcase(name, pat)
+            ok &= bool(hit)
+            index_expr = idx if idx is not None else index_expr
+        if not ok:
+            continue
+        mask: torch.Tensor | None = None
+        if wanted is not None:
+            present = [r for r in _roles_in(info) if r in wanted]
+            if not present:
+                continue
+            if heads is not None:
+                for r in present:
+                    n = g.heads_of(r)
+                    if info.rule.layout != "whole" and heads[-1] >= n:
+                        raise PfreezeError(
+                            f"heads={','.join(map(str, heads))}: role {r} has only {n} heads",
+                            f"use head indices 0..{n - 1}"
+                            + (" (k and v are grouped-query heads)" if n < g.n_heads else ""),
+                        )
+            idxs = [role_index(info, r, heads, g) for r in present]
+            if any(i is None for i in idxs):
+                mask = None
+            else:
+                sel = torch.cat([i for i in idxs if i is not None])
+                if sel.numel() == 0:
+                    continue
+                mask = torch.zeros(info.shape, dtype=torch.bool)
+                mask.index_fill_(info.rule.dim, sel, True)
+        if index_expr is not None:
+            if index_expr.count(",") + 1 > len(info.shape):
+                continue  # a glob may also hit lower-rank tensors (norms, biases): skip them
+            box = torch.zeros(info.shape, dtype=torch.bool)
+            box[_parse_index(index_expr, info.shape, clause)] = True
+            mask = box if mask is None else mask & box
+        if mask is not None and bool(mask.all()):
+            mask = None
+        if mask is not None and not bool(mask.any()):
+            continue
+        out[name] = mask
+    if not out:
+        raise PfreezeError(
+            f"selector clause '{clause}' matches no parameter",
+            f"run `pfreeze plan --model ...` to list names; blocks are 0..{g.n_layers - 1}",
+        )
+    return out
+
+
+def _merge(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    return None if a is None or b is None else a | b
+
+
+def compile_plan(model: nn.Module, family: str, selector: str) -> Plan:
+    """Compile `selector` against `model` into per-tensor trainable masks."""
+    params = describe_params(model, family)
+    g = Geometry.of(model)
+    clauses = [c.strip() for c in selector.split(";") if c.strip()]
+    if not clauses:
+        raise PfreezeError("the selector is empty", "write e.g. 'layers=50%: roles=q,k,v'")
+    keep: dict[str, TensorPlan] = {}
+    for clause in (c for c in clauses if not c.startswith("!")):
+        for name, mask in _clause_masks(clause, params, g, family).items():
+            total = _numel(params[name].shape)
+            tp = keep.setdefault(name, TensorPlan(mask, total))
+            tp.mask = _merge(tp.mask, mask) if tp.notes else mask
+            tp.notes.append(clause)
+    for clause in (c[1:].strip() for c in clauses if c.startswith("!")):
+        for name, mask in _clause_masks(clause, params, g, family).items():
+            if name not in keep:
+                continue
+            tp = keep[name]
+            base = tp.mask if tp.mask is not None else torch.ones(params[name].shape, dtype=torch.bool)
+            remaining = torch.zeros_like(base) if mask is None else base & ~mask
+            if not bool(remaining.any()):
+                del keep[name]
+            else:
+                tp.mask = None if bool(remaining.all()) else remaining
+                tp.notes.append(f"!{clause}")
+    if not keep:
+        raise PfreezeError(f"selector '{selector}' leaves nothing trainable",
+                           "check the ! clauses")
+    return Plan(selector, keep, params)
+
+
+def full_plan(model: nn.Module, family: str) -> Plan:
+    params = describe_params(model, family)
+    return Plan("all", {n: TensorPlan(None, _numel(i.shape), ["all"]) for n, i in params.items()},
+                params)
+
+
+def plan_rows(plan: Plan) -> list[dict[str, object]]:
+    """One row per parameter for the plan table (frozen ones included)."""
+    rows = []
+    for name, info in plan.params.items():
+        tp = plan.tensors.get(name)
+        total = _numel(info.shape)
+        rows.append({
+            "name": name + (f" (tied: {info.tied})" if info.tied else ""),
+            "shape": list(info.shape),
+            "layer": info.layer,
+            "role": info.rule.role,
+            "trainable": tp.trainable if tp else 0,
+            "total": total,
+            "how": ("whole" if tp.mask is None else "partial: " + "; ".join(tp.notes)) if tp else "",
+        })
+    return rows

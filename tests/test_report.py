@@ -1,0 +1,177 @@
+"""render_report on synthetic run directories: files exist, content is right, errors are clear."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pfreeze.errors import PfreezeError
+from pfreeze.report import render_report
+
+PNGS = ["loss.png", "loss_scatter.png", "step_time.png", "dw.png", "dw0.png", "p.png"]
+TOTAL = 134_515_008
+
+
+def _p(mean: float) -> dict[str, Any]:
+    return {"mean": mean, "std": 0.05, "ci95": [mean - 0.05, mean + 0.05], "n": 8,
+            "values": [mean] * 8}
+
+
+def _arm(name: str, i: int, trainable: int, ok: bool | None = True) -> dict[str, Any]:
+    integrity = None if ok is None else {
+        "ok": ok, "checked_elements": 120_000_000, "frozen_tensors": 250,
+        "violations": [] if ok else ["model.layers.3.self_attn.q_proj.weight"]}
+    return {
+        "kind": "full" if i == 0 else "plan", "description": f"arm {name}",
+        "trainable_params": trainable, "total_params": TOTAL, "theta0_hash": "abc123",
+        "steps": 5, "total_time_s": 2.5 + i, "median_step_time_s": 0.5 + 0.1 * i,
+        "tokens_per_s": 2000.0, "mean_loss": 3.1, "last_loss": 2.9, "val_loss_before": 3.4,
+        "val_loss_best": 3.2, "val_loss_best_step": 4 - i, "val_loss_after": 3.25,
+        "train_loss_after": 2.8, "peak_mem_mb": None, "p_before": _p(0.5),
+        "p_after": _p(0.52 + 0.01 * i), "integrity": integrity,
+    }
+
+
+def _make_run(root: Path, arms: dict[str, int], *, bad_integrity: bool = False) -> Path:
+    rows: list[dict[str, Any]] = []
+    for step in range(6):
+        for i, name in enumerate(arms):
+            if step in (0, 5):
+                rows.append({"kind": "eval", "step": step, "arm": name,
+                             "val_loss": 3.4 - 0.02 * step * (i + 1), "train_loss": None})
+            if step == 0:
+                continue
+            dw = {f"L{layer}.{role}": (0.0 if i and layer == 0 else 0.01 * (layer + 1))
+                  for layer in range(3) for role in "qkvo"}
+            rows.append({"kind": "train", "step": step, "arm": name, "loss": 3.3 - 0.05 * step * i,
+                         "lr": 1e-4, "step_time_s": 0.5 + 0.01 * step, "tokens_per_s": 2000.0,
+                         "batch_hash": f"h{step}", "mem_mb": None, "dw": dw,
+                         "dw0": {k: v * step for k, v in dw.items()}})
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = {
+        "pfreeze_version": "0.1.0", "created": "2026-11-29T12:00:00Z",
+        "command": "pfreeze run --config c.yaml", "status": "finished", "theta0_hash": "abc123",
+        "environment": {"python": "3.11.7", "torch": "2.13.0", "device": "cpu", "git_hash": None},
+        "model": {"name": "smollm2-135m", "architecture": "llama", "n_layers": 3,
+                  "total_params": TOTAL, "tied_embeddings": True},
+        "config": {"train": {"steps": 5, "batch_size": 4, "lr": 1e-4}},
+        "corpus": {"source": "pg2701.txt", "n_total": 325000, "n_unique": 17000,
+                   "n_train": 292000, "n_val": 32500, "p_train": 0.55, "p_val": 0.54,
+                   "top": [{"id": k, "token": f" tok{k}", "count": 14000 - k} for k in range(100)]},
+        "arms": {n: _arm(n, i, t, ok=not (bad_integrity and i == 1))
+                 for i, (n, t) in enumerate(arms.items())},
+    }
+    (root / "summary.json").write_text(json.dumps(summary))
+    (root / "samples.txt").write_text("".join(f"sample line {k}\n" for k in range(60)))
+    return root
+
+
+def _check_outputs(run: Path, out: dict[str, Path], pngs: list[str]) -> tuple[str, str]:
+    for name in pngs:
+        assert out[name] == run / name
+        assert out[name].read_bytes().startswith(b"\x89PNG"), name
+    md, html = out["report.md"].read_text(), out["report.html"].read_text()
+    assert html.count("data:image/png;base64,") == len(pngs)
+    assert not re.search(r"""(src|href)\s*=\s*["']?https?:""", html)
+    assert not list(run.glob(".*.tmp"))  # atomic writes left no temporaries behind
+    return md, html
+
+
+def test_two_arms(tmp_path: Path) -> None:
+    run = _make_run(tmp_path / "run", {"full": TOTAL, "plan": 1_769_472})
+    out = render_report(run)
+    md, html = _check_outputs(run, out, PNGS)
+    for text in (md, html):
+        assert "full" in text and "plan" in text
+        assert "134,515,008" in text and "1,769,472 (1.3%)" in text
+        assert "(step 4)" in text and "(step 3)" in text
+        assert "all arms started from the same θ₀" in text
+        assert "VIOLATION" not in text
+        assert "sample line 39" in text and "sample line 40" not in text
+    assert "120,000,000 checked" in md
+    assert "1.20×" in md  # plan's median step time relative to full
+    assert "![" in md and "(loss.png)" in md
+    assert "`pfreeze run --config c.yaml`" in md
+
+
+def test_three_arms_odd_names(tmp_path: Path) -> None:
+    arms = {"full": TOTAL, "plan <b>|x": 42_000, "lora-r8": 300_000}
+    run = _make_run(tmp_path / "run", arms)
+    md, html = _check_outputs(run, render_report(run), PNGS)
+    assert "plan <b>\\|x" in md and "plan &lt;b&gt;|x" in html and "<b>|x" not in html
+    assert "42,000" in md and "300,000" in md
+
+
+def test_single_arm_skips_scatter(tmp_path: Path) -> None:
+    run = _make_run(tmp_path / "run", {"only": TOTAL})
+    out = render_report(run)
+    assert "loss_scatter.png" not in out and not (run / "loss_scatter.png").exists()
+    _check_outputs(run, out, [p for p in PNGS if p != "loss_scatter.png"])
+
+
+def test_missing_fields_and_truncated_line(tmp_path: Path) -> None:
+    run = _make_run(tmp_path / "run", {"full": TOTAL, "plan": 1000})
+    summary = json.loads((run / "summary.json").read_text())
+    for key in ("total_time_s", "val_loss_best", "val_loss_best_step", "train_loss_after",
+                "p_after", "theta0_hash", "integrity"):
+        summary["arms"]["plan"][key] = None
+    summary["arms"]["full"].pop("p_before")
+    summary["corpus"]["p_train"] = None
+    summary["environment"] = None
+    summary["config"] = {}
+    (run / "summary.json").write_text(json.dumps(summary))
+    (run / "samples.txt").unlink()
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"kind": "train", "step": 6, "arm": "plan", "lo')  # killed mid-write
+    md, html = _check_outputs(run, render_report(run), PNGS)
+    assert "—" in md and "—" in html
+    assert "WARNING" in md  # plan has no θ₀ hash, so pairing cannot be confirmed
+    assert "Samples" not in md
+
+
+def test_empty_dw_dicts(tmp_path: Path) -> None:
+    run = _make_run(tmp_path / "run", {"full": TOTAL, "plan": 1000})
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(x) for x in lines]
+    for r in rows:
+        if r["kind"] == "train" and r["arm"] == "plan":
+            r["dw"], r["dw0"] = {}, {}
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _check_outputs(run, render_report(run), PNGS)
+
+
+def test_integrity_violation_is_loud(tmp_path: Path) -> None:
+    run = _make_run(tmp_path / "run", {"full": TOTAL, "plan": 1000}, bad_integrity=True)
+    md, html = _check_outputs(run, render_report(run), PNGS)
+    assert "VIOLATION" in md and "q_proj" in md
+    assert "VIOLATION" in html and 'class="bad"' in html
+
+
+def test_different_theta0_warns(tmp_path: Path) -> None:
+    run = _make_run(tmp_path / "run", {"full": TOTAL, "plan": 1000})
+    summary = json.loads((run / "summary.json").read_text())
+    summary["arms"]["plan"]["theta0_hash"] = "def456"
+    (run / "summary.json").write_text(json.dumps(summary))
+    md, _ = _check_outputs(run, render_report(run), PNGS)
+    assert "different θ₀" in md
+
+
+@pytest.mark.parametrize("missing", ["summary.json", "metrics.jsonl"])
+def test_missing_files_raise(tmp_path: Path, missing: str) -> None:
+    run = _make_run(tmp_path / "run", {"full": TOTAL, "plan": 1000})
+    (run / missing).unlink()
+    with pytest.raises(PfreezeError, match="no pfreeze run in") as exc:
+        render_report(run)
+    assert exc.value.fix == "pass the output_dir of a finished or running `pfreeze run`"
+    if missing == "summary.json":
+        assert exc.value.problem == f"no pfreeze run in {run} (summary.json missing)"
+
+
+def test_not_a_directory(tmp_path: Path) -> None:
+    with pytest.raises(PfreezeError, match=r"summary\.json missing"):
+        render_report(tmp_path / "nope")
