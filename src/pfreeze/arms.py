@@ -1,0 +1,147 @@
+"""Arms: small strategies that decide what trains, plugged into the one training loop.
+
+An arm gets its own copy of θ₀ and answers two questions: which plan is in force at step k
+(`plan_at`, None when it does not change), and how its model is built (`build`: a plain copy,
+or a copy wrapped by peft). Everything else — data, optimizer, metrics — is the loop's.
+Register a new kind with `@register("name")` next to its config class in config.py.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from pfreeze.config import FullArm, LoraArm, PlanArm, ScheduleArm
+from pfreeze.errors import PfreezeError
+from pfreeze.plan import Plan, compile_plan, describe_params, full_plan
+
+ARM_KINDS: dict[str, type[ArmStrategy]] = {}
+
+
+def register(kind: str) -> Callable[[type[ArmStrategy]], type[ArmStrategy]]:
+    def deco(cls: type[ArmStrategy]) -> type[ArmStrategy]:
+        ARM_KINDS[kind] = cls
+        return cls
+
+    return deco
+
+
+class ArmStrategy:
+    """Base: a plain copy of θ₀ with one fixed plan."""
+
+    def __init__(self, cfg: Any, family: str) -> None:
+        self.cfg = cfg
+        self.name: str = cfg.name
+        self.family = family
+        self.plans: dict[int, Plan | None] = {}
+
+    def build(self, base: nn.Module) -> nn.Module:
+        model = copy.deepcopy(base)
+        self.plans = self._plans(model)
+        return model
+
+    def _plans(self, model: nn.Module) -> dict[int, Plan | None]:
+        raise NotImplementedError
+
+    def plan_at(self, step: int) -> Plan | None:
+        """The plan that starts at 0-based `step`, or None if the plan does not change."""
+        return self.plans.get(step)
+
+    def first_plan(self) -> Plan | None:
+        return self.plans.get(0)
+
+    def ever_trainable(self) -> int:
+        """Elements trainable at some step (the union over phases)."""
+        return max((p.trainable for p in self.plans.values() if p is not None), default=0)
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    def trained_names(self) -> set[str]:
+        return {n for p in self.plans.values() if p is not None for n in p.tensors}
+
+
+@register("full")
+class Full(ArmStrategy):
+    def _plans(self, model: nn.Module) -> dict[int, Plan | None]:
+        return {0: full_plan(model, self.family)}
+
+    def describe(self) -> str:
+        return "full fine-tuning: every parameter trains"
+
+
+@register("plan")
+class Planned(ArmStrategy):
+    def _plans(self, model: nn.Module) -> dict[int, Plan | None]:
+        return {0: compile_plan(model, self.family, self.cfg.select)}
+
+    def describe(self) -> str:
+        return f"precision-frozen: only `{self.cfg.select}` trains"
+
+
+@register("schedule")
+class Scheduled(ArmStrategy):
+    """Phases: from `start` on, the phase's plan is in force (t < t₀ frozen, t ≥ t₀ trains)."""
+
+    def _plans(self, model: nn.Module) -> dict[int, Plan | None]:
+        plans: dict[int, Plan | None] = {}
+        if min(ph.start for ph in self.cfg.phases) > 0:
+            plans[0] = None  # nothing trains before the first phase
+        for ph in sorted(self.cfg.phases, key=lambda p: p.start):
+            plans[ph.start] = compile_plan(model, self.family, ph.select)
+        return plans
+
+    def ever_trainable(self) -> int:
+        union: dict[str, int] = {}
+        for p in self.plans.values():
+            for n, tp in (p.tensors.items() if p else []):
+                union[n] = max(union.get(n, 0), tp.trainable)
+        return sum(union.values())
+
+    def describe(self) -> str:
+        return "scheduled: " + "; ".join(f"from step {p.start}: `{p.select}`"
+                                         for p in self.cfg.phases)
+
+
+@register("lora")
+class Lora(ArmStrategy):
+    """LoRA through peft on the modules the selector picks; base weights stay frozen."""
+
+    def build(self, base: nn.Module) -> nn.Module:
+        from peft import LoraConfig, get_peft_model
+
+        model = copy.deepcopy(base)
+        plan = compile_plan(model, self.family, self.cfg.select)
+        infos = describe_params(model, self.family)
+        targets = sorted({n.rsplit(".", 1)[0] for n in plan.tensors if len(infos[n].shape) >= 2})
+        if not targets:
+            raise PfreezeError(f"LoRA arm '{self.name}': '{self.cfg.select}' selects no matrix",
+                               "select weight matrices, e.g. roles=q,k,v")
+        partial = [n for n, t in plan.tensors.items() if t.mask is not None]
+        if partial:
+            raise PfreezeError(
+                f"LoRA arm '{self.name}': '{self.cfg.select}' selects parts of {partial[0]}",
+                "LoRA adapts whole modules: drop heads=/slices, or use a plan arm",
+            )
+        lcfg = LoraConfig(r=self.cfg.r, lora_alpha=self.cfg.alpha, lora_dropout=self.cfg.dropout,
+                          target_modules=targets, fan_in_fan_out=self.family == "gpt2")
+        model = get_peft_model(model, lcfg)
+        adapter = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        from pfreeze.plan import ParamInfo, Rule, TensorPlan
+
+        infos_all = {n: ParamInfo(n, tuple(p.shape), None, Rule(".*", "lora"))
+                     for n, p in model.named_parameters()}
+        self.plans = {0: Plan(self.cfg.select, {n: TensorPlan(None, p.numel(), ["lora"])
+                                                for n, p in adapter.items()}, infos_all)}
+        self.targets = targets
+        return model
+
+    def describe(self) -> str:
+        return f"LoRA r={self.cfg.r}, alpha={self.cfg.alpha} on `{self.cfg.select}`"
+
+
+def make_arm(cfg: FullArm | PlanArm | LoraArm | ScheduleArm, family: str) -> ArmStrategy:
+    return ARM_KINDS[cfg.kind](cfg, family)

@@ -1,0 +1,154 @@
+"""`pfreeze` command line: run, plan, report.
+
+Every user mistake is a PfreezeError and prints as one line (`error: problem; fix`) with exit
+code 2; `--debug` shows the traceback as well.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from pfreeze.errors import PfreezeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Targeted fine-tuning with precision freezing, measured side by side.")
+console = Console(stderr=True)
+_state = {"debug": False}
+
+
+@app.callback()
+def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False) -> None:
+    _state["debug"] = debug
+
+
+@app.command()
+def run(
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option(
+        "--set", help="Override a config value: key.path=value (repeatable).")] = None,
+    output_dir: Annotated[Optional[Path], typer.Option("--output-dir", "-o")] = None,
+    corpus: Annotated[Optional[str], typer.Option(
+        "--corpus", help="Text file or gutenberg:<id> (same as --set data.corpus=...).")] = None,
+    model: Annotated[Optional[str], typer.Option(
+        "--model", help="smollm2-135m, an HF id/dir, or random:<family>.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a run already in --output-dir.")] = False,
+    no_report: Annotated[bool, typer.Option("--no-report", help="Skip the report.")] = False,
+) -> None:
+    """Train every arm of the config side by side and write metrics, summary and report."""
+    from pfreeze.config import load_config
+
+    overrides = list(set_ or [])
+    if corpus:
+        overrides.append(f"data.corpus={corpus}")
+    if model:
+        overrides.append(f"model.name={model}")
+    cfg = load_config(config, overrides)
+    if output_dir is not None:
+        cfg.output_dir = str(output_dir)
+    from pfreeze.train import run as run_experiment
+
+    arms = ", ".join(a.name or a.kind for a in cfg.arms)
+    console.print(f"[bold]pfreeze[/] {cfg.model.name} on {cfg.data.corpus}: arms {arms}, "
+                  f"{cfg.training.max_steps} steps -> {cfg.output_dir}")
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), TextColumn("{task.fields[losses]}"),
+                  console=console, transient=False) as progress:
+        task = progress.add_task("training", total=cfg.training.max_steps, losses="")
+
+        def on_step(step: int, losses: dict[str, float]) -> None:
+            shown = "  ".join(f"{k}={v:.3f}" for k, v in losses.items())
+            progress.update(task, completed=step, **({"losses": shown} if shown else {}))
+
+        summary = run_experiment(cfg, cfg.output_dir, overwrite=overwrite, on_step=on_step)
+    _print_summary(summary)
+    if not no_report:
+        from pfreeze.report import render_report
+
+        written = render_report(Path(cfg.output_dir))
+        console.print(f"report: {written.get('html', Path(cfg.output_dir) / 'report.html')}")
+
+
+def _print_summary(summary: dict) -> None:
+    table = Table(title="pfreeze summary")
+    for col in ("arm", "trainable", "median step s", "last loss", "val before→after", "p before→after"):
+        table.add_column(col)
+    for name, a in summary["arms"].items():
+        def f(x: float | None, fmt: str = ".3f") -> str:
+            return "—" if x is None else format(x, fmt)
+
+        table.add_row(name, f"{a['trainable_params']:,}", f(a["median_step_time_s"]),
+                      f(a["last_loss"]), f"{f(a['val_loss_before'])}→{f(a['val_loss_after'])}",
+                      f"{f(a['p_before']['mean'])}→{f(a['p_after']['mean'])}")
+    console.print(table)
+
+
+@app.command()
+def plan(
+    model: Annotated[str, typer.Option("--model", "-m", help="Model to plan against.")] = "random:gpt2",
+    select: Annotated[str, typer.Option("--select", "-s", help="Selector (see README).")] = (
+        "layers=50%: roles=q,k,v"),
+    all_rows: Annotated[bool, typer.Option("--all", help="List frozen tensors too.")] = False,
+) -> None:
+    """Print what a selector trains: per tensor, trainable elements, and totals."""
+    from pfreeze.models import load_model
+    from pfreeze.plan import compile_plan, plan_rows
+
+    lm = load_model(model)
+    p = compile_plan(lm.model, lm.family, select)
+    table = Table(title=f"{model} ({lm.family}): {select}")
+    for col in ("tensor", "shape", "trainable / total", "how"):
+        table.add_column(col, overflow="fold")
+    for r in plan_rows(p):
+        if r["trainable"] or all_rows:
+            table.add_row(str(r["name"]), "×".join(map(str, r["shape"])),  # type: ignore[arg-type]
+                          f"{r['trainable']:,} / {r['total']:,}", str(r["how"]))
+    Console().print(table)
+    trainable, total = p.trainable, p.total
+    adam_bytes = 2 * 4 * sum(t.total for t in p.tensors.values())
+    Console().print(f"trainable: {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)"
+                    f" in {len(p.tensors)} tensors; AdamW state: {adam_bytes / 2**20:.1f} MiB")
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="A pfreeze run's output_dir.")]) -> None:
+    """Re-render plots, report.md and report.html from a run directory's files."""
+    from pfreeze.report import render_report
+
+    written = render_report(run_dir)
+    for kind, path in written.items():
+        console.print(f"{kind}: {path}")
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        app(standalone_mode=False)
+    except PfreezeError as e:
+        if _state["debug"]:
+            raise
+        console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        sys.exit(130)
+    except Exception as e:  # click's usage errors arrive here in standalone_mode=False
+        import click
+
+        if isinstance(e, click.exceptions.Exit):
+            sys.exit(e.exit_code)
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

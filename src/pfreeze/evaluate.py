@@ -1,0 +1,119 @@
+"""Evaluation: held-out loss and the top-k share p of generated text.
+
+Both are computed on fixed inputs, so every arm and every moment (before, during, after
+training) is measured on exactly the same windows, prompts and sampling seeds.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Collection, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pfreeze.config import GenerationConfig
+from pfreeze.corpus import top_share
+
+# Two-sided 97.5% Student-t quantiles for small samples; normal beyond the table.
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+         9: 2.262, 10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042}
+
+
+def t_quantile(df: int) -> float:
+    if df <= 0:
+        return float("nan")
+    keys = [k for k in sorted(_T975) if k <= df]
+    return _T975[keys[-1]] if df <= 30 else 1.96
+
+
+def mean_ci(values: Sequence[float]) -> dict[str, object]:
+    """Mean, sample std and a 95% t-interval over `values`."""
+    n = len(values)
+    mean = statistics.fmean(values) if n else float("nan")
+    std = statistics.stdev(values) if n > 1 else 0.0
+    half = t_quantile(n - 1) * std / math.sqrt(n) if n > 1 else float("nan")
+    ci = [mean - half, mean + half] if n > 1 else [None, None]
+    return {"mean": mean, "std": std, "ci95": ci, "n": n, "values": list(values)}
+
+
+def fixed_windows(ids: Sequence[int], block: int, count: int) -> torch.Tensor:
+    """`count` windows of `block` tokens spread evenly over `ids` (deterministic)."""
+    span = block
+    n_fit = len(ids) // span
+    if n_fit == 0:
+        return torch.zeros(0, span, dtype=torch.long)
+    picks = sorted({round(i * (n_fit - 1) / max(count - 1, 1)) for i in range(min(count, n_fit))})
+    t = torch.tensor(ids[: n_fit * span], dtype=torch.long).view(n_fit, span)
+    return t[picks]
+
+
+def autocast(device: torch.device, bf16: bool):  # noqa: ANN201 - context manager
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+
+@torch.no_grad()
+def mean_loss(model: nn.Module, windows: torch.Tensor, batch_size: int, device: torch.device,
+              bf16: bool) -> float | None:
+    """Token-weighted mean next-token loss over fixed windows; None if there are none."""
+    if len(windows) == 0:
+        return None
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), device=device, dtype=torch.float64)
+    for i in range(0, len(windows), batch_size):
+        x = windows[i : i + batch_size].to(device)
+        with autocast(device, bf16):
+            loss = model(input_ids=x, labels=x).loss
+        total += loss.double() * len(x)
+    model.train(was_training)
+    return float(total / len(windows))
+
+
+@dataclass
+class Sample:
+    prompt: str
+    seed: int  # the prompt's seed; samples of one prompt are drawn as one seeded batch
+    index: int
+    text: str
+    ids: list[int]
+    p: float
+
+
+@torch.no_grad()
+def generate_samples(model: nn.Module, tokenizer, cfg: GenerationConfig, top_set: Collection[int],
+                     device: torch.device, bf16: bool) -> list[Sample]:
+    """Sample `samples_per_prompt` continuations of each prompt, seeded by (seed, prompt, i).
+
+    Every sample gets exactly `max_new_tokens` new tokens (EOS suppressed by min_new_tokens),
+    so p is always a share of the same number of tokens.
+    """
+    was_training = model.training
+    model.eval()
+    out: list[Sample] = []
+    eos = getattr(tokenizer, "eos_token_id", None)
+    for pi, prompt in enumerate(cfg.prompts):
+        ids = tokenizer.encode(prompt) or [eos if eos is not None else 0]
+        x = torch.tensor([ids] * cfg.samples_per_prompt, device=device)
+        seed = cfg.seed + 1000 * pi
+        torch.manual_seed(seed)  # generate() samples from the global generator
+        if device.type == "cuda":
+            torch.cuda.manual_seed_all(seed)
+        with autocast(device, bf16):
+            gen = model.generate(
+                input_ids=x, attention_mask=torch.ones_like(x), do_sample=True,
+                temperature=cfg.temperature, top_k=cfg.top_k or 0, top_p=1.0,
+                max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.max_new_tokens,
+                pad_token_id=eos if eos is not None else 0, eos_token_id=eos,
+            )
+        for si, row in enumerate(gen[:, len(ids):].tolist()):
+            out.append(Sample(prompt, seed, si, tokenizer.decode(row), row, top_share(row, top_set)))
+    model.train(was_training)
+    return out
+
+
+def p_stats(samples: Sequence[Sample]) -> dict[str, object]:
+    return mean_ci([s.p for s in samples])

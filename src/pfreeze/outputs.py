@@ -1,0 +1,73 @@
+"""The run directory: every file a run writes, and the rule that none is ever half-written.
+
+    config.yaml        the resolved config (written first: a run describes itself)
+    metrics.jsonl      one row per step and arm, plus eval rows (appended; a torn last line
+                       from a killed run is skipped by readers)
+    samples.txt        generated text, per arm, before and after
+    summary.json       everything the report needs (written last, atomically)
+    arms/<name>/       trained.safetensors (only tensors that trained), adapter/ for LoRA,
+                       model/ with save_pretrained when asked
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save_file
+from torch import nn
+
+from pfreeze.atomic import atomic_write, write_json, write_text
+from pfreeze.errors import PfreezeError
+
+
+class RunFiles:
+    def __init__(self, root: Path, overwrite: bool = False) -> None:
+        self.root = Path(root)
+        self.overwrite = overwrite
+        self.samples: list[str] = []
+
+    def start(self, config_yaml: str) -> None:
+        old = self.root / "config.yaml"
+        if old.exists() and not self.overwrite:
+            same = old.read_text(encoding="utf-8") == config_yaml
+            raise PfreezeError(
+                f"{self.root} already holds {'a' if same else 'a different'} run",
+                "pass another --output-dir, or --overwrite to replace it",
+            )
+        self.root.mkdir(parents=True, exist_ok=True)
+        for stale in ("metrics.jsonl", "summary.json", "samples.txt"):
+            (self.root / stale).unlink(missing_ok=True)
+        write_text(old, config_yaml)
+
+    def append_metrics(self, rows: list[dict[str, Any]]) -> None:
+        if rows:
+            with open(self.root / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write("".join(json.dumps(r) + "\n" for r in rows))
+
+    def add_samples(self, arm: str, moment: str, samples: list[Any]) -> None:
+        for s in samples:
+            self.samples.append(f"=== arm={arm} moment={moment} prompt={s.prompt!r} "
+                                f"seed={s.seed} sample={s.index} p={s.p:.3f}\n"
+                                f"{s.prompt}{s.text}\n")
+        write_text(self.root / "samples.txt", "\n".join(self.samples))
+
+    def save_arm(self, strategy: Any, model: nn.Module, tokenizer: Any, pretrained: bool) -> None:
+        d = self.root / "arms" / strategy.name
+        d.mkdir(parents=True, exist_ok=True)
+        params = dict(model.named_parameters())
+        # Clones: tied weights share storage, which safetensors refuses to write twice.
+        tensors = {n: params[n].detach().cpu().clone().contiguous()
+                   for n in sorted(strategy.trained_names()) if n in params}
+        meta = {"arm": strategy.name, "description": strategy.describe()}
+        atomic_write(d / "trained.safetensors", lambda p: save_file(tensors, str(p), meta))
+        if strategy.cfg.kind == "lora":
+            model.save_pretrained(str(d / "adapter"))
+        elif pretrained:
+            model.save_pretrained(str(d / "model"))
+            if hasattr(tokenizer, "tok"):
+                tokenizer.tok.save_pretrained(str(d / "model"))
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        write_json(self.root / "summary.json", summary)

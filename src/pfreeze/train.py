@@ -1,0 +1,354 @@
+"""The training loop: every arm, one identical batch stream, one loop.
+
+    setup    load θ₀ once, copy it into each arm, prove the copies equal (hash)
+    before   held-out loss and generated-text share p of every arm
+    train    for each step: draw one batch, give it to every arm in turn
+    after    the same evaluations, the integrity audit, the trained tensors, the summary
+
+Hot-path rule: nothing in the step reads a device value back to the host. Losses, ‖ΔW‖ norms
+and CUDA timing events are queued on the device and read every `logging_steps`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pfreeze import __version__
+from pfreeze.arms import ArmStrategy, make_arm
+from pfreeze.config import RunConfig, TrainingConfig, dump_config
+from pfreeze.corpus import CorpusStats, describe, read_corpus, strip_gutenberg, tokenize_corpus
+from pfreeze.errors import PfreezeError
+from pfreeze.evaluate import autocast, fixed_windows, generate_samples, mean_loss, p_stats
+from pfreeze.masking import Freezer, Tracker, check_audit
+from pfreeze.models import LoadedModel, count_params, load_model, state_hash
+from pfreeze.outputs import RunFiles
+from pfreeze.plan import compile_plan, describe_params
+
+
+def pick_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise PfreezeError(f"device '{spec}' requested but no CUDA GPU is visible",
+                           "use --set training.device=cpu (or auto)")
+    return torch.device(spec)
+
+
+class BatchStream:
+    """Seeded random windows of the training tokens; its state is one generator state."""
+
+    def __init__(self, ids: list[int], block: int, batch: int, seed: int) -> None:
+        self.ids = torch.tensor(ids, dtype=torch.long)
+        self.block, self.batch = block, batch
+        if len(self.ids) < block:
+            raise PfreezeError(
+                f"the training text has {len(self.ids)} tokens, fewer than one window "
+                f"(data.block_size={block})",
+                "use a longer corpus or a smaller data.block_size",
+            )
+        self.gen = torch.Generator().manual_seed(seed)
+        self.offsets = torch.arange(block)
+
+    def next(self) -> torch.Tensor:
+        starts = torch.randint(0, len(self.ids) - self.block + 1, (self.batch,), generator=self.gen)
+        return self.ids[starts[:, None] + self.offsets]
+
+
+@dataclass
+class ArmRun:
+    """One arm's live state inside the loop."""
+
+    strategy: ArmStrategy
+    model: nn.Module
+    freezer: Freezer
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    tracker: Tracker
+    theta0_hash: str
+    pending: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, Any, float | None]] = (
+        field(default_factory=list))
+    losses: list[float] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)
+    evals: list[tuple[int, float | None, float | None]] = field(default_factory=list)
+    peak_mem_mb: float | None = None
+
+
+def build_optimizer(params: list[nn.Parameter], t: TrainingConfig, device: torch.device
+                    ) -> torch.optim.Optimizer:
+    # Norms and biases are not decayed (as in HF Trainer); the Freezer keeps masked elements.
+    decay = [p for p in params if p.ndim >= 2]
+    rest = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": t.weight_decay},
+              {"params": rest, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]] or [{"params": [torch.zeros(1)]}]
+    if t.optim == "sgd":
+        return torch.optim.SGD(groups, lr=t.learning_rate, momentum=t.momentum)
+    fused = device.type == "cuda"
+    if t.optim == "adamw_fused" and not fused:
+        raise PfreezeError("optim=adamw_fused needs a CUDA GPU", "use optim=adamw on CPU")
+    return torch.optim.AdamW(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
+                             eps=t.adam_epsilon, fused=fused)
+
+
+def _environment(device: torch.device) -> dict[str, Any]:
+    import transformers
+
+    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+            else f"{platform.machine()} ({torch.get_num_threads()} threads)")
+    try:
+        git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, cwd=Path(__file__).parent, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        git = ""
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "device": device.type,
+            "device_name": name, "git_hash": git or None}
+
+
+class Loop:
+    """One run of the paired experiment; `run()` does it all, the parts are testable."""
+
+    def __init__(self, cfg: RunConfig, files: RunFiles,
+                 on_step: Callable[[int, dict[str, float]], None] | None = None) -> None:
+        self.cfg, self.files, self.on_step = cfg, files, on_step
+        self.t = cfg.training
+        self.device = pick_device(self.t.device)
+        self.bf16 = (self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+                     if self.t.bf16 == "auto" else bool(self.t.bf16))
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        cfg = self.cfg
+        text, source = read_corpus(cfg.data.corpus, cfg.data.encoding)
+        if cfg.data.strip_gutenberg:
+            text = strip_gutenberg(text)
+        self.lm: LoadedModel = load_model(cfg.model.name, cfg.model.revision, seed=self.t.seed)
+        self.stats: CorpusStats = tokenize_corpus(
+            text, self.lm.tokenizer, cfg.data.validation_fraction, cfg.data.top_k,
+            min_tokens=cfg.data.block_size)
+        self.corpus = {"source": source, **describe(self.stats, self.lm.tokenizer.decode)}
+        batch = self.t.per_device_train_batch_size * self.t.gradient_accumulation_steps
+        self.stream = BatchStream(self.stats.train_ids, cfg.data.block_size, batch, self.t.seed)
+        n_eval = self.t.eval_batches * self.t.per_device_train_batch_size
+        self.val_windows = fixed_windows(self.stats.val_ids, cfg.data.block_size, n_eval)
+        self.train_windows = fixed_windows(self.stats.train_ids, cfg.data.block_size, n_eval)
+        base = self.lm.model
+        self.theta0_hash = state_hash(base)
+        infos = describe_params(base, self.lm.family)
+        tracked = list(compile_plan(base, self.lm.family, cfg.track).tensors)
+        self.arms: list[ArmRun] = []
+        for acfg in cfg.arms:
+            strat = make_arm(acfg, self.lm.family)
+            model = strat.build(base).to(self.device).train()
+            h = getattr(strat, "theta0_hash", None) or state_hash(model)
+            freezer = Freezer(model)
+            freezer.apply(strat.first_plan())
+            ever = [p for n, p in freezer.params.items() if n in strat.trained_names()]
+            opt = build_optimizer(ever, self.t, self.device)
+            from transformers import get_scheduler
+
+            sched = get_scheduler(self.t.lr_scheduler_type, opt,
+                                  num_warmup_steps=self.t.warmup_steps,
+                                  num_training_steps=self.t.max_steps)
+            names = tracked if acfg.kind != "lora" else []
+            self.arms.append(ArmRun(strat, model, freezer, opt, sched,
+                                    Tracker(model, infos, names), h))
+        del self.lm.model  # each arm holds its own copy now
+
+    # ------------------------------------------------------------------ steps
+    def _timer(self) -> Any:
+        if self.device.type == "cuda":
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def train_step(self, arm: ArmRun, step: int, batch: torch.Tensor) -> None:
+        plan_changes = step in arm.strategy.plans and step > 0
+        if plan_changes:
+            arm.freezer.apply(arm.strategy.plan_at(step))
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        start = self._timer()
+        trainable = arm.freezer.trainable()
+        total = torch.zeros((), device=self.device)
+        micro = batch.to(self.device, non_blocking=True).chunk(self.t.gradient_accumulation_steps)
+        for x in micro:
+            with autocast(self.device, self.bf16), torch.set_grad_enabled(bool(trainable)):
+                loss = arm.model(input_ids=x, labels=x).loss / len(micro)
+            if trainable:
+                loss.backward()
+            total += loss.detach()
+        if trainable:
+            arm.freezer.mask_grads()
+            if self.t.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(trainable, self.t.max_grad_norm, foreach=True)
+            arm.optimizer.step()
+            arm.optimizer.zero_grad(set_to_none=True)
+            arm.freezer.restore()
+        arm.scheduler.step()
+        end = self._timer()
+        mem = (torch.cuda.max_memory_allocated(self.device) / 2**20
+               if self.device.type == "cuda" else None)
+        dw, dw0 = arm.tracker.step()
+        arm.pending.append((step + 1, total, dw, dw0, (start, end), mem))
+        if self.t.integrity_steps and (step + 1) % self.t.integrity_steps == 0:
+            check_audit(arm.strategy.name, arm.freezer.audit())
+
+    def flush(self) -> dict[str, float]:
+        """Read queued device values (one sync) and append them to metrics.jsonl."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        rows, last = [], {}
+        tokens = self.stream.batch * self.stream.block
+        for arm in self.arms:
+            for step, loss, dw, dw0, (a, b), mem in arm.pending:
+                secs = a.elapsed_time(b) / 1000 if self.device.type == "cuda" else b - a
+                lv = float(loss)
+                arm.losses.append(lv)
+                arm.times.append(secs)
+                keys = arm.tracker.keys
+                rows.append({"kind": "train", "step": step, "arm": arm.strategy.name, "loss": lv,
+                             "lr": arm.scheduler.get_last_lr()[0], "step_time_s": secs,
+                             "tokens_per_s": tokens / secs if secs > 0 else None,
+                             "batch_hash": self.batch_hashes[step - 1], "mem_mb": mem,
+                             "dw": dict(zip(keys, dw.tolist())),
+                             "dw0": dict(zip(keys, dw0.tolist()))})
+                last[arm.strategy.name] = lv
+                if mem is not None:
+                    arm.peak_mem_mb = max(arm.peak_mem_mb or 0.0, mem)
+            arm.pending.clear()
+        self.files.append_metrics(rows)
+        return last
+
+    def evaluate(self, step: int) -> None:
+        rows = []
+        bs = self.t.per_device_train_batch_size
+        for arm in self.arms:
+            val = mean_loss(arm.model, self.val_windows, bs, self.device, self.bf16)
+            tr = mean_loss(arm.model, self.train_windows, bs, self.device, self.bf16)
+            arm.evals.append((step, val, tr))
+            rows.append({"kind": "eval", "step": step, "arm": arm.strategy.name,
+                         "val_loss": val, "train_loss": tr})
+        self.files.append_metrics(rows)
+
+    def sample_all(self, moment: str) -> dict[str, dict[str, Any]]:
+        out = {}
+        for arm in self.arms:
+            samples = generate_samples(arm.model, self.lm.tokenizer, self.cfg.generation,
+                                       self.stats.top_set, self.device, self.bf16)
+            self.files.add_samples(arm.strategy.name, moment, samples)
+            out[arm.strategy.name] = p_stats(samples)
+        return out
+
+    # ------------------------------------------------------------------ run
+    def run(self) -> dict[str, Any]:
+        self.files.start(dump_config(self.cfg))
+        self.setup()
+        self.evaluate(0)
+        p_before = self.sample_all("before")
+        self.batch_hashes: list[str] = []
+        t_start = time.perf_counter()
+        for step in range(self.t.max_steps):
+            batch = self.stream.next()
+            self.batch_hashes.append(hashlib.sha1(batch.numpy().tobytes()).hexdigest()[:16])
+            for arm in self.arms:
+                self.train_step(arm, step, batch)
+            last: dict[str, float] = {}
+            if (step + 1) % self.t.logging_steps == 0 or step + 1 == self.t.max_steps:
+                last = self.flush()
+            if (step + 1) % self.t.eval_steps == 0 and step + 1 < self.t.max_steps:
+                self.evaluate(step + 1)
+            if self.on_step:
+                self.on_step(step + 1, last)
+        wall = time.perf_counter() - t_start
+        self.evaluate(self.t.max_steps)
+        p_after = self.sample_all("after")
+        arms_summary = {}
+        first = self.arms[0].model
+        infos = describe_params(first, self.lm.family) if self.cfg.arms[0].kind != "lora" else {}
+        for arm in self.arms:
+            audit = arm.freezer.audit()
+            arms_summary[arm.strategy.name] = self._arm_summary(arm, p_before, p_after, audit)
+            self.files.save_arm(arm.strategy, arm.model, self.lm.tokenizer,
+                                self.cfg.save_pretrained)
+        summary = {
+            "pfreeze_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "command": " ".join(["pfreeze", *sys.argv[1:]]) if sys.argv else None,
+            "status": "finished",
+            "environment": {**_environment(self.device), "bf16": self.bf16},
+            "model": {"name": self.lm.name, "architecture": self.lm.family,
+                      "n_layers": first.config.num_hidden_layers,
+                      "total_params": count_params(first),
+                      "tied_embeddings": any(i.tied for i in infos.values()) if infos else None},
+            "config": self.cfg.model_dump(mode="json"),
+            "corpus": self.corpus,
+            "theta0_hash": self.theta0_hash,
+            "wall_time_s": wall,
+            "arms": arms_summary,
+        }
+        self.files.write_summary(summary)
+        for name, a in arms_summary.items():
+            integ = a["integrity"]
+            if integ and not integ["ok"]:
+                check_audit(name, integ)
+        return summary
+
+    def _arm_summary(self, arm: ArmRun, p_before: dict, p_after: dict, audit: dict) -> dict:
+        name = arm.strategy.name
+        vals = [(s, v) for s, v, _ in arm.evals if v is not None]
+        best = min(vals, key=lambda sv: sv[1]) if vals else (None, None)
+        total_time = sum(arm.times)
+        tokens = self.stream.batch * self.stream.block * len(arm.times)
+        return {
+            "kind": arm.strategy.cfg.kind,
+            "description": arm.strategy.describe(),
+            "trainable_params": arm.strategy.ever_trainable(),
+            "total_params": count_params(arm.model),
+            "theta0_hash": arm.theta0_hash,
+            "steps": len(arm.losses),
+            "total_time_s": total_time,
+            "median_step_time_s": statistics.median(arm.times) if arm.times else None,
+            "tokens_per_s": tokens / total_time if total_time else None,
+            "mean_loss": statistics.fmean(arm.losses) if arm.losses else None,
+            "last_loss": arm.losses[-1] if arm.losses else None,
+            "val_loss_before": arm.evals[0][1],
+            "val_loss_best": best[1], "val_loss_best_step": best[0],
+            "val_loss_after": arm.evals[-1][1],
+            "train_loss_after": arm.evals[-1][2],
+            "peak_mem_mb": arm.peak_mem_mb,
+            "p_before": p_before[name], "p_after": p_after[name],
+            "integrity": audit,
+        }
+
+
+def run(cfg: RunConfig, output_dir: str | Path | None = None, overwrite: bool = False,
+        on_step: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
+    """Run the experiment described by `cfg`; returns the summary (also in summary.json)."""
+    out = Path(output_dir or cfg.output_dir)
+    files = RunFiles(out, overwrite=overwrite)
+    return Loop(cfg, files, on_step).run()
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    rows = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a killed run can leave a torn last line
+    return rows
