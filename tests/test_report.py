@@ -12,7 +12,7 @@ import pytest
 from pfreeze.errors import PfreezeError
 from pfreeze.report import render_report
 
-PNGS = ["loss.png", "loss_scatter.png", "step_time.png", "dw.png", "dw0.png", "p.png"]
+PNGS = ["loss", "loss_scatter", "step_time", "dw", "dw0", "p"]
 TOTAL = 134_515_008
 
 
@@ -36,7 +36,8 @@ def _arm(name: str, i: int, trainable: int, ok: bool | None = True) -> dict[str,
     }
 
 
-def _make_run(root: Path, arms: dict[str, int], *, bad_integrity: bool = False) -> Path:
+def _make_run(root: Path, arms: dict[str, int], *, bad_integrity: bool = False,
+              untracked: str | None = None) -> Path:
     rows: list[dict[str, Any]] = []
     for step in range(6):
         for i, name in enumerate(arms):
@@ -46,7 +47,7 @@ def _make_run(root: Path, arms: dict[str, int], *, bad_integrity: bool = False) 
             if step == 0:
                 continue
             dw = {f"L{layer}.{role}": (0.0 if i and layer == 0 else 0.01 * (layer + 1))
-                  for layer in range(3) for role in "qkvo"}
+                  for layer in range(3) for role in "qkvo" if name != untracked}
             rows.append({"kind": "train", "step": step, "arm": name, "loss": 3.3 - 0.05 * step * i,
                          "lr": 1e-4, "step_time_s": 0.5 + 0.01 * step, "tokens_per_s": 2000.0,
                          "batch_hash": f"h{step}", "mem_mb": None, "dw": dw,
@@ -59,7 +60,9 @@ def _make_run(root: Path, arms: dict[str, int], *, bad_integrity: bool = False) 
         "environment": {"python": "3.11.7", "torch": "2.13.0", "device": "cpu", "git_hash": None},
         "model": {"name": "smollm2-135m", "architecture": "llama", "n_layers": 3,
                   "total_params": TOTAL, "tied_embeddings": True},
-        "config": {"train": {"steps": 5, "batch_size": 4, "lr": 1e-4}},
+        "config": {"training": {"max_steps": 5, "per_device_train_batch_size": 4,
+                                "gradient_accumulation_steps": 2, "learning_rate": 1e-4},
+                   "data": {"block_size": 64}},
         "corpus": {"source": "pg2701.txt", "n_total": 325000, "n_unique": 17000,
                    "n_train": 292000, "n_val": 32500, "p_train": 0.55, "p_val": 0.54,
                    "top": [{"id": k, "token": f" tok{k}", "count": 14000 - k} for k in range(100)]},
@@ -73,9 +76,10 @@ def _make_run(root: Path, arms: dict[str, int], *, bad_integrity: bool = False) 
 
 def _check_outputs(run: Path, out: dict[str, Path], pngs: list[str]) -> tuple[str, str]:
     for name in pngs:
-        assert out[name] == run / name
+        assert out[name] == run / f"{name}.png"
         assert out[name].read_bytes().startswith(b"\x89PNG"), name
-    md, html = out["report.md"].read_text(), out["report.html"].read_text()
+    assert out["md"] == run / "report.md" and out["html"] == run / "report.html"
+    md, html = out["md"].read_text(), out["html"].read_text()
     assert html.count("data:image/png;base64,") == len(pngs)
     assert not re.search(r"""(src|href)\s*=\s*["']?https?:""", html)
     assert not list(run.glob(".*.tmp"))  # atomic writes left no temporaries behind
@@ -97,11 +101,13 @@ def test_two_arms(tmp_path: Path) -> None:
     assert "1.20×" in md  # plan's median step time relative to full
     assert "![" in md and "(loss.png)" in md
     assert "`pfreeze run --config c.yaml`" in md
+    assert "batch size: 4 × 2 accumulation steps; window: 64 tokens; learning rate: 0.0001" in md
 
 
 def test_three_arms_odd_names(tmp_path: Path) -> None:
+    # a LoRA arm tracks no matrices: its dw/dw0 dicts are empty
     arms = {"full": TOTAL, "plan <b>|x": 42_000, "lora-r8": 300_000}
-    run = _make_run(tmp_path / "run", arms)
+    run = _make_run(tmp_path / "run", arms, untracked="lora-r8")
     md, html = _check_outputs(run, render_report(run), PNGS)
     assert "plan <b>\\|x" in md and "plan &lt;b&gt;|x" in html and "<b>|x" not in html
     assert "42,000" in md and "300,000" in md
@@ -110,8 +116,8 @@ def test_three_arms_odd_names(tmp_path: Path) -> None:
 def test_single_arm_skips_scatter(tmp_path: Path) -> None:
     run = _make_run(tmp_path / "run", {"only": TOTAL})
     out = render_report(run)
-    assert "loss_scatter.png" not in out and not (run / "loss_scatter.png").exists()
-    _check_outputs(run, out, [p for p in PNGS if p != "loss_scatter.png"])
+    assert "loss_scatter" not in out and not (run / "loss_scatter.png").exists()
+    _check_outputs(run, out, [p for p in PNGS if p != "loss_scatter"])
 
 
 def test_missing_fields_and_truncated_line(tmp_path: Path) -> None:
@@ -134,31 +140,15 @@ def test_missing_fields_and_truncated_line(tmp_path: Path) -> None:
     assert "Samples" not in md
 
 
-def test_empty_dw_dicts(tmp_path: Path) -> None:
-    run = _make_run(tmp_path / "run", {"full": TOTAL, "plan": 1000})
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    rows = [json.loads(x) for x in lines]
-    for r in rows:
-        if r["kind"] == "train" and r["arm"] == "plan":
-            r["dw"], r["dw0"] = {}, {}
-    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    _check_outputs(run, render_report(run), PNGS)
-
-
-def test_integrity_violation_is_loud(tmp_path: Path) -> None:
+def test_integrity_violation_and_theta0_mismatch_are_loud(tmp_path: Path) -> None:
     run = _make_run(tmp_path / "run", {"full": TOTAL, "plan": 1000}, bad_integrity=True)
-    md, html = _check_outputs(run, render_report(run), PNGS)
-    assert "VIOLATION" in md and "q_proj" in md
-    assert "VIOLATION" in html and 'class="bad"' in html
-
-
-def test_different_theta0_warns(tmp_path: Path) -> None:
-    run = _make_run(tmp_path / "run", {"full": TOTAL, "plan": 1000})
     summary = json.loads((run / "summary.json").read_text())
     summary["arms"]["plan"]["theta0_hash"] = "def456"
     (run / "summary.json").write_text(json.dumps(summary))
-    md, _ = _check_outputs(run, render_report(run), PNGS)
-    assert "different θ₀" in md
+    md, html = _check_outputs(run, render_report(run), PNGS)
+    assert "VIOLATION" in md and "q_proj" in md
+    assert "VIOLATION" in html and 'class="bad"' in html
+    assert "WARNING: arms started from different θ₀" in md
 
 
 @pytest.mark.parametrize("missing", ["summary.json", "metrics.jsonl"])

