@@ -40,12 +40,22 @@ def run(
     model: Annotated[Optional[str], typer.Option(
         "--model", help="smollm2-135m, an HF id/dir, or random:<family>.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a run already in --output-dir.")] = False,
+    resume: Annotated[Optional[Path], typer.Option(
+        "--resume", help="Continue the run in this directory from its last checkpoint.")] = None,
     no_report: Annotated[bool, typer.Option("--no-report", help="Skip the report.")] = False,
 ) -> None:
     """Train every arm of the config side by side and write metrics, summary and report."""
     from pfreeze.config import load_config
 
     overrides = list(set_ or [])
+    if resume is not None:
+        if config is not None or overrides or corpus or model or output_dir:
+            raise PfreezeError("--resume takes the run's own config.yaml",
+                               "pass only --resume DIR (change nothing mid-run)")
+        config, output_dir = resume / "config.yaml", resume
+        if not config.exists():
+            raise PfreezeError(f"{resume} holds no pfreeze run (config.yaml missing)",
+                               "pass the output_dir of a run started with `pfreeze run`")
     if corpus:
         overrides.append(f"data.corpus={corpus}")
     if model:
@@ -67,7 +77,8 @@ def run(
             shown = "  ".join(f"{k}={v:.3f}" for k, v in losses.items())
             progress.update(task, completed=step, **({"losses": shown} if shown else {}))
 
-        summary = run_experiment(cfg, cfg.output_dir, overwrite=overwrite, on_step=on_step)
+        summary = run_experiment(cfg, cfg.output_dir, overwrite=overwrite, on_step=on_step,
+                                 resume=resume is not None)
     _print_summary(summary)
     if not no_report:
         from pfreeze.report import render_report

@@ -56,8 +56,11 @@ class TrainingConfig(_Strict):
     logging_steps: int = Field(10, ge=1, description="how often the host reads device metrics")
     eval_steps: int = Field(10, ge=1)
     eval_batches: int = Field(4, ge=1, description="held-out batches per evaluation")
+    save_steps: int = Field(0, ge=0, description="checkpoint every N steps (0: never)")
     integrity_steps: int = Field(0, ge=0, description="audit frozen elements every N steps (0: end)")
     device: str = "auto"
+    # auto: compile on a GPU when max_steps >= 200 (warm-up is paid back); never on CPU.
+    torch_compile: bool | Literal["auto"] = "auto"
 
 
 class GenerationConfig(_Strict):

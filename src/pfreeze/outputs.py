@@ -41,6 +41,21 @@ class RunFiles:
             (self.root / stale).unlink(missing_ok=True)
         write_text(old, config_yaml)
 
+    def resume(self, step: int, samples: list[str]) -> None:
+        """Drop metrics rows written after the checkpoint at `step`; they will be redone."""
+        path = self.root / "metrics.jsonl"
+        kept = []
+        for line in path.read_text(encoding="utf-8").splitlines() if path.exists() else []:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # the torn line of a killed write
+            if row.get("step", 0) <= step:
+                kept.append(line + "\n")
+        write_text(path, "".join(kept))
+        (self.root / "summary.json").unlink(missing_ok=True)
+        self.samples = list(samples)
+
     def append_metrics(self, rows: list[dict[str, Any]]) -> None:
         if rows:
             with open(self.root / "metrics.jsonl", "a", encoding="utf-8") as f:

@@ -128,6 +128,9 @@ class Loop:
         self.device = pick_device(self.t.device)
         self.bf16 = (self.device.type == "cuda" and torch.cuda.is_bf16_supported()
                      if self.t.bf16 == "auto" else bool(self.t.bf16))
+        # Compilation costs tens of seconds per arm: worth it only for long GPU runs.
+        self.compile = (self.device.type == "cuda" and self.t.max_steps >= 200
+                        if self.t.torch_compile == "auto" else bool(self.t.torch_compile))
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -145,28 +148,34 @@ class Loop:
         n_eval = self.t.eval_batches * self.t.per_device_train_batch_size
         self.val_windows = fixed_windows(self.stats.val_ids, cfg.data.block_size, n_eval)
         self.train_windows = fixed_windows(self.stats.train_ids, cfg.data.block_size, n_eval)
-        base = self.lm.model
-        self.theta0_hash = state_hash(base)
-        infos = describe_params(base, self.lm.family)
-        tracked = list(compile_plan(base, self.lm.family, cfg.track).tensors)
-        self.arms: list[ArmRun] = []
-        for acfg in cfg.arms:
-            strat = make_arm(acfg, self.lm.family)
+        self.theta0_hash = state_hash(self.lm.model)
+        self.build_arms(self.lm.model, self.lm.family)
+        del self.lm.model  # each arm holds its own copy now
+
+    def build_arms(self, base: nn.Module, family: str) -> None:
+        """Copy θ₀ into every arm, apply its first plan, build its optimizer and tracker."""
+        from transformers import get_scheduler
+
+        infos = describe_params(base, family)
+        tracked = list(compile_plan(base, family, self.cfg.track).tensors)
+        self.arms = []
+        for acfg in self.cfg.arms:
+            strat = make_arm(acfg, family)
             model = strat.build(base).to(self.device).train()
             h = getattr(strat, "theta0_hash", None) or state_hash(model)
             freezer = Freezer(model)
             freezer.apply(strat.first_plan())
+            # Every tensor that trains at some step is registered now: flipping requires_grad
+            # later does nothing for a tensor the optimizer has never seen.
             ever = [p for n, p in freezer.params.items() if n in strat.trained_names()]
             opt = build_optimizer(ever, self.t, self.device)
-            from transformers import get_scheduler
-
             sched = get_scheduler(self.t.lr_scheduler_type, opt,
                                   num_warmup_steps=self.t.warmup_steps,
                                   num_training_steps=self.t.max_steps)
-            names = tracked if acfg.kind != "lora" else []
-            self.arms.append(ArmRun(strat, model, freezer, opt, sched,
-                                    Tracker(model, infos, names), h))
-        del self.lm.model  # each arm holds its own copy now
+            tracker = Tracker(model, infos, tracked if acfg.kind != "lora" else [])
+            if self.compile:
+                model.compile(dynamic=False)
+            self.arms.append(ArmRun(strat, model, freezer, opt, sched, tracker, h))
 
     # ------------------------------------------------------------------ steps
     def _timer(self) -> Any:
@@ -225,8 +234,8 @@ class Loop:
                              "lr": arm.scheduler.get_last_lr()[0], "step_time_s": secs,
                              "tokens_per_s": tokens / secs if secs > 0 else None,
                              "batch_hash": self.batch_hashes[step - 1], "mem_mb": mem,
-                             "dw": dict(zip(keys, dw.tolist())),
-                             "dw0": dict(zip(keys, dw0.tolist()))})
+                             "dw": dict(zip(keys, dw.tolist(), strict=True)),
+                             "dw0": dict(zip(keys, dw0.tolist(), strict=True))})
                 last[arm.strategy.name] = lv
                 if mem is not None:
                     arm.peak_mem_mb = max(arm.peak_mem_mb or 0.0, mem)
@@ -255,25 +264,39 @@ class Loop:
         return out
 
     # ------------------------------------------------------------------ run
-    def run(self) -> dict[str, Any]:
-        self.files.start(dump_config(self.cfg))
+    def run(self, resume: bool = False) -> dict[str, Any]:
+        from pfreeze import checkpoint
+
+        resume = resume and checkpoint.exists(self.files.root)
+        if not resume:
+            self.files.start(dump_config(self.cfg))
         self.setup()
-        self.evaluate(0)
-        p_before = self.sample_all("before")
         self.batch_hashes: list[str] = []
+        start = 0
+        if resume:
+            state = checkpoint.load(self)
+            start, p_before = state["step"], state["p_before"]
+            self.files.resume(start, state["samples"])
+        else:
+            self.evaluate(0)
+            p_before = self.sample_all("before")
         t_start = time.perf_counter()
-        for step in range(self.t.max_steps):
+        for step in range(start, self.t.max_steps):
             batch = self.stream.next()
             self.batch_hashes.append(hashlib.sha1(batch.numpy().tobytes()).hexdigest()[:16])
             for arm in self.arms:
                 self.train_step(arm, step, batch)
+            done = step + 1
+            save = self.t.save_steps and done % self.t.save_steps == 0 and done < self.t.max_steps
             last: dict[str, float] = {}
-            if (step + 1) % self.t.logging_steps == 0 or step + 1 == self.t.max_steps:
+            if done % self.t.logging_steps == 0 or done == self.t.max_steps or save:
                 last = self.flush()
-            if (step + 1) % self.t.eval_steps == 0 and step + 1 < self.t.max_steps:
-                self.evaluate(step + 1)
+            if done % self.t.eval_steps == 0 and done < self.t.max_steps:
+                self.evaluate(done)
+            if save:
+                checkpoint.save(self, done, {"p_before": p_before, "samples": self.files.samples})
             if self.on_step:
-                self.on_step(step + 1, last)
+                self.on_step(done, last)
         wall = time.perf_counter() - t_start
         self.evaluate(self.t.max_steps)
         p_after = self.sample_all("after")
@@ -337,11 +360,15 @@ class Loop:
 
 
 def run(cfg: RunConfig, output_dir: str | Path | None = None, overwrite: bool = False,
-        on_step: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
-    """Run the experiment described by `cfg`; returns the summary (also in summary.json)."""
+        on_step: Callable[[int, dict[str, float]], None] | None = None,
+        resume: bool = False) -> dict[str, Any]:
+    """Run the experiment described by `cfg`; returns the summary (also in summary.json).
+
+    With `resume`, continue from the output directory's last checkpoint (if it has one).
+    """
     out = Path(output_dir or cfg.output_dir)
     files = RunFiles(out, overwrite=overwrite)
-    return Loop(cfg, files, on_step).run()
+    return Loop(cfg, files, on_step).run(resume=resume)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

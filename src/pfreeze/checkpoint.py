@@ -1,0 +1,107 @@
+"""Checkpoints: everything a run needs to continue exactly where it was killed.
+
+    checkpoint/state.json         step, per-arm metrics so far, scheduler states, samples,
+                                  θ₀ hash, batch hashes
+    checkpoint/arm<i>.safetensors every tensor the arm ever trains, the Freezer's references
+                                  for partly frozen tensors, and the batch stream's RNG state
+    checkpoint/arm<i>.optim.pt    the optimizer state (tensors and plain values only: it is
+                                  loaded with weights_only=True, never unpickling code)
+
+The folder is written under a temporary name and swapped in with renames, so a kill during a
+save leaves the previous checkpoint intact. Weights are restored on top of a freshly loaded θ₀,
+so frozen tensors never need to be stored.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pfreeze.atomic import write_json
+from pfreeze.errors import PfreezeError
+
+if TYPE_CHECKING:
+    from pfreeze.train import Loop
+
+CKPT = "checkpoint"
+
+
+def save(loop: Loop, step: int, extra: dict[str, Any]) -> Path:
+    root = loop.files.root
+    tmp, final, old = root / f".{CKPT}.tmp", root / CKPT, root / f".{CKPT}.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    arms_state = []
+    for i, arm in enumerate(loop.arms):
+        params = arm.freezer.params
+        tensors = {f"param.{n}": params[n].detach().cpu().clone().contiguous()
+                   for n in sorted(arm.strategy.trained_names())}
+        tensors.update({f"ref.{n}": part.ref.detach().cpu().clone()
+                        for n, part in arm.freezer.partial.items()})
+        if i == 0:
+            tensors["stream.rng"] = loop.stream.gen.get_state()
+        save_file(tensors, str(tmp / f"arm{i}.safetensors"))
+        torch.save(arm.optimizer.state_dict(), tmp / f"arm{i}.optim.pt")
+        arms_state.append({
+            "name": arm.strategy.name, "losses": arm.losses, "times": arm.times,
+            "evals": arm.evals, "peak_mem_mb": arm.peak_mem_mb,
+            "scheduler": arm.scheduler.state_dict(),
+        })
+    write_json(tmp / "state.json", {
+        "step": step, "theta0_hash": loop.theta0_hash, "batch_hashes": loop.batch_hashes,
+        "arms": arms_state, **extra,
+    })
+    # Swap in: the old checkpoint survives until the new one is complete.
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def exists(root: Path) -> bool:
+    return (root / CKPT / "state.json").exists()
+
+
+def load(loop: Loop) -> dict[str, Any]:
+    """Restore arms and stream from the checkpoint; returns state.json's contents."""
+    d = loop.files.root / CKPT
+    state = json.loads((d / "state.json").read_text(encoding="utf-8"))
+    if state["theta0_hash"] != loop.theta0_hash:
+        raise PfreezeError(
+            "the checkpoint was made from a different θ₀ than the model loaded now",
+            "resume with the same model files, or start a new run",
+        )
+    step = state["step"]
+    for i, (arm, saved) in enumerate(zip(loop.arms, state["arms"], strict=True)):
+        # Replay plan changes up to `step`, so the Freezer knows what was ever trainable.
+        for s in sorted(arm.strategy.plans):
+            if 0 < s < step:
+                arm.freezer.apply(arm.strategy.plans[s])
+        tensors = load_file(str(d / f"arm{i}.safetensors"))
+        with torch.no_grad():
+            for key, t in tensors.items():
+                kind, _, name = key.partition(".")
+                if kind == "param":
+                    arm.freezer.params[name].copy_(t)
+                elif kind == "ref" and name in arm.freezer.partial:
+                    arm.freezer.partial[name].ref.copy_(t)
+                elif kind == "stream":
+                    loop.stream.gen.set_state(t)
+        opt = torch.load(d / f"arm{i}.optim.pt", map_location=loop.device, weights_only=True)
+        arm.optimizer.load_state_dict(opt)
+        arm.scheduler.load_state_dict(saved["scheduler"])
+        arm.losses, arm.times = saved["losses"], saved["times"]
+        arm.evals = [tuple(e) for e in saved["evals"]]
+        arm.peak_mem_mb = saved["peak_mem_mb"]
+        with torch.no_grad():  # ‖ΔW_t‖ of the next step is measured from these weights
+            for prev, p in zip(arm.tracker.prev, arm.tracker.params, strict=True):
+                prev.copy_(p)
+    loop.batch_hashes = state["batch_hashes"]
+    return state

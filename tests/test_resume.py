@@ -1,0 +1,74 @@
+"""Kill a run with SIGKILL after a checkpoint, resume it, and get the uninterrupted result."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+OVERRIDES = [
+    "model.name=random:llama", "data.block_size=32", "training.max_steps=10",
+    "training.logging_steps=2", "training.eval_steps=4", "training.save_steps=4",
+    "training.weight_decay=0.1", "training.warmup_steps=2", "generation.max_new_tokens=6",
+    "generation.samples_per_prompt=1", "generation.prompts=[Call me]",
+    "arms=[{kind: full}, {kind: plan, select: 'layers=2: roles=q,k,v'}]",
+]
+
+# Runs a pfreeze experiment in a child process; with KILL_AT it SIGKILLs itself after that step.
+DRIVER = """
+import os, signal, sys
+from pfreeze.config import load_config
+from pfreeze.train import run
+corpus, out, kill_at, resume = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
+overrides = sys.argv[5:] + [f"data.corpus={corpus}"]
+cfg = load_config(None, overrides)
+def on_step(step, losses):
+    if step == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+run(cfg, out, overwrite=not resume, on_step=on_step, resume=resume)
+"""
+
+
+def _run(corpus: Path, out: Path, kill_at: int = -1, resume: bool = False) -> int:
+    cmd = [sys.executable, "-c", DRIVER, str(corpus), str(out), str(kill_at), str(int(resume))]
+    return subprocess.run(cmd + OVERRIDES, capture_output=True, timeout=300).returncode
+
+
+def _train_rows(out: Path) -> list[tuple]:
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    keys = ("step", "arm", "loss", "val_loss", "dw", "dw0", "batch_hash")
+    return [tuple(r.get(k) for k in keys) for r in rows]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    p = tmp_path_factory.mktemp("corpus") / "text.txt"
+    p.write_text("Call me Ishmael. Some years ago, never mind how long precisely. " * 80)
+    return p
+
+
+def test_sigkill_then_resume_matches_uninterrupted(corpus: Path, tmp_path: Path) -> None:
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert _run(corpus, straight) == 0
+    assert _run(corpus, killed, kill_at=6) == -9  # really killed, after the step-4 checkpoint
+    assert (killed / "checkpoint" / "state.json").exists()
+    assert not (killed / "summary.json").exists()
+    assert _run(corpus, killed, resume=True) == 0
+    for arm in ("full", "plan"):
+        a = load_file(str(straight / "arms" / arm / "trained.safetensors"))
+        b = load_file(str(killed / "arms" / arm / "trained.safetensors"))
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), f"{arm}:{k} differs after resume"
+    assert _train_rows(straight) == _train_rows(killed)
+    s1 = json.loads((straight / "summary.json").read_text())
+    s2 = json.loads((killed / "summary.json").read_text())
+    for arm in ("full", "plan"):
+        for key in ("last_loss", "mean_loss", "val_loss_best", "val_loss_best_step", "p_after"):
+            assert s1["arms"][arm][key] == s2["arms"][arm][key], key
+        assert s2["arms"][arm]["integrity"]["ok"]
