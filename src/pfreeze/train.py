@@ -243,22 +243,31 @@ class Loop:
         self.files.append_metrics(rows)
         return last
 
+    def _shared_theta0(self, step: int) -> bool:
+        """Before training every arm is θ₀ (proven by hash): measure once, report for all."""
+        return step == 0 and len({a.theta0_hash for a in self.arms}) == 1
+
     def evaluate(self, step: int) -> None:
-        rows = []
-        bs = self.t.per_device_train_batch_size
+        rows, bs = [], self.t.per_device_train_batch_size
+        shared = None
         for arm in self.arms:
-            val = mean_loss(arm.model, self.val_windows, bs, self.device, self.bf16)
-            tr = mean_loss(arm.model, self.train_windows, bs, self.device, self.bf16)
+            if shared is None or not self._shared_theta0(step):
+                val = mean_loss(arm.model, self.val_windows, bs, self.device, self.bf16)
+                tr = mean_loss(arm.model, self.train_windows, bs, self.device, self.bf16)
+                shared = (val, tr)
+            val, tr = shared
             arm.evals.append((step, val, tr))
             rows.append({"kind": "eval", "step": step, "arm": arm.strategy.name,
                          "val_loss": val, "train_loss": tr})
         self.files.append_metrics(rows)
 
     def sample_all(self, moment: str) -> dict[str, dict[str, Any]]:
-        out = {}
+        out: dict[str, dict[str, Any]] = {}
+        samples = None
         for arm in self.arms:
-            samples = generate_samples(arm.model, self.lm.tokenizer, self.cfg.generation,
-                                       self.stats.top_set, self.device, self.bf16)
+            if samples is None or not (moment == "before" and self._shared_theta0(0)):
+                samples = generate_samples(arm.model, self.lm.tokenizer, self.cfg.generation,
+                                           self.stats.top_set, self.device, self.bf16)
             self.files.add_samples(arm.strategy.name, moment, samples)
             out[arm.strategy.name] = p_stats(samples)
         return out
@@ -321,6 +330,8 @@ class Loop:
             "config": self.cfg.model_dump(mode="json"),
             "corpus": self.corpus,
             "theta0_hash": self.theta0_hash,
+            # Identical θ₀ hashes mean identical models: the before-measurements ran once.
+            "before_measured_once": self._shared_theta0(0),
             "wall_time_s": wall,
             "arms": arms_summary,
         }
