@@ -38,6 +38,12 @@ def save(loop: Loop, step: int, extra: dict[str, Any]) -> Path:
     tmp.mkdir(parents=True)
     arms_state = []
     for i, arm in enumerate(loop.arms):
+        if arm.stopped and (final / f"arm{i}.safetensors").exists():
+            # A diverged arm keeps its last good checkpoint rather than its non-finite weights.
+            for suffix in (".safetensors", ".optim.pt"):
+                shutil.copy2(final / f"arm{i}{suffix}", tmp / f"arm{i}{suffix}")
+            arms_state.append(json.loads((final / "state.json").read_text())["arms"][i])
+            continue
         params = arm.freezer.params
         tensors = {f"param.{n}": params[n].detach().cpu().clone().contiguous()
                    for n in sorted(arm.strategy.trained_names())}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import platform
 import statistics
 import subprocess
@@ -84,6 +85,7 @@ class ArmRun:
     times: list[float] = field(default_factory=list)
     evals: list[tuple[int, float | None, float | None]] = field(default_factory=list)
     peak_mem_mb: float | None = None
+    stopped: str | None = None  # why this arm stopped early (non-finite loss), if it did
 
 
 def build_optimizer(params: list[nn.Parameter], t: TrainingConfig, device: torch.device
@@ -217,6 +219,20 @@ class Loop:
         if self.t.integrity_steps and (step + 1) % self.t.integrity_steps == 0:
             check_audit(arm.strategy.name, arm.freezer.audit())
 
+    def _guarded_step(self, arm: ArmRun, step: int, batch: torch.Tensor) -> None:
+        try:
+            self.train_step(arm, step, batch)
+        except torch.OutOfMemoryError:
+            raise PfreezeError(
+                f"out of memory in arm '{arm.strategy.name}' at step {step + 1} "
+                f"(batch {self.t.per_device_train_batch_size} x {self.stream.block} tokens)",
+                "lower training.per_device_train_batch_size (raise gradient_accumulation_steps "
+                "to keep the effective batch) or data.block_size",
+            ) from None
+
+    def warn(self, message: str) -> None:
+        print(f"warning: {message}", file=sys.stderr)
+
     def flush(self) -> dict[str, float]:
         """Read queued device values (one sync) and append them to metrics.jsonl."""
         if self.device.type == "cuda":
@@ -227,10 +243,15 @@ class Loop:
             for step, loss, dw, dw0, (a, b), mem in arm.pending:
                 secs = a.elapsed_time(b) / 1000 if self.device.type == "cuda" else b - a
                 lv = float(loss)
+                if not math.isfinite(lv) and arm.stopped is None:
+                    arm.stopped = f"loss became {lv} at step {step}"
+                    self.warn(f"arm '{arm.strategy.name}' stopped: {arm.stopped}; the other "
+                              "arms go on (lower learning_rate or set max_grad_norm)")
                 arm.losses.append(lv)
                 arm.times.append(secs)
                 keys = arm.tracker.keys
-                rows.append({"kind": "train", "step": step, "arm": arm.strategy.name, "loss": lv,
+                rows.append({"kind": "train", "step": step, "arm": arm.strategy.name,
+                             "loss": lv if math.isfinite(lv) else None,  # JSON has no NaN
                              "lr": arm.scheduler.get_last_lr()[0], "step_time_s": secs,
                              "tokens_per_s": tokens / secs if secs > 0 else None,
                              "batch_hash": self.batch_hashes[step - 1], "mem_mb": mem,
@@ -251,6 +272,9 @@ class Loop:
         rows, bs = [], self.t.per_device_train_batch_size
         shared = None
         for arm in self.arms:
+            if arm.stopped:
+                arm.evals.append((step, None, None))
+                continue
             if shared is None or not self._shared_theta0(step):
                 val = mean_loss(arm.model, self.val_windows, bs, self.device, self.bf16)
                 tr = mean_loss(arm.model, self.train_windows, bs, self.device, self.bf16)
@@ -265,6 +289,10 @@ class Loop:
         out: dict[str, dict[str, Any]] = {}
         samples = None
         for arm in self.arms:
+            if arm.stopped:  # a diverged model cannot sample
+                out[arm.strategy.name] = {"mean": None, "std": None, "ci95": [None, None],
+                                          "n": 0, "values": []}
+                continue
             if samples is None or not (moment == "before" and self._shared_theta0(0)):
                 samples = generate_samples(arm.model, self.lm.tokenizer, self.cfg.generation,
                                            self.stats.top_set, self.device, self.bf16)
@@ -294,7 +322,8 @@ class Loop:
             batch = self.stream.next()
             self.batch_hashes.append(hashlib.sha1(batch.numpy().tobytes()).hexdigest()[:16])
             for arm in self.arms:
-                self.train_step(arm, step, batch)
+                if arm.stopped is None:
+                    self._guarded_step(arm, step, batch)
             done = step + 1
             save = self.t.save_steps and done % self.t.save_steps == 0 and done < self.t.max_steps
             last: dict[str, float] = {}
@@ -351,6 +380,7 @@ class Loop:
         return {
             "kind": arm.strategy.cfg.kind,
             "description": arm.strategy.describe(),
+            "status": f"stopped: {arm.stopped}" if arm.stopped else "finished",
             "trainable_params": arm.strategy.ever_trainable(),
             "total_params": count_params(arm.model),
             "theta0_hash": arm.theta0_hash,
@@ -358,8 +388,8 @@ class Loop:
             "total_time_s": total_time,
             "median_step_time_s": statistics.median(arm.times) if arm.times else None,
             "tokens_per_s": tokens / total_time if total_time else None,
-            "mean_loss": statistics.fmean(arm.losses) if arm.losses else None,
-            "last_loss": arm.losses[-1] if arm.losses else None,
+            "mean_loss": _finite(statistics.fmean(arm.losses)) if arm.losses else None,
+            "last_loss": _finite(arm.losses[-1]) if arm.losses else None,
             "val_loss_before": arm.evals[0][1],
             "val_loss_best": best[1], "val_loss_best_step": best[0],
             "val_loss_after": arm.evals[-1][1],
@@ -380,6 +410,10 @@ def run(cfg: RunConfig, output_dir: str | Path | None = None, overwrite: bool = 
     out = Path(output_dir or cfg.output_dir)
     files = RunFiles(out, overwrite=overwrite)
     return Loop(cfg, files, on_step).run(resume=resume)
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

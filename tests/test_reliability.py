@@ -1,0 +1,66 @@
+"""Numbers stay sane: a diverging arm stops alone, OOM names its knob, no unsafe unpickling."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from pfreeze.config import load_config
+from pfreeze.errors import PfreezeError
+from pfreeze.train import Loop, run
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "pfreeze"
+
+
+def _cfg(corpus: Path, *extra: str):
+    return load_config(None, [
+        f"data.corpus={corpus}", "model.name=random:llama", "data.block_size=32",
+        "training.max_steps=6", "training.logging_steps=2", "training.eval_steps=3",
+        "generation.max_new_tokens=4", "generation.samples_per_prompt=1",
+        "arms=[{kind: full}, {kind: plan, select: 'layers=3: roles=q'}]", *extra,
+    ])
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    p = tmp_path / "text.txt"
+    p.write_text("It is not down in any map; true places never are. " * 60)
+    return p
+
+
+def test_nan_loss_stops_only_that_arm(corpus: Path, tmp_path: Path) -> None:
+    # SGD with an absurd step size diverges the full arm; the plan arm (one q matrix) survives.
+    cfg = _cfg(corpus, "training.optim=sgd", "training.learning_rate=1e12",
+               "training.max_grad_norm=null", "training.momentum=0")
+    summary = run(cfg, tmp_path / "out")
+    full, plan = summary["arms"]["full"], summary["arms"]["plan"]
+    assert full["status"].startswith("stopped: loss became nan")
+    assert full["steps"] < 6 and full["p_after"]["mean"] is None
+    assert plan["status"] == "finished" and plan["steps"] == 6
+    assert plan["last_loss"] is not None and plan["integrity"]["ok"]
+    text = (tmp_path / "out" / "summary.json").read_text()
+    assert "NaN" not in text  # strict JSON: non-finite values are written as null
+    json.loads(text)
+
+
+def test_out_of_memory_names_the_knob(corpus: Path, tmp_path: Path,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(self, arm, step, batch):  # noqa: ANN001, ANN202
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(Loop, "train_step", boom)
+    with pytest.raises(PfreezeError, match="out of memory in arm 'full' at step 1") as e:
+        run(_cfg(corpus), tmp_path / "out")
+    assert "per_device_train_batch_size" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_every_torch_load_is_weights_only() -> None:
+    calls = [(p.name, m) for p in SRC.glob("*.py")
+             for m in re.findall(r"torch\.load\([^)]*\)", p.read_text())]
+    assert calls, "expected the checkpoint loader to use torch.load"
+    for name, call in calls:
+        assert "weights_only=True" in call, f"{name}: {call}"
