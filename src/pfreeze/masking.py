@@ -13,6 +13,7 @@ The audit then checks every frozen element against θ₀ by hash (whole tensors)
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -23,14 +24,21 @@ from pfreeze.plan import Geometry, ParamInfo, Plan, role_index
 
 
 def tensor_digest(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
+    raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+    return hashlib.sha256(raw).hexdigest()
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit equality: unlike ==, it tells 0.0 from -0.0 and matches NaN payloads."""
+    return a.shape == b.shape and torch.equal(a.contiguous().view(torch.uint8),
+                                              b.contiguous().view(torch.uint8))
 
 
 @dataclass
 class _Partial:
     param: nn.Parameter
-    mask: torch.Tensor  # bool, on the parameter's device
-    ref: torch.Tensor  # values the frozen elements must keep
+    frozen: torch.Tensor  # bool, on the parameter's device: True where the plan freezes
+    ref: torch.Tensor  # 1-D: the values of the frozen elements, in row-major order
 
 
 @dataclass
@@ -44,13 +52,21 @@ class Freezer:
     ever: dict[str, torch.Tensor | None] = field(init=False, default_factory=dict)
     theta0_digest: dict[str, str] = field(init=False, default_factory=dict)
     theta0_partial: dict[str, torch.Tensor] = field(init=False, default_factory=dict)
+    moved_early: set[str] = field(init=False, default_factory=set)  # moved while frozen
+    applied: bool = field(init=False, default=False)  # has any plan been in force yet
 
     def __post_init__(self) -> None:
         self.params = dict(self.model.named_parameters())
         self.theta0_digest = {n: tensor_digest(p) for n, p in self.params.items()}
+        for p in self.params.values():
+            p.requires_grad_(False)  # nothing trains until a plan says so
 
     def apply(self, plan: Plan | None) -> None:
-        """Make `plan` the one in force (None: everything frozen). Safe to call mid-run."""
+        """Make `plan` the one in force (None: everything frozen). Safe to call mid-run.
+
+        The optimizer must already hold every tensor any plan trains (see train.Loop.setup):
+        a tensor frozen now has no gradient, and optimizers skip those, state and decay alike.
+        """
         tensors = plan.tensors if plan is not None else {}
         self.partial.clear()
         for name, p in self.params.items():
@@ -59,51 +75,60 @@ class Freezer:
             if tp is None:
                 p.grad = None  # a stale gradient must not reach the optimizer
                 continue
-            if tp.mask is not None:
-                mask = tp.mask.to(p.device)
-                self.partial[name] = _Partial(p, mask, p.detach().clone())
             prev = self.ever.get(name, False)
-            if tp.mask is None or prev is None:
+            # First time trainable after some training: it must not have moved while frozen
+            # (the audit can no longer see that once its elements may move).
+            if prev is False and self.applied and tensor_digest(p) != self.theta0_digest[name]:
+                self.moved_early.add(name)
+            if tp.mask is None:
                 self.ever[name] = None
-            else:
-                m = tp.mask.to(p.device)
-                self.ever[name] = m if prev is False else (prev | m)
-            if name in self.partial and name not in self.theta0_partial and prev is False:
-                # θ₀ values are needed to audit a tensor that is only partly trainable.
+                self.theta0_partial.pop(name, None)  # every element may move now
+                continue
+            mask = tp.mask.to(p.device)
+            frozen = ~mask
+            # Reference = current values: elements trained under an earlier plan keep theirs.
+            self.partial[name] = _Partial(p, frozen, p.detach()[frozen])  # a copy
+            if prev is False:  # θ₀ values, to audit a tensor that is only partly trainable
                 self.theta0_partial[name] = p.detach().clone()
+            self.ever[name] = None if prev is None else mask if prev is False else prev | mask
+        self.applied = True
 
     def trainable(self) -> list[nn.Parameter]:
         return [p for p in self.params.values() if p.requires_grad]
 
     @torch.no_grad()
     def mask_grads(self) -> None:
+        # masked_fill, not a multiply: 0 * inf or 0 * NaN would be NaN and poison clipping.
         for part in self.partial.values():
             if part.param.grad is not None:
-                part.param.grad.mul_(part.mask)
+                part.param.grad.masked_fill_(part.frozen, 0.0)
 
     @torch.no_grad()
     def restore(self) -> None:
+        """Undo what weight decay and momentum did to frozen elements in the last step."""
         for part in self.partial.values():
-            part.param.copy_(torch.where(part.mask, part.param, part.ref))
+            part.param.masked_scatter_(part.frozen, part.ref)
 
     @torch.no_grad()
     def audit(self) -> dict[str, object]:
-        """Check every never-trainable element against θ₀."""
+        """Check every never-trainable element against θ₀, bit for bit."""
         checked, tensors, violations = 0, 0, []
         for name, p in self.params.items():
             ever = self.ever.get(name, False)
-            if ever is None:
+            if ever is None:  # trains whole now: only a move while it was frozen counts
+                if name in self.moved_early:
+                    violations.append(name)
                 continue
+            tensors += 1
             if ever is False:
                 checked += p.numel()
-                tensors += 1
                 if tensor_digest(p) != self.theta0_digest[name]:
                     violations.append(name)
                 continue
             frozen = ~ever
             checked += int(frozen.sum())
-            tensors += 1
-            if not torch.equal(p[frozen], self.theta0_partial[name][frozen]):
+            if name in self.moved_early or not _same_bits(p.detach()[frozen],
+                                                          self.theta0_partial[name][frozen]):
                 violations.append(name)
         return {"ok": not violations, "checked_elements": checked, "frozen_tensors": tensors,
                 "violations": violations}
@@ -111,12 +136,34 @@ class Freezer:
 
 def check_audit(arm: str, result: dict[str, object]) -> None:
     if not result["ok"]:
-        names = result["violations"]
+        names: list[str] = result["violations"]  # type: ignore[assignment]
         raise PfreezeError(
-            f"integrity violation in arm '{arm}': frozen elements of {names[0]} "  # type: ignore[index]
-            f"changed ({len(names)} tensor(s) in all)",  # type: ignore[arg-type]
+            f"integrity violation in arm '{arm}': frozen elements of {names[0]} "
+            f"changed ({len(names)} tensor(s) in all)",
             "this is a pfreeze bug; please report it with the run's config",
         )
+
+
+# Per-element state slots: AdamW keeps exp_avg and exp_avg_sq, SGD one momentum buffer.
+STATE_SLOTS = {"adamw": 2, "adamw_fused": 2, "sgd": 1}
+
+
+def optimizer_state_bytes(plans: Plan | Iterable[Plan | None], optim: str = "adamw",
+                          momentum: float = 0.9, bytes_per_element: int = 4) -> int:
+    """Optimizer-state bytes for every tensor the plans ever train (fp32 state by default).
+
+    Optimizers keep state for whole tensors, so a tensor with one trainable element costs as
+    much as a fully trainable one; wholly frozen tensors cost nothing. AdamW's scalar step
+    counts are left out.
+    """
+    if optim not in STATE_SLOTS:
+        raise PfreezeError(f"unknown optimizer '{optim}'", f"use one of {', '.join(STATE_SLOTS)}")
+    slots = 0 if optim == "sgd" and not momentum else STATE_SLOTS[optim]
+    sized: dict[str, int] = {}
+    for plan in [plans] if isinstance(plans, Plan) else plans:
+        for name, tp in (plan.tensors.items() if plan is not None else ()):
+            sized[name] = tp.total
+    return slots * bytes_per_element * sum(sized.values())
 
 
 # --------------------------------------------------------------------------- ΔW tracking

@@ -16,7 +16,9 @@ matrices (GPT-2 `c_attn` column blocks, GPT-NeoX `query_key_value` per-head inte
 from __future__ import annotations
 
 import fnmatch
+import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -141,6 +143,7 @@ class Plan:
     selector: str
     tensors: dict[str, TensorPlan]  # only parameters with at least one trainable element
     params: dict[str, ParamInfo]
+    geometry: Geometry | None = None  # heads per role, for describing masks by head
 
     @property
     def trainable(self) -> int:
@@ -148,14 +151,7 @@ class Plan:
 
     @property
     def total(self) -> int:
-        return sum(_numel(p.shape) for p in self.params.values())
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
+        return sum(math.prod(p.shape) for p in self.params.values())
 
 
 def describe_params(model: nn.Module, family: str) -> dict[str, ParamInfo]:
@@ -179,19 +175,7 @@ def describe_params(model: nn.Module, family: str) -> dict[str, ParamInfo]:
 
 def _split_terms(clause: str) -> list[str]:
     """Split on spaces that are not inside [...], so `w[:, 0:64]` stays one term."""
-    terms, depth, cur = [], 0, ""
-    for ch in clause:
-        depth += ch == "["
-        depth -= ch == "]"
-        if ch.isspace() and depth == 0:
-            if cur:
-                terms.append(cur)
-            cur = ""
-        else:
-            cur += ch
-    if cur:
-        terms.append(cur)
-    return terms
+    return re.findall(r"(?:\[[^\]]*\]?|[^\s\[])+", clause)
 
 
 def parse_layers(spec: str, n_layers: int) -> list[int]:
@@ -219,7 +203,7 @@ def parse_layers(spec: str, n_layers: int) -> list[int]:
                         f"this model has {n_layers} blocks (0..{n_layers - 1})",
                     )
                 chosen.add(i % n_layers)
-        except ValueError:
+        except (ValueError, OverflowError):  # OverflowError: `inf%`
             raise PfreezeError(
                 f"layers={spec}: '{item}' is not a block index or slice",
                 "write e.g. layers=6: or layers=-6: or layers=0,2,5 or layers=50%:",
@@ -233,10 +217,7 @@ def parse_layers(spec: str, n_layers: int) -> list[int]:
 
 
 def _parse_index(expr: str, shape: tuple[int, ...], term: str) -> tuple[slice | int, ...]:
-    parts = [p.strip() for p in expr.split(",")]
-    if len(parts) > len(shape):
-        raise PfreezeError(f"'{term}' has {len(parts)} indices for a {len(shape)}-d tensor",
-                           f"the tensor's shape is {list(shape)}")
+    parts = [p.strip() for p in expr.split(",")]  # callers skip tensors of lower rank
     idx: list[slice | int] = []
     for p in parts:
         try:
@@ -254,10 +235,11 @@ def _parse_index(expr: str, shape: tuple[int, ...], term: str) -> tuple[slice | 
 # --------------------------------------------------------------------------- compiling
 
 
-def role_index(info: ParamInfo, role: str, heads: list[int] | None, g: Geometry) -> torch.Tensor | None:
+def role_index(info: ParamInfo, role: str, heads: list[int] | None,
+               g: Geometry) -> torch.Tensor | None:
     """Indices along info.rule.dim that belong to `role` (and `heads`); None = whole tensor."""
     rule, size = info.rule, info.shape[info.rule.dim] if info.shape else 0
-    if rule.layout in ("whole",):
+    if rule.layout == "whole":
         return None if heads is None else torch.empty(0, dtype=torch.long)
     if rule.layout in ("out", "in"):
         if heads is None:
@@ -295,19 +277,16 @@ def _clause_masks(clause: str, params: dict[str, ParamInfo], g: Geometry,
         elif eq and key == "roles":
             roles = set()
             for r in val.split(","):
-                if r in ROLE_ALIASES:
-                    roles.update(ROLE_ALIASES[r])
-                elif r in ROLES:
-                    roles.add(r)
-                else:
+                if r not in ROLES and r not in ROLE_ALIASES:
                     raise PfreezeError(f"unknown role '{r}' in '{clause}'",
                                        f"roles are {', '.join(ROLES + tuple(ROLE_ALIASES))}")
+                roles.update(ROLE_ALIASES.get(r, (r,)))
         elif eq and key == "heads":
-            try:
-                heads = sorted({int(h) for h in val.split(",")})
-            except ValueError:
-                raise PfreezeError(f"heads={val}: not a list of head indices",
-                                   "write e.g. heads=0,3") from None
+            items = val.split(",")
+            if not all(h.strip().isdigit() for h in items):  # -1 too: it would wrap around
+                raise PfreezeError(f"heads={val}: not a list of head indices (0, 1, ...)",
+                                   "write e.g. heads=0,3")
+            heads = sorted({int(h) for h in items})
         elif eq and key == "re":
             name_filters.append(("re", val, None))
         elif not eq or "[" in key:
@@ -329,6 +308,13 @@ def _clause_masks(clause: str, params: dict[str, ParamInfo], g: Geometry,
                 f"the {family} architecture has no parameters with role {sorted(missing)}",
                 f"roles present: {', '.join(sorted(have - {'other'}))}",
             )
+    for r in sorted(wanted & {"q", "k", "v", "o"}) if wanted and heads else ():
+        n = g.heads_of(r)  # k and v have fewer heads under grouped-query attention
+        if heads and heads[-1] >= n:
+            raise PfreezeError(
+                f"heads={','.join(map(str, heads))}: role {r} has only {n} heads",
+                f"use head indices 0..{n - 1}"
+                + (" (k and v are grouped-query heads)" if n < g.n_heads else ""))
     out: dict[str, torch.Tensor | None] = {}
     for name, info in params.items():
         if layers is not None and info.layer not in layers:
@@ -346,15 +332,6 @@ def _clause_masks(clause: str, params: dict[str, ParamInfo], g: Geometry,
             present = [r for r in _roles_in(info) if r in wanted]
             if not present:
                 continue
-            if heads is not None:
-                for r in present:
-                    n = g.heads_of(r)
-                    if info.rule.layout != "whole" and heads[-1] >= n:
-                        raise PfreezeError(
-                            f"heads={','.join(map(str, heads))}: role {r} has only {n} heads",
-                            f"use head indices 0..{n - 1}"
-                            + (" (k and v are grouped-query heads)" if n < g.n_heads else ""),
-                        )
             idxs = [role_index(info, r, heads, g) for r in present]
             if any(i is None for i in idxs):
                 mask = None
@@ -368,7 +345,11 @@ def _clause_masks(clause: str, params: dict[str, ParamInfo], g: Geometry,
             if index_expr.count(",") + 1 > len(info.shape):
                 continue  # a glob may also hit lower-rank tensors (norms, biases): skip them
             box = torch.zeros(info.shape, dtype=torch.bool)
-            box[_parse_index(index_expr, info.shape, clause)] = True
+            try:
+                box[_parse_index(index_expr, info.shape, clause)] = True
+            except (IndexError, ValueError) as e:  # index past the end, zero step, ...
+                raise PfreezeError(f"'{clause}': [{index_expr}] does not fit {name} "
+                                   f"{list(info.shape)} ({e})", "correct the slice") from None
             mask = box if mask is None else mask & box
         if mask is not None and bool(mask.all()):
             mask = None
@@ -397,16 +378,19 @@ def compile_plan(model: nn.Module, family: str, selector: str) -> Plan:
     keep: dict[str, TensorPlan] = {}
     for clause in (c for c in clauses if not c.startswith("!")):
         for name, mask in _clause_masks(clause, params, g, family).items():
-            total = _numel(params[name].shape)
+            total = math.prod(params[name].shape)
             tp = keep.setdefault(name, TensorPlan(mask, total))
             tp.mask = _merge(tp.mask, mask) if tp.notes else mask
+            if tp.mask is not None and bool(tp.mask.all()):
+                tp.mask = None  # clauses that together cover the tensor: train it whole
             tp.notes.append(clause)
     for clause in (c[1:].strip() for c in clauses if c.startswith("!")):
         for name, mask in _clause_masks(clause, params, g, family).items():
             if name not in keep:
                 continue
             tp = keep[name]
-            base = tp.mask if tp.mask is not None else torch.ones(params[name].shape, dtype=torch.bool)
+            base = tp.mask if tp.mask is not None else torch.ones(params[name].shape,
+                                                                  dtype=torch.bool)
             remaining = torch.zeros_like(base) if mask is None else base & ~mask
             if not bool(remaining.any()):
                 del keep[name]
@@ -416,13 +400,103 @@ def compile_plan(model: nn.Module, family: str, selector: str) -> Plan:
     if not keep:
         raise PfreezeError(f"selector '{selector}' leaves nothing trainable",
                            "check the ! clauses")
-    return Plan(selector, keep, params)
+    return Plan(selector, keep, params, g)
+
+
+def trainable_union(plans: Iterable[Plan | None]) -> int:
+    """Elements trainable under at least one of `plans` (a schedule's phases, say)."""
+    union: dict[str, tuple[int, torch.Tensor | None]] = {}
+    for plan in (p for p in plans if p is not None):
+        for name, tp in plan.tensors.items():
+            seen = union.get(name)
+            union[name] = (tp.total, _merge(seen[1], tp.mask) if seen else tp.mask)
+    return sum(total if m is None else int(m.sum()) for total, m in union.values())
 
 
 def full_plan(model: nn.Module, family: str) -> Plan:
     params = describe_params(model, family)
-    return Plan("all", {n: TensorPlan(None, _numel(i.shape), ["all"]) for n, i in params.items()},
-                params)
+    return Plan("all", {n: TensorPlan(None, math.prod(i.shape), ["all"])
+                        for n, i in params.items()}, params, Geometry.of(model))
+
+
+# --------------------------------------------------------------------------- describing
+
+
+def _along(mask: torch.Tensor, dim: int) -> torch.Tensor:
+    """1-D: which indices along `dim` hold at least one selected element."""
+    return mask.movedim(dim, 0).reshape(mask.shape[dim], -1).any(1)
+
+
+def _runs(flags: torch.Tensor) -> list[tuple[int, int]]:
+    """Contiguous runs of True in a 1-D bool tensor, as (start, stop)."""
+    runs: list[tuple[int, int]] = []
+    for i in flags.nonzero().flatten().tolist():
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
+
+
+def _runs_text(runs: list[tuple[int, int]], axis: str) -> str:
+    if len(runs) > 4:  # e.g. q of every NeoX head: a count says more than 12 ranges
+        return f"{sum(b - a for a, b in runs)} {axis} in {len(runs)} runs"
+    return f"{axis} " + ", ".join(f"{a}:{b}" for a, b in runs)
+
+
+def _axis(ndim: int, dim: int) -> str:
+    return ("rows", "cols")[dim] if ndim == 2 else "elements" if ndim == 1 else f"dim {dim}"
+
+
+def _broadcast(flags: torch.Tensor, ndim: int, dim: int) -> torch.Tensor:
+    return flags.view([-1 if d == dim else 1 for d in range(ndim)])
+
+
+def _describe_heads(info: ParamInfo, mask: torch.Tensor, g: Geometry) -> str | None:
+    """'q heads 0,3 (cols 0:16, 48:64)' when the mask is whole heads of roles, else None."""
+    dim = info.rule.dim
+    along = _along(mask, dim)
+    if not torch.equal(_broadcast(along, mask.ndim, dim).expand_as(mask), mask):
+        return None  # the mask also cuts the other dimension
+    parts = []
+    for r in ("q", "k", "v") if info.rule.role == "qkv" else (info.rule.role,):
+        n = g.heads_of(r)
+        per_head = [along[role_index(info, r, [h], g)] for h in range(n)]  # type: ignore[index]
+        if any(bool(f.any()) and not bool(f.all()) for f in per_head):
+            return None  # part of a head: only slices can say which part
+        chosen = [h for h, f in enumerate(per_head) if bool(f.all())]
+        if chosen:
+            parts.append(r if len(chosen) == n else f"{r} heads {','.join(map(str, chosen))}")
+    return f"{', '.join(parts)} ({_runs_text(_runs(along), _axis(mask.ndim, dim))})"
+
+
+def _describe_box(mask: torch.Tensor) -> str:
+    """'[:, 0:16]', 'rows 0:16, 48:64 × cols 0:16' (a grid), 'all but [0:4, 0:4]', or a count."""
+    text = _grid(mask)
+    if text is None and (text := _grid(~mask)) is not None:
+        text = f"all but {text}"  # e.g. a `!` clause cut one box out of a tensor
+    return text or f"{int(mask.sum())} of {mask.numel()} elements (irregular)"
+
+
+def _grid(mask: torch.Tensor) -> str | None:
+    alongs = [_along(mask, d) for d in range(mask.ndim)]
+    grid = torch.ones_like(mask)
+    for d, a in enumerate(alongs):
+        grid &= _broadcast(a, mask.ndim, d)
+    if not bool(mask.any()) or not torch.equal(grid, mask):
+        return None
+    runs = [_runs(a) if not bool(a.all()) else [] for a in alongs]  # [] = the whole axis
+    if all(len(r) <= 1 for r in runs):
+        return "[" + ", ".join(f"{r[0][0]}:{r[0][1]}" if r else ":" for r in runs) + "]"
+    return " × ".join(_runs_text(r, _axis(mask.ndim, d)) for d, r in enumerate(runs) if r)
+
+
+def describe_mask(info: ParamInfo, mask: torch.Tensor | None, g: Geometry | None) -> str:
+    """Which elements of one tensor train, read back from the mask (not from the selector)."""
+    if mask is None:
+        return "whole"
+    heads = g is not None and info.rule.layout != "whole"
+    return (_describe_heads(info, mask, g) if heads else None) or _describe_box(mask)
 
 
 def plan_rows(plan: Plan) -> list[dict[str, object]]:
@@ -430,14 +504,14 @@ def plan_rows(plan: Plan) -> list[dict[str, object]]:
     rows = []
     for name, info in plan.params.items():
         tp = plan.tensors.get(name)
-        total = _numel(info.shape)
         rows.append({
             "name": name + (f" (tied: {info.tied})" if info.tied else ""),
             "shape": list(info.shape),
             "layer": info.layer,
             "role": info.rule.role,
             "trainable": tp.trainable if tp else 0,
-            "total": total,
-            "how": ("whole" if tp.mask is None else "partial: " + "; ".join(tp.notes)) if tp else "",
+            "total": math.prod(info.shape),
+            "how": describe_mask(info, tp.mask, plan.geometry) if tp else "frozen",
+            "clauses": "; ".join(tp.notes) if tp else "",
         })
     return rows
