@@ -16,7 +16,7 @@ from torch import nn
 
 from pfreeze.config import FullArm, LoraArm, PlanArm, ScheduleArm
 from pfreeze.errors import PfreezeError
-from pfreeze.plan import Plan, compile_plan, describe_params, full_plan
+from pfreeze.plan import Plan, compile_plan, describe_params, full_plan, trainable_union
 
 ARM_KINDS: dict[str, type[ArmStrategy]] = {}
 
@@ -54,8 +54,8 @@ class ArmStrategy:
         return self.plans.get(0)
 
     def ever_trainable(self) -> int:
-        """Elements trainable at some step (the union over phases)."""
-        return max((p.trainable for p in self.plans.values() if p is not None), default=0)
+        """Elements trainable at some step (the union over phases, element by element)."""
+        return trainable_union(self.plans.values())
 
     def describe(self) -> str:
         raise NotImplementedError
@@ -93,13 +93,6 @@ class Scheduled(ArmStrategy):
         for ph in sorted(self.cfg.phases, key=lambda p: p.start):
             plans[ph.start] = compile_plan(model, self.family, ph.select)
         return plans
-
-    def ever_trainable(self) -> int:
-        union: dict[str, int] = {}
-        for p in self.plans.values():
-            for n, tp in (p.tensors.items() if p else []):
-                union[n] = max(union.get(n, 0), tp.trainable)
-        return sum(union.values())
 
     def describe(self) -> str:
         return "scheduled: " + "; ".join(f"from step {p.start}: `{p.select}`"
