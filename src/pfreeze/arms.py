@@ -12,9 +12,9 @@ import copy
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
-from pfreeze.config import FullArm, LoraArm, PlanArm, ScheduleArm
 from pfreeze.errors import PfreezeError
 from pfreeze.plan import Plan, compile_plan, describe_params, full_plan, trainable_union
 
@@ -32,10 +32,11 @@ def register(kind: str) -> Callable[[type[ArmStrategy]], type[ArmStrategy]]:
 class ArmStrategy:
     """Base: a plain copy of θ₀ with one fixed plan."""
 
-    def __init__(self, cfg: Any, family: str) -> None:
+    def __init__(self, cfg: Any, family: str, max_steps: int = 0) -> None:
         self.cfg = cfg
         self.name: str = cfg.name
         self.family = family
+        self.max_steps = max_steps
         self.plans: dict[int, Plan | None] = {}
 
     def build(self, base: nn.Module) -> nn.Module:
@@ -86,17 +87,78 @@ class Planned(ArmStrategy):
 class Scheduled(ArmStrategy):
     """Phases: from `start` on, the phase's plan is in force (t < t₀ frozen, t ≥ t₀ trains)."""
 
+    def phases(self, n_layers: int) -> list[tuple[int, str]]:
+        return [(ph.start, ph.select) for ph in self.cfg.phases]
+
     def _plans(self, model: nn.Module) -> dict[int, Plan | None]:
+        phases = sorted(self.phases(model.config.num_hidden_layers))
         plans: dict[int, Plan | None] = {}
-        if min(ph.start for ph in self.cfg.phases) > 0:
+        if phases[0][0] > 0:
             plans[0] = None  # nothing trains before the first phase
-        for ph in sorted(self.cfg.phases, key=lambda p: p.start):
-            plans[ph.start] = compile_plan(model, self.family, ph.select)
+        for start, select in phases:
+            plans[start] = compile_plan(model, self.family, select)
         return plans
 
     def describe(self) -> str:
         return "scheduled: " + "; ".join(f"from step {p.start}: `{p.select}`"
                                          for p in self.cfg.phases)
+
+
+@register("unfreeze")
+class GradualUnfreeze(Scheduled):
+    """ULMFiT-style: the top `start_layers` blocks train, one more block joins every `every`."""
+
+    def phases(self, n_layers: int) -> list[tuple[int, str]]:
+        c = self.cfg
+        within = f" {c.within}" if c.within else ""
+        out, n, step = [], c.start_layers, 0
+        while step < self.max_steps and n <= n_layers:
+            out.append((step, f"layers=-{n}:{within}"))
+            n, step = n + 1, step + c.every
+        return out
+
+    def describe(self) -> str:
+        c = self.cfg
+        return (f"gradual unfreezing: top {c.start_layers} block(s), one more every {c.every} "
+                f"steps" + (f", `{c.within}` only" if c.within else ""))
+
+
+@register("lisa")
+class Lisa(Scheduled):
+    """LISA-style: `gamma` random blocks train, resampled every `interval` steps (seeded)."""
+
+    def phases(self, n_layers: int) -> list[tuple[int, str]]:
+        c = self.cfg
+        if c.gamma > n_layers:
+            raise PfreezeError(f"LISA arm '{self.name}': gamma={c.gamma} but the model has "
+                               f"{n_layers} blocks", f"use gamma <= {n_layers}")
+        gen = torch.Generator().manual_seed(c.seed)
+        out = []
+        for start in range(0, self.max_steps, c.interval):
+            blocks = sorted(torch.randperm(n_layers, generator=gen)[: c.gamma].tolist())
+            select = f"layers={','.join(map(str, blocks))}" + (f" {c.within}" if c.within else "")
+            out.append((start, select + (f"; {c.always}" if c.always else "")))
+        return out
+
+    def describe(self) -> str:
+        c = self.cfg
+        return (f"LISA: {c.gamma} random block(s) every {c.interval} steps (seed {c.seed})"
+                + (f", always `{c.always}`" if c.always else ""))
+
+
+@register("snr")
+class SnrSelected(ArmStrategy):
+    """Spectrum-style: the top `top_percent` % of each matrix type by SNR score trains."""
+
+    def _plans(self, model: nn.Module) -> dict[int, Plan | None]:
+        from pfreeze.rank import snr_scores, top_selector
+
+        roles = set(self.cfg.roles.split(","))
+        self.selector = top_selector(snr_scores(model, self.family, roles), self.cfg.top_percent)
+        return {0: compile_plan(model, self.family, self.selector)}
+
+    def describe(self) -> str:
+        return f"SNR-selected: top {self.cfg.top_percent:g}% of each of {self.cfg.roles} by score"
 
 
 @register("lora")
@@ -136,5 +198,6 @@ class Lora(ArmStrategy):
         return f"LoRA r={self.cfg.r}, alpha={self.cfg.alpha} on `{self.cfg.select}`"
 
 
-def make_arm(cfg: FullArm | PlanArm | LoraArm | ScheduleArm, family: str) -> ArmStrategy:
-    return ARM_KINDS[cfg.kind](cfg, family)
+def make_arm(cfg: Any, family: str, max_steps: int = 0) -> ArmStrategy:
+    """The strategy for one arm config (any kind registered above)."""
+    return ARM_KINDS[cfg.kind](cfg, family, max_steps)

@@ -49,6 +49,7 @@ def save(loop: Loop, step: int, extra: dict[str, Any]) -> Path:
                    for n in sorted(arm.strategy.trained_names())}
         tensors.update({f"ref.{n}": part.ref.detach().cpu().clone()
                         for n, part in arm.freezer.partial.items()})
+        tensors.update({f"best.{n}": t for n, t in (arm.best_state or {}).items()})
         if i == 0:
             tensors["stream.rng"] = loop.stream.gen.get_state()
         save_file(tensors, str(tmp / f"arm{i}.safetensors"))
@@ -56,7 +57,8 @@ def save(loop: Loop, step: int, extra: dict[str, Any]) -> Path:
         arms_state.append({
             "name": arm.strategy.name, "losses": arm.losses, "times": arm.times,
             "evals": arm.evals, "peak_mem_mb": arm.peak_mem_mb,
-            "scheduler": arm.scheduler.state_dict(),
+            "scheduler": arm.scheduler.state_dict(), "best": arm.best,
+            "bad_evals": arm.bad_evals, "stopped": arm.stopped, "diverged": arm.diverged,
         })
     write_json(tmp / "state.json", {
         "step": step, "theta0_hash": loop.theta0_hash, "batch_hashes": loop.batch_hashes,
@@ -98,6 +100,8 @@ def load(loop: Loop) -> dict[str, Any]:
                     arm.freezer.params[name].copy_(t)
                 elif kind == "ref" and name in arm.freezer.partial:
                     arm.freezer.partial[name].ref.copy_(t)
+                elif kind == "best":
+                    arm.best_state = {**(arm.best_state or {}), name: t}
                 elif kind == "stream":
                     loop.stream.gen.set_state(t)
         opt = torch.load(d / f"arm{i}.optim.pt", map_location=loop.device, weights_only=True)
@@ -106,6 +110,9 @@ def load(loop: Loop) -> dict[str, Any]:
         arm.losses, arm.times = saved["losses"], saved["times"]
         arm.evals = [tuple(e) for e in saved["evals"]]
         arm.peak_mem_mb = saved["peak_mem_mb"]
+        arm.best = tuple(saved["best"]) if saved["best"] else None  # type: ignore[assignment]
+        arm.bad_evals, arm.stopped, arm.diverged = (saved["bad_evals"], saved["stopped"],
+                                                    saved["diverged"])
         with torch.no_grad():  # ‖ΔW_t‖ of the next step is measured from these weights
             for prev, p in zip(arm.tracker.prev, arm.tracker.params, strict=True):
                 prev.copy_(p)

@@ -7,12 +7,16 @@ TrainingArguments so a practitioner can carry settings over unchanged.
 
 from __future__ import annotations
 
+import copy
 import difflib
+import re
+import types
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pfreeze.errors import PfreezeError
 
@@ -57,7 +61,11 @@ class TrainingConfig(_Strict):
     eval_steps: int = Field(10, ge=1)
     eval_batches: int = Field(4, ge=1, description="held-out batches per evaluation")
     save_steps: int = Field(0, ge=0, description="checkpoint every N steps (0: never)")
-    integrity_steps: int = Field(0, ge=0, description="audit frozen elements every N steps (0: end)")
+    # Stop an arm after this many evaluations without a better held-out loss (None: never).
+    early_stopping_patience: int | None = Field(None, ge=1)
+    keep_best: bool = Field(False, description="save each arm's tensors at its best eval")
+    integrity_steps: int = Field(0, ge=0,
+                                 description="audit frozen elements every N steps (0: end)")
     device: str = "auto"
     # auto: compile on a GPU when max_steps >= 200 (warm-up is paid back); never on CPU.
     torch_compile: bool | Literal["auto"] = "auto"
@@ -75,8 +83,20 @@ class GenerationConfig(_Strict):
     seed: int = 1234
 
 
+_ARM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
 class _ArmBase(_Strict):
+    # Becomes a folder name (arms/<name>/) and a label in tables: no separators or spaces.
     name: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str | None) -> str | None:
+        if v is not None and not _ARM_NAME.fullmatch(v):
+            raise ValueError(f"arm name {v!r} must be letters, digits, '.', '_' or '-' "
+                             "(it names the folder arms/<name>/)")
+        return v
 
 
 class FullArm(_ArmBase):
@@ -107,7 +127,36 @@ class ScheduleArm(_ArmBase):
     phases: list[PhaseConfig] = Field(min_length=1)
 
 
-Arm = Annotated[FullArm | PlanArm | LoraArm | ScheduleArm, Field(discriminator="kind")]
+class UnfreezeArm(_ArmBase):
+    """ULMFiT-style gradual unfreezing, top down."""
+
+    kind: Literal["unfreeze"] = "unfreeze"
+    every: int = Field(10, ge=1, description="steps between unfreezing one more block")
+    start_layers: int = Field(1, ge=1)
+    within: str = Field("", description="selector terms applied inside the blocks, e.g. roles=attn")
+
+
+class LisaArm(_ArmBase):
+    """LISA-style layerwise sampling: gamma random blocks train, resampled every interval."""
+
+    kind: Literal["lisa"] = "lisa"
+    gamma: int = Field(2, ge=1)
+    interval: int = Field(20, ge=1)
+    seed: int = 0
+    within: str = ""
+    always: str | None = Field(None, description="selector trained in every phase, e.g. roles=norm")
+
+
+class SnrArm(_ArmBase):
+    """Spectrum-style: the top share of each matrix type by SNR score trains."""
+
+    kind: Literal["snr"] = "snr"
+    top_percent: float = Field(25.0, gt=0, le=100)
+    roles: str = "q,k,v,o"
+
+
+Arm = Annotated[FullArm | PlanArm | LoraArm | ScheduleArm | UnfreezeArm | LisaArm | SnrArm,
+                Field(discriminator="kind")]
 
 
 class RunConfig(_Strict):
@@ -115,58 +164,97 @@ class RunConfig(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
-    arms: list[Arm] = Field(default_factory=lambda: [FullArm(), PlanArm()], min_length=1)
+    arms: list[Arm] = Field(default_factory=lambda: [FullArm(), PlanArm()], min_length=1,
+                            validate_default=True)
     # Which matrices get per-step ‖ΔW‖ (selector language; tracked in every arm).
     track: str = "roles=q,k,v,o"
     output_dir: str = "runs/latest"
     save_pretrained: bool = False
+    # Run the whole paired experiment this many times (seed + r); statistics over repeats.
+    repeats: int = Field(1, ge=1)
 
-    @model_validator(mode="after")
-    def _unique_arm_names(self) -> RunConfig:
-        seen: set[str] = set()
-        for arm in self.arms:
+    @field_validator("arms")
+    @classmethod
+    def _unique_arm_names(cls, arms: list[Any]) -> list[Any]:
+        named = [a.name for a in arms if a.name is not None]
+        for name in named:
+            if named.count(name) > 1:
+                raise ValueError(f"two arms are named {name!r}; give each arm a unique name")
+        # Unnamed arms are called after their kind (plan, plan2, ...), never taking a name
+        # that another arm was given explicitly.
+        taken = set(named)
+        for arm in arms:
             if arm.name is None:
-                arm.name = arm.kind if arm.kind not in seen else f"{arm.kind}{len(seen)}"
-            if arm.name in seen:
-                raise ValueError(f"two arms are named {arm.name!r}; give each arm a unique name")
-            seen.add(arm.name)
-        return self
+                name, i = arm.kind, 1
+                while name in taken:
+                    i += 1
+                    name = f"{arm.kind}{i}"
+                arm.name = name
+                taken.add(name)
+        return arms
 
 
 # --------------------------------------------------------------------------- loading
 
 
+def _inner(ann: Any) -> Any:
+    """The model behind an annotation: a BaseModel, {tag: model} for a tagged union, or None."""
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    origin, args = typing.get_origin(ann), typing.get_args(ann)
+    if origin in (list, Annotated):
+        return _inner(args[0])
+    if origin in (typing.Union, types.UnionType):
+        members = [m for m in map(_inner, args) if isinstance(m, type)]
+        tags = {m.model_fields["kind"].default: m for m in members if "kind" in m.model_fields}
+        if len(tags) > 1:
+            return tags
+        return members[0] if len(members) == 1 else None
+    return None
+
+
 def _closest_key(loc: tuple[Any, ...]) -> str | None:
-    """Suggest the valid key nearest to the misspelt one at `loc`."""
+    """Suggest the valid key nearest to the misspelt one at `loc` (pydantic's raw loc)."""
+    if not loc:
+        return None
     model: Any = RunConfig
     for part in loc[:-1]:
         if isinstance(part, int):
             continue
-        field = model.model_fields.get(part) if hasattr(model, "model_fields") else None
+        if isinstance(model, dict):  # a tagged union: pydantic puts the tag in the loc
+            model = model.get(part)
+            continue
+        field = model.model_fields.get(part) if model is not None else None
         if field is None:
             return None
-        ann = field.annotation
-        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
-        if model is None:
-            return None
-    names = list(model.model_fields) if model is not None else []
-    match = difflib.get_close_matches(str(loc[-1]), names, n=1)
+        model = _inner(field.annotation)
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        return None
+    match = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
     return match[0] if match else None
 
 
+def _shown_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Drop the union tags pydantic inserts after a list index (arms.0.plan.x -> arms.0.x)."""
+    return tuple(p for i, p in enumerate(loc)
+                 if not (p in _ARM_TAGS and i > 0 and isinstance(loc[i - 1], int)))
+
+
 def _explain(err: ValidationError, source: str) -> PfreezeError:
-    first = err.errors()[0]
-    loc = tuple(p for p in first["loc"] if not (isinstance(p, str) and p in _ARM_TAGS))
+    errors = err.errors()
+    # A misspelt key also makes the real one "missing": report the typo, which explains both.
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+    loc = _shown_loc(tuple(first["loc"]))
     path = ".".join(str(p) for p in loc) or "(top level)"
     if first["type"] == "extra_forbidden":
-        hint = _closest_key(loc)
+        hint = _closest_key(tuple(first["loc"]))
         fix = f"did you mean '{hint}'?" if hint else "remove it (see configs/ for valid keys)"
         return PfreezeError(f"{source}: unknown config key '{path}'", fix)
     msg = first["msg"].removeprefix("Value error, ")
     return PfreezeError(f"{source}: invalid value for '{path}': {msg}", "correct it and rerun")
 
 
-_ARM_TAGS = {"full", "plan", "lora", "schedule"}
+_ARM_TAGS = {"full", "plan", "lora", "schedule", "unfreeze", "lisa", "snr"}
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -183,13 +271,23 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
-def _apply(tree: dict[str, Any], path: list[str], value: Any) -> None:
+def _apply(tree: dict[str, Any], path: list[str], value: Any,
+           defaults: dict[str, Any] | None = None) -> None:
+    """Set `value` at `path`; a list the config does not spell out (arms) starts from its default,
+    so `--set arms.1.select=...` edits the default arms instead of replacing them by a dict."""
     node: Any = tree
+    dnode: Any = defaults
     for part in path[:-1]:
         if isinstance(node, list):
-            node = node[int(part)]
+            i = int(part)
+            node = node[i]
+            dnode = None
         else:
-            node = node.setdefault(part, {})
+            if part not in node:
+                d = dnode.get(part) if isinstance(dnode, dict) else None
+                node[part] = copy.deepcopy(d) if isinstance(d, list) else {}
+            dnode = dnode.get(part) if isinstance(dnode, dict) else None
+            node = node[part]
     if isinstance(node, list):
         node[int(path[-1])] = value
     else:
@@ -220,12 +318,15 @@ def load_config(
             ) from None
         if not isinstance(tree, dict):
             raise PfreezeError(f"{path}: top level must be a mapping", "see configs/ examples")
+    defaults = RunConfig().model_dump(mode="json") if overrides else None
     for item in overrides or []:
         keys, value = parse_override(item)
         try:
-            _apply(tree, keys, value)
-        except (ValueError, IndexError, TypeError, AttributeError):
-            raise PfreezeError(f"--set '{item}': no such place in the config", "check the key path") from None
+            _apply(tree, keys, value, defaults)
+        except (ValueError, IndexError, TypeError, AttributeError, KeyError):
+            raise PfreezeError(f"--set '{item}': no such place in the config",
+                               "check the key path") from None
+    if overrides:
         source = f"{source} + --set"
     try:
         return RunConfig.model_validate(tree)

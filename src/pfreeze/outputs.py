@@ -68,7 +68,8 @@ class RunFiles:
                                 f"{s.prompt}{s.text}\n")
         write_text(self.root / "samples.txt", "\n".join(self.samples))
 
-    def save_arm(self, strategy: Any, model: nn.Module, tokenizer: Any, pretrained: bool) -> None:
+    def save_arm(self, strategy: Any, model: nn.Module, tokenizer: Any, pretrained: bool,
+                 best: dict[str, Any] | None = None) -> None:
         d = self.root / "arms" / strategy.name
         d.mkdir(parents=True, exist_ok=True)
         params = dict(model.named_parameters())
@@ -77,6 +78,8 @@ class RunFiles:
                    for n in sorted(strategy.trained_names()) if n in params}
         meta = {"arm": strategy.name, "description": strategy.describe()}
         atomic_write(d / "trained.safetensors", lambda p: save_file(tensors, str(p), meta))
+        if best is not None:  # the trained tensors at the best held-out evaluation
+            atomic_write(d / "best.safetensors", lambda p: save_file(best, str(p), meta))
         if strategy.cfg.kind == "lora":
             model.save_pretrained(str(d / "adapter"))
         elif pretrained:

@@ -85,7 +85,11 @@ class ArmRun:
     times: list[float] = field(default_factory=list)
     evals: list[tuple[int, float | None, float | None]] = field(default_factory=list)
     peak_mem_mb: float | None = None
-    stopped: str | None = None  # why this arm stopped early (non-finite loss), if it did
+    stopped: str | None = None  # why this arm stopped early, if it did
+    diverged: bool = False  # non-finite loss: no evaluation or sampling is possible
+    best: tuple[int, float] | None = None  # (step, held-out loss) of the best evaluation
+    best_state: dict[str, torch.Tensor] | None = None  # trained tensors at `best`
+    bad_evals: int = 0
 
 
 def build_optimizer(params: list[nn.Parameter], t: TrainingConfig, device: torch.device
@@ -162,7 +166,7 @@ class Loop:
         tracked = list(compile_plan(base, family, self.cfg.track).tensors)
         self.arms = []
         for acfg in self.cfg.arms:
-            strat = make_arm(acfg, family)
+            strat = make_arm(acfg, family, self.t.max_steps)
             model = strat.build(base).to(self.device).train()
             h = getattr(strat, "theta0_hash", None) or state_hash(model)
             freezer = Freezer(model)
@@ -243,8 +247,8 @@ class Loop:
             for step, loss, dw, dw0, (a, b), mem in arm.pending:
                 secs = a.elapsed_time(b) / 1000 if self.device.type == "cuda" else b - a
                 lv = float(loss)
-                if not math.isfinite(lv) and arm.stopped is None:
-                    arm.stopped = f"loss became {lv} at step {step}"
+                if not math.isfinite(lv) and not arm.diverged:
+                    arm.stopped, arm.diverged = f"loss became {lv} at step {step}", True
                     self.warn(f"arm '{arm.strategy.name}' stopped: {arm.stopped}; the other "
                               "arms go on (lower learning_rate or set max_grad_norm)")
                 arm.losses.append(lv)
@@ -272,7 +276,7 @@ class Loop:
         rows, bs = [], self.t.per_device_train_batch_size
         shared = None
         for arm in self.arms:
-            if arm.stopped:
+            if arm.diverged:
                 arm.evals.append((step, None, None))
                 continue
             if shared is None or not self._shared_theta0(step):
@@ -281,15 +285,33 @@ class Loop:
                 shared = (val, tr)
             val, tr = shared
             arm.evals.append((step, val, tr))
+            self._track_best(arm, step, val)
             rows.append({"kind": "eval", "step": step, "arm": arm.strategy.name,
                          "val_loss": val, "train_loss": tr})
         self.files.append_metrics(rows)
+
+    def _track_best(self, arm: ArmRun, step: int, val: float | None) -> None:
+        """Remember the best held-out point; stop the arm after `patience` evals without one."""
+        if val is None:
+            return
+        if arm.best is None or val < arm.best[1]:
+            arm.best, arm.bad_evals = (step, val), 0
+            if self.t.keep_best:
+                params = arm.freezer.params
+                arm.best_state = {n: params[n].detach().cpu().clone()
+                                  for n in sorted(arm.strategy.trained_names())}
+            return
+        arm.bad_evals += 1
+        patience = self.t.early_stopping_patience
+        if patience and arm.bad_evals >= patience and arm.stopped is None:
+            arm.stopped = (f"early stop at step {step}: held-out loss did not improve for "
+                           f"{patience} evaluations (best {arm.best[1]:.4f} at step {arm.best[0]})")
 
     def sample_all(self, moment: str) -> dict[str, dict[str, Any]]:
         out: dict[str, dict[str, Any]] = {}
         samples = None
         for arm in self.arms:
-            if arm.stopped:  # a diverged model cannot sample
+            if arm.diverged:  # a diverged model cannot sample
                 out[arm.strategy.name] = {"mean": None, "std": None, "ci95": [None, None],
                                           "n": 0, "values": []}
                 continue
@@ -345,7 +367,7 @@ class Loop:
             audit = arm.freezer.audit()
             arms_summary[arm.strategy.name] = self._arm_summary(arm, p_before, p_after, audit)
             self.files.save_arm(arm.strategy, arm.model, self.lm.tokenizer,
-                                self.cfg.save_pretrained)
+                                self.cfg.save_pretrained, arm.best_state)
         summary = {
             "pfreeze_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -408,6 +430,10 @@ def run(cfg: RunConfig, output_dir: str | Path | None = None, overwrite: bool = 
     With `resume`, continue from the output directory's last checkpoint (if it has one).
     """
     out = Path(output_dir or cfg.output_dir)
+    if cfg.repeats > 1:
+        from pfreeze.repeats import run_repeats
+
+        return run_repeats(cfg, out, run, overwrite=overwrite, on_step=on_step, resume=resume)
     files = RunFiles(out, overwrite=overwrite)
     return Loop(cfg, files, on_step).run(resume=resume)
 

@@ -1,0 +1,400 @@
+"""Step and sampling throughput: pfreeze's loop against the loops a reader would write.
+
+One row per shape x batch x arm (full; frozen = q,k,v of the upper half) x method:
+    pfreeze           Loop.train_step (autocast, fused AdamW, clip, dW tracker; --pfreeze-compile)
+    eager             plain HF loop: autocast, loss, backward, fused AdamW step, zero_grad
+    compiled          the same loop on model.compile(dynamic=False)
+    trainer           transformers.Trainer (bf16, adamw_torch_fused), timed by a callback
+    trainer_compiled  the same with torch_compile=True
+Step times are CUDA-event intervals between step boundaries (no host sync in the loop); the
+warm-up steps are reported apart (compilation lands in the first). Rows print as they finish
+and --out is rewritten atomically after each: a killed run keeps its rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from torch import nn
+
+from pfreeze.atomic import write_json
+from pfreeze.models import load_model
+from pfreeze.plan import Geometry, compile_plan, describe_params
+
+SHAPES = {"smollm2": "random:smollm2-135m", "gpt2": "random:gpt2-124m", "tiny": "random:llama"}
+METHODS = ("pfreeze", "eager", "compiled", "trainer", "trainer_compiled")
+ARMS = {"full": None, "frozen": "layers=50%: roles=q,k,v"}
+HOPPER_BF16 = 989e12  # dense bf16 FLOP/s of an H100/H200 SXM (datasheet)
+LR = 1e-4
+Row = dict[str, Any]  # one JSON row or result
+Batches = list[torch.Tensor]  # token ids on the host, rotated through the steps
+
+
+def train_flops(layers: int, width: int, seq: int, tokens: int, block_params: int,
+                head_params: int, first_trainable: int | None, trainable_params: int) -> float:
+    """Model FLOPs of one training step, the MFU numerator (norms, softmax, biases ignored).
+
+    L layers of attention width d (heads x head_dim), N = batch x T tokens; P_block: matrix
+    elements of one block; P_head: vocab x d (even if tied); first_trainable f: lowest block
+    with a trainable tensor (0 if the embedding trains, L if only head/final norm, None: none).
+    forward   2 (L P_block + P_head) N + attention: QK^T and AV cost 2 T d per token and block
+              each, 4 L T d N, which the causal mask halves to 2 L T d N (FlashAttention's count)
+    backward  activation gradients (dX = dY W^T: 2 P N; attention: twice its forward) through
+              blocks f..L-1 and the head, plus weight gradients (dW = X^T dY: 2 P N) of the
+              trainable matrices only. All trainable: 2 x forward. A frozen arm is overcounted by
+              the q/k/v input gradient of block f, which autograd skips.
+    """
+    attn = 2 * seq * width * tokens  # causal attention of one block, forward
+    fwd = 2 * (layers * block_params + head_params) * tokens + layers * attn
+    if first_trainable is None:
+        return float(fwd)
+    up = layers - first_trainable
+    act = 2 * (up * block_params + head_params) * tokens + 2 * up * attn
+    return float(fwd + act + 2 * trainable_params * tokens)
+
+
+def model_flops(model: nn.Module, family: str, trainable: set[str], batch: int, seq: int) -> float:
+    """train_flops with the counts read off `model` and the names that train."""
+    infos, g = describe_params(model, family), Geometry.of(model)
+    mats = {n: p.numel() for n, p in model.named_parameters() if p.ndim >= 2}
+    blocks = sum(v for n, v in mats.items() if infos[n].layer is not None)
+    head = model.get_output_embeddings().weight.numel()
+    head_trains = any(infos[n].rule.role == "head" or infos[n].tied for n in trainable)
+    layers = [infos[n].layer for n in trainable if infos[n].layer is not None]
+    first = (0 if any(infos[n].rule.role == "embed" for n in trainable)
+             else min(layers) if layers else g.n_layers if trainable else None)
+    train_mats = sum(v for n, v in mats.items() if n in trainable and infos[n].layer is not None)
+    return train_flops(g.n_layers, g.n_heads * g.head_dim, seq, batch * seq,
+                       blocks // g.n_layers, head, first, train_mats + head * head_trains)
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, argv: list[str]) -> None:
+        self.a = args
+        self.dev = torch.device(args.device if args.device != "auto"
+                                else "cuda" if torch.cuda.is_available() else "cpu")
+        self.cuda = self.dev.type == "cuda"
+        self.deadline = time.monotonic() + args.max_seconds
+        pc = args.pfreeze_compile or ("on" if self.cuda else "off")
+        self.pf_compile: bool | str = {"on": True, "off": False}.get(pc, "auto")  # its setting
+        name = torch.cuda.get_device_name(self.dev) if self.cuda else "cpu"
+        hopper = HOPPER_BF16 if "H100" in name or "H200" in name else None
+        self.peak = args.peak_tflops * 1e12 if args.peak_tflops else hopper
+        self.out: Row = {"environment": _environment(name, argv, self.peak),
+                         "settings": vars(args), "generation": [], "rows": []}
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.dev)
+
+    def mark(self) -> Any:
+        """A step boundary: a recorded CUDA event (no host sync) on a GPU, a host time on CPU."""
+        if not self.cuda:
+            return time.perf_counter()
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        return ev
+
+    def measured(self, marks: list[Any], wall: float) -> Row:
+        """Row fields from step-boundary marks (after a sync); `wall`: host s of the timed steps."""
+        pairs = zip(marks, marks[1:], strict=False)
+        iv = [b - a if isinstance(a, float) else a.elapsed_time(b) / 1e3 for a, b in pairs]
+        warm, times = iv[: self.a.warmup], iv[self.a.warmup :]
+        peak = torch.cuda.max_memory_allocated(self.dev) / 2**20 if self.cuda else None
+        return {"step_ms": statistics.median(times) * 1e3, "step_ms_mean": wall / len(times) * 1e3,
+                "peak_mib": peak, "first_step_s": warm[0] if warm else None,
+                "warmup_s": sum(warm), "step_ms_all": [round(s * 1e3, 3) for s in times]}
+
+    def start_timed(self) -> float:
+        """Between warm-up and timed steps: drain the queue, reset the peak, read the clock."""
+        self.sync()
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.dev)
+        return time.perf_counter()
+
+    def drive(self, step: Callable[[int], None]) -> Row:
+        marks, w, t0 = [], self.a.warmup, 0.0
+        for i in range(w + self.a.steps):
+            t0 = self.start_timed() if i == w else t0
+            marks.append(self.mark())
+            step(i)
+        marks.append(self.mark())
+        self.sync()
+        return self.measured(marks, time.perf_counter() - t0)
+
+    def autocast(self, on: bool = True) -> torch.autocast:
+        return torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=on and self.cuda)
+
+    def m_pfreeze(self, base: nn.Module, family: str, arm: str, batches: Batches) -> Row:
+        from pfreeze.config import FullArm, PlanArm, RunConfig, TrainingConfig  # needs pydantic
+        from pfreeze.train import Loop
+
+        t = TrainingConfig(per_device_train_batch_size=len(batches[0]), learning_rate=LR,
+                           max_steps=self.a.warmup + self.a.steps, bf16=self.cuda,
+                           device=self.dev.type, torch_compile=self.pf_compile,
+                           optim="adamw_fused" if self.cuda else "adamw")
+        arm_cfg = FullArm() if ARMS[arm] is None else PlanArm(select=ARMS[arm])
+        loop = Loop(RunConfig(training=t, arms=[arm_cfg]), None)  # type: ignore[arg-type]
+        loop.build_arms(base, family)
+        m = self.drive(lambda i: loop.train_step(loop.arms[0], i, batches[i % len(batches)]))
+        loop.arms[0].pending.clear()  # queued losses, norms and events are not read here
+        return m
+
+    def m_plain(self, model: nn.Module, batches: Batches, compiled: bool) -> Row:
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0, fused=self.cuda or None)
+        if compiled:
+            model.compile(dynamic=False)
+
+        def step(i: int) -> None:
+            x = batches[i % len(batches)].to(self.dev, non_blocking=True)
+            with self.autocast():
+                loss = model(input_ids=x, labels=x).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        return self.drive(step)
+
+    def m_trainer(self, model: nn.Module, batches: Batches, compiled: bool) -> Row:
+        from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+        from transformers import default_data_collator as collate
+
+        warmup, last, bench = self.a.warmup, self.a.warmup + self.a.steps, self
+        marks, host = list[Any](), list[float]()
+
+        class Timer(TrainerCallback):
+            # global_step is k at the start of 0-based step k, and k+1 at its end.
+            def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+                if state.global_step == warmup:
+                    host.append(bench.start_timed())
+                marks.append(bench.mark())
+
+            def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+                if state.global_step == last:
+                    marks.append(bench.mark())
+                    bench.sync()
+                    host.append(time.perf_counter())
+
+        # A map-style dataset long enough that the run stays within one epoch.
+        rows = [{"input_ids": x, "labels": x} for x in torch.cat(batches)] * (last + 1)
+        with tempfile.TemporaryDirectory() as tmp:
+            targs = TrainingArguments(
+                output_dir=tmp, max_steps=last, per_device_train_batch_size=len(batches[0]),
+                learning_rate=LR, bf16=self.cuda, torch_compile=compiled,
+                optim="adamw_torch_fused" if self.cuda else "adamw_torch",
+                save_strategy="no", logging_strategy="no", report_to="none", disable_tqdm=True,
+                dataloader_num_workers=0, use_cpu=not self.cuda, seed=self.a.seed)
+            trainer = Trainer(model=model, args=targs, data_collator=collate,
+                              train_dataset=rows, callbacks=[Timer()])
+            trainer.remove_callback(PrinterCallback)  # disable_tqdm adds it: no metrics dict
+            trainer.train()
+            trainer.accelerator.free_memory()
+        return self.measured(marks, host[1] - host[0])
+
+    def guarded(self, row: Row, need: float, fn: Callable[[], Row]) -> None:
+        """Fill `row` from fn(), or skip it (< `need` s left), or keep its error (OOM, API)."""
+        if self.deadline - time.monotonic() < need:
+            row["status"] = "skipped"
+            return
+        try:
+            row.update(status="ok", **fn())
+        except Exception as e:
+            traceback.print_exc(limit=3, file=sys.stderr)
+            row.update(status="error", error=f"{type(e).__name__}: {e}"[:600])
+        finally:  # free this case's models; a fresh model must not meet dynamo's recompile limit
+            gc.collect()
+            torch._dynamo.reset()
+            if self.cuda:
+                torch.cuda.empty_cache()
+
+    def run_case(self, method: str, arm: str, base: nn.Module, family: str, batches: Batches
+                 ) -> Row:
+        names = {n for n, _ in base.named_parameters()}
+        if (select := ARMS[arm]) is not None:
+            plan = compile_plan(base, family, select)
+            if any(tp.mask is not None for tp in plan.tensors.values()):
+                raise ValueError(f"'{select}' trains parts of tensors: only pfreeze can run it")
+            names = set(plan.tensors)
+        b, t = batches[0].shape
+        flops = model_flops(base, family, names, b, t)
+        if method == "pfreeze":
+            m = self.m_pfreeze(base, family, arm, batches)
+        else:
+            model = copy.deepcopy(base).to(self.dev).train()
+            for n, p in model.named_parameters():
+                p.requires_grad_(n in names)
+            run = self.m_plain if method in ("eager", "compiled") else self.m_trainer
+            m = run(model, batches, compiled=method.endswith("compiled"))
+            del model
+        secs = m["step_ms"] / 1e3
+        return {"trainable_params": sum(base.get_parameter(n).numel() for n in names),
+                "tokens_per_s": b * t / secs, "flops_per_step": flops,
+                "mfu": flops / secs / self.peak if self.peak else None, **m}
+
+    def run_shape(self, shape: str) -> None:
+        lm = load_model(SHAPES.get(shape, shape), seed=self.a.seed)
+        for b, t in (map(int, s.split("x")) for s in self.a.batches.split(",")):
+            g = torch.Generator().manual_seed(self.a.seed)
+            batches = [torch.randint(0, lm.model.config.vocab_size, (b, t), generator=g)
+                       for _ in range(4)]  # rotated; on the host, as pfreeze's BatchStream
+            batches = [x.pin_memory() for x in batches] if self.cuda else batches
+            for method in self.a.methods:
+                pf = method == "pfreeze" and self.pf_compile is True
+                need = self.a.compile_reserve if pf or method.endswith("compiled") else 15
+                for arm in ARMS:
+                    row = {"shape": shape, "model": lm.name, "batch": b, "seq": t, "arm": arm,
+                           "method": method}
+                    self.guarded(row, need, lambda m=method, a=arm: self.run_case(
+                        m, a, lm.model, lm.family, batches))  # noqa: B023 (called at once)
+                    self.out["rows"].append(row)
+                    print(_line(row), flush=True)
+                    self.write()
+
+    def run_generation(self) -> None:
+        """New tokens/s of batched top-k sampling (pfreeze's p metric). pfreeze_eager: fp32 weights
+        under autocast (evaluate.py's way); static: transformers compiles the decode step (CUDA)."""
+        a = self.a
+        shape = a.gen_shape or ("smollm2" if self.cuda else "tiny")
+        base = load_model(SHAPES.get(shape, shape), seed=a.seed).model
+        eos = base.config.vocab_size - 1
+        x = torch.randint(0, eos, (a.gen_batch, a.gen_prompt),
+                          generator=torch.Generator().manual_seed(a.seed)).to(self.dev)
+        kw = dict(input_ids=x, attention_mask=torch.ones_like(x), do_sample=True, top_k=50,
+                  max_new_tokens=a.gen_new, min_new_tokens=a.gen_new, pad_token_id=eos,
+                  eos_token_id=eos)
+        for name, bf16, extra in [("pfreeze_eager", False, {}), ("eager_bf16", True, {}),
+                                  ("static_bf16", True, {"cache_implementation": "static"})]:
+            row = {"variant": name, "shape": shape, "batch": a.gen_batch,
+                   "prompt_tokens": a.gen_prompt, "new_tokens": a.gen_new}
+            self.guarded(row, a.compile_reserve if extra else 15,
+                         lambda b=bf16, e=extra: self.sample(base, {**kw, **e}, b))
+            self.out["generation"].append(row)
+            done = (f"{row['new_tokens_per_s']:12,.0f} new tok/s  warm-up {row['warmup_s']:.1f} s"
+                    if row["status"] == "ok" else row.get("error", ""))
+            print(f"gen {shape} {name:14} {row['status']:7} {done}", flush=True)
+            self.write()
+
+    def sample(self, base: nn.Module, kw: Row, bf16: bool) -> Row:
+        model = copy.deepcopy(base).to(self.dev).eval()
+        model = model.to(torch.bfloat16) if bf16 and self.cuda else model
+        a = self.a
+        want = (a.gen_batch, a.gen_prompt + a.gen_new)
+
+        def go() -> float:
+            t0 = time.perf_counter()
+            with torch.no_grad(), self.autocast(on=not bf16):
+                out = model.generate(**kw)
+            self.sync()
+            if tuple(out.shape) != want:
+                raise RuntimeError(f"generate returned {tuple(out.shape)}, expected {want}")
+            return time.perf_counter() - t0
+
+        warm = [go() for _ in range(a.gen_warmup)]
+        secs = statistics.median(go() for _ in range(a.gen_reps))
+        return {"warmup_s": sum(warm), "first_call_s": warm[0] if warm else None,
+                "seconds": secs, "new_tokens_per_s": a.gen_batch * a.gen_new / secs}
+
+    def write(self) -> None:
+        self.out["ratios"] = ratios(self.out["rows"])
+        write_json(self.a.out, self.out)
+
+
+def ratios(rows: list[Row]) -> list[Row]:
+    """pfreeze / peer step time per (shape, batch, arm); frozen / full per method."""
+    ok = {(r["shape"], r["batch"], r["seq"], r["arm"], r["method"]): r["step_ms"]
+          for r in rows if r.get("status") == "ok"}
+    out = []
+    for (s, b, t, arm, meth), ms in ok.items():
+        pf, full = ok.get((s, b, t, arm, "pfreeze")), ok.get((s, b, t, "full", meth))
+        case = {"shape": s, "batch": b, "seq": t, "method": meth}
+        if meth != "pfreeze" and pf:
+            out.append({"kind": "pfreeze/peer", **case, "arm": arm, "step_time_ratio": pf / ms})
+        if arm == "frozen" and full:
+            out.append({"kind": "frozen/full", **case, "arm": "", "step_time_ratio": ms / full})
+    return out
+
+
+HEADER = "shape    batch    arm    method             step ms      tok/s    MFU  peak MiB  warm s"
+
+
+def _line(r: Row) -> str:
+    """One table line per case, under HEADER."""
+    bt = f"{r['batch']}x{r['seq']}"
+    head = f"{r['shape']:8} {bt:8} {r['arm']:6} {r['method']:16}"
+    if r["status"] != "ok":
+        return f"{head} {r['status']}: {r.get('error', '')}"
+    mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
+    mem = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "-"
+    return (f"{head} {r['step_ms']:9.1f} {r['tokens_per_s']:10,.0f} {mfu:>6} {mem:>9}"
+            f" {r['warmup_s']:7.1f}  ok")
+
+
+def _environment(device: str, argv: list[str], peak: float | None) -> Row:
+    try:  # the commit, with "-dirty" when tracked files differ from it
+        git = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"], text=True,
+                             capture_output=True, cwd=Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        git = None
+    return {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "command": " ".join(["python", "-m", "pfreeze.bench", *argv]),
+            "python": sys.version.split()[0], "torch": torch.__version__,
+            "cuda": torch.version.cuda, "transformers": transformers.__version__,
+            "device_name": device, "peak_flops": peak, "git": git}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m pfreeze.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default="smollm2,gpt2", help=f"of {', '.join(SHAPES)}")
+    p.add_argument("--batches", default="32x512,16x256", help="BATCHxSEQ,...")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma list, or none")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per case")
+    p.add_argument("--warmup", type=int, default=5, help="steps before them, timed apart")
+    p.add_argument("--pfreeze-compile", choices=("auto", "on", "off"), help="default: on if CUDA")
+    p.add_argument("--peak-tflops", type=float, help="for MFU (default: 989 on H100/H200)")
+    p.add_argument("--gen", action=argparse.BooleanOptionalAction, default=True, help="runs first")
+    p.add_argument("--gen-shape", help="default: smollm2 on CUDA, tiny on CPU")
+    for name, default in (("batch", 64), ("prompt", 8), ("new", 128), ("warmup", 2), ("reps", 3)):
+        p.add_argument(f"--gen-{name}", type=int, default=default)
+    p.add_argument("--max-seconds", type=float, default=540, help="then skip what is left")
+    p.add_argument("--compile-reserve", type=float, default=100, help="to start a compile")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="bench-results.json")
+    args = p.parse_args(argv)
+    args.methods = [m for m in args.methods.split(",") if m and m != "none"]
+    if bad := set(args.methods) - set(METHODS):
+        p.error(f"unknown method(s) {sorted(bad)}; choose from {', '.join(METHODS)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> Row:
+    argv = sys.argv[1:] if argv is None else argv
+    bench = Bench(parse_args(argv), argv)
+    if bench.a.gen:  # first: it is short, and a time-bounded call should not lose it
+        bench.run_generation()
+    print(HEADER if bench.a.methods else "", flush=True)
+    for shape in bench.a.shapes.split(",") if bench.a.methods else []:
+        bench.run_shape(shape)
+    for r in bench.out["ratios"]:
+        print(f"{r['kind']:13} {r['shape']:8} {r['batch']}x{r['seq']:<5} {r['arm']:6} "
+              f"{r['method']:16} {r['step_time_ratio']:.3f}", flush=True)
+    return bench.out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""pfreeze.bench on the CPU: every method and arm yields a timed row; the FLOP count is right."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pfreeze import bench
+from pfreeze.models import load_model
+from pfreeze.plan import compile_plan
+
+
+def test_train_flops_matches_a_hand_count() -> None:
+    # L=4 blocks, d=8, T=16, N=32 tokens, 100 matrix elements per block, a 50-element head.
+    attn = 2 * 16 * 8 * 32  # causal QK^T + AV of one block: 8192
+    fwd = 2 * (4 * 100 + 50) * 32 + 4 * attn  # 28800 + 32768
+    assert bench.train_flops(4, 8, 16, 32, 100, 50, None, 0) == fwd == 61568
+    assert bench.train_flops(4, 8, 16, 32, 100, 50, 0, 4 * 100 + 50) == 3 * fwd
+    # Blocks 2 and 3 pass gradients back, 30 trainable matrix elements get weight gradients.
+    frozen = fwd + (2 * (2 * 100 + 50) * 32 + 2 * 2 * attn) + 2 * 30 * 32
+    assert bench.train_flops(4, 8, 16, 32, 100, 50, 2, 30) == frozen == 112256
+
+
+def test_model_flops_of_the_tiny_llama() -> None:
+    lm = load_model("random:llama")
+    every = {n for n, _ in lm.model.named_parameters()}
+    full = bench.model_flops(lm.model, lm.family, every, 2, 32)
+    # hidden 64, 4 blocks, 4 heads, 2 kv heads (32 wide), MLP 128, vocab 257 tied.
+    block = 64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 128
+    fwd = 2 * (4 * block + 257 * 64) * 64 + 4 * 2 * 32 * 64 * 64
+    assert full == 3 * fwd
+    qkv = set(compile_plan(lm.model, lm.family, bench.ARMS["frozen"]).tensors)
+    frozen = bench.model_flops(lm.model, lm.family, qkv, 2, 32)
+    assert fwd < frozen < full
+
+
+def _run(tmp_path: Path, *extra: str) -> dict:
+    out = tmp_path / "bench.json"
+    result = bench.main(["--shapes", "tiny", "--batches", "2x32", "--steps", "2", "--warmup",
+                         "1", "--no-gen", "--device", "cpu", "--out", str(out), *extra])
+    data = json.loads(out.read_text())
+    assert len(data["rows"]) == len(result["rows"])
+    return data
+
+
+def test_every_method_and_arm_gets_a_timed_row(tmp_path: Path) -> None:
+    methods = ("pfreeze", "eager", "trainer")
+    data = _run(tmp_path, "--methods", ",".join(methods))
+    rows = {(r["arm"], r["method"]): r for r in data["rows"]}
+    assert set(rows) == {(a, m) for a in ("full", "frozen") for m in methods}
+    for r in rows.values():
+        assert r["status"] == "ok", r.get("error")
+        assert r["step_ms"] > 0 and r["tokens_per_s"] > 0 and len(r["step_ms_all"]) == 2
+        assert r["warmup_s"] > 0 and r["mfu"] is None  # no peak known for a CPU
+    for m in methods:
+        full, frozen = rows[("full", m)], rows[("frozen", m)]
+        assert frozen["trainable_params"] < full["trainable_params"]
+        assert frozen["flops_per_step"] < full["flops_per_step"]
+    kinds = {(r["kind"], r["arm"], r["method"]) for r in data["ratios"]}
+    assert ("frozen/full", "", "trainer") in kinds and ("pfreeze/peer", "frozen", "eager") in kinds
+    assert data["environment"]["command"].startswith("python -m pfreeze.bench --shapes tiny")
+
+
+def test_a_failing_case_and_the_time_bound_are_recorded(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(*args: object, **kw: object) -> None:
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(bench.Bench, "m_plain", boom)
+    rows = _run(tmp_path, "--methods", "eager")["rows"]
+    assert [r["status"] for r in rows] == ["error", "error"]
+    assert "out of memory" in rows[0]["error"]
+    rows = _run(tmp_path, "--methods", "eager,compiled", "--max-seconds", "0")["rows"]
+    assert [r["status"] for r in rows] == ["skipped"] * 4
