@@ -169,56 +169,74 @@ def optimizer_state_bytes(plans: Plan | Iterable[Plan | None], optim: str = "ada
 # --------------------------------------------------------------------------- ΔW tracking
 
 
-@dataclass
-class _Piece:
-    key: str  # "L3.q"
-    tensor: int  # index into Tracker.names
-    dim: int
-    index: torch.Tensor | None  # None: the whole tensor
-
-
 class Tracker:
     """Per step: ‖W_t − W_{t−1}‖_F and ‖W_t − W₀‖_F of every tracked matrix, on the device.
 
-    Fused matrices are split into their q/k/v pieces so every row of the output names one
-    projection of one block. Norms stay on the device; the loop reads them every log interval.
+    Fused matrices are split into their q/k/v pieces so every entry names one projection of
+    one block. Matrices the arm never trains are reported as exact zeros without being read
+    (the integrity audit proves they did not move). Whole matrices go through one foreach
+    norm; norms stay on the device and the loop reads them every log interval.
     """
 
-    def __init__(self, model: nn.Module, infos: dict[str, ParamInfo], names: list[str]) -> None:
+    def __init__(self, model: nn.Module, infos: dict[str, ParamInfo], names: list[str],
+                 trained: set[str] | None = None) -> None:
         params = dict(model.named_parameters())
         g = Geometry.of(model)
-        self.names = [n for n in names if len(infos[n].shape) >= 2]
-        self.params = [params[n] for n in self.names]
+        tracked = [n for n in names if len(infos[n].shape) >= 2]
+        live = [n for n in tracked if trained is None or n in trained]
+        self.params = [params[n] for n in live]
         self.prev = [p.detach().clone() for p in self.params]
         self.w0 = [p.detach().clone() for p in self.params]
-        self.pieces: list[_Piece] = []
-        for i, n in enumerate(self.names):
+        self.keys: list[str] = []
+        self.whole: list[tuple[int, int]] = []  # (output position, live tensor)
+        self.parts: list[tuple[int, int, int, torch.Tensor | slice]] = []  # (pos, tensor, dim, idx)
+        for n in tracked:
             info = infos[n]
             prefix = f"L{info.layer}." if info.layer is not None else f"{n}:"
-            if info.rule.role == "qkv":
-                for r in "qkv":
-                    idx = role_index(info, r, None, g).to(self.params[i].device)
-                    self.pieces.append(_Piece(prefix + r, i, info.rule.dim, idx))
-            else:
-                self.pieces.append(_Piece(prefix + info.rule.role, i, 0, None))
-        self.keys = [pc.key for pc in self.pieces]
+            i = live.index(n) if n in live else None
+            roles = "qkv" if info.rule.role == "qkv" else (info.rule.role,)
+            for r in roles:
+                pos = len(self.keys)
+                self.keys.append(prefix + r)
+                if i is None:
+                    continue
+                if info.rule.role != "qkv":
+                    self.whole.append((pos, i))
+                    continue
+                idx = role_index(info, r, None, g)
+                lo = int(idx[0])
+                # GPT-2's q/k/v are contiguous column blocks: a view, no gather needed.
+                contiguous = torch.equal(idx, torch.arange(lo, lo + len(idx)))
+                sel = slice(lo, lo + len(idx)) if contiguous else idx.to(self.params[i].device)
+                self.parts.append((pos, i, info.rule.dim, sel))
+        device = self.params[0].device if self.params else torch.device("cpu")
+        self._pos_whole = torch.tensor([p for p, _ in self.whole], dtype=torch.long, device=device)
+        self._pos_parts = torch.tensor([p for p, *_ in self.parts], dtype=torch.long, device=device)
+
+    def _norms(self, diffs: list[torch.Tensor]) -> torch.Tensor:
+        device = self._pos_whole.device
+        out = torch.zeros(len(self.keys), device=device)
+        if self.whole:
+            norms = torch._foreach_norm([diffs[i] for _, i in self.whole])
+            out[self._pos_whole] = torch.stack(norms).float()
+        if self.parts:
+            norms = []
+            for _, i, dim, sel in self.parts:
+                d = diffs[i]
+                d = (d.narrow(dim, sel.start, sel.stop - sel.start) if isinstance(sel, slice)
+                     else d.index_select(dim, sel))
+                norms.append(torch.linalg.vector_norm(d))
+            out[self._pos_parts] = torch.stack(norms).float()
+        return out
 
     @torch.no_grad()
     def step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Norms for this step, as two 1-D tensors aligned with self.keys (no host sync)."""
-        cur = [p.detach() for p in self.params]
-        if not cur:
-            z = torch.zeros(0)
+        if not self.params:
+            z = torch.zeros(len(self.keys))
             return z, z
+        cur = [p.detach() for p in self.params]
         d_prev = torch._foreach_sub(cur, self.prev)
         d_0 = torch._foreach_sub(cur, self.w0)
         torch._foreach_copy_(self.prev, cur)
-        out = []
-        for diffs in (d_prev, d_0):
-            norms = []
-            for pc in self.pieces:
-                d = diffs[pc.tensor]
-                d = d if pc.index is None else d.index_select(pc.dim, pc.index)
-                norms.append(torch.linalg.vector_norm(d.float()))
-            out.append(torch.stack(norms))
-        return out[0], out[1]
+        return self._norms(d_prev), self._norms(d_0)

@@ -65,7 +65,9 @@ class BatchStream:
 
     def next(self) -> torch.Tensor:
         starts = torch.randint(0, len(self.ids) - self.block + 1, (self.batch,), generator=self.gen)
-        return self.ids[starts[:, None] + self.offsets]
+        batch = self.ids[starts[:, None] + self.offsets]
+        # Pinned host memory makes the copy to the GPU truly asynchronous.
+        return batch.pin_memory() if torch.cuda.is_available() else batch
 
 
 @dataclass
@@ -79,6 +81,7 @@ class ArmRun:
     scheduler: Any
     tracker: Tracker
     theta0_hash: str
+    step_fn: Any = None  # a compiled wrapper of `model` (same parameters), or None: eager
     pending: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, Any, float | None]] = (
         field(default_factory=list))
     losses: list[float] = field(default_factory=list)
@@ -167,8 +170,10 @@ class Loop:
         self.arms = []
         for acfg in self.cfg.arms:
             strat = make_arm(acfg, family, self.t.max_steps)
-            model = strat.build(base).to(self.device).train()
+            model = strat.build(base)
+            # Hash each copy where it was made (host memory): the proof that all arms share θ₀.
             h = getattr(strat, "theta0_hash", None) or state_hash(model)
+            model = model.to(self.device).train()
             freezer = Freezer(model)
             freezer.apply(strat.first_plan())
             # Every tensor that trains at some step is registered now: flipping requires_grad
@@ -178,10 +183,13 @@ class Loop:
             sched = get_scheduler(self.t.lr_scheduler_type, opt,
                                   num_warmup_steps=self.t.warmup_steps,
                                   num_training_steps=self.t.max_steps)
-            tracker = Tracker(model, infos, tracked if acfg.kind != "lora" else [])
-            if self.compile:
-                model.compile(dynamic=False)
-            self.arms.append(ArmRun(strat, model, freezer, opt, sched, tracker, h))
+            tracker = Tracker(model, infos, tracked if acfg.kind != "lora" else [],
+                              trained=strat.trained_names())
+            # A separate compiled callable for training only: evaluation and generate() use
+            # the eager module, whose changing shapes would otherwise exhaust dynamo's
+            # recompile limit and silently send training back to eager.
+            step_fn = torch.compile(model, dynamic=False) if self.compile else None
+            self.arms.append(ArmRun(strat, model, freezer, opt, sched, tracker, h, step_fn))
 
     # ------------------------------------------------------------------ steps
     def _timer(self) -> Any:
@@ -203,7 +211,7 @@ class Loop:
         micro = batch.to(self.device, non_blocking=True).chunk(self.t.gradient_accumulation_steps)
         for x in micro:
             with autocast(self.device, self.bf16), torch.set_grad_enabled(bool(trainable)):
-                loss = arm.model(input_ids=x, labels=x).loss / len(micro)
+                loss = (arm.step_fn or arm.model)(input_ids=x, labels=x).loss / len(micro)
             if trainable:
                 loss.backward()
             total += loss.detach()
