@@ -28,14 +28,20 @@ class RunFiles:
         self.overwrite = overwrite
         self.samples: list[str] = []
 
-    def start(self, config_yaml: str) -> None:
+    def check_free(self, config_yaml: str) -> None:
+        """Refuse to write into a directory that holds another run (unless overwriting)."""
         old = self.root / "config.yaml"
         if old.exists() and not self.overwrite:
             same = old.read_text(encoding="utf-8") == config_yaml
             raise PfreezeError(
-                f"{self.root} already holds {'a' if same else 'a different'} run",
-                "pass another --output-dir, or --overwrite to replace it",
+                f"{self.root} already holds {'this' if same else 'a different'} run",
+                "pass another --output-dir, --overwrite to replace it"
+                + (", or --resume to continue it" if same else ""),
             )
+
+    def start(self, config_yaml: str) -> None:
+        self.check_free(config_yaml)
+        old = self.root / "config.yaml"
         self.root.mkdir(parents=True, exist_ok=True)
         for stale in ("metrics.jsonl", "summary.json", "samples.txt"):
             (self.root / stale).unlink(missing_ok=True)

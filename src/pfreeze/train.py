@@ -82,8 +82,8 @@ class ArmRun:
     tracker: Tracker
     theta0_hash: str
     step_fn: Any = None  # a compiled wrapper of `model` (same parameters), or None: eager
-    pending: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, Any, float | None]] = (
-        field(default_factory=list))
+    # (step, loss, ΔW norms, W−W₀ norms, timers, memory, lr), read back at the next flush
+    pending: list[tuple[Any, ...]] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     times: list[float] = field(default_factory=list)
     evals: list[tuple[int, float | None, float | None]] = field(default_factory=list)
@@ -222,12 +222,13 @@ class Loop:
             arm.optimizer.step()
             arm.optimizer.zero_grad(set_to_none=True)
             arm.freezer.restore()
+        lr = arm.scheduler.get_last_lr()[0]  # the rate this step used (a host float: no sync)
         arm.scheduler.step()
         end = self._timer()
         mem = (torch.cuda.max_memory_allocated(self.device) / 2**20
                if self.device.type == "cuda" else None)
         dw, dw0 = arm.tracker.step()
-        arm.pending.append((step + 1, total, dw, dw0, (start, end), mem))
+        arm.pending.append((step + 1, total, dw, dw0, (start, end), mem, lr))
         if self.t.integrity_steps and (step + 1) % self.t.integrity_steps == 0:
             check_audit(arm.strategy.name, arm.freezer.audit())
 
@@ -252,7 +253,7 @@ class Loop:
         rows, last = [], {}
         tokens = self.stream.batch * self.stream.block
         for arm in self.arms:
-            for step, loss, dw, dw0, (a, b), mem in arm.pending:
+            for step, loss, dw, dw0, (a, b), mem, lr in arm.pending:
                 secs = a.elapsed_time(b) / 1000 if self.device.type == "cuda" else b - a
                 lv = float(loss)
                 if not math.isfinite(lv) and not arm.diverged:
@@ -264,7 +265,7 @@ class Loop:
                 keys = arm.tracker.keys
                 rows.append({"kind": "train", "step": step, "arm": arm.strategy.name,
                              "loss": lv if math.isfinite(lv) else None,  # JSON has no NaN
-                             "lr": arm.scheduler.get_last_lr()[0], "step_time_s": secs,
+                             "lr": lr, "step_time_s": secs,
                              "tokens_per_s": tokens / secs if secs > 0 else None,
                              "batch_hash": self.batch_hashes[step - 1], "mem_mb": mem,
                              "dw": dict(zip(keys, dw.tolist(), strict=True)),
@@ -336,8 +337,12 @@ class Loop:
 
         resume = resume and checkpoint.exists(self.files.root)
         if not resume:
-            self.files.start(dump_config(self.cfg))
+            self.files.check_free(dump_config(self.cfg))
+        # Read the corpus and load the model before writing anything: bad input must not
+        # leave a half-started run directory that blocks the corrected retry.
         self.setup()
+        if not resume:
+            self.files.start(dump_config(self.cfg))
         self.batch_hashes: list[str] = []
         start = 0
         if resume:
