@@ -209,9 +209,11 @@ class Loop:
         trainable = arm.freezer.trainable()
         total = torch.zeros((), device=self.device)
         micro = batch.to(self.device, non_blocking=True).chunk(self.t.gradient_accumulation_steps)
+        # Not `step_fn or model`: truth-testing a compiled module falls through to len().
+        forward = arm.model if arm.step_fn is None else arm.step_fn
         for x in micro:
             with autocast(self.device, self.bf16), torch.set_grad_enabled(bool(trainable)):
-                loss = (arm.step_fn or arm.model)(input_ids=x, labels=x).loss / len(micro)
+                loss = forward(input_ids=x, labels=x).loss / len(micro)
             if trainable:
                 loss.backward()
             total += loss.detach()
