@@ -9,10 +9,11 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -31,16 +32,16 @@ def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks."
 
 @app.command()
 def run(
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config.")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option(
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config.")] = None,
+    set_: Annotated[list[str] | None, typer.Option(
         "--set", help="Override a config value: key.path=value (repeatable).")] = None,
-    output_dir: Annotated[Optional[Path], typer.Option("--output-dir", "-o")] = None,
-    corpus: Annotated[Optional[str], typer.Option(
+    output_dir: Annotated[Path | None, typer.Option("--output-dir", "-o")] = None,
+    corpus: Annotated[str | None, typer.Option(
         "--corpus", help="Text file or gutenberg:<id> (same as --set data.corpus=...).")] = None,
-    model: Annotated[Optional[str], typer.Option(
+    model: Annotated[str | None, typer.Option(
         "--model", help="smollm2-135m, an HF id/dir, or random:<family>.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a run already in --output-dir.")] = False,
-    resume: Annotated[Optional[Path], typer.Option(
+    resume: Annotated[Path | None, typer.Option(
         "--resume", help="Continue the run in this directory from its last checkpoint.")] = None,
     no_report: Annotated[bool, typer.Option("--no-report", help="Skip the report.")] = False,
 ) -> None:
@@ -66,8 +67,10 @@ def run(
     from pfreeze.train import run as run_experiment
 
     arms = ", ".join(a.name or a.kind for a in cfg.arms)
-    console.print(f"[bold]pfreeze[/] {cfg.model.name} on {cfg.data.corpus}: arms {arms}, "
-                  f"{cfg.training.max_steps} steps -> {cfg.output_dir}")
+    # User text (paths, names, selectors) is escaped: rich would eat `[x]` or choke on `[/x]`.
+    console.print(f"[bold]pfreeze[/] {escape(cfg.model.name)} on {escape(cfg.data.corpus)}: "
+                  f"arms {escape(arms)}, {cfg.training.max_steps} steps -> "
+                  f"{escape(cfg.output_dir)}")
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), TextColumn("{task.fields[losses]}"),
                   console=console, transient=False) as progress:
@@ -84,18 +87,21 @@ def run(
         from pfreeze.report import render_report
 
         written = render_report(Path(cfg.output_dir))
-        console.print(f"report: {written.get('html', Path(cfg.output_dir) / 'report.html')}")
+        html = written.get("html", Path(cfg.output_dir) / "report.html")
+        console.print(f"report: {escape(str(html))}")
 
 
 def _print_summary(summary: dict) -> None:
-    table = Table(title="pfreeze summary")
-    for col in ("arm", "trainable", "median step s", "last loss", "val before→after", "p before→after"):
-        table.add_column(col)
+    # Short headers keep the numbers whole on an 80-column terminal (rich squeezes wide tables).
+    table = Table(title="pfreeze summary",
+                  caption="step s: median seconds per step; val loss and p: before→after")
+    for col in ("arm", "trainable", "step s", "last loss", "val loss", "p"):
+        table.add_column(col, no_wrap=col != "arm")
     for name, a in summary["arms"].items():
         def f(x: float | None, fmt: str = ".3f") -> str:
             return "—" if x is None else format(x, fmt)
 
-        table.add_row(name, f"{a['trainable_params']:,}", f(a["median_step_time_s"]),
+        table.add_row(escape(name), f"{a['trainable_params']:,}", f(a["median_step_time_s"]),
                       f(a["last_loss"]), f"{f(a['val_loss_before'])}→{f(a['val_loss_after'])}",
                       f"{f(a['p_before']['mean'])}→{f(a['p_after']['mean'])}")
     console.print(table)
@@ -103,7 +109,8 @@ def _print_summary(summary: dict) -> None:
 
 @app.command()
 def plan(
-    model: Annotated[str, typer.Option("--model", "-m", help="Model to plan against.")] = "random:gpt2",
+    model: Annotated[str, typer.Option(
+        "--model", "-m", help="Model to plan against.")] = "random:gpt2",
     select: Annotated[str, typer.Option("--select", "-s", help="Selector (see README).")] = (
         "layers=50%: roles=q,k,v"),
     all_rows: Annotated[bool, typer.Option("--all", help="List frozen tensors too.")] = False,
@@ -114,18 +121,20 @@ def plan(
 
     lm = load_model(model)
     p = compile_plan(lm.model, lm.family, select)
-    table = Table(title=f"{model} ({lm.family}): {select}")
+    table = Table(title=escape(f"{model} ({lm.family}): {select}"))
     for col in ("tensor", "shape", "trainable / total", "how"):
         table.add_column(col, overflow="fold")
     for r in plan_rows(p):
         if r["trainable"] or all_rows:
-            table.add_row(str(r["name"]), "×".join(map(str, r["shape"])),  # type: ignore[arg-type]
-                          f"{r['trainable']:,} / {r['total']:,}", str(r["how"]))
+            shape = "×".join(map(str, r["shape"]))  # type: ignore[call-overload]
+            table.add_row(escape(str(r["name"])), shape,
+                          f"{r['trainable']:,} / {r['total']:,}", escape(str(r["how"])))
     Console().print(table)
     trainable, total = p.trainable, p.total
     adam_bytes = 2 * 4 * sum(t.total for t in p.tensors.values())
-    Console().print(f"trainable: {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)"
-                    f" in {len(p.tensors)} tensors; AdamW state: {adam_bytes / 2**20:.1f} MiB")
+    Console().print(f"trainable: {trainable:,} of {total:,} parameters "
+                    f"({100 * trainable / total:.2f}%) in {len(p.tensors)} tensors; "
+                    f"AdamW state: {adam_bytes / 2**20:.1f} MiB")
 
 
 @app.command()
@@ -135,7 +144,7 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A pfreeze run's output_
 
     written = render_report(run_dir)
     for kind, path in written.items():
-        console.print(f"{kind}: {path}")
+        console.print(f"{kind}: {escape(str(path))}")
 
 
 def main() -> None:
@@ -145,7 +154,7 @@ def main() -> None:
     except PfreezeError as e:
         if _state["debug"]:
             raise
-        console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         console.print("interrupted")

@@ -44,9 +44,12 @@ def fixed_windows(ids: Sequence[int], block: int, count: int) -> torch.Tensor:
     """`count` windows of `block` tokens spread evenly over `ids` (deterministic)."""
     span = block
     n_fit = len(ids) // span
-    if n_fit == 0:
+    k = min(count, n_fit)
+    if k <= 0:
         return torch.zeros(0, span, dtype=torch.long)
-    picks = sorted({round(i * (n_fit - 1) / max(count - 1, 1)) for i in range(min(count, n_fit))})
+    # Window i of k sits at round(i * (n_fit - 1) / (k - 1)), in integers: k <= n_fit makes the
+    # spacing >= 1, so the k picks are distinct (asking for more than fit returns all of them).
+    picks = [(2 * i * (n_fit - 1) + (k - 1)) // (2 * (k - 1)) if k > 1 else 0 for i in range(k)]
     t = torch.tensor(ids[: n_fit * span], dtype=torch.long).view(n_fit, span)
     return t[picks]
 
@@ -99,10 +102,12 @@ def generate_samples(model: nn.Module, tokenizer, cfg: GenerationConfig, top_set
         ids = tokenizer.encode(prompt) or [eos if eos is not None else 0]
         x = torch.tensor([ids] * cfg.samples_per_prompt, device=device)
         seed = cfg.seed + 1000 * pi
-        torch.manual_seed(seed)  # generate() samples from the global generator
-        if device.type == "cuda":
-            torch.cuda.manual_seed_all(seed)
-        with autocast(device, bf16):
+        # generate() samples from the global generator: seed it inside fork_rng so that
+        # sampling never changes the random state the caller (training) sees afterwards.
+        cuda = [device.index if device.index is not None else torch.cuda.current_device()
+                ] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda), autocast(device, bf16):
+            torch.manual_seed(seed)
             gen = model.generate(
                 input_ids=x, attention_mask=torch.ones_like(x), do_sample=True,
                 temperature=cfg.temperature, top_k=cfg.top_k or 0, top_p=1.0,
@@ -110,7 +115,8 @@ def generate_samples(model: nn.Module, tokenizer, cfg: GenerationConfig, top_set
                 pad_token_id=eos if eos is not None else 0, eos_token_id=eos,
             )
         for si, row in enumerate(gen[:, len(ids):].tolist()):
-            out.append(Sample(prompt, seed, si, tokenizer.decode(row), row, top_share(row, top_set)))
+            out.append(Sample(prompt, seed, si, tokenizer.decode(row), row,
+                              top_share(row, top_set)))
     model.train(was_training)
     return out
 

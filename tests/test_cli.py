@@ -1,0 +1,209 @@
+"""The `pfreeze` command as a user runs it: run, plan, report, and one-line errors (exit 2)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import TINY
+from typer.testing import CliRunner
+
+from pfreeze.cli import app
+from pfreeze.errors import PfreezeError
+
+EXE = Path(sys.executable).with_name("pfreeze")
+PFREEZE = [str(EXE)] if EXE.exists() else [sys.executable, "-m", "pfreeze.cli"]
+
+
+def pfreeze(*args: str | Path, columns: int = 200) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "COLUMNS": str(columns), "NO_COLOR": "1"}
+    return subprocess.run([*PFREEZE, *map(str, args)], capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+def sets(*items: str) -> list[str]:
+    return [x for item in items for x in ("--set", item)]
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess[str], needle: str) -> str:
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out
+    assert "Traceback" not in out, out
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, out
+    assert proc.stderr.rstrip().endswith(errors[0]), "the error is the last thing printed"
+    assert needle in errors[0], errors[0]
+    return errors[0]
+
+
+# --------------------------------------------------------------------------- run, report
+
+CLI_STEPS = 4  # with eval_steps=2: evaluation at 0, 2 and 4 (the end, not twice)
+
+
+@pytest.fixture(scope="module")
+def cli_run(corpus_file: Path, tmp_path_factory: pytest.TempPathFactory
+            ) -> tuple[Path, list[str], subprocess.CompletedProcess[str]]:
+    out = tmp_path_factory.mktemp("cli") / "run"
+    tiny = [s for s in TINY if not s.startswith("model.name=")]
+    args = ["run", "--model", "random:gpt2", "--corpus", str(corpus_file), "-o", str(out),
+            *sets(*tiny, f"training.max_steps={CLI_STEPS}", "training.logging_steps=3",
+                  "arms=[{kind: full}, {kind: plan, name: qkv-upper-half}]")]
+    return out, args, pfreeze(*args, columns=80)  # a plain terminal's width
+
+
+def test_cli_run_writes_the_run_directory(cli_run) -> None:
+    out, _, proc = cli_run
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "report:" in proc.stderr
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "samples.txt", "report.md",
+                 "report.html", "loss.png", "arms/full/trained.safetensors",
+                 "arms/qkv-upper-half/trained.safetensors"):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "finished"
+    assert list(summary["arms"]) == ["full", "qkv-upper-half"]
+    assert summary["arms"]["qkv-upper-half"]["trainable_params"] == 24_960
+    assert summary["config"]["training"]["max_steps"] == CLI_STEPS
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    for arm in summary["arms"]:
+        assert [r["step"] for r in rows if r["kind"] == "train" and r["arm"] == arm] == [1, 2, 3, 4]
+        assert [r["step"] for r in rows if r["kind"] == "eval" and r["arm"] == arm] == [0, 2, 4]
+    # The closing table shows the key numbers whole, even 80 columns wide.
+    for a in summary["arms"].values():
+        assert f"{a['val_loss_before']:.3f}→{a['val_loss_after']:.3f}" in proc.stderr
+        assert f"{a['p_before']['mean']:.3f}→{a['p_after']['mean']:.3f}" in proc.stderr
+    report = (out / "report.md").read_text()
+    assert summary["theta0_hash"] in report
+    assert "qkv-upper-half" in report and "full" in report
+
+
+def test_cli_report_rerenders_an_existing_run(cli_run) -> None:
+    out, _, proc = cli_run
+    assert proc.returncode == 0
+    for name in ("report.md", "report.html", "loss.png"):
+        (out / name).unlink()
+    again = pfreeze("report", out)
+    assert again.returncode == 0, again.stdout + again.stderr
+    for name in ("report.md", "report.html", "loss.png"):
+        assert (out / name).is_file(), name
+    assert "md:" in again.stderr and "html:" in again.stderr
+
+
+def test_cli_refuses_to_overwrite_an_existing_run(cli_run) -> None:
+    out, args, proc = cli_run
+    assert proc.returncode == 0
+    before = (out / "summary.json").read_bytes()
+    assert "--overwrite" in assert_one_line_error(pfreeze(*args), "already holds")
+    assert (out / "summary.json").read_bytes() == before, "the old run must be left intact"
+
+
+def test_cli_report_of_a_folder_without_a_run(tmp_path: Path) -> None:
+    assert_one_line_error(pfreeze("report", tmp_path), "no pfreeze run")
+
+
+# --------------------------------------------------------------------------- plan
+
+
+def invoke(*args: str):
+    result = CliRunner().invoke(app, list(args), env={"COLUMNS": "200", "NO_COLOR": "1"})
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_cli_plan_lists_c_attn_of_the_upper_blocks_and_totals() -> None:
+    out = invoke("plan", "--model", "random:gpt2")
+    for layer in (2, 3):
+        for what in ("weight", "bias"):
+            assert f"transformer.h.{layer}.attn.c_attn.{what}" in out
+    assert "transformer.h.0.attn.c_attn" not in out  # frozen rows are hidden without --all
+    m = re.search(r"trainable: ([\d,]+) of ([\d,]+) parameters \(([\d.]+)%\) in (\d+) tensors", out)
+    assert m, out
+    trainable, total = (int(g.replace(",", "")) for g in m.group(1, 2))
+    assert (trainable, total, int(m.group(4))) == (24_960, 249_280, 4)
+    assert float(m.group(3)) == pytest.approx(100 * 24_960 / 249_280, abs=0.01)
+
+
+def test_cli_plan_all_and_partial_heads() -> None:
+    out = invoke("plan", "--model", "random:gpt2", "--select", "layers=0 roles=q heads=1", "--all")
+    assert "transformer.h.3.mlp.c_fc.weight" in out  # --all lists frozen tensors too
+    # One query head of block 0: 16 of the 192 columns of c_attn's weight (64 rows) and bias.
+    assert re.search(r"trainable: 1,040 of 249,280 parameters", out), out
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@pytest.fixture
+def run_args(corpus_file: Path, tmp_path: Path) -> Callable[..., list[str]]:
+    def make(*extra: str) -> list[str]:
+        tiny = [s for s in TINY if not s.startswith("model.name=")]
+        return ["run", "--model", "random:gpt2", "--corpus", str(corpus_file),
+                "-o", str(tmp_path / "out"), "--no-report", *sets(*tiny), *extra]
+
+    return make
+
+
+def test_error_unknown_config_key_suggests_the_right_one(run_args) -> None:
+    msg = assert_one_line_error(pfreeze(*run_args("--set", "training.learnig_rate=1e-3")),
+                                "unknown config key 'training.learnig_rate'")
+    assert "did you mean 'learning_rate'" in msg
+
+
+def test_error_yaml_syntax(run_args, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("training:\n  max_steps: [3\n  learning_rate: 1\n")
+    assert_one_line_error(pfreeze(*run_args("--config", str(bad))), "YAML syntax error at line")
+
+
+def test_error_negative_learning_rate(run_args) -> None:
+    msg = assert_one_line_error(pfreeze(*run_args("--set", "training.learning_rate=-1")),
+                                "'training.learning_rate'")
+    assert "greater than 0" in msg
+
+
+def test_error_set_without_equals(run_args) -> None:
+    assert_one_line_error(pfreeze(*run_args("--set", "training.max_steps")), "has no '='")
+
+
+def test_error_config_path_with_brackets_is_printed_verbatim(run_args, tmp_path: Path) -> None:
+    # rich markup would swallow "[bold]" and crash on "[/x]" if the message were not escaped.
+    missing = tmp_path / "[bold]a[/x].yaml"
+    msg = assert_one_line_error(pfreeze(*run_args("--config", str(missing))), "not found")
+    assert str(missing) in msg
+
+
+def test_error_selector_matching_nothing(run_args) -> None:
+    proc = pfreeze(*run_args("--set", "arms=[{kind: full}, {kind: plan, select: 're=nothing.*'}]"))
+    assert_one_line_error(proc, "matches no parameter")
+
+
+def test_error_unknown_random_family(run_args) -> None:
+    msg = assert_one_line_error(pfreeze(*run_args("--model", "random:gpt3")),
+                                "unknown random model family 'gpt3'")
+    assert "random:gpt2" in msg
+
+
+def test_error_missing_corpus(run_args, tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-book.txt"
+    assert_one_line_error(pfreeze(*run_args("--corpus", str(missing))), "does not exist")
+
+
+def test_plan_with_a_bad_selector_raises_a_pfreeze_error() -> None:
+    # In-process (main() turns this into the one-line exit-2 error tested above).
+    result = CliRunner().invoke(app, ["plan", "--model", "random:gpt2", "--select", "roles=qq"])
+    assert isinstance(result.exception, PfreezeError)
+    assert "unknown role 'qq'" in str(result.exception)
+
+
+def test_a_failed_start_does_not_block_the_corrected_retry(run_args, tmp_path: Path) -> None:
+    assert pfreeze(*run_args("--model", "random:gpt3")).returncode == 2
+    retry = pfreeze(*run_args("--set", "training.max_steps=1"))
+    assert retry.returncode == 0, retry.stderr
