@@ -413,7 +413,7 @@ class Loop:
         vals = [(s, v) for s, v, _ in arm.evals if v is not None]
         best = min(vals, key=lambda sv: sv[1]) if vals else (None, None)
         total_time = sum(arm.times)
-        tokens = self.stream.batch * self.stream.block * len(arm.times)
+        median = statistics.median(arm.times) if arm.times else None
         return {
             "kind": arm.strategy.cfg.kind,
             "description": arm.strategy.describe(),
@@ -423,8 +423,11 @@ class Loop:
             "theta0_hash": arm.theta0_hash,
             "steps": len(arm.losses),
             "total_time_s": total_time,
-            "median_step_time_s": statistics.median(arm.times) if arm.times else None,
-            "tokens_per_s": tokens / total_time if total_time else None,
+            "median_step_time_s": median,
+            # Steady state: compilation and warm-up land in the first step, reported apart.
+            "tokens_per_s": self.stream.batch * self.stream.block / median if median else None,
+            "first_step_time_s": arm.times[0] if arm.times else None,
+            "compiled": self.compile,
             "mean_loss": _finite(statistics.fmean(arm.losses)) if arm.losses else None,
             "last_loss": _finite(arm.losses[-1]) if arm.losses else None,
             "val_loss_before": arm.evals[0][1],
