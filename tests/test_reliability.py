@@ -64,3 +64,25 @@ def test_every_torch_load_is_weights_only() -> None:
     assert calls, "expected the checkpoint loader to use torch.load"
     for name, call in calls:
         assert "weights_only=True" in call, f"{name}: {call}"
+
+
+def test_batch_larger_than_the_corpus_is_refused(corpus: Path, tmp_path: Path) -> None:
+    cfg = _cfg(corpus, "training.per_device_train_batch_size=512")
+    with pytest.raises(PfreezeError, match="larger than the whole training text"):
+        run(cfg, tmp_path / "out")
+    assert not (tmp_path / "out" / "config.yaml").exists()  # nothing half-started
+
+
+def test_zero_steps_is_a_config_error(corpus: Path) -> None:
+    with pytest.raises(PfreezeError, match="training.max_steps"):
+        _cfg(corpus, "training.max_steps=0")
+
+
+def test_unknown_model_offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from pfreeze.models import load_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty cache: nothing to fall back on
+    with pytest.raises(PfreezeError, match="cannot load model 'no-such-org/no-such-model'") as e:
+        load_model("no-such-org/no-such-model")
+    assert "random:<family>" in str(e.value)

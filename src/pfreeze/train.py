@@ -60,6 +60,13 @@ class BatchStream:
                 f"(data.block_size={block})",
                 "use a longer corpus or a smaller data.block_size",
             )
+        if batch * block > len(self.ids):
+            raise PfreezeError(
+                f"one batch ({batch} windows x {block} tokens) is larger than the whole "
+                f"training text ({len(self.ids)} tokens)",
+                "lower training.per_device_train_batch_size or data.block_size, or use a "
+                "longer corpus",
+            )
         self.gen = torch.Generator().manual_seed(seed)
         self.offsets = torch.arange(block)
 
@@ -290,6 +297,8 @@ class Loop:
             if arm.diverged:
                 arm.evals.append((step, None, None))
                 continue
+            if arm.stopped:  # early-stopped: unchanged since its last evaluation
+                continue
             if shared is None or not self._shared_theta0(step):
                 val = mean_loss(arm.model, self.val_windows, bs, self.device, self.bf16)
                 tr = mean_loss(arm.model, self.train_windows, bs, self.device, self.bf16)
@@ -372,6 +381,8 @@ class Loop:
                 checkpoint.save(self, done, {"p_before": p_before, "samples": self.files.samples})
             if self.on_step:
                 self.on_step(done, last)
+            if all(a.stopped for a in self.arms):
+                break
         wall = time.perf_counter() - t_start
         self.evaluate(self.t.max_steps)
         p_after = self.sample_all("after")

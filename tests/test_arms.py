@@ -1,0 +1,158 @@
+"""Arms beyond full/plan: schedules (t0, gradual, LISA), LoRA, SNR, repeats, best point."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pfreeze import train as train_mod
+from pfreeze.arms import make_arm
+from pfreeze.config import LisaArm, UnfreezeArm, load_config
+from pfreeze.models import load_model
+from pfreeze.outputs import RunFiles
+from pfreeze.rank import snr_score, snr_scores, top_selector
+from pfreeze.train import Loop, run
+
+BASE = ["model.name=random:llama", "data.block_size=32", "training.logging_steps=1",
+        "training.learning_rate=1e-2", "generation.max_new_tokens=4",
+        "generation.samples_per_prompt=1", "generation.prompts=[Call me]"]
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    p = tmp_path / "text.txt"
+    p.write_text("Call me Ishmael. Some years ago, never mind how long precisely. " * 80)
+    return p
+
+
+def _cfg(corpus: Path, *extra: str):
+    return load_config(None, [*BASE, f"data.corpus={corpus}", *extra])
+
+
+def _rows(out: Path, arm: str) -> list[dict]:
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["kind"] == "train" and r["arm"] == arm]
+
+
+def test_t0_arm_is_frozen_before_t0_and_trains_after(corpus: Path, tmp_path: Path) -> None:
+    cfg = _cfg(corpus, "training.max_steps=6", "training.eval_steps=6",
+               "arms=[{kind: schedule, name: t0, "
+               "phases: [{start: 3, select: 'layers=3: roles=q'}]}]")
+    summary = run(cfg, tmp_path / "out")
+    rows = _rows(tmp_path / "out", "t0")
+    # Steps 1-3 are t < t0 = 3 (0-based): nothing may move, bit for bit.
+    assert [r["dw0"]["L3.q"] for r in rows[:3]] == [0.0, 0.0, 0.0]
+    assert all(r["dw"]["L3.q"] > 0 for r in rows[3:])
+    assert all(r["dw0"][k] == 0.0 for r in rows for k in r["dw0"] if k != "L3.q")
+    arm = summary["arms"]["t0"]
+    assert arm["trainable_params"] == 64 * 64 and arm["integrity"]["ok"]
+
+
+def test_gradual_unfreeze_phases_by_hand() -> None:
+    cfg = UnfreezeArm(name="u", every=2, start_layers=1, within="roles=q")
+    phases = make_arm(cfg, "llama", max_steps=6).phases(n_layers=4)
+    assert phases == [(0, "layers=-1: roles=q"), (2, "layers=-2: roles=q"),
+                      (4, "layers=-3: roles=q")]
+
+
+def test_lisa_picks_the_seeded_blocks() -> None:
+    cfg = LisaArm(name="lisa", gamma=2, interval=5, seed=7, always="roles=norm")
+    phases = make_arm(cfg, "llama", max_steps=12).phases(n_layers=6)
+    gen = torch.Generator().manual_seed(7)
+    expected = []
+    for start in (0, 5, 10):
+        blocks = sorted(torch.randperm(6, generator=gen)[:2].tolist())
+        expected.append((start, f"layers={blocks[0]},{blocks[1]}; roles=norm"))
+    assert phases == expected
+    other = make_arm(cfg.model_copy(update={"seed": 8}), "llama", max_steps=12).phases(6)
+    assert other != phases
+
+
+def test_lora_keeps_base_bit_identical_and_adapter_reloads(corpus: Path, tmp_path: Path) -> None:
+    from peft import PeftModel
+
+    cfg = _cfg(corpus, "training.max_steps=3", "training.eval_steps=3",
+               "arms=[{kind: lora, select: 'roles=q,v', r: 4}]")
+    loop = Loop(cfg, RunFiles(tmp_path / "out"))
+    summary = loop.run()
+    arm = summary["arms"]["lora"]
+    base_total = load_model("random:llama", seed=cfg.training.seed).model
+    n_base = sum(p.numel() for p in base_total.parameters())
+    assert arm["integrity"]["ok"] and arm["integrity"]["checked_elements"] == n_base
+    assert arm["trainable_params"] == 4 * 2 * (64 + 64) + 4 * 2 * (64 + 32)  # q: 64x64, v: 32x64
+    trained = loop.arms[0].model.eval()
+    fresh = load_model("random:llama", seed=cfg.training.seed).model
+    reloaded = PeftModel.from_pretrained(fresh, str(tmp_path / "out" / "arms" / "lora" / "adapter"))
+    x = torch.arange(20).view(1, 20)
+    with torch.no_grad():
+        assert torch.equal(trained(input_ids=x).logits, reloaded.eval()(input_ids=x).logits)
+        base_logits = load_model("random:llama", seed=cfg.training.seed).model(input_ids=x).logits
+    assert not torch.equal(base_logits, trained(input_ids=x).logits)  # the adapter did train
+
+
+def test_snr_score_matches_a_hand_computation() -> None:
+    s = np.array([10.0, 5.0, 1.0, 0.9, 0.8, 0.7, 0.6, 0.5])
+    rng = np.random.default_rng(0)
+    u, _ = np.linalg.qr(rng.normal(size=(8, 8)))
+    v, _ = np.linalg.qr(rng.normal(size=(8, 8)))
+    w = torch.tensor(u @ np.diag(s) @ v.T, dtype=torch.float32)
+    # By hand: quartiles of s (linear interpolation) 0.675 and 2.0; noise std IQR/1.349;
+    # square matrix: beta = 1, threshold = 2 * sigma ~= 1.964; signal = 10 + 5 = 15;
+    # noise = 1 + 0.9 + ... + 0.5 = 4.5.
+    q1, q3 = np.percentile(s, [25, 75])
+    assert (q1, q3) == pytest.approx((0.675, 2.0))
+    tau = (q3 - q1) / 1.349 * 2
+    assert 1.0 < tau < 5.0
+    snr, score = snr_score(w)
+    assert snr == pytest.approx(15 / 4.5, rel=1e-4)
+    assert score == pytest.approx(15 / 4.5 / 10, rel=1e-4)
+
+
+def test_snr_selector_takes_the_top_share_per_matrix_type() -> None:
+    lm = load_model("random:gpt2")
+    scores = snr_scores(lm.model, lm.family, roles={"q", "k", "v", "o"})
+    assert {m.role for m in scores} == {"q", "k", "v", "o"} and len(scores) == 16
+    sel = top_selector(scores, 25)  # 4 blocks per type: the best one of each
+    assert len(sel.split("; ")) == 4
+    best_q = max((m for m in scores if m.role == "q"), key=lambda m: m.score)
+    assert f"re={best_q.name.replace('.', chr(92) + '.')} roles=q" in sel
+
+
+def test_repeats_give_n_rows_per_arm_and_paired_differences(corpus: Path, tmp_path: Path) -> None:
+    cfg = _cfg(corpus, "training.max_steps=2", "training.eval_steps=2", "repeats=2",
+               "arms=[{kind: full}, {kind: plan, select: 'layers=3: roles=q'}]")
+    agg = run(cfg, tmp_path / "out")
+    s0 = json.loads((tmp_path / "out" / "repeat-0" / "summary.json").read_text())
+    s1 = json.loads((tmp_path / "out" / "repeat-1" / "summary.json").read_text())
+    assert s0["theta0_hash"] != s1["theta0_hash"]  # seed + r re-initialises the random model
+    for arm in ("full", "plan"):
+        fig = agg["arms"][arm]["figures"]["last_loss"]
+        assert fig["n"] == 2
+        assert fig["values"] == [s0["arms"][arm]["last_loss"], s1["arms"][arm]["last_loss"]]
+    diff = agg["arms"]["plan"]["vs_reference"]["last_loss"]["values"]
+    assert diff == pytest.approx([s["arms"]["plan"]["last_loss"] - s["arms"]["full"]["last_loss"]
+                                  for s in (s0, s1)])
+    assert "Paired difference" in (tmp_path / "out" / "repeats.md").read_text()
+
+
+def test_early_stopping_keeps_the_best_weights(corpus: Path, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # Scripted held-out losses per evaluation (steps 0, 1, 2, 3): best at step 1, then worse.
+    script = iter([5.0, 5.0, 4.0, 4.0, 4.5, 4.5, 4.6, 4.6, 9.0, 9.0])
+    monkeypatch.setattr(train_mod, "mean_loss", lambda *a, **k: next(script))
+    cfg = _cfg(corpus, "training.max_steps=8", "training.eval_steps=1",
+               "training.early_stopping_patience=2", "training.keep_best=true",
+               "arms=[{kind: full}]")
+    summary = run(cfg, tmp_path / "out")
+    arm = summary["arms"]["full"]
+    assert arm["status"].startswith("early stop at step 3")
+    assert arm["steps"] == 3 and arm["val_loss_best"] == 4.0 and arm["val_loss_best_step"] == 1
+    best = load_file(str(tmp_path / "out" / "arms" / "full" / "best.safetensors"))
+    last = load_file(str(tmp_path / "out" / "arms" / "full" / "trained.safetensors"))
+    assert best.keys() == last.keys()
+    assert any(not torch.equal(best[k], last[k]) for k in best)
