@@ -207,3 +207,19 @@ def test_a_failed_start_does_not_block_the_corrected_retry(run_args, tmp_path: P
     assert pfreeze(*run_args("--model", "random:gpt3")).returncode == 2
     retry = pfreeze(*run_args("--set", "training.max_steps=1"))
     assert retry.returncode == 0, retry.stderr
+
+
+def test_rank_prints_matrices_and_a_selector_that_compiles() -> None:
+    from pfreeze.models import load_model
+    from pfreeze.plan import compile_plan
+
+    result = CliRunner().invoke(app, ["rank", "--model", "random:gpt2", "--roles", "q,k,v,o",
+                                      "--top", "25"])
+    assert result.exit_code == 0, result.output
+    assert "random:gpt2" in result.output and "c_attn" in result.output
+    selector = result.output.split("selector:")[1].replace("\n", "").strip()
+    lm = load_model("random:gpt2")
+    plan = compile_plan(lm.model, lm.family, selector)
+    # The best 25% of 4 blocks is one matrix per type: a 64x64 q, k and v slice of a c_attn
+    # (by role, not the whole fused matrix) and one 64x64 c_proj.
+    assert plan.trainable == 4 * 64 * 64

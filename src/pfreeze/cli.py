@@ -21,7 +21,8 @@ from pfreeze.errors import PfreezeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Targeted fine-tuning with precision freezing, measured side by side.")
-console = Console(stderr=True)
+console = Console(stderr=True, emoji=False)  # `random:llama:` must not become an emoji
+out = Console(emoji=False)
 _state = {"debug": False}
 
 
@@ -81,7 +82,14 @@ def run(
             progress.update(task, completed=step, **({"losses": shown} if shown else {}))
 
         summary = run_experiment(cfg, cfg.output_dir, overwrite=overwrite, on_step=on_step,
-                                 resume=resume is not None)
+                                 resume=resume is not None,
+                                 command=" ".join(["pfreeze", *sys.argv[1:]]))
+    if cfg.repeats > 1:
+        from pfreeze.repeats import render_markdown
+
+        out.print(render_markdown(summary))
+        console.print(f"repeats: {escape(str(Path(cfg.output_dir) / 'repeats.md'))}")
+        return
     _print_summary(summary)
     if not no_report:
         from pfreeze.report import render_report
@@ -116,6 +124,7 @@ def plan(
     all_rows: Annotated[bool, typer.Option("--all", help="List frozen tensors too.")] = False,
 ) -> None:
     """Print what a selector trains: per tensor, trainable elements, and totals."""
+    from pfreeze.masking import optimizer_state_bytes
     from pfreeze.models import load_model
     from pfreeze.plan import compile_plan, plan_rows
 
@@ -129,12 +138,36 @@ def plan(
             shape = "×".join(map(str, r["shape"]))  # type: ignore[call-overload]
             table.add_row(escape(str(r["name"])), shape,
                           f"{r['trainable']:,} / {r['total']:,}", escape(str(r["how"])))
-    Console().print(table)
+    out.print(table)
     trainable, total = p.trainable, p.total
-    adam_bytes = 2 * 4 * sum(t.total for t in p.tensors.values())
-    Console().print(f"trainable: {trainable:,} of {total:,} parameters "
+    adam_bytes = optimizer_state_bytes(p, "adamw")
+    out.print(f"trainable: {trainable:,} of {total:,} parameters "
                     f"({100 * trainable / total:.2f}%) in {len(p.tensors)} tensors; "
                     f"AdamW state: {adam_bytes / 2**20:.1f} MiB")
+
+
+@app.command()
+def rank(
+    model: Annotated[str, typer.Option("--model", "-m", help="Model to rank.")] = "random:gpt2",
+    roles: Annotated[str, typer.Option(help="Matrix roles to score.")] = "q,k,v,o,mlp",
+    top: Annotated[float, typer.Option(help="Show the selector for the top X% per type.")] = 25,
+    limit: Annotated[int, typer.Option(help="Rows to print (0: all).")] = 40,
+) -> None:
+    """Rank weight matrices by SNR score (data-free, Spectrum-style); print a selector."""
+    from pfreeze.models import load_model
+    from pfreeze.rank import snr_scores, top_selector
+
+    lm = load_model(model)
+    scores = snr_scores(lm.model, lm.family, set(roles.split(",")) if roles else None)
+    table = Table(title=escape(f"{model}: matrices by SNR / sigma_max"))
+    for col in ("#", "matrix", "type", "shape", "SNR", "score"):
+        table.add_column(col)
+    for i, m in enumerate(scores[: limit or None], 1):
+        table.add_row(str(i), escape(m.name), m.role, "×".join(map(str, m.shape)),
+                      f"{m.snr:.3g}", f"{m.score:.3g}")
+    out.print(table)
+    out.print(f"top {top:g}% per type, as an arm: {{kind: snr, top_percent: {top:g}}}; "
+                    f"selector:\n{escape(top_selector(scores, top))}", soft_wrap=True)
 
 
 @app.command()
@@ -149,6 +182,8 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A pfreeze run's output_
 
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # transformers' GGUF loader draws tqdm bars per tensor; the CLI has its own progress.
+    os.environ.setdefault("TQDM_DISABLE", "1")
     try:
         app(standalone_mode=False)
     except PfreezeError as e:

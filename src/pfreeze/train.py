@@ -140,6 +140,7 @@ class Loop:
     def __init__(self, cfg: RunConfig, files: RunFiles,
                  on_step: Callable[[int, dict[str, float]], None] | None = None) -> None:
         self.cfg, self.files, self.on_step = cfg, files, on_step
+        self.command: str | None = None
         self.t = cfg.training
         self.device = pick_device(self.t.device)
         self.bf16 = (self.device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -397,7 +398,7 @@ class Loop:
         summary = {
             "pfreeze_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "command": " ".join(["pfreeze", *sys.argv[1:]]) if sys.argv else None,
+            "command": self.command,  # set by the CLI; None for runs from the Python API
             "status": "finished",
             "environment": {**_environment(self.device), "bf16": self.bf16},
             "model": {"name": self.lm.name, "architecture": self.lm.family,
@@ -453,7 +454,7 @@ class Loop:
 
 def run(cfg: RunConfig, output_dir: str | Path | None = None, overwrite: bool = False,
         on_step: Callable[[int, dict[str, float]], None] | None = None,
-        resume: bool = False) -> dict[str, Any]:
+        resume: bool = False, command: str | None = None) -> dict[str, Any]:
     """Run the experiment described by `cfg`; returns the summary (also in summary.json).
 
     With `resume`, continue from the output directory's last checkpoint (if it has one).
@@ -462,9 +463,12 @@ def run(cfg: RunConfig, output_dir: str | Path | None = None, overwrite: bool = 
     if cfg.repeats > 1:
         from pfreeze.repeats import run_repeats
 
-        return run_repeats(cfg, out, run, overwrite=overwrite, on_step=on_step, resume=resume)
+        return run_repeats(cfg, out, run, overwrite=overwrite, on_step=on_step, resume=resume,
+                           command=command)
     files = RunFiles(out, overwrite=overwrite)
-    return Loop(cfg, files, on_step).run(resume=resume)
+    loop = Loop(cfg, files, on_step)
+    loop.command = command
+    return loop.run(resume=resume)
 
 
 def _finite(x: float) -> float | None:
