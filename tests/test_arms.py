@@ -84,7 +84,8 @@ def test_lora_keeps_base_bit_identical_and_adapter_reloads(corpus: Path, tmp_pat
     base_total = load_model("random:llama", seed=cfg.training.seed).model
     n_base = sum(p.numel() for p in base_total.parameters())
     assert arm["integrity"]["ok"] and arm["integrity"]["checked_elements"] == n_base
-    assert arm["trainable_params"] == 4 * 2 * (64 + 64) + 4 * 2 * (64 + 32)  # q: 64x64, v: 32x64
+    # 4 blocks x r=4 x (A: r x in, B: out x r): q is 64 -> 64, v is 64 -> 32 (GQA).
+    assert arm["trainable_params"] == 4 * 4 * ((64 + 64) + (64 + 32))
     trained = loop.arms[0].model.eval()
     fresh = load_model("random:llama", seed=cfg.training.seed).model
     reloaded = PeftModel.from_pretrained(fresh, str(tmp_path / "out" / "arms" / "lora" / "adapter"))
@@ -150,7 +151,7 @@ def test_early_stopping_keeps_the_best_weights(corpus: Path, tmp_path: Path,
                "arms=[{kind: full}]")
     summary = run(cfg, tmp_path / "out")
     arm = summary["arms"]["full"]
-    assert arm["status"].startswith("early stop at step 3")
+    assert arm["status"].startswith("stopped: early stop at step 3")
     assert arm["steps"] == 3 and arm["val_loss_best"] == 4.0 and arm["val_loss_best_step"] == 1
     best = load_file(str(tmp_path / "out" / "arms" / "full" / "best.safetensors"))
     last = load_file(str(tmp_path / "out" / "arms" / "full" / "trained.safetensors"))

@@ -86,3 +86,26 @@ def test_unknown_model_offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
     with pytest.raises(PfreezeError, match="cannot load model 'no-such-org/no-such-model'") as e:
         load_model("no-such-org/no-such-model")
     assert "random:<family>" in str(e.value)
+
+
+def test_unsupported_architecture_is_named() -> None:
+    from types import SimpleNamespace
+
+    from pfreeze.models import family_of
+
+    fake = SimpleNamespace(config=SimpleNamespace(model_type="t5"))
+    with pytest.raises(PfreezeError, match="architecture 't5' is not supported") as e:
+        family_of(fake)  # type: ignore[arg-type]
+    assert "Llama-family" in str(e.value)
+
+
+def test_resume_refuses_other_options(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    (tmp_path / "config.yaml").write_text("model: {name: random:gpt2}\n")
+    cmd = [sys.executable, "-m", "pfreeze.cli", "run", "--resume", str(tmp_path),
+           "--set", "training.max_steps=5"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "--resume takes the run's own config.yaml" in res.stderr

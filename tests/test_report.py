@@ -70,7 +70,10 @@ def _make_run(root: Path, arms: dict[str, int], *, bad_integrity: bool = False,
                  for i, (n, t) in enumerate(arms.items())},
     }
     (root / "summary.json").write_text(json.dumps(summary))
-    (root / "samples.txt").write_text("".join(f"sample line {k}\n" for k in range(60)))
+    # Two samples per (arm, moment); the excerpt shows the first of each.
+    (root / "samples.txt").write_text("".join(
+        f"=== arm={a} moment={m} prompt='P' seed=1 sample={i} p=0.5\nsample {a} {m} {i}\n\n"
+        for a in ("full", "plan") for m in ("before", "after") for i in range(2)))
     return root
 
 
@@ -96,7 +99,9 @@ def test_two_arms(tmp_path: Path) -> None:
         assert "(step 4)" in text and "(step 3)" in text
         assert "all arms started from the same θ₀" in text
         assert "VIOLATION" not in text
-        assert "sample line 39" in text and "sample line 40" not in text
+        for a in ("full", "plan"):
+            for m in ("before", "after"):
+                assert f"sample {a} {m} 0" in text and f"sample {a} {m} 1" not in text
     assert "120,000,000 checked" in md
     assert "1.20×" in md  # plan's median step time relative to full
     assert "![" in md and "(loss.png)" in md

@@ -298,12 +298,32 @@ def _arm_row(arm: str, a: dict[str, Any], total: Any, ref_median: float) -> dict
     }
 
 
+def _sample_excerpt(lines: list[str]) -> str:
+    """The first sample of each (arm, moment): shows what training changed, arm by arm."""
+    blocks: list[list[str]] = []
+    for line in lines:
+        if line.startswith("=== ") or not blocks:
+            blocks.append([])
+        blocks[-1].append(line)
+    seen, keep = set(), []
+    for block in blocks:
+        head = block[0].split(" prompt=")[0]  # "=== arm=X moment=Y"
+        if head not in seen:
+            seen.add(head)
+            keep.append("\n".join(block).rstrip())
+    text = "\n\n".join(keep)
+    return text if len(text.splitlines()) <= 4 * SAMPLE_LINES else "\n".join(
+        text.splitlines()[: 4 * SAMPLE_LINES]) + "\n…"
+
+
 def _integrity(arm: str, a: dict[str, Any]) -> dict[str, Any]:
     integ = a.get("integrity")
     if not integ:
         full = a.get("kind") == "full" or a.get("trainable_params") == a.get("total_params")
         text = "all parameters trainable; nothing frozen to check" if full else "not checked"
         return {"arm": arm, "ok": None, "text": text}
+    if integ.get("ok") and not integ.get("checked_elements"):
+        return {"arm": arm, "ok": True, "text": "all parameters trainable; nothing frozen to check"}
     if integ.get("ok"):
         return {"arm": arm, "ok": True, "text": "frozen elements bit-identical to θ₀: "
                 f"{_int(integ.get('checked_elements'))} checked "
@@ -344,7 +364,7 @@ def _context(run_dir: Path, summary: Summary, arms: list[str]) -> dict[str, Any]
            for i, t in enumerate((corpus.get("top") or [])[:TOP_TOKENS])]
     sp = run_dir / "samples.txt"
     lines = sp.read_text(encoding="utf-8", errors="replace").splitlines() if sp.is_file() else []
-    samples = "\n".join(lines[:SAMPLE_LINES]) + ("\n…" if len(lines) > SAMPLE_LINES else "")
+    samples = _sample_excerpt(lines)
     env = {"pfreeze": summary.get("pfreeze_version"), **(summary.get("environment") or {})}
     return {
         "title": f"pfreeze report: {model.get('name', DASH)} on {corpus.get('source', DASH)}",
