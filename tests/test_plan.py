@@ -16,7 +16,8 @@ from torch import nn
 
 from pfreeze.errors import PfreezeError
 from pfreeze.models import load_model
-from pfreeze.plan import ARCHITECTURES, Arch, compile_plan, plan_rows, trainable_union
+from pfreeze.plan import ARCHITECTURES, Arch, compile_plan, trainable_union
+from pfreeze.plan_table import plan_rows
 
 E, H, HD, L, KV = 64, 4, 16, 4, 2  # hidden size, heads, head dim, blocks, llama kv heads
 WHOLE = None  # the plan's marker for "every element of the tensor trains"

@@ -126,7 +126,8 @@ def plan(
     """Print what a selector trains: per tensor, trainable elements, and totals."""
     from pfreeze.masking import optimizer_state_bytes
     from pfreeze.models import load_model
-    from pfreeze.plan import compile_plan, plan_rows
+    from pfreeze.plan import compile_plan
+    from pfreeze.plan_table import plan_rows
 
     lm = load_model(model)
     p = compile_plan(lm.model, lm.family, select)

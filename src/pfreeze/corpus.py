@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
+
 from pfreeze.atomic import write_bytes
 from pfreeze.errors import PfreezeError
 
@@ -297,3 +299,32 @@ def describe(stats: CorpusStats, decode: Callable[[list[int]], str]) -> dict[str
         "p_train": top_share(stats.train_ids, top),
         "p_val": top_share(stats.val_ids, top),
     }
+
+
+class BatchStream:
+    """Seeded random windows of the training tokens; its state is one generator state."""
+
+    def __init__(self, ids: list[int], block: int, batch: int, seed: int) -> None:
+        self.ids = torch.tensor(ids, dtype=torch.long)
+        self.block, self.batch = block, batch
+        if len(self.ids) < block:
+            raise PfreezeError(
+                f"the training text has {len(self.ids)} tokens, fewer than one window "
+                f"(data.block_size={block})",
+                "use a longer corpus or a smaller data.block_size",
+            )
+        if batch * block > len(self.ids):
+            raise PfreezeError(
+                f"one batch ({batch} windows x {block} tokens) is larger than the whole "
+                f"training text ({len(self.ids)} tokens)",
+                "lower training.per_device_train_batch_size or data.block_size, or use a "
+                "longer corpus",
+            )
+        self.gen = torch.Generator().manual_seed(seed)
+        self.offsets = torch.arange(block)
+
+    def next(self) -> torch.Tensor:
+        starts = torch.randint(0, len(self.ids) - self.block + 1, (self.batch,), generator=self.gen)
+        batch = self.ids[starts[:, None] + self.offsets]
+        # Pinned host memory makes the copy to the GPU truly asynchronous.
+        return batch.pin_memory() if torch.cuda.is_available() else batch

@@ -12,9 +12,12 @@
 from __future__ import annotations
 
 import json
+import platform
+import subprocess
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import save_file
 from torch import nn
 
@@ -95,3 +98,19 @@ class RunFiles:
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         write_json(self.root / "summary.json", summary)
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Versions, device and git commit: what a reader needs to reproduce a figure."""
+    import transformers
+
+    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+            else f"{platform.machine()} ({torch.get_num_threads()} threads)")
+    try:
+        git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, cwd=Path(__file__).parent, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        git = ""
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "device": device.type,
+            "device_name": name, "git_hash": git or None}

@@ -12,11 +12,8 @@ and CUDA timing events are queued on the device and read every `logging_steps`.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -30,12 +27,19 @@ from torch import nn
 from pfreeze import __version__
 from pfreeze.arms import ArmStrategy, make_arm
 from pfreeze.config import RunConfig, TrainingConfig, dump_config
-from pfreeze.corpus import CorpusStats, describe, read_corpus, strip_gutenberg, tokenize_corpus
+from pfreeze.corpus import (
+    BatchStream,
+    CorpusStats,
+    describe,
+    read_corpus,
+    strip_gutenberg,
+    tokenize_corpus,
+)
 from pfreeze.errors import PfreezeError
 from pfreeze.evaluate import autocast, fixed_windows, generate_samples, mean_loss, p_stats
 from pfreeze.masking import Freezer, Tracker, check_audit
 from pfreeze.models import LoadedModel, count_params, load_model, state_hash
-from pfreeze.outputs import RunFiles
+from pfreeze.outputs import RunFiles, environment
 from pfreeze.plan import compile_plan, describe_params
 
 
@@ -46,35 +50,6 @@ def pick_device(spec: str) -> torch.device:
         raise PfreezeError(f"device '{spec}' requested but no CUDA GPU is visible",
                            "use --set training.device=cpu (or auto)")
     return torch.device(spec)
-
-
-class BatchStream:
-    """Seeded random windows of the training tokens; its state is one generator state."""
-
-    def __init__(self, ids: list[int], block: int, batch: int, seed: int) -> None:
-        self.ids = torch.tensor(ids, dtype=torch.long)
-        self.block, self.batch = block, batch
-        if len(self.ids) < block:
-            raise PfreezeError(
-                f"the training text has {len(self.ids)} tokens, fewer than one window "
-                f"(data.block_size={block})",
-                "use a longer corpus or a smaller data.block_size",
-            )
-        if batch * block > len(self.ids):
-            raise PfreezeError(
-                f"one batch ({batch} windows x {block} tokens) is larger than the whole "
-                f"training text ({len(self.ids)} tokens)",
-                "lower training.per_device_train_batch_size or data.block_size, or use a "
-                "longer corpus",
-            )
-        self.gen = torch.Generator().manual_seed(seed)
-        self.offsets = torch.arange(block)
-
-    def next(self) -> torch.Tensor:
-        starts = torch.randint(0, len(self.ids) - self.block + 1, (self.batch,), generator=self.gen)
-        batch = self.ids[starts[:, None] + self.offsets]
-        # Pinned host memory makes the copy to the GPU truly asynchronous.
-        return batch.pin_memory() if torch.cuda.is_available() else batch
 
 
 @dataclass
@@ -117,21 +92,6 @@ def build_optimizer(params: list[nn.Parameter], t: TrainingConfig, device: torch
         raise PfreezeError("optim=adamw_fused needs a CUDA GPU", "use optim=adamw on CPU")
     return torch.optim.AdamW(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
                              eps=t.adam_epsilon, fused=fused)
-
-
-def _environment(device: torch.device) -> dict[str, Any]:
-    import transformers
-
-    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
-            else f"{platform.machine()} ({torch.get_num_threads()} threads)")
-    try:
-        git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, cwd=Path(__file__).parent, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        git = ""
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "device": device.type,
-            "device_name": name, "git_hash": git or None}
 
 
 class Loop:
@@ -400,7 +360,7 @@ class Loop:
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "command": self.command,  # set by the CLI; None for runs from the Python API
             "status": "finished",
-            "environment": {**_environment(self.device), "bf16": self.bf16},
+            "environment": {**environment(self.device), "bf16": self.bf16},
             "model": {"name": self.lm.name, "architecture": self.lm.family,
                       "n_layers": first.config.num_hidden_layers,
                       "total_params": count_params(first),
@@ -473,13 +433,3 @@ def run(cfg: RunConfig, output_dir: str | Path | None = None, overwrite: bool = 
 
 def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
-
-
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    rows = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a killed run can leave a torn last line
-    return rows
