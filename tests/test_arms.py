@@ -18,7 +18,9 @@ from pfreeze.outputs import RunFiles
 from pfreeze.rank import snr_score, snr_scores, top_selector
 from pfreeze.train import Loop, run
 
+# training.device=cpu: exact float32 values are asserted (a GPU would autocast to bf16).
 BASE = ["model.name=random:llama", "data.block_size=32", "training.logging_steps=1",
+        "training.device=cpu",
         "training.learning_rate=1e-2", "generation.max_new_tokens=4",
         "generation.samples_per_prompt=1", "generation.prompts=[Call me]"]
 

@@ -17,6 +17,7 @@ STEPS = 3
 def _train(corpus: Path, compiled: bool) -> tuple[list[float], dict[str, torch.Tensor]]:
     cfg = load_config(None, [
         f"data.corpus={corpus}", "model.name=random:llama", "data.block_size=16",
+        "training.device=cpu",  # float32 on both paths; a GPU would autocast to bf16
         f"training.max_steps={STEPS}", "training.learning_rate=1e-2",
         "training.weight_decay=0.1", f"training.torch_compile={str(compiled).lower()}",
         "arms=[{kind: plan, select: 'layers=2: roles=q,k,v; roles=o heads=1'}]",

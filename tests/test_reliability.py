@@ -18,7 +18,9 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "pfreeze"
 
 def _cfg(corpus: Path, *extra: str):
     return load_config(None, [
+        # Exact CPU float32 values are asserted (on a GPU, bf16 autocast would change them).
         f"data.corpus={corpus}", "model.name=random:llama", "data.block_size=32",
+        "training.device=cpu",
         "training.max_steps=6", "training.logging_steps=2", "training.eval_steps=3",
         "generation.max_new_tokens=4", "generation.samples_per_prompt=1",
         "arms=[{kind: full}, {kind: plan, select: 'layers=3: roles=q'}]", *extra,

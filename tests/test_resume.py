@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 OVERRIDES = [
     "model.name=random:llama", "data.block_size=32", "training.max_steps=10",
+    "training.device=cpu",  # bit-exact resume is asserted on the CPU, where CI runs
     "training.logging_steps=2", "training.eval_steps=4", "training.save_steps=4",
     "training.weight_decay=0.1", "training.warmup_steps=2", "generation.max_new_tokens=6",
     "generation.samples_per_prompt=1", "generation.prompts=[Call me]",
