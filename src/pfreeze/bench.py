@@ -145,6 +145,7 @@ class Bench:
         t = TrainingConfig(per_device_train_batch_size=len(batches[0]), learning_rate=LR,
                            max_steps=self.a.warmup + self.a.steps, bf16=self.cuda,
                            device=self.dev.type, torch_compile=self.pf_compile,
+                           torch_compile_mode=self.a.pfreeze_compile_mode,
                            optim="adamw_fused" if self.cuda else "adamw")
         arm_cfg = FullArm() if ARMS[arm] is None else PlanArm(select=ARMS[arm])
         loop = Loop(RunConfig(training=t, arms=[arm_cfg]), None)  # type: ignore[arg-type]
@@ -365,6 +366,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20, help="timed steps per case")
     p.add_argument("--warmup", type=int, default=5, help="steps before them, timed apart")
     p.add_argument("--pfreeze-compile", choices=("auto", "on", "off"), help="default: on if CUDA")
+    p.add_argument("--pfreeze-compile-mode", default="default",
+                   choices=("default", "reduce-overhead", "max-autotune"))
     p.add_argument("--peak-tflops", type=float, help="for MFU (default: 989 on H100/H200)")
     p.add_argument("--gen", action=argparse.BooleanOptionalAction, default=True, help="runs first")
     p.add_argument("--gen-shape", help="default: smollm2 on CUDA, tiny on CPU")

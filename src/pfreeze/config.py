@@ -69,6 +69,8 @@ class TrainingConfig(_Strict):
     device: str = "auto"
     # auto: compile on a GPU when max_steps >= 200 (warm-up is paid back); never on CPU.
     torch_compile: bool | Literal["auto"] = "auto"
+    # reduce-overhead captures the compiled step in CUDA graphs: for small, launch-bound steps.
+    torch_compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
 
 
 class GenerationConfig(_Strict):

@@ -156,7 +156,8 @@ class Loop:
             # A separate compiled callable for training only: evaluation and generate() use
             # the eager module, whose changing shapes would otherwise exhaust dynamo's
             # recompile limit and silently send training back to eager.
-            step_fn = torch.compile(model, dynamic=False) if self.compile else None
+            mode = None if self.t.torch_compile_mode == "default" else self.t.torch_compile_mode
+            step_fn = torch.compile(model, dynamic=False, mode=mode) if self.compile else None
             self.arms.append(ArmRun(strat, model, freezer, opt, sched, tracker, h, step_fn))
 
     # ------------------------------------------------------------------ steps
