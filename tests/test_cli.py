@@ -11,7 +11,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import TINY
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from pfreeze.cli import app
@@ -223,3 +225,32 @@ def test_rank_prints_matrices_and_a_selector_that_compiles() -> None:
     # The best 25% of 4 blocks is one matrix per type: a 64x64 q, k and v slice of a c_attn
     # (by role, not the whole fused matrix) and one 64x64 c_proj.
     assert plan.trainable == 4 * 64 * 64
+
+
+def test_non_utf8_corpus_names_the_encoding_then_encoding_flag_reads_it(
+        tmp_path: Path) -> None:
+    text = "Queequeg’s harpoon — “a café on the deck”. " * 200
+    corpus = tmp_path / "win.txt"
+    corpus.write_bytes(text.encode("cp1252"))
+    base = ["run", "--model", "random:gpt2", "--corpus", str(corpus), "-o",
+            str(tmp_path / "out"), "--no-report",
+            *sets(*[s for s in TINY if not s.startswith("model.name=")])]
+    assert_one_line_error(pfreeze(*base), "--encoding cp1252")
+    ok = pfreeze(*base, "--encoding", "cp1252")
+    assert ok.returncode == 0, ok.stderr
+    assert "(cp1252)" in (tmp_path / "out" / "summary.json").read_text()
+
+
+def test_save_pretrained_writes_a_loadable_model(run_args, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    proc = pfreeze(*run_args("--set", "save_pretrained=true", "--set",
+                             "arms=[{kind: plan, select: 'layers=3: roles=q'}]"))
+    assert proc.returncode == 0, proc.stderr
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "arms" / "plan" / "model")
+    trained = load_file(str(tmp_path / "out" / "arms" / "plan" / "trained.safetensors"))
+    assert set(trained) == {"transformer.h.3.attn.c_attn.weight",
+                            "transformer.h.3.attn.c_attn.bias"}
+    params = dict(model.named_parameters())
+    for name, t in trained.items():
+        assert torch.equal(params[name].detach(), t)

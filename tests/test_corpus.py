@@ -257,7 +257,7 @@ def test_cp1252_gives_hint_then_reads(tmp_path: Path) -> None:
     message = raises("not UTF-8", read_corpus, str(path))
     assert "offset 9" in message  # first byte of line 2 is the 0x93 left quote
     assert "line 2" in message
-    assert "--set data.encoding=cp1252" in message
+    assert "--encoding cp1252" in message
     assert "likely cp1252" in message
     text, desc = read_corpus(str(path), encoding="cp1252")
     assert text == "line one\n\u201cquoted\u201d caf\u00e9\n"

@@ -41,6 +41,8 @@ def run(
         "--corpus", help="Text file or gutenberg:<id> (same as --set data.corpus=...).")] = None,
     model: Annotated[str | None, typer.Option(
         "--model", help="smollm2-135m, an HF id/dir, or random:<family>.")] = None,
+    encoding: Annotated[str | None, typer.Option(
+        "--encoding", help="Text encoding of the corpus, e.g. cp1252 (default: UTF-8).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a run already in --output-dir.")] = False,
     resume: Annotated[Path | None, typer.Option(
         "--resume", help="Continue the run in this directory from its last checkpoint.")] = None,
@@ -51,7 +53,7 @@ def run(
 
     overrides = list(set_ or [])
     if resume is not None:
-        if config is not None or overrides or corpus or model or output_dir:
+        if config is not None or overrides or corpus or model or encoding or output_dir:
             raise PfreezeError("--resume takes the run's own config.yaml",
                                "pass only --resume DIR (change nothing mid-run)")
         config, output_dir = resume / "config.yaml", resume
@@ -62,6 +64,8 @@ def run(
         overrides.append(f"data.corpus={corpus}")
     if model:
         overrides.append(f"model.name={model}")
+    if encoding:
+        overrides.append(f"data.encoding={encoding}")
     cfg = load_config(config, overrides)
     if output_dir is not None:
         cfg.output_dir = str(output_dir)

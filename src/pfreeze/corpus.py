@@ -81,9 +81,9 @@ def _decode(data: bytes, path: Path, encoding: str | None) -> tuple[str, str]:
                 data.decode("cp1252")
             except UnicodeDecodeError:
                 # cp1252 leaves five bytes undefined; latin-1 decodes any byte at all.
-                fix = "pass its real encoding, e.g. --set data.encoding=latin-1"
+                fix = "pass its real encoding, e.g. --encoding latin-1"
             else:
-                fix = "it is likely cp1252 (Windows): pass --set data.encoding=cp1252"
+                fix = "it is likely cp1252 (Windows): pass --encoding cp1252"
             raise PfreezeError(problem, fix) from None
     try:
         return data.decode(encoding), encoding
@@ -91,7 +91,7 @@ def _decode(data: bytes, path: Path, encoding: str | None) -> tuple[str, str]:
         raise PfreezeError(
             f"corpus file {path} cannot be decoded as {encoding} "
             f"(byte 0x{data[exc.start]:02x} at offset {exc.start})",
-            "pass the file's real encoding with --set data.encoding=NAME",
+            "pass the file's real encoding with --encoding NAME",
         ) from None
 
 
@@ -127,7 +127,7 @@ def _read_local(path: Path, encoding: str | None) -> tuple[str, str]:
     if nul >= 0 and not codec.startswith(("utf-16", "utf-32")):
         raise PfreezeError(
             f"corpus file {path} looks binary (NUL byte at offset {nul})",
-            "pass a plain-text file (if it is UTF-16, set --set data.encoding=utf-16)",
+            "pass a plain-text file (if it is UTF-16, pass --encoding utf-16)",
         )
     text, used = _decode(data, path, encoding)
     # A BOM is never content, whichever encoding produced it.
