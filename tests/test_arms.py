@@ -86,6 +86,7 @@ def test_lora_keeps_base_bit_identical_and_adapter_reloads(corpus: Path, tmp_pat
     base_total = load_model("random:llama", seed=cfg.training.seed).model
     n_base = sum(p.numel() for p in base_total.parameters())
     assert arm["integrity"]["ok"] and arm["integrity"]["checked_elements"] == n_base
+    assert arm["theta0_hash"] == summary["theta0_hash"]  # θ₀ is the base, before adapters
     # 4 blocks x r=4 x (A: r x in, B: out x r): q is 64 -> 64, v is 64 -> 32 (GQA).
     assert arm["trainable_params"] == 4 * 4 * ((64 + 64) + (64 + 32))
     trained = loop.arms[0].model.eval()
@@ -148,13 +149,15 @@ def test_early_stopping_keeps_the_best_weights(corpus: Path, tmp_path: Path,
     # Scripted held-out losses per evaluation (steps 0, 1, 2, 3): best at step 1, then worse.
     script = iter([5.0, 5.0, 4.0, 4.0, 4.5, 4.5, 4.6, 4.6, 9.0, 9.0])
     monkeypatch.setattr(train_mod, "mean_loss", lambda *a, **k: next(script))
+    # logging_steps=4: the stop at step 3 falls between two reads of the device values.
     cfg = _cfg(corpus, "training.max_steps=8", "training.eval_steps=1",
                "training.early_stopping_patience=2", "training.keep_best=true",
-               "arms=[{kind: full}]")
+               "training.logging_steps=4", "arms=[{kind: full}]")
     summary = run(cfg, tmp_path / "out")
     arm = summary["arms"]["full"]
     assert arm["status"].startswith("stopped: early stop at step 3")
     assert arm["steps"] == 3 and arm["val_loss_best"] == 4.0 and arm["val_loss_best_step"] == 1
+    assert [r["step"] for r in _rows(tmp_path / "out", "full")] == [1, 2, 3]
     best = load_file(str(tmp_path / "out" / "arms" / "full" / "best.safetensors"))
     last = load_file(str(tmp_path / "out" / "arms" / "full" / "trained.safetensors"))
     assert best.keys() == last.keys()

@@ -35,9 +35,11 @@ run(cfg, out, overwrite=not resume, on_step=on_step, resume=resume)
 """
 
 
-def _run(corpus: Path, out: Path, kill_at: int = -1, resume: bool = False) -> int:
+def _run(corpus: Path, out: Path, kill_at: int = -1, resume: bool = False,
+         extra: tuple[str, ...] = ()) -> int:
     cmd = [sys.executable, "-c", DRIVER, str(corpus), str(out), str(kill_at), str(int(resume))]
-    return subprocess.run(cmd + OVERRIDES, capture_output=True, timeout=300).returncode
+    return subprocess.run(cmd + OVERRIDES + list(extra), capture_output=True,
+                          timeout=300).returncode
 
 
 def _train_rows(out: Path) -> list[tuple]:
@@ -73,3 +75,22 @@ def test_sigkill_then_resume_matches_uninterrupted(corpus: Path, tmp_path: Path)
         for key in ("last_loss", "mean_loss", "val_loss_best", "val_loss_best_step", "p_after"):
             assert s1["arms"][arm][key] == s2["arms"][arm][key], key
         assert s2["arms"][arm]["integrity"]["ok"]
+
+
+def test_resume_after_an_early_stop_keeps_the_stream_and_the_stop(corpus: Path,
+                                                                  tmp_path: Path) -> None:
+    # The full arm early-stops (patience 1) before the kill; arm 0 being stopped must neither
+    # rewind the shared batch stream nor bring the arm back to life on resume.
+    extra = ("training.learning_rate=3e-2", "training.early_stopping_patience=1",
+             "training.eval_steps=2", "training.save_steps=2", "training.max_steps=10")
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert _run(corpus, straight, extra=extra) == 0
+    s1 = json.loads((straight / "summary.json").read_text())
+    assert s1["arms"]["full"]["status"].startswith("stopped: early stop")  # the premise
+    assert _run(corpus, killed, kill_at=7, extra=extra) == -9
+    assert _run(corpus, killed, resume=True, extra=extra) == 0
+    assert _train_rows(straight) == _train_rows(killed)
+    s2 = json.loads((killed / "summary.json").read_text())
+    for arm in ("full", "plan"):
+        for key in ("status", "steps", "last_loss", "val_loss_after", "p_after"):
+            assert s1["arms"][arm][key] == s2["arms"][arm][key], (arm, key)

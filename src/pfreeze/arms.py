@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from pfreeze.errors import PfreezeError
+from pfreeze.models import state_hash
 from pfreeze.plan import Plan, compile_plan, describe_params, full_plan, trainable_union
 
 ARM_KINDS: dict[str, type[ArmStrategy]] = {}
@@ -92,6 +93,15 @@ class Scheduled(ArmStrategy):
 
     def _plans(self, model: nn.Module) -> dict[int, Plan | None]:
         phases = sorted(self.phases(model.config.num_hidden_layers))
+        late = [start for start, _ in phases if self.max_steps and start >= self.max_steps]
+        if not phases or late:
+            raise PfreezeError(
+                f"arm '{self.name}' has no phase that starts before max_steps={self.max_steps}"
+                if not phases or len(late) == len(phases) else
+                f"arm '{self.name}': phase start {late[0]} is not before max_steps="
+                f"{self.max_steps}",
+                "start phases before max_steps (or raise training.max_steps)",
+            )
         plans: dict[int, Plan | None] = {}
         if phases[0][0] > 0:
             plans[0] = None  # nothing trains before the first phase
@@ -110,6 +120,9 @@ class GradualUnfreeze(Scheduled):
 
     def phases(self, n_layers: int) -> list[tuple[int, str]]:
         c = self.cfg
+        if c.start_layers > n_layers:
+            raise PfreezeError(f"arm '{self.name}': start_layers={c.start_layers} but the model "
+                               f"has {n_layers} blocks", f"use start_layers <= {n_layers}")
         within = f" {c.within}" if c.within else ""
         out, n, step = [], c.start_layers, 0
         while step < self.max_steps and n <= n_layers:
@@ -169,6 +182,8 @@ class Lora(ArmStrategy):
         from peft import LoraConfig, get_peft_model
 
         model = copy.deepcopy(base)
+        # θ₀ is the base model; the adapters (B = 0) start as an exact no-op on top of it.
+        self.theta0_hash = state_hash(model)
         plan = compile_plan(model, self.family, self.cfg.select)
         infos = describe_params(model, self.family)
         targets = sorted({n.rsplit(".", 1)[0] for n in plan.tensors if len(infos[n].shape) >= 2})

@@ -3,7 +3,8 @@
     checkpoint/state.json         step, per-arm metrics so far, scheduler states, samples,
                                   θ₀ hash, batch hashes
     checkpoint/arm<i>.safetensors every tensor the arm ever trains, the Freezer's references
-                                  for partly frozen tensors, and the batch stream's RNG state
+                                  for partly frozen tensors, its best-point tensors
+    checkpoint/rng.safetensors    the batch stream's and torch's random states
     checkpoint/arm<i>.optim.pt    the optimizer state (tensors and plain values only: it is
                                   loaded with weights_only=True, never unpickling code)
 
@@ -38,11 +39,12 @@ def save(loop: Loop, step: int, extra: dict[str, Any]) -> Path:
     tmp.mkdir(parents=True)
     arms_state = []
     for i, arm in enumerate(loop.arms):
-        if arm.stopped and (final / f"arm{i}.safetensors").exists():
-            # A diverged arm keeps its last good checkpoint rather than its non-finite weights.
+        if arm.diverged and (final / f"arm{i}.safetensors").exists():
+            # A diverged arm keeps its last good weights rather than its non-finite ones; its
+            # metrics and status below are current, so a resumed run knows it stopped.
             for suffix in (".safetensors", ".optim.pt"):
                 shutil.copy2(final / f"arm{i}{suffix}", tmp / f"arm{i}{suffix}")
-            arms_state.append(json.loads((final / "state.json").read_text())["arms"][i])
+            arms_state.append(_arm_state(arm))
             continue
         params = arm.freezer.params
         tensors = {f"param.{n}": params[n].detach().cpu().clone().contiguous()
@@ -50,16 +52,15 @@ def save(loop: Loop, step: int, extra: dict[str, Any]) -> Path:
         tensors.update({f"ref.{n}": part.ref.detach().cpu().clone()
                         for n, part in arm.freezer.partial.items()})
         tensors.update({f"best.{n}": t for n, t in (arm.best_state or {}).items()})
-        if i == 0:
-            tensors["stream.rng"] = loop.stream.gen.get_state()
         save_file(tensors, str(tmp / f"arm{i}.safetensors"))
         torch.save(arm.optimizer.state_dict(), tmp / f"arm{i}.optim.pt")
-        arms_state.append({
-            "name": arm.strategy.name, "losses": arm.losses, "times": arm.times,
-            "evals": arm.evals, "peak_mem_mb": arm.peak_mem_mb,
-            "scheduler": arm.scheduler.state_dict(), "best": arm.best,
-            "bad_evals": arm.bad_evals, "stopped": arm.stopped, "diverged": arm.diverged,
-        })
+        arms_state.append(_arm_state(arm))
+    # Random states on their own: the batch stream, and the global generators that dropout
+    # and adapter initialisation draw from.
+    rng = {"stream": loop.stream.gen.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"cuda{d}": s for d, s in enumerate(torch.cuda.get_rng_state_all())})
+    save_file(rng, str(tmp / "rng.safetensors"))
     write_json(tmp / "state.json", {
         "step": step, "theta0_hash": loop.theta0_hash, "batch_hashes": loop.batch_hashes,
         "arms": arms_state, **extra,
@@ -73,13 +74,29 @@ def save(loop: Loop, step: int, extra: dict[str, Any]) -> Path:
     return final
 
 
+def _arm_state(arm: Any) -> dict[str, Any]:
+    return {"name": arm.strategy.name, "losses": arm.losses, "times": arm.times,
+            "evals": arm.evals, "peak_mem_mb": arm.peak_mem_mb,
+            "scheduler": arm.scheduler.state_dict(), "best": arm.best,
+            "bad_evals": arm.bad_evals, "stopped": arm.stopped, "diverged": arm.diverged}
+
+
+def _folder(root: Path) -> Path | None:
+    """The complete checkpoint: normally checkpoint/, or the old one if a kill hit the swap."""
+    for d in (root / CKPT, root / f".{CKPT}.old"):
+        if (d / "state.json").exists():
+            return d
+    return None
+
+
 def exists(root: Path) -> bool:
-    return (root / CKPT / "state.json").exists()
+    return _folder(root) is not None
 
 
 def load(loop: Loop) -> dict[str, Any]:
     """Restore arms and stream from the checkpoint; returns state.json's contents."""
-    d = loop.files.root / CKPT
+    d = _folder(loop.files.root)
+    assert d is not None, "load() is only called when exists() is true"
     state = json.loads((d / "state.json").read_text(encoding="utf-8"))
     if state["theta0_hash"] != loop.theta0_hash:
         raise PfreezeError(
@@ -102,8 +119,6 @@ def load(loop: Loop) -> dict[str, Any]:
                     arm.freezer.partial[name].ref.copy_(t)
                 elif kind == "best":
                     arm.best_state = {**(arm.best_state or {}), name: t}
-                elif kind == "stream":
-                    loop.stream.gen.set_state(t)
         opt = torch.load(d / f"arm{i}.optim.pt", map_location=loop.device, weights_only=True)
         arm.optimizer.load_state_dict(opt)
         arm.scheduler.load_state_dict(saved["scheduler"])
@@ -116,5 +131,11 @@ def load(loop: Loop) -> dict[str, Any]:
         with torch.no_grad():  # ‖ΔW_t‖ of the next step is measured from these weights
             for prev, p in zip(arm.tracker.prev, arm.tracker.params, strict=True):
                 prev.copy_(p)
+    rng = load_file(str(d / "rng.safetensors"))
+    loop.stream.gen.set_state(rng["stream"])
+    torch.set_rng_state(rng["torch"])
+    cuda = [rng[k] for k in sorted(rng) if k.startswith("cuda")]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
     loop.batch_hashes = state["batch_hashes"]
     return state

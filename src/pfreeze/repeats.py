@@ -11,6 +11,7 @@ share, which is why the arms see identical batches in the first place.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -90,14 +91,32 @@ def render_markdown(agg: dict[str, Any]) -> str:
 
 def run_repeats(cfg: RunConfig, output_dir: Path, run_one: Callable[..., dict[str, Any]],
                 **kwargs: Any) -> dict[str, Any]:
+    """Run (or, with resume=True, finish) every repeat, then aggregate them."""
+    from pfreeze import checkpoint
+    from pfreeze.config import dump_config
+    from pfreeze.outputs import RunFiles
+
+    resume = kwargs.pop("resume", False)
+    if not resume:
+        # The top-level config makes the folder resumable with `pfreeze run --resume DIR`.
+        RunFiles(output_dir, overwrite=kwargs.get("overwrite", False)).check_free(
+            dump_config(cfg))
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_text(output_dir / "config.yaml", dump_config(cfg))
     summaries = []
     for r in range(cfg.repeats):
         rcfg = cfg.model_copy(deep=True)
         rcfg.training.seed = cfg.training.seed + r
         rcfg.generation.seed = cfg.generation.seed + r
         rcfg.repeats = 1
-        rcfg.output_dir = str(output_dir / f"repeat-{r}")
-        summaries.append(run_one(rcfg, rcfg.output_dir, **kwargs))
+        rdir = output_dir / f"repeat-{r}"
+        rcfg.output_dir = str(rdir)
+        if resume and (rdir / "summary.json").exists():  # finished before the interruption
+            summaries.append(json.loads((rdir / "summary.json").read_text(encoding="utf-8")))
+            continue
+        again = resume and checkpoint.exists(rdir)
+        opts = {**kwargs, "overwrite": kwargs.get("overwrite", False) or (resume and not again)}
+        summaries.append(run_one(rcfg, rdir, resume=again, **opts))
     agg = aggregate(summaries)
     write_json(output_dir / "repeats.json", agg)
     write_text(output_dir / "repeats.md", render_markdown(agg))

@@ -84,7 +84,7 @@ def build_optimizer(params: list[nn.Parameter], t: TrainingConfig, device: torch
     rest = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": t.weight_decay},
               {"params": rest, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]] or [{"params": [torch.zeros(1)]}]
+    groups = [g for g in groups if g["params"]]
     if t.optim == "sgd":
         return torch.optim.SGD(groups, lr=t.learning_rate, momentum=t.momentum)
     fused = device.type == "cuda"
@@ -108,6 +108,14 @@ class Loop:
         # Compilation costs tens of seconds per arm: worth it only for long GPU runs.
         self.compile = (self.device.type == "cuda" and self.t.max_steps >= 200
                         if self.t.torch_compile == "auto" else bool(self.t.torch_compile))
+        if (self.t.torch_compile_mode == "reduce-overhead" and self.compile
+                and self.t.gradient_accumulation_steps > 1):
+            # CUDA-graph replays reuse output buffers: accumulated gradients would be wrong.
+            raise PfreezeError(
+                "torch_compile_mode=reduce-overhead cannot be combined with "
+                "gradient_accumulation_steps > 1",
+                "use torch_compile_mode=default, or gradient_accumulation_steps=1",
+            )
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -126,6 +134,8 @@ class Loop:
         self.val_windows = fixed_windows(self.stats.val_ids, cfg.data.block_size, n_eval)
         self.train_windows = fixed_windows(self.stats.train_ids, cfg.data.block_size, n_eval)
         self.theta0_hash = state_hash(self.lm.model)
+        # Adapter initialisation and any dropout draw from the global generator: seed it.
+        torch.manual_seed(self.t.seed)
         self.build_arms(self.lm.model, self.lm.family)
         del self.lm.model  # each arm holds its own copy now
 
@@ -157,7 +167,11 @@ class Loop:
             # the eager module, whose changing shapes would otherwise exhaust dynamo's
             # recompile limit and silently send training back to eager.
             mode = None if self.t.torch_compile_mode == "default" else self.t.torch_compile_mode
-            step_fn = torch.compile(model, dynamic=False, mode=mode) if self.compile else None
+            # Dynamo guards on requires_grad: an arm whose plan changes would recompile at each
+            # change and fall back to eager after 8, so only single-plan arms are compiled.
+            single = len(strat.plans) == 1
+            step_fn = (torch.compile(model, dynamic=False, mode=mode)
+                       if self.compile and single else None)
             self.arms.append(ArmRun(strat, model, freezer, opt, sched, tracker, h, step_fn))
 
     # ------------------------------------------------------------------ steps
@@ -308,7 +322,12 @@ class Loop:
     def run(self, resume: bool = False) -> dict[str, Any]:
         from pfreeze import checkpoint
 
-        resume = resume and checkpoint.exists(self.files.root)
+        if resume and not checkpoint.exists(self.files.root):
+            raise PfreezeError(
+                f"{self.files.root} has no checkpoint yet "
+                f"(training.save_steps={self.t.save_steps})",
+                "rerun with --overwrite to start it again; set save_steps to checkpoint",
+            )
         if not resume:
             self.files.check_free(dump_config(self.cfg))
         # Read the corpus and load the model before writing anything: bad input must not
@@ -329,6 +348,7 @@ class Loop:
         for step in range(start, self.t.max_steps):
             batch = self.stream.next()
             self.batch_hashes.append(hashlib.sha1(batch.numpy().tobytes()).hexdigest()[:16])
+            batch = batch.to(self.device, non_blocking=True)  # once, for every arm
             for arm in self.arms:
                 if arm.stopped is None:
                     self._guarded_step(arm, step, batch)
@@ -345,6 +365,8 @@ class Loop:
                 self.on_step(done, last)
             if all(a.stopped for a in self.arms):
                 break
+        if any(a.pending for a in self.arms):  # an early end between logging steps
+            self.flush()
         wall = time.perf_counter() - t_start
         self.evaluate(self.t.max_steps)
         p_after = self.sample_all("after")
