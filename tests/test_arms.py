@@ -158,6 +158,9 @@ def test_early_stopping_keeps_the_best_weights(corpus: Path, tmp_path: Path,
     assert arm["status"].startswith("stopped: early stop at step 3")
     assert arm["steps"] == 3 and arm["val_loss_best"] == 4.0 and arm["val_loss_best_step"] == 1
     assert [r["step"] for r in _rows(tmp_path / "out", "full")] == [1, 2, 3]
+    # p is also measured with the best-point weights, on the same prompts and seeds.
+    assert arm["p_best"]["n"] == arm["p_after"]["n"] == 1
+    assert "moment=best(step 1)" in (tmp_path / "out" / "samples.txt").read_text()
     best = load_file(str(tmp_path / "out" / "arms" / "full" / "best.safetensors"))
     last = load_file(str(tmp_path / "out" / "arms" / "full" / "trained.safetensors"))
     assert best.keys() == last.keys()

@@ -65,6 +65,15 @@ class ArmStrategy:
     def trained_names(self) -> set[str]:
         return {n for p in self.plans.values() if p is not None for n in p.tensors}
 
+    def trained_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Host copies of every tensor this arm trains, by name (for saving and snapshots).
+
+        Clones, not views: tied weights share storage, which safetensors refuses to write twice.
+        """
+        params = dict(model.named_parameters())
+        return {n: params[n].detach().cpu().clone().contiguous()
+                for n in sorted(self.trained_names()) if n in params}
+
 
 @register("full")
 class Full(ArmStrategy):

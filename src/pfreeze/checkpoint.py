@@ -46,9 +46,7 @@ def save(loop: Loop, step: int, extra: dict[str, Any]) -> Path:
                 shutil.copy2(final / f"arm{i}{suffix}", tmp / f"arm{i}{suffix}")
             arms_state.append(_arm_state(arm))
             continue
-        params = arm.freezer.params
-        tensors = {f"param.{n}": params[n].detach().cpu().clone().contiguous()
-                   for n in sorted(arm.strategy.trained_names())}
+        tensors = {f"param.{n}": t for n, t in arm.strategy.trained_tensors(arm.model).items()}
         tensors.update({f"ref.{n}": part.ref.detach().cpu().clone()
                         for n, part in arm.freezer.partial.items()})
         tensors.update({f"best.{n}": t for n, t in (arm.best_state or {}).items()})

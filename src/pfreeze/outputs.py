@@ -81,10 +81,7 @@ class RunFiles:
                  best: dict[str, Any] | None = None) -> None:
         d = self.root / "arms" / strategy.name
         d.mkdir(parents=True, exist_ok=True)
-        params = dict(model.named_parameters())
-        # Clones: tied weights share storage, which safetensors refuses to write twice.
-        tensors = {n: params[n].detach().cpu().clone().contiguous()
-                   for n in sorted(strategy.trained_names()) if n in params}
+        tensors = strategy.trained_tensors(model)
         meta = {"arm": strategy.name, "description": strategy.describe()}
         atomic_write(d / "trained.safetensors", lambda p: save_file(tensors, str(p), meta))
         if best is not None:  # the trained tensors at the best held-out evaluation

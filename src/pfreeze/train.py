@@ -293,9 +293,7 @@ class Loop:
         if arm.best is None or val < arm.best[1]:
             arm.best, arm.bad_evals = (step, val), 0
             if self.t.keep_best:
-                params = arm.freezer.params
-                arm.best_state = {n: params[n].detach().cpu().clone()
-                                  for n in sorted(arm.strategy.trained_names())}
+                arm.best_state = arm.strategy.trained_tensors(arm.model)
             return
         arm.bad_evals += 1
         patience = self.t.early_stopping_patience
@@ -316,6 +314,28 @@ class Loop:
                                            self.stats.top_set, self.device, self.bf16)
             self.files.add_samples(arm.strategy.name, moment, samples)
             out[arm.strategy.name] = p_stats(samples)
+        return out
+
+    @torch.no_grad()
+    def sample_best(self) -> dict[str, dict[str, Any]]:
+        """p with each arm's best-point tensors (keep_best), so arms compare at their best too.
+
+        The best tensors are swapped in for the sampling and the last-step ones put back.
+        """
+        out: dict[str, dict[str, Any]] = {}
+        for arm in self.arms:
+            if arm.diverged or not arm.best_state or arm.best is None:
+                continue
+            params = arm.freezer.params
+            last = {n: params[n].detach().clone() for n in arm.best_state}
+            for n, t in arm.best_state.items():
+                params[n].copy_(t)
+            samples = generate_samples(arm.model, self.lm.tokenizer, self.cfg.generation,
+                                       self.stats.top_set, self.device, self.bf16)
+            self.files.add_samples(arm.strategy.name, f"best(step {arm.best[0]})", samples)
+            out[arm.strategy.name] = p_stats(samples)
+            for n, t in last.items():
+                params[n].copy_(t)
         return out
 
     # ------------------------------------------------------------------ run
@@ -370,12 +390,14 @@ class Loop:
         wall = time.perf_counter() - t_start
         self.evaluate(self.t.max_steps)
         p_after = self.sample_all("after")
+        p_best = self.sample_best() if self.t.keep_best else {}
         arms_summary = {}
         first = self.arms[0].model
         infos = describe_params(first, self.lm.family) if self.cfg.arms[0].kind != "lora" else {}
         for arm in self.arms:
             audit = arm.freezer.audit()
             arms_summary[arm.strategy.name] = self._arm_summary(arm, p_before, p_after, audit)
+            arms_summary[arm.strategy.name]["p_best"] = p_best.get(arm.strategy.name)
             self.files.save_arm(arm.strategy, arm.model, self.lm.tokenizer,
                                 self.cfg.save_pretrained, arm.best_state)
         summary = {
