@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -165,3 +166,33 @@ def test_early_stopping_keeps_the_best_weights(corpus: Path, tmp_path: Path,
     last = load_file(str(tmp_path / "out" / "arms" / "full" / "trained.safetensors"))
     assert best.keys() == last.keys()
     assert any(not torch.equal(best[k], last[k]) for k in best)
+
+
+def test_repeats_resume_skips_finished_repeats_and_finishes_the_rest(corpus: Path,
+                                                                    tmp_path: Path) -> None:
+    cfg = _cfg(corpus, "training.max_steps=4", "training.eval_steps=2", "training.save_steps=2",
+               "repeats=2", "arms=[{kind: full}, {kind: plan, select: 'layers=3: roles=q'}]")
+    out = tmp_path / "out"
+    first = run(cfg, out)
+    assert (out / "config.yaml").exists()  # what `pfreeze run --resume out` reads
+    # Pretend repeat 1 was killed after its step-2 checkpoint: its summary is not there yet.
+    (out / "repeat-1" / "summary.json").unlink()
+    done0 = (out / "repeat-0" / "summary.json").stat().st_mtime_ns
+    again = run(load_config(out / "config.yaml"), out, resume=True)
+    assert (out / "repeat-0" / "summary.json").stat().st_mtime_ns == done0  # not rerun
+    for arm in ("full", "plan"):
+        assert (again["arms"][arm]["figures"]["last_loss"]["values"]
+                == first["arms"][arm]["figures"]["last_loss"]["values"])
+
+
+@pytest.mark.parametrize(("arms", "needle"), [
+    ("[{kind: unfreeze, start_layers: 5}]", "start_layers=5 but the model has 4 blocks"),
+    ("[{kind: schedule, phases: [{start: 50, select: 'layers=3:'}]}]",
+     "no phase that starts before max_steps=10"),
+])
+def test_impossible_schedules_are_refused(corpus: Path, tmp_path: Path, arms: str,
+                                          needle: str) -> None:
+    from pfreeze.errors import PfreezeError
+
+    with pytest.raises(PfreezeError, match=re.escape(needle)):
+        run(_cfg(corpus, "training.max_steps=10", f"arms={arms}"), tmp_path / "out")

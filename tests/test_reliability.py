@@ -111,3 +111,19 @@ def test_resume_refuses_other_options(tmp_path: Path) -> None:
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "--resume takes the run's own config.yaml" in res.stderr
+
+
+def test_cuda_graphs_with_gradient_accumulation_are_refused(corpus: Path) -> None:
+    cfg = _cfg(corpus, "training.torch_compile=true",
+               "training.torch_compile_mode=reduce-overhead",
+               "training.gradient_accumulation_steps=2")
+    with pytest.raises(PfreezeError, match="cannot be combined with gradient_accumulation"):
+        Loop(cfg, files=None)  # type: ignore[arg-type]
+
+
+def test_resume_without_a_checkpoint_says_so(corpus: Path, tmp_path: Path) -> None:
+    cfg = _cfg(corpus)
+    run(cfg, tmp_path / "out")  # save_steps=0: finished, but never checkpointed
+    with pytest.raises(PfreezeError, match="has no checkpoint yet") as e:
+        run(cfg, tmp_path / "out", resume=True)
+    assert "--overwrite" in str(e.value)
