@@ -196,3 +196,45 @@ def test_impossible_schedules_are_refused(corpus: Path, tmp_path: Path, arms: st
 
     with pytest.raises(PfreezeError, match=re.escape(needle)):
         run(_cfg(corpus, "training.max_steps=10", f"arms={arms}"), tmp_path / "out")
+
+
+def test_grad_scores_match_a_hand_computation_and_leave_the_model_untouched() -> None:
+    from pfreeze.rank import grad_scores
+
+    lm = load_model("random:gpt2")
+    model = lm.model
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    gen = torch.Generator().manual_seed(3)
+    batches = [torch.randint(0, 256, (2, 16), generator=gen) for _ in range(2)]
+    scores = grad_scores(model, lm.family, batches, roles={"k", "o"})
+    # By hand: k of block 1 is columns 64:128 of c_attn.weight (Conv1D: (in, 3*out)).
+    norms = []
+    for x in batches:
+        model.zero_grad(set_to_none=True)
+        for p in model.parameters():
+            p.requires_grad_(True)
+        model(input_ids=x, labels=x).loss.backward()
+        g = dict(model.named_parameters())["transformer.h.1.attn.c_attn.weight"].grad
+        norms.append(float(torch.linalg.vector_norm(g[:, 64:128])))
+    k1 = next(m for m in scores if m.role == "k" and m.layer == 1)
+    assert k1.score == pytest.approx(sum(norms) / 2, rel=1e-5)
+    assert {m.role for m in scores} == {"k", "o"} and len(scores) == 8
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n])
+
+
+def test_grad_arm_trains_the_top_matrices(corpus: Path, tmp_path: Path) -> None:
+    cfg = _cfg(corpus, "training.max_steps=2", "training.eval_steps=2",
+               "arms=[{kind: full}, {kind: grad, top_percent: 25, roles: 'q,v', batches: 2}]")
+    summary = run(cfg, tmp_path / "out")
+    arm = summary["arms"]["grad"]
+    # 25% of 4 blocks = one q (64x64) and one v (32x64) matrix of random:llama.
+    assert arm["trainable_params"] == 64 * 64 + 32 * 64
+    assert arm["integrity"]["ok"] and arm["theta0_hash"] == summary["theta0_hash"]
+    # Calibration draws its own batches: the full arm's stream is the one without the grad arm.
+    rows = _rows(tmp_path / "out", "full")
+    alone = run(_cfg(corpus, "training.max_steps=2", "training.eval_steps=2",
+                     "arms=[{kind: full}]"), tmp_path / "alone")
+    assert [r["batch_hash"] for r in rows] == [r["batch_hash"] for r in
+                                                _rows(tmp_path / "alone", "full")]
+    assert alone["arms"]["full"]["last_loss"] == summary["arms"]["full"]["last_loss"]

@@ -183,6 +183,32 @@ class SnrSelected(ArmStrategy):
         return f"SNR-selected: top {self.cfg.top_percent:g}% of each of {self.cfg.roles} by score"
 
 
+@register("grad")
+class GradSelected(ArmStrategy):
+    """The top `top_percent` % of each matrix type by mean gradient norm on calibration data.
+
+    The loop hands the arm `calibration` batches drawn with their own seed from the training
+    text, so selecting never consumes the shared batch stream.
+    """
+
+    calibration: list[torch.Tensor] = []
+
+    def _plans(self, model: nn.Module) -> dict[int, Plan | None]:
+        from pfreeze.rank import grad_scores, top_selector
+
+        if not self.calibration:
+            raise PfreezeError(f"arm '{self.name}' needs calibration batches",
+                               "run it through pfreeze run (the loop provides them)")
+        roles = set(self.cfg.roles.split(","))
+        scores = grad_scores(model, self.family, self.calibration[: self.cfg.batches], roles)
+        self.selector = top_selector(scores, self.cfg.top_percent)
+        return {0: compile_plan(model, self.family, self.selector)}
+
+    def describe(self) -> str:
+        return (f"gradient-selected: top {self.cfg.top_percent:g}% of each of {self.cfg.roles} "
+                f"by mean gradient norm over {self.cfg.batches} batches")
+
+
 @register("lora")
 class Lora(ArmStrategy):
     """LoRA through peft on the modules the selector picks; base weights stay frozen."""

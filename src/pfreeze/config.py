@@ -157,8 +157,17 @@ class SnrArm(_ArmBase):
     roles: str = "q,k,v,o"
 
 
-Arm = Annotated[FullArm | PlanArm | LoraArm | ScheduleArm | UnfreezeArm | LisaArm | SnrArm,
-                Field(discriminator="kind")]
+class GradArm(_ArmBase):
+    """Data-driven selection: the top share of each matrix type by mean gradient norm."""
+
+    kind: Literal["grad"] = "grad"
+    top_percent: float = Field(25.0, gt=0, le=100)
+    roles: str = "q,k,v,o"
+    batches: int = Field(4, ge=1, description="calibration batches from the training text")
+
+
+Arm = Annotated[FullArm | PlanArm | LoraArm | ScheduleArm | UnfreezeArm | LisaArm | SnrArm
+                | GradArm, Field(discriminator="kind")]
 
 
 class RunConfig(_Strict):
@@ -256,7 +265,7 @@ def _explain(err: ValidationError, source: str) -> PfreezeError:
     return PfreezeError(f"{source}: invalid value for '{path}': {msg}", "correct it and rerun")
 
 
-_ARM_TAGS = {"full", "plan", "lora", "schedule", "unfreeze", "lisa", "snr"}
+_ARM_TAGS = {"full", "plan", "lora", "schedule", "unfreeze", "lisa", "snr", "grad"}
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -8,6 +8,7 @@ noise (Marchenko–Pastur):
     score         = SNR / σ₁                   (so large-norm matrices do not win by scale)
 Matrices with a high score carry more structure than noise; Spectrum trains the top share of
 each matrix type. Fused Q/K/V matrices are scored per role slice, like every other report.
+The data-driven alternative, `grad_scores`, ranks by the mean gradient norm over a few batches.
 """
 
 from __future__ import annotations
@@ -50,24 +51,65 @@ def _matrix_type(name: str, role: str) -> str:
     return role
 
 
-def snr_scores(model: nn.Module, family: str, roles: set[str] | None = None) -> list[MatrixScore]:
-    """Score every 2-D block matrix (fused ones per q/k/v slice), highest score first."""
+def matrix_pieces(model: nn.Module, family: str, roles: set[str] | None = None
+                  ) -> list[tuple[str, str, int | None, int, torch.Tensor | None]]:
+    """(name, type, layer, dim, index) of every 2-D block matrix; fused ones per q/k/v."""
     infos = describe_params(model, family)
-    params = dict(model.named_parameters())
     g = Geometry.of(model)
-    out: list[MatrixScore] = []
+    out = []
     for name, info in infos.items():
         if info.layer is None or len(info.shape) != 2:
             continue
         pieces = ([(r, role_index(info, r, None, g)) for r in "qkv"]
                   if info.rule.role == "qkv" else [(info.rule.role, None)])
         for role, idx in pieces:
-            if roles is not None and role not in roles:
-                continue
-            w = params[name] if idx is None else params[name].index_select(info.rule.dim, idx)
-            snr, score = snr_score(w)
-            out.append(MatrixScore(name, _matrix_type(name, role), info.layer,
-                                   tuple(w.shape), snr, score))  # type: ignore[arg-type]
+            if roles is None or role in roles:
+                out.append((name, _matrix_type(name, role), info.layer, info.rule.dim, idx))
+    return out
+
+
+def _piece(t: torch.Tensor, dim: int, idx: torch.Tensor | None) -> torch.Tensor:
+    return t if idx is None else t.index_select(dim, idx.to(t.device))
+
+
+def snr_scores(model: nn.Module, family: str, roles: set[str] | None = None) -> list[MatrixScore]:
+    """Score every 2-D block matrix (fused ones per q/k/v slice), highest score first."""
+    params = dict(model.named_parameters())
+    out: list[MatrixScore] = []
+    for name, kind, layer, dim, idx in matrix_pieces(model, family, roles):
+        w = _piece(params[name], dim, idx)
+        snr, score = snr_score(w)
+        out.append(MatrixScore(name, kind, layer, tuple(w.shape), snr, score))  # type: ignore[arg-type]
+    return sorted(out, key=lambda m: -m.score)
+
+
+def grad_scores(model: nn.Module, family: str, batches: list[torch.Tensor],
+                roles: set[str] | None = None) -> list[MatrixScore]:
+    """Score = mean over `batches` of ‖∂loss/∂W‖_F per matrix piece (data-driven, cheap).
+
+    Gradients are computed on `model` (an arm's own copy) and cleared afterwards, and
+    requires_grad is put back as it was, so nothing leaks into training.
+    """
+    params = dict(model.named_parameters())
+    pieces = matrix_pieces(model, family, roles)
+    was = {n: p.requires_grad for n, p in params.items()}
+    for n in {pc[0] for pc in pieces}:
+        params[n].requires_grad_(True)
+    sums = torch.zeros(len(pieces), dtype=torch.float64)
+    for x in batches:
+        model.zero_grad(set_to_none=True)
+        model(input_ids=x, labels=x).loss.backward()
+        with torch.no_grad():
+            for i, (name, _, _, dim, idx) in enumerate(pieces):
+                sums[i] += float(torch.linalg.vector_norm(_piece(params[name].grad, dim, idx)))
+    model.zero_grad(set_to_none=True)
+    for n, p in params.items():
+        p.requires_grad_(was[n])
+    mean = sums / max(len(batches), 1)
+    out = []
+    for (name, kind, layer, dim, idx), m in zip(pieces, mean.tolist(), strict=True):
+        shape = tuple(_piece(params[name], dim, idx).shape)
+        out.append(MatrixScore(name, kind, layer, shape, m, m))  # type: ignore[arg-type]
     return sorted(out, key=lambda m: -m.score)
 
 

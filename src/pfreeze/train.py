@@ -148,6 +148,8 @@ class Loop:
         self.arms = []
         for acfg in self.cfg.arms:
             strat = make_arm(acfg, family, self.t.max_steps)
+            if acfg.kind == "grad":
+                strat.calibration = self.calibration_batches(acfg.batches)
             model = strat.build(base)
             # Hash each copy where it was made (host memory): the proof that all arms share θ₀.
             h = getattr(strat, "theta0_hash", None) or state_hash(model)
@@ -173,6 +175,12 @@ class Loop:
             step_fn = (torch.compile(model, dynamic=False, mode=mode)
                        if self.compile and single else None)
             self.arms.append(ArmRun(strat, model, freezer, opt, sched, tracker, h, step_fn))
+
+    def calibration_batches(self, n: int) -> list[torch.Tensor]:
+        """Batches for data-driven selection, from their own seeded stream (not the shared one)."""
+        stream = BatchStream(self.stats.train_ids, self.stream.block,
+                             self.t.per_device_train_batch_size, self.t.seed + 7919)
+        return [stream.next() for _ in range(n)]
 
     # ------------------------------------------------------------------ steps
     def _timer(self) -> Any:
