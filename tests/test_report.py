@@ -170,3 +170,15 @@ def test_missing_files_raise(tmp_path: Path, missing: str) -> None:
 def test_not_a_directory(tmp_path: Path) -> None:
     with pytest.raises(PfreezeError, match=r"summary\.json missing"):
         render_report(tmp_path / "nope")
+
+
+def test_p_at_the_best_point_is_shown_when_measured(tmp_path: Path) -> None:
+    root = _make_run(tmp_path / "run", {"full": TOTAL, "plan": 1_769_472})
+    summary = json.loads((root / "summary.json").read_text())
+    summary["arms"]["plan"]["p_best"] = {"mean": 0.4321, "std": 0.01, "ci95": [0.42, 0.44],
+                                         "n": 8}
+    (root / "summary.json").write_text(json.dumps(summary))
+    render_report(root)
+    md = (root / "report.md").read_text()
+    assert "(best point: 0.432 ± 0.010)" in md
+    assert md.count("best point:") == 1  # only the arm that has it

@@ -294,7 +294,9 @@ def _arm_row(arm: str, a: dict[str, Any], total: Any, ref_median: float) -> dict
         "tps": _int(a.get("tokens_per_s")), "gap": _f(gap),
         "mean_loss": _f(a.get("mean_loss")), "last_loss": _f(a.get("last_loss")),
         "val": f"{_f(a.get('val_loss_before'))} → {best} → {_f(a.get('val_loss_after'))}",
-        "p": f"{_p(a.get('p_before'))} → {_p(a.get('p_after'))}",
+        "p": f"{_p(a.get('p_before'))} → {_p(a.get('p_after'))}"
+        # keep_best runs also sample with the best-point weights
+        + (f" (best point: {_p(a['p_best'])})" if a.get("p_best") else ""),
     }
 
 
