@@ -254,3 +254,18 @@ def test_save_pretrained_writes_a_loadable_model(run_args, tmp_path: Path) -> No
     params = dict(model.named_parameters())
     for name, t in trained.items():
         assert torch.equal(params[name].detach(), t)
+
+
+def test_plan_with_a_config_shows_every_arm_and_phase(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: {name: random:gpt2}\ntraining: {max_steps: 20}\narms:\n"
+                   "  - {kind: plan, name: qkv, select: 'layers=50%: roles=q,k,v'}\n"
+                   "  - {kind: unfreeze, name: thaw, every: 8}\n")
+    result = CliRunner().invoke(app, ["plan", "--config", str(cfg)])
+    assert result.exit_code == 0, result.output
+    totals = re.findall(r"trainable: ([\d,]+) of", result.output)
+    # qkv: c_attn weight+bias of blocks 2, 3; thaw: whole top block, then top 2, then top 3.
+    block = 64 * 192 + 192 + 64 * 64 + 64 + 2 * (64 + 64) + 64 * 256 + 256 + 256 * 64 + 64
+    assert totals == [f"{2 * (64 * 192 + 192):,}", f"{block:,}", f"{2 * block:,}",
+                      f"{3 * block:,}"]
+    assert "thaw, from step 16" in result.output.replace("\n", " ")

@@ -121,34 +121,66 @@ def _print_summary(summary: dict) -> None:
 
 @app.command()
 def plan(
-    model: Annotated[str, typer.Option(
-        "--model", "-m", help="Model to plan against.")] = "random:gpt2",
-    select: Annotated[str, typer.Option("--select", "-s", help="Selector (see README).")] = (
-        "layers=50%: roles=q,k,v"),
+    model: Annotated[str | None, typer.Option(
+        "--model", "-m", help="Model to plan against (default: random:gpt2).")] = None,
+    select: Annotated[str | None, typer.Option(
+        "--select", "-s", help="Selector (see README); default: layers=50%: roles=q,k,v.")] = None,
+    config: Annotated[Path | None, typer.Option(
+        "--config", "-c", help="Show what every arm of this run config trains.")] = None,
     all_rows: Annotated[bool, typer.Option("--all", help="List frozen tensors too.")] = False,
 ) -> None:
-    """Print what a selector trains: per tensor, trainable elements, and totals."""
-    from pfreeze.masking import optimizer_state_bytes
+    """Print what a selector (or every arm of a config) trains: per tensor, and totals."""
     from pfreeze.models import load_model
     from pfreeze.plan import compile_plan
+
+    if config is None:
+        name = model or "random:gpt2"
+        lm = load_model(name)
+        selector = select or "layers=50%: roles=q,k,v"
+        _print_plan(f"{name} ({lm.family}): {selector}",
+                    compile_plan(lm.model, lm.family, selector), all_rows)
+        return
+    if select:
+        raise PfreezeError("--select and --config both say what trains",
+                           "pass one of them")
+    from pfreeze.arms import make_arm
+    from pfreeze.config import load_config
+
+    cfg = load_config(config)
+    name = model or cfg.model.name
+    lm = load_model(name, seed=cfg.training.seed)
+    for acfg in cfg.arms:
+        if acfg.kind == "grad":
+            out.print(f"[bold]{escape(str(acfg.name))}[/]: chosen from gradients at run time")
+            continue
+        strat = make_arm(acfg, lm.family, cfg.training.max_steps)
+        strat.build(lm.model)
+        out.print(f"[bold]{escape(str(acfg.name))}[/]: {escape(strat.describe())}")
+        for step, p in sorted(strat.plans.items()):
+            if p is None:
+                out.print(f"  from step {step}: nothing trains")
+            else:
+                _print_plan(f"{acfg.name}, from step {step}: {p.selector}", p, all_rows)
+
+
+def _print_plan(title: str, p: object, all_rows: bool) -> None:
+    from pfreeze.masking import optimizer_state_bytes
     from pfreeze.plan_table import plan_rows
 
-    lm = load_model(model)
-    p = compile_plan(lm.model, lm.family, select)
-    table = Table(title=escape(f"{model} ({lm.family}): {select}"))
+    table = Table(title=escape(title))
     for col in ("tensor", "shape", "trainable / total", "how"):
         table.add_column(col, overflow="fold")
-    for r in plan_rows(p):
+    for r in plan_rows(p):  # type: ignore[arg-type]
         if r["trainable"] or all_rows:
             shape = "×".join(map(str, r["shape"]))  # type: ignore[call-overload]
             table.add_row(escape(str(r["name"])), shape,
                           f"{r['trainable']:,} / {r['total']:,}", escape(str(r["how"])))
     out.print(table)
-    trainable, total = p.trainable, p.total
-    adam_bytes = optimizer_state_bytes(p, "adamw")
+    trainable, total = p.trainable, p.total  # type: ignore[attr-defined]
+    adam_bytes = optimizer_state_bytes(p, "adamw")  # type: ignore[arg-type]
     out.print(f"trainable: {trainable:,} of {total:,} parameters "
-                    f"({100 * trainable / total:.2f}%) in {len(p.tensors)} tensors; "
-                    f"AdamW state: {adam_bytes / 2**20:.1f} MiB")
+              f"({100 * trainable / total:.2f}%) in {len(p.tensors)} tensors; "  # type: ignore[attr-defined]
+              f"AdamW state: {adam_bytes / 2**20:.1f} MiB")
 
 
 @app.command()
