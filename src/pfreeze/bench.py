@@ -17,21 +17,19 @@ import argparse
 import copy
 import gc
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
-import transformers
 from torch import nn
 
 from pfreeze.atomic import write_json
 from pfreeze.models import load_model
+from pfreeze.outputs import environment
 from pfreeze.plan import Geometry, compile_plan, describe_params
 
 SHAPES = {"smollm2": "random:smollm2-135m", "gpt2": "random:gpt2-124m", "tiny": "random:llama"}
@@ -93,7 +91,7 @@ class Bench:
         name = torch.cuda.get_device_name(self.dev) if self.cuda else "cpu"
         hopper = HOPPER_BF16 if "H100" in name or "H200" in name else None
         self.peak = args.peak_tflops * 1e12 if args.peak_tflops else hopper
-        self.out: Row = {"environment": _environment(name, argv, self.peak),
+        self.out: Row = {"environment": _environment(self.dev, argv, self.peak),
                          "settings": vars(args), "generation": [], "rows": []}
 
     def sync(self) -> None:
@@ -344,17 +342,11 @@ def _line(r: Row) -> str:
             f" {r['warmup_s']:7.1f}  ok")
 
 
-def _environment(device: str, argv: list[str], peak: float | None) -> Row:
-    try:  # the commit, with "-dirty" when tracked files differ from it
-        git = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"], text=True,
-                             capture_output=True, cwd=Path(__file__).parent).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        git = None
-    return {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "command": " ".join(["python", "-m", "pfreeze.bench", *argv]),
-            "python": sys.version.split()[0], "torch": torch.__version__,
-            "cuda": torch.version.cuda, "transformers": transformers.__version__,
-            "device_name": device, "peak_flops": peak, "git": git}
+def _environment(device: torch.device, argv: list[str], peak: float | None) -> Row:
+    env = environment(device)  # the same probe every run's summary.json records
+    return {**env, "git": env.pop("git_hash"), "cuda": torch.version.cuda,
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "command": " ".join(["python", "-m", "pfreeze.bench", *argv]), "peak_flops": peak}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -20,12 +20,12 @@ import torch
 from torch import nn
 
 from pfreeze.errors import PfreezeError
+from pfreeze.models import tensor_bytes
 from pfreeze.plan import Geometry, ParamInfo, Plan, role_index
 
 
 def tensor_digest(t: torch.Tensor) -> str:
-    raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-    return hashlib.sha256(raw).hexdigest()
+    return hashlib.sha256(tensor_bytes(t)).hexdigest()
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:

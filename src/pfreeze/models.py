@@ -170,6 +170,11 @@ class _ShapeOnlyTokenizer(ByteTokenizer):
         self.eos_token_id = vocab_size - 1
 
 
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The raw bytes of a tensor (any dtype, any device): what θ₀ hashes and audits compare."""
+    return memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
 def state_hash(model: nn.Module) -> str:
     """sha256 over every parameter and buffer, name and bytes, in name order.
 
@@ -178,7 +183,7 @@ def state_hash(model: nn.Module) -> str:
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(tensor_bytes(t))
     return h.hexdigest()
 
 

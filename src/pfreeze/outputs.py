@@ -103,8 +103,8 @@ def environment(device: torch.device) -> dict[str, Any]:
 
     name = (torch.cuda.get_device_name(device) if device.type == "cuda"
             else f"{platform.machine()} ({torch.get_num_threads()} threads)")
-    try:
-        git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+    try:  # "-dirty" when tracked files differ from the commit: figures must say so
+        git = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
                              text=True, cwd=Path(__file__).parent, timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         git = ""
