@@ -30,14 +30,22 @@ def register(kind: str) -> Callable[[type[ArmStrategy]], type[ArmStrategy]]:
     return deco
 
 
+Calibration = Callable[[int], list[torch.Tensor]]  # n -> n batches of training text
+
+
 class ArmStrategy:
     """Base: a plain copy of θ₀ with one fixed plan."""
 
-    def __init__(self, cfg: Any, family: str, max_steps: int = 0) -> None:
+    # ‖ΔW‖ is tracked on the base weights by name; an arm whose model renames them says so.
+    tracks_base_weights = True
+
+    def __init__(self, cfg: Any, family: str, max_steps: int = 0,
+                 calibration: Calibration | None = None) -> None:
         self.cfg = cfg
         self.name: str = cfg.name
         self.family = family
         self.max_steps = max_steps
+        self.calibration = calibration  # for data-driven arms; drawn apart from the stream
         self.plans: dict[int, Plan | None] = {}
 
     def build(self, base: nn.Module) -> nn.Module:
@@ -187,11 +195,9 @@ class SnrSelected(ArmStrategy):
 class GradSelected(ArmStrategy):
     """The top `top_percent` % of each matrix type by mean gradient norm on calibration data.
 
-    The loop hands the arm `calibration` batches drawn with their own seed from the training
-    text, so selecting never consumes the shared batch stream.
+    The loop hands the arm a `calibration` source that draws batches with their own seed from
+    the training text, so selecting never consumes the shared batch stream.
     """
-
-    calibration: list[torch.Tensor] = []
 
     def _plans(self, model: nn.Module) -> dict[int, Plan | None]:
         from pfreeze.rank import grad_scores, top_selector
@@ -200,7 +206,7 @@ class GradSelected(ArmStrategy):
             raise PfreezeError(f"arm '{self.name}' needs calibration batches",
                                "run it through pfreeze run (the loop provides them)")
         roles = set(self.cfg.roles.split(","))
-        scores = grad_scores(model, self.family, self.calibration[: self.cfg.batches], roles)
+        scores = grad_scores(model, self.family, self.calibration(self.cfg.batches), roles)
         self.selector = top_selector(scores, self.cfg.top_percent)
         return {0: compile_plan(model, self.family, self.selector)}
 
@@ -212,6 +218,8 @@ class GradSelected(ArmStrategy):
 @register("lora")
 class Lora(ArmStrategy):
     """LoRA through peft on the modules the selector picks; base weights stay frozen."""
+
+    tracks_base_weights = False  # peft renames the base weights (base_model.model...)
 
     def build(self, base: nn.Module) -> nn.Module:
         from peft import LoraConfig, get_peft_model
@@ -248,6 +256,7 @@ class Lora(ArmStrategy):
         return f"LoRA r={self.cfg.r}, alpha={self.cfg.alpha} on `{self.cfg.select}`"
 
 
-def make_arm(cfg: Any, family: str, max_steps: int = 0) -> ArmStrategy:
+def make_arm(cfg: Any, family: str, max_steps: int = 0,
+             calibration: Calibration | None = None) -> ArmStrategy:
     """The strategy for one arm config (any kind registered above)."""
-    return ARM_KINDS[cfg.kind](cfg, family, max_steps)
+    return ARM_KINDS[cfg.kind](cfg, family, max_steps, calibration)

@@ -144,12 +144,13 @@ class Loop:
         from transformers import get_scheduler
 
         infos = describe_params(base, family)
+        self.base_info = {"n_layers": base.config.num_hidden_layers,
+                          "total_params": count_params(base),
+                          "tied_embeddings": any(i.tied for i in infos.values())}
         tracked = list(compile_plan(base, family, self.cfg.track).tensors)
         self.arms = []
         for acfg in self.cfg.arms:
-            strat = make_arm(acfg, family, self.t.max_steps)
-            if acfg.kind == "grad":
-                strat.calibration = self.calibration_batches(acfg.batches)
+            strat = make_arm(acfg, family, self.t.max_steps, self.calibration_batches)
             model = strat.build(base)
             # Hash each copy where it was made (host memory): the proof that all arms share θ₀.
             h = getattr(strat, "theta0_hash", None) or state_hash(model)
@@ -163,7 +164,7 @@ class Loop:
             sched = get_scheduler(self.t.lr_scheduler_type, opt,
                                   num_warmup_steps=self.t.warmup_steps,
                                   num_training_steps=self.t.max_steps)
-            tracker = Tracker(model, infos, tracked if acfg.kind != "lora" else [],
+            tracker = Tracker(model, infos, tracked if strat.tracks_base_weights else [],
                               trained=strat.trained_names())
             # A separate compiled callable for training only: evaluation and generate() use
             # the eager module, whose changing shapes would otherwise exhaust dynamo's
@@ -400,8 +401,6 @@ class Loop:
         p_after = self.sample_all("after")
         p_best = self.sample_best() if self.t.keep_best else {}
         arms_summary = {}
-        first = self.arms[0].model
-        infos = describe_params(first, self.lm.family) if self.cfg.arms[0].kind != "lora" else {}
         for arm in self.arms:
             audit = arm.freezer.audit()
             arms_summary[arm.strategy.name] = self._arm_summary(arm, p_before, p_after, audit)
@@ -414,10 +413,7 @@ class Loop:
             "command": self.command,  # set by the CLI; None for runs from the Python API
             "status": "finished",
             "environment": {**environment(self.device), "bf16": self.bf16},
-            "model": {"name": self.lm.name, "architecture": self.lm.family,
-                      "n_layers": first.config.num_hidden_layers,
-                      "total_params": count_params(first),
-                      "tied_embeddings": any(i.tied for i in infos.values()) if infos else None},
+            "model": {"name": self.lm.name, "architecture": self.lm.family, **self.base_info},
             "config": self.cfg.model_dump(mode="json"),
             "corpus": self.corpus,
             "theta0_hash": self.theta0_hash,
