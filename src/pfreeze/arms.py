@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -69,6 +70,13 @@ class ArmStrategy:
 
     def describe(self) -> str:
         raise NotImplementedError
+
+    def export(self, model: nn.Module, folder: Path, pretrained: bool, tokenizer: Any) -> None:
+        """Extra files beside trained.safetensors: the full model, when asked."""
+        if pretrained:
+            model.save_pretrained(str(folder / "model"))
+            if hasattr(tokenizer, "tok"):
+                tokenizer.tok.save_pretrained(str(folder / "model"))
 
     def trained_names(self) -> set[str]:
         return {n for p in self.plans.values() if p is not None for n in p.tensors}
@@ -251,6 +259,9 @@ class Lora(ArmStrategy):
                                                 for n, p in adapter.items()}, infos_all)}
         self.targets = targets
         return model
+
+    def export(self, model: nn.Module, folder: Path, pretrained: bool, tokenizer: Any) -> None:
+        model.save_pretrained(str(folder / "adapter"))  # the PEFT adapter format, always
 
     def describe(self) -> str:
         return f"LoRA r={self.cfg.r}, alpha={self.cfg.alpha} on `{self.cfg.select}`"

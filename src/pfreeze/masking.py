@@ -236,7 +236,9 @@ class Tracker:
             z = torch.zeros(len(self.keys))
             return z, z
         cur = [p.detach() for p in self.params]
-        d_prev = torch._foreach_sub(cur, self.prev)
         d_0 = torch._foreach_sub(cur, self.w0)
+        # W_{t-1} - W_t in place (a norm ignores the sign), then prev becomes W_t: no copy.
+        torch._foreach_sub_(self.prev, cur)
+        d_prev = self._norms(self.prev)
         torch._foreach_copy_(self.prev, cur)
-        return self._norms(d_prev), self._norms(d_0)
+        return d_prev, self._norms(d_0)

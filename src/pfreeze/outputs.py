@@ -86,12 +86,7 @@ class RunFiles:
         atomic_write(d / "trained.safetensors", lambda p: save_file(tensors, str(p), meta))
         if best is not None:  # the trained tensors at the best held-out evaluation
             atomic_write(d / "best.safetensors", lambda p: save_file(best, str(p), meta))
-        if strategy.cfg.kind == "lora":
-            model.save_pretrained(str(d / "adapter"))
-        elif pretrained:
-            model.save_pretrained(str(d / "model"))
-            if hasattr(tokenizer, "tok"):
-                tokenizer.tok.save_pretrained(str(d / "model"))
+        strategy.export(model, d, pretrained, tokenizer)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         write_json(self.root / "summary.json", summary)

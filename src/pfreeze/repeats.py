@@ -16,9 +16,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pfreeze import checkpoint
 from pfreeze.atomic import write_json, write_text
-from pfreeze.config import RunConfig
+from pfreeze.config import RunConfig, dump_config
 from pfreeze.evaluate import mean_ci
+from pfreeze.outputs import RunFiles
 
 # (label, getter) for each headline figure of an arm summary.
 HEADLINES: list[tuple[str, Callable[[dict[str, Any]], float | None]]] = [
@@ -92,10 +94,6 @@ def render_markdown(agg: dict[str, Any]) -> str:
 def run_repeats(cfg: RunConfig, output_dir: Path, run_one: Callable[..., dict[str, Any]],
                 **kwargs: Any) -> dict[str, Any]:
     """Run (or, with resume=True, finish) every repeat, then aggregate them."""
-    from pfreeze import checkpoint
-    from pfreeze.config import dump_config
-    from pfreeze.outputs import RunFiles
-
     resume = kwargs.pop("resume", False)
     if not resume:
         # The top-level config makes the folder resumable with `pfreeze run --resume DIR`.
