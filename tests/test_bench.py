@@ -74,3 +74,26 @@ def test_a_failing_case_and_the_time_bound_are_recorded(tmp_path: Path,
     assert "out of memory" in rows[0]["error"]
     rows = _run(tmp_path, "--methods", "eager,compiled", "--max-seconds", "0")["rows"]
     assert [r["status"] for r in rows] == ["skipped"] * 4
+
+
+def test_the_cached_method_times_the_frozen_arm_from_its_cache(tmp_path: Path) -> None:
+    data = _run(tmp_path, "--methods", "pfreeze,pfreeze_cached", "--warmup", "4")
+    rows = {(r["arm"], r["method"]): r for r in data["rows"]}
+    assert ("full", "pfreeze_cached") not in rows  # the full arm trains block 0
+    cached = rows[("frozen", "pfreeze_cached")]
+    assert cached["status"] == "ok", cached.get("error")
+    # 4 batches of 2 windows are one epoch: the 4 warm-up steps compute, the 2 timed ones hit.
+    assert cached["prefix_cache"]["misses"] == 8 and cached["prefix_cache"]["hits"] == 4
+    kinds = {(r["kind"], r["method"]) for r in data["ratios"]}
+    assert ("frozen/full", "pfreeze_cached") in kinds
+
+
+def test_generation_rows_time_pfreezes_own_sampling(tmp_path: Path) -> None:
+    out = tmp_path / "gen.json"
+    bench.main(["--methods", "none", "--gen-batch", "8", "--gen-new", "4", "--gen-reps", "1",
+                "--gen-warmup", "1", "--device", "cpu", "--out", str(out)])
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["generation"]}
+    assert set(rows) == {"pfreeze_eager", "pfreeze_static", "static_bf16"}
+    for r in rows.values():
+        assert r["status"] == "ok", r.get("error")
+        assert r["new_tokens_per_s"] == pytest.approx(8 * 4 / r["seconds"])

@@ -55,13 +55,20 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return p
 
 
-def test_sigkill_then_resume_matches_uninterrupted(corpus: Path, tmp_path: Path) -> None:
+# epochs: aligned chunks (9 steps per epoch at batch 16, so the resumed part crosses into
+# epoch 2) and the plan arm's frozen prefix cached, rebuilt empty after the resume.
+@pytest.mark.parametrize("extra", [(), ("data.sampling=epochs",
+                                        "training.per_device_train_batch_size=16")],
+                         ids=["random", "epochs"])
+def test_sigkill_then_resume_matches_uninterrupted(corpus: Path, tmp_path: Path,
+                                                   extra: tuple[str, ...]) -> None:
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    assert _run(corpus, straight) == 0
-    assert _run(corpus, killed, kill_at=6) == -9  # really killed, after the step-4 checkpoint
+    assert _run(corpus, straight, extra=extra) == 0
+    # really killed, after the step-4 checkpoint
+    assert _run(corpus, killed, kill_at=6, extra=extra) == -9
     assert (killed / "checkpoint" / "state.json").exists()
     assert not (killed / "summary.json").exists()
-    assert _run(corpus, killed, resume=True) == 0
+    assert _run(corpus, killed, resume=True, extra=extra) == 0
     for arm in ("full", "plan"):
         a = load_file(str(straight / "arms" / arm / "trained.safetensors"))
         b = load_file(str(killed / "arms" / arm / "trained.safetensors"))
@@ -75,6 +82,9 @@ def test_sigkill_then_resume_matches_uninterrupted(corpus: Path, tmp_path: Path)
         for key in ("last_loss", "mean_loss", "val_loss_best", "val_loss_best_step", "p_after"):
             assert s1["arms"][arm][key] == s2["arms"][arm][key], key
         assert s2["arms"][arm]["integrity"]["ok"]
+    if extra:  # the cached arm really read from its cache (the resumed one starts it empty)
+        assert s1["arms"]["plan"]["prefix_cache"]["hits"] > 0
+        assert s2["arms"]["plan"]["prefix_cache"]["blocks_cached"] == 2
 
 
 def test_resume_after_an_early_stop_keeps_the_stream_and_the_stop(corpus: Path,

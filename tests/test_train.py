@@ -385,3 +385,26 @@ def test_trained_safetensors_hold_exactly_the_trained_tensors(tiny_run: TinyRun)
     assert set(full) == set(final)
     for name, t in full.items():
         assert torch.equal(t, final[name].detach()), name
+
+
+@pytest.mark.parametrize("name", ["random:llama", "random:gpt2"])
+def test_batched_prompts_sample_as_if_alone(name: str) -> None:
+    """Prompts of other lengths in the batch (left padding) do not change a prompt's output."""
+    lm = load_model(name, seed=0)
+    greedy = {"samples_per_prompt": 1, "max_new_tokens": 10, "top_k": 1}
+    alone = generate_samples(lm.model, lm.tokenizer,
+                             GenerationConfig(prompts=["Call me"], **greedy), {32}, CPU, False)
+    mixed = generate_samples(lm.model, lm.tokenizer,
+                             GenerationConfig(prompts=["The whale was white", "Call me"],
+                                              **greedy), {32}, CPU, False)
+    assert mixed[1].prompt == "Call me" and mixed[1].ids == alone[0].ids
+
+
+def test_static_cache_samples_what_the_dynamic_cache_samples() -> None:
+    lm = load_model("random:llama", seed=0)
+    gcfg = GenerationConfig(prompts=["Call me", "It was a"], samples_per_prompt=2,
+                            max_new_tokens=8)
+    dynamic = generate_samples(lm.model, lm.tokenizer, gcfg, {32}, CPU, False,
+                               static_cache=False)
+    static = generate_samples(lm.model, lm.tokenizer, gcfg, {32}, CPU, False, static_cache=True)
+    assert [s.ids for s in static] == [s.ids for s in dynamic]

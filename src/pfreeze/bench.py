@@ -2,6 +2,8 @@
 
 One row per shape x batch x arm (full; frozen = q,k,v of the upper half) x method:
     pfreeze           Loop.train_step (autocast, fused AdamW, clip, dW tracker; --pfreeze-compile)
+    pfreeze_cached    the same with data.sampling=epochs and the frozen prefix cached (frozen
+                      arm only), timed in the steady state: every chunk was seen in warm-up
     eager             plain HF loop: autocast, loss, backward, fused AdamW step, zero_grad
     compiled          the same loop on model.compile(dynamic=False)
     trainer           transformers.Trainer (bf16, adamw_torch_fused), timed by a callback
@@ -33,7 +35,7 @@ from pfreeze.outputs import environment
 from pfreeze.plan import Geometry, compile_plan, describe_params
 
 SHAPES = {"smollm2": "random:smollm2-135m", "gpt2": "random:gpt2-124m", "tiny": "random:llama"}
-METHODS = ("pfreeze", "eager", "compiled", "trainer", "trainer_compiled")
+METHODS = ("pfreeze", "pfreeze_cached", "eager", "compiled", "trainer", "trainer_compiled")
 ARMS = {"full": None, "frozen": "layers=50%: roles=q,k,v"}
 HOPPER_BF16 = 989e12  # dense bf16 FLOP/s of an H100/H200 SXM (datasheet)
 LR = 1e-4
@@ -136,20 +138,33 @@ class Bench:
     def autocast(self, on: bool = True) -> torch.autocast:
         return torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=on and self.cuda)
 
-    def m_pfreeze(self, base: nn.Module, family: str, arm: str, batches: Batches) -> Row:
-        from pfreeze.config import FullArm, PlanArm, RunConfig, TrainingConfig  # needs pydantic
+    def m_pfreeze(self, base: nn.Module, family: str, arm: str, batches: Batches,
+                  cached: bool = False) -> Row:
+        from pfreeze.config import DataConfig, FullArm, PlanArm, RunConfig, TrainingConfig
+        from pfreeze.corpus import BatchStream
         from pfreeze.train import Loop
 
-        t = TrainingConfig(per_device_train_batch_size=len(batches[0]), learning_rate=LR,
+        b, seq = batches[0].shape
+        t = TrainingConfig(per_device_train_batch_size=b, learning_rate=LR,
                            max_steps=self.a.warmup + self.a.steps, bf16=self.cuda,
                            device=self.dev.type, torch_compile=self.pf_compile,
                            torch_compile_mode=self.a.pfreeze_compile_mode,
-                           optim="adamw_fused" if self.cuda else "adamw")
+                           optim="adamw_fused" if self.cuda else "adamw",
+                           prefix_cache=cached)
         arm_cfg = FullArm() if ARMS[arm] is None else PlanArm(select=ARMS[arm])
-        loop = Loop(RunConfig(training=t, arms=[arm_cfg]), None)  # type: ignore[arg-type]
+        data = DataConfig(sampling="epochs" if cached else "random", block_size=seq)
+        loop = Loop(RunConfig(data=data, training=t, arms=[arm_cfg]), None)  # type: ignore
+        if cached:  # the batches' tokens as the corpus: one epoch = len(batches) steps
+            loop.stream = BatchStream(torch.cat(batches).flatten().tolist(), seq, b, 0, "epochs")
         loop.build_arms(base, family)
-        m = self.drive(lambda i: loop.train_step(loop.arms[0], i, batches[i % len(batches)]))
-        loop.arms[0].pending.clear()  # queued losses, norms and events are not read here
+        r = loop.arms[0]
+        if cached:
+            m = self.drive(lambda i: loop.train_step(r, i, loop.stream.next(),
+                                                           loop.stream.windows))
+            m["prefix_cache"] = r.prefix.summary() if r.prefix else {"off": r.prefix_note}
+        else:
+            m = self.drive(lambda i: loop.train_step(r, i, batches[i % len(batches)]))
+        r.pending.clear()  # queued losses, norms and events are not read here
         return m
 
     def m_plain(self, model: nn.Module, batches: Batches, compiled: bool) -> Row:
@@ -230,8 +245,8 @@ class Bench:
             names = set(plan.tensors)
         b, t = batches[0].shape
         flops = model_flops(base, family, names, b, t)
-        if method == "pfreeze":
-            m = self.m_pfreeze(base, family, arm, batches)
+        if method.startswith("pfreeze"):
+            m = self.m_pfreeze(base, family, arm, batches, cached=method == "pfreeze_cached")
         else:
             model = copy.deepcopy(base).to(self.dev).train()
             for n, p in model.named_parameters():
@@ -252,9 +267,11 @@ class Bench:
                        for _ in range(4)]  # rotated; on the host, as pfreeze's BatchStream
             batches = [x.pin_memory() for x in batches] if self.cuda else batches
             for method in self.a.methods:
-                pf = method == "pfreeze" and self.pf_compile is True
+                pf = method.startswith("pfreeze") and self.pf_compile is True
                 need = self.a.compile_reserve if pf or method.endswith("compiled") else 15
                 for arm in ARMS:
+                    if method == "pfreeze_cached" and ARMS[arm] is None:
+                        continue  # the full arm trains block 0: nothing to cache
                     row = {"shape": shape, "model": lm.name, "batch": b, "seq": t, "arm": arm,
                            "method": method}
                     self.guarded(row, need, lambda m=method, a=arm: self.run_case(
@@ -264,48 +281,78 @@ class Bench:
                     self.write()
 
     def run_generation(self) -> None:
-        """New tokens/s of batched top-k sampling (pfreeze's p metric). pfreeze_eager: fp32 weights
-        under autocast (evaluate.py's way); static: transformers compiles the decode step (CUDA)."""
+        """New tokens/s of batched top-k sampling, the p metric's generation.
+
+        pfreeze_eager / pfreeze_static: evaluate.generate_samples itself (fp32 weights under
+        autocast, all prompts x samples in one batch), dynamic / static KV cache (the static
+        decode step is compiled by transformers). static_bf16: plain `generate` on bf16 weights
+        with a static cache, for reference."""
         a = self.a
         shape = a.gen_shape or ("smollm2" if self.cuda else "tiny")
-        base = load_model(SHAPES.get(shape, shape), seed=a.seed).model
-        eos = base.config.vocab_size - 1
+        lm = load_model(SHAPES.get(shape, shape), seed=a.seed)
+        eos = lm.model.config.vocab_size - 1
         x = torch.randint(0, eos, (a.gen_batch, a.gen_prompt),
                           generator=torch.Generator().manual_seed(a.seed)).to(self.dev)
         kw = dict(input_ids=x, attention_mask=torch.ones_like(x), do_sample=True, top_k=50,
                   max_new_tokens=a.gen_new, min_new_tokens=a.gen_new, pad_token_id=eos,
-                  eos_token_id=eos)
-        for name, bf16, extra in [("pfreeze_eager", False, {}), ("eager_bf16", True, {}),
-                                  ("static_bf16", True, {"cache_implementation": "static"})]:
+                  eos_token_id=eos, cache_implementation="static")
+        for name in ("pfreeze_eager", "pfreeze_static", "static_bf16"):
             row = {"variant": name, "shape": shape, "batch": a.gen_batch,
                    "prompt_tokens": a.gen_prompt, "new_tokens": a.gen_new}
-            self.guarded(row, a.compile_reserve if extra else 15,
-                         lambda b=bf16, e=extra: self.sample(base, {**kw, **e}, b))
+            fn = ((lambda: self.sample(lm.model, kw)) if name == "static_bf16" else
+                  (lambda n=name: self.sample_pfreeze(lm, n == "pfreeze_static")))
+            self.guarded(row, a.compile_reserve if "static" in name else 15, fn)
             self.out["generation"].append(row)
             done = (f"{row['new_tokens_per_s']:12,.0f} new tok/s  warm-up {row['warmup_s']:.1f} s"
                     if row["status"] == "ok" else row.get("error", ""))
             print(f"gen {shape} {name:14} {row['status']:7} {done}", flush=True)
             self.write()
 
-    def sample(self, base: nn.Module, kw: Row, bf16: bool) -> Row:
-        model = copy.deepcopy(base).to(self.dev).eval()
-        model = model.to(torch.bfloat16) if bf16 and self.cuda else model
+    def timed_calls(self, go: Callable[[], None]) -> Row:
         a = self.a
-        want = (a.gen_batch, a.gen_prompt + a.gen_new)
-
-        def go() -> float:
+        secs = []
+        for _ in range(a.gen_warmup + a.gen_reps):
             t0 = time.perf_counter()
-            with torch.no_grad(), self.autocast(on=not bf16):
-                out = model.generate(**kw)
+            go()
             self.sync()
+            secs.append(time.perf_counter() - t0)
+        warm, timed = secs[: a.gen_warmup], statistics.median(secs[a.gen_warmup :])
+        return {"warmup_s": sum(warm), "first_call_s": warm[0] if warm else None,
+                "seconds": timed, "new_tokens_per_s": a.gen_batch * a.gen_new / timed}
+
+    def sample_pfreeze(self, lm: Any, static: bool) -> Row:
+        from pfreeze.config import GenerationConfig  # needs pydantic
+        from pfreeze.evaluate import generate_samples
+
+        a = self.a
+        n_prompts = min(8, a.gen_batch)
+        if a.gen_batch % n_prompts:
+            raise ValueError(f"--gen-batch {a.gen_batch} is not a multiple of {n_prompts}")
+        # Distinct prompts of gen_prompt bytes (the shapes' tokenizer is bytes: one token each).
+        prompts = [f"{i:0{a.gen_prompt}d}"[-a.gen_prompt :] for i in range(n_prompts)]
+        cfg = GenerationConfig(prompts=prompts, samples_per_prompt=a.gen_batch // n_prompts,
+                               max_new_tokens=a.gen_new)
+        model = copy.deepcopy(lm.model).to(self.dev)
+
+        def go() -> None:
+            out = generate_samples(model, lm.tokenizer, cfg, {0}, self.dev, self.cuda, static)
+            if len(out) != a.gen_batch or any(len(s.ids) != a.gen_new for s in out):
+                raise RuntimeError("generate_samples returned the wrong number of tokens")
+
+        return self.timed_calls(go)
+
+    def sample(self, base: nn.Module, kw: Row) -> Row:
+        model = copy.deepcopy(base).to(self.dev).eval()
+        model = model.to(torch.bfloat16) if self.cuda else model
+        want = (self.a.gen_batch, self.a.gen_prompt + self.a.gen_new)
+
+        def go() -> None:
+            with torch.no_grad():
+                out = model.generate(**kw)
             if tuple(out.shape) != want:
                 raise RuntimeError(f"generate returned {tuple(out.shape)}, expected {want}")
-            return time.perf_counter() - t0
 
-        warm = [go() for _ in range(a.gen_warmup)]
-        secs = statistics.median(go() for _ in range(a.gen_reps))
-        return {"warmup_s": sum(warm), "first_call_s": warm[0] if warm else None,
-                "seconds": secs, "new_tokens_per_s": a.gen_batch * a.gen_new / secs}
+        return self.timed_calls(go)
 
     def write(self) -> None:
         self.out["ratios"] = ratios(self.out["rows"])
@@ -313,15 +360,19 @@ class Bench:
 
 
 def ratios(rows: list[Row]) -> list[Row]:
-    """pfreeze / peer step time per (shape, batch, arm); frozen / full per method."""
+    """pfreeze (and pfreeze_cached) / peer step time per (shape, batch, arm); frozen / full per
+    method (pfreeze_cached's frozen arm against pfreeze's full arm, which it cannot cache)."""
     ok = {(r["shape"], r["batch"], r["seq"], r["arm"], r["method"]): r["step_ms"]
           for r in rows if r.get("status") == "ok"}
     out = []
     for (s, b, t, arm, meth), ms in ok.items():
-        pf, full = ok.get((s, b, t, arm, "pfreeze")), ok.get((s, b, t, "full", meth))
         case = {"shape": s, "batch": b, "seq": t, "method": meth}
-        if meth != "pfreeze" and pf:
-            out.append({"kind": "pfreeze/peer", **case, "arm": arm, "step_time_ratio": pf / ms})
+        if not meth.startswith("pfreeze"):
+            for own in ("pfreeze", "pfreeze_cached"):
+                if pf := ok.get((s, b, t, arm, own)):
+                    out.append({"kind": f"{own}/peer", **case, "arm": arm,
+                                "step_time_ratio": pf / ms})
+        full = ok.get((s, b, t, "full", "pfreeze" if meth == "pfreeze_cached" else meth))
         if arm == "frozen" and full:
             out.append({"kind": "frozen/full", **case, "arm": "", "step_time_ratio": ms / full})
     return out
@@ -386,7 +437,7 @@ def main(argv: list[str] | None = None) -> Row:
     for shape in bench.a.shapes.split(",") if bench.a.methods else []:
         bench.run_shape(shape)
     for r in bench.out["ratios"]:
-        print(f"{r['kind']:13} {r['shape']:8} {r['batch']}x{r['seq']:<5} {r['arm']:6} "
+        print(f"{r['kind']:20} {r['shape']:8} {r['batch']}x{r['seq']:<5} {r['arm']:6} "
               f"{r['method']:16} {r['step_time_ratio']:.3f}", flush=True)
     return bench.out
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pfreeze.errors import PfreezeError
 
@@ -39,6 +39,9 @@ class DataConfig(_Strict):
     validation_fraction: float = Field(0.1, ge=0.0, le=0.5)
     block_size: int = Field(256, ge=8, description="tokens per training window")
     top_k: int = Field(100, ge=1, description="size of the frequent-token set S_k for p")
+    # random: windows start anywhere. epochs: aligned chunks, reshuffled every epoch; chunks
+    # recur, so an arm frozen below block f can reuse block f's cached input (prefix_cache).
+    sampling: Literal["random", "epochs"] = "random"
 
 
 class TrainingConfig(_Strict):
@@ -71,6 +74,9 @@ class TrainingConfig(_Strict):
     torch_compile: bool | Literal["auto"] = "auto"
     # reduce-overhead captures the compiled step in CUDA graphs: for small, launch-bound steps.
     torch_compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
+    # Reuse the input of the lowest trained block for windows seen before (exact: that input
+    # depends only on frozen weights). auto: wherever possible when data.sampling=epochs.
+    prefix_cache: bool | Literal["auto"] = "auto"
 
 
 class GenerationConfig(_Strict):
@@ -203,6 +209,13 @@ class RunConfig(_Strict):
                 arm.name = name
                 taken.add(name)
         return arms
+
+    @model_validator(mode="after")
+    def _prefix_needs_epochs(self) -> RunConfig:
+        if self.training.prefix_cache is True and self.data.sampling != "epochs":
+            raise ValueError("training.prefix_cache=true needs data.sampling=epochs: with "
+                             "random windows no window repeats, so nothing could be reused")
+        return self
 
 
 # --------------------------------------------------------------------------- loading

@@ -302,11 +302,19 @@ def describe(stats: CorpusStats, decode: Callable[[list[int]], str]) -> dict[str
 
 
 class BatchStream:
-    """Seeded random windows of the training tokens; its state is one generator state."""
+    """Seeded windows of the training tokens, drawn one batch at a time.
 
-    def __init__(self, ids: list[int], block: int, batch: int, seed: int) -> None:
+    random   windows start anywhere (every step sees new text; nothing repeats exactly)
+    epochs   the text cut into aligned chunks of `block` tokens, shuffled anew each epoch
+             (seeded by seed and epoch number): every chunk once per epoch, the same chunk
+             ids again in later epochs, which is what lets a frozen prefix be cached
+    `windows` holds the last batch's chunk ids (epochs) or None (random).
+    """
+
+    def __init__(self, ids: list[int], block: int, batch: int, seed: int,
+                 sampling: str = "random") -> None:
         self.ids = torch.tensor(ids, dtype=torch.long)
-        self.block, self.batch = block, batch
+        self.block, self.batch, self.seed, self.sampling = block, batch, seed, sampling
         if len(self.ids) < block:
             raise PfreezeError(
                 f"the training text has {len(self.ids)} tokens, fewer than one window "
@@ -322,9 +330,27 @@ class BatchStream:
             )
         self.gen = torch.Generator().manual_seed(seed)
         self.offsets = torch.arange(block)
+        self.n_chunks = len(self.ids) // block
+        self.drawn = 0  # windows handed out so far (the epochs mode's whole state)
+        self.windows: torch.Tensor | None = None
+
+    def _epoch_order(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.n_chunks, generator=g)
 
     def next(self) -> torch.Tensor:
-        starts = torch.randint(0, len(self.ids) - self.block + 1, (self.batch,), generator=self.gen)
+        if self.sampling == "epochs":
+            # Stateless given `drawn`: a resumed run rebuilds the same order from the count.
+            pos = torch.arange(self.drawn, self.drawn + self.batch)
+            chunks = torch.cat([self._epoch_order(int(e))
+                                for e in torch.unique(pos // self.n_chunks)])
+            first = int(pos[0] // self.n_chunks) * self.n_chunks
+            self.windows = chunks[pos - first]
+            starts = self.windows * self.block
+        else:
+            starts = torch.randint(0, len(self.ids) - self.block + 1, (self.batch,),
+                                   generator=self.gen)
+        self.drawn += self.batch
         batch = self.ids[starts[:, None] + self.offsets]
         # Pinned host memory makes the copy to the GPU truly asynchronous.
         return batch.pin_memory() if torch.cuda.is_available() else batch

@@ -41,6 +41,7 @@ from pfreeze.masking import Freezer, Tracker, check_audit
 from pfreeze.models import LoadedModel, count_params, load_model, state_hash
 from pfreeze.outputs import RunFiles, environment
 from pfreeze.plan import compile_plan, describe_params
+from pfreeze.prefix import PrefixCache, plan_cache
 
 
 def pick_device(spec: str) -> torch.device:
@@ -64,6 +65,8 @@ class ArmRun:
     tracker: Tracker
     theta0_hash: str
     step_fn: Any = None  # a compiled wrapper of `model` (same parameters), or None: eager
+    prefix: PrefixCache | None = None  # the frozen prefix's cache, when this arm has one
+    prefix_note: str = ""  # "blocks 0-14 cached", or why there is no cache
     # (step, loss, ΔW norms, W−W₀ norms, timers, memory, lr), read back at the next flush
     pending: list[tuple[Any, ...]] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
@@ -129,7 +132,8 @@ class Loop:
             min_tokens=cfg.data.block_size)
         self.corpus = {"source": source, **describe(self.stats, self.lm.tokenizer.decode)}
         batch = self.t.per_device_train_batch_size * self.t.gradient_accumulation_steps
-        self.stream = BatchStream(self.stats.train_ids, cfg.data.block_size, batch, self.t.seed)
+        self.stream = BatchStream(self.stats.train_ids, cfg.data.block_size, batch, self.t.seed,
+                                  cfg.data.sampling)
         n_eval = self.t.eval_batches * self.t.per_device_train_batch_size
         self.val_windows = fixed_windows(self.stats.val_ids, cfg.data.block_size, n_eval)
         self.train_windows = fixed_windows(self.stats.train_ids, cfg.data.block_size, n_eval)
@@ -166,6 +170,7 @@ class Loop:
                                   num_training_steps=self.t.max_steps)
             tracker = Tracker(model, infos, tracked if strat.tracks_base_weights else [],
                               trained=strat.trained_names())
+            prefix, note = self._prefix_cache(model, family, strat, infos)
             # A separate compiled callable for training only: evaluation and generate() use
             # the eager module, whose changing shapes would otherwise exhaust dynamo's
             # recompile limit and silently send training back to eager.
@@ -173,9 +178,25 @@ class Loop:
             # Dynamo guards on requires_grad: an arm whose plan changes would recompile at each
             # change and fall back to eager after 8, so only single-plan arms are compiled.
             single = len(strat.plans) == 1
-            step_fn = (torch.compile(model, dynamic=False, mode=mode)
+            trains = model if prefix is None else prefix.upper
+            step_fn = (torch.compile(trains, dynamic=False, mode=mode)
                        if self.compile and single else None)
-            self.arms.append(ArmRun(strat, model, freezer, opt, sched, tracker, h, step_fn))
+            self.arms.append(ArmRun(strat, model, freezer, opt, sched, tracker, h, step_fn,
+                                    prefix, note))
+        if self.t.prefix_cache is True and not any(a.prefix for a in self.arms):
+            why = "; ".join(f"{a.strategy.name}: {a.prefix_note}" for a in self.arms)
+            raise PfreezeError(f"training.prefix_cache=true, but no arm can use it ({why})",
+                               "set training.prefix_cache=auto (or false)")
+
+    def _prefix_cache(self, model: nn.Module, family: str, strat: ArmStrategy,
+                      infos: dict) -> tuple[PrefixCache | None, str]:
+        stream = getattr(self, "stream", None)
+        if not self.t.prefix_cache:
+            return None, "off (training.prefix_cache=false)"
+        if stream is None or stream.sampling != "epochs":
+            return None, "off: windows never repeat with data.sampling=random"
+        return plan_cache(model, family, strat.trained_names(), infos, len(strat.plans) == 1,
+                          stream.n_chunks, stream.block, self.device)
 
     def calibration_batches(self, n: int) -> list[torch.Tensor]:
         """Batches for data-driven selection, from their own seeded stream (not the shared one)."""
@@ -191,7 +212,9 @@ class Loop:
             return ev
         return time.perf_counter()
 
-    def train_step(self, arm: ArmRun, step: int, batch: torch.Tensor) -> None:
+    def train_step(self, arm: ArmRun, step: int, batch: torch.Tensor,
+                   windows: torch.Tensor | None = None) -> None:
+        """One optimizer step of `arm` on `batch` (chunk ids `windows` with epochs sampling)."""
         plan_changes = step in arm.strategy.plans and step > 0
         if plan_changes:
             arm.freezer.apply(arm.strategy.plan_at(step))
@@ -200,12 +223,22 @@ class Loop:
         start = self._timer()
         trainable = arm.freezer.trainable()
         total = torch.zeros((), device=self.device)
-        micro = batch.to(self.device, non_blocking=True).chunk(self.t.gradient_accumulation_steps)
+        n = self.t.gradient_accumulation_steps
+        micro = batch.to(self.device, non_blocking=True).chunk(n)
+        cached = arm.prefix is not None
+        if cached and windows is None:  # step_fn runs the upper blocks only: never guess
+            raise ValueError(f"arm '{arm.strategy.name}' caches its prefix: pass the chunk ids")
+        wins = windows.chunk(n) if windows is not None else [None] * len(micro)
         # Not `step_fn or model`: truth-testing a compiled module falls through to len().
-        forward = arm.model if arm.step_fn is None else arm.step_fn
-        for x in micro:
+        forward = arm.step_fn if arm.step_fn is not None else (
+            arm.prefix.upper if cached else arm.model)
+        for x, w in zip(micro, wins, strict=True):
             with autocast(self.device, self.bf16), torch.set_grad_enabled(bool(trainable)):
-                loss = forward(input_ids=x, labels=x).loss / len(micro)
+                if cached:  # blocks f.. on block f's cached input
+                    h = arm.prefix.inputs(x, w)
+                    loss = forward(inputs_embeds=h, labels=x, use_cache=False).loss / len(micro)
+                else:
+                    loss = forward(input_ids=x, labels=x).loss / len(micro)
             if trainable:
                 loss.backward()
             total += loss.detach()
@@ -226,9 +259,10 @@ class Loop:
         if self.t.integrity_steps and (step + 1) % self.t.integrity_steps == 0:
             check_audit(arm.strategy.name, arm.freezer.audit())
 
-    def _guarded_step(self, arm: ArmRun, step: int, batch: torch.Tensor) -> None:
+    def _guarded_step(self, arm: ArmRun, step: int, batch: torch.Tensor,
+                      windows: torch.Tensor | None) -> None:
         try:
-            self.train_step(arm, step, batch)
+            self.train_step(arm, step, batch, windows)
         except torch.OutOfMemoryError:
             raise PfreezeError(
                 f"out of memory in arm '{arm.strategy.name}' at step {step + 1} "
@@ -380,7 +414,7 @@ class Loop:
             batch = batch.to(self.device, non_blocking=True)  # once, for every arm
             for arm in self.arms:
                 if arm.stopped is None:
-                    self._guarded_step(arm, step, batch)
+                    self._guarded_step(arm, step, batch, self.stream.windows)
             done = step + 1
             save = self.t.save_steps and done % self.t.save_steps == 0 and done < self.t.max_steps
             last: dict[str, float] = {}
@@ -449,6 +483,7 @@ class Loop:
             "tokens_per_s": self.stream.batch * self.stream.block / median if median else None,
             "first_step_time_s": arm.times[0] if arm.times else None,
             "compiled": self.compile,
+            "prefix_cache": arm.prefix.summary() if arm.prefix else {"off": arm.prefix_note},
             "mean_loss": _finite(statistics.fmean(arm.losses)) if arm.losses else None,
             "last_loss": _finite(arm.losses[-1]) if arm.losses else None,
             "val_loss_before": arm.evals[0][1],

@@ -1,0 +1,133 @@
+"""Where the GPU time of one pfreeze training step (or one sampling call) goes, by kernel kind.
+
+    python bench/profile_step.py --shape smollm2 --batch 32x512 [--mode reduce-overhead]
+    python bench/profile_step.py --generate --gen-batch 64
+
+Training: builds pfreeze's Loop for the full arm, the frozen arm (q,k,v of the upper half) and
+the frozen arm with its prefix cached (epochs sampling), compiled; after warm-up, profiles
+--steps steps and prints per step: wall time, GPU busy time, and the kernel time by kind
+(matmul, attention, fused Triton, optimizer, copies), plus the largest kernels.
+Generation: profiles one evaluate.generate_samples call the same way (per decode step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import time
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from pfreeze.config import DataConfig, FullArm, GenerationConfig, PlanArm, RunConfig, TrainingConfig
+from pfreeze.corpus import BatchStream
+from pfreeze.evaluate import generate_samples
+from pfreeze.models import load_model
+from pfreeze.train import Loop
+
+SHAPES = {"smollm2": "random:smollm2-135m", "gpt2": "random:gpt2-124m", "tiny": "random:llama"}
+KINDS = [("matmul", r"gemm|nvjet|cutlass|xmma|cublas|sm90_|sm80_|splitk"),
+         ("attention", r"flash|fmha|attention|sdpa"),
+         ("optimizer", r"adam|multi_tensor|foreach"),
+         ("copy/fill", r"memcpy|memset|copy_|fill_|cat"),
+         ("triton (fused elementwise, norms, loss)", r"^triton"),
+         ("other", r".")]
+
+
+def kernel_times(prof: profile) -> dict[str, float]:
+    """Self device time (ms) of every kernel name over the profiled region."""
+    out: dict[str, float] = defaultdict(float)
+    for e in prof.key_averages():
+        t = getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
+        if t and str(e.device_type).endswith("CUDA"):
+            out[e.key] += t / 1e3
+    return out
+
+
+def report(title: str, prof: profile, wall_ms: float, n: int, top: int) -> None:
+    k = kernel_times(prof)
+    busy = sum(k.values())
+    by_kind: dict[str, float] = defaultdict(float)
+    for name, ms in k.items():
+        kind = next(kd for kd, rx in KINDS if re.search(rx, name, re.I))
+        by_kind[kind] += ms
+    print(f"\n== {title}: wall {wall_ms / n:.2f} ms/step, GPU busy {busy / n:.2f} ms/step "
+          f"({busy / max(wall_ms, 1e-9):.0%})")
+    for kind, _ in KINDS:
+        if by_kind[kind]:
+            print(f"   {kind:42} {by_kind[kind] / n:8.2f} ms  {by_kind[kind] / busy:6.1%}")
+    for name, ms in sorted(k.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"   {ms / n:8.3f} ms  {name[:110]}")
+
+
+def profiled(fn, warmup: int, steps: int, cuda: bool) -> tuple[profile, float]:
+    for _ in range(warmup):
+        fn()
+    if cuda:
+        torch.cuda.synchronize()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) * 1e3
+    return prof, wall
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="smollm2", choices=SHAPES)
+    ap.add_argument("--batch", default="32x512")
+    ap.add_argument("--mode", default="default", choices=("default", "reduce-overhead"))
+    ap.add_argument("--arms", default="full,frozen,cached")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=6)
+    ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--generate", action="store_true")
+    ap.add_argument("--gen-batch", type=int, default=64)
+    ap.add_argument("--gen-new", type=int, default=128)
+    a = ap.parse_args()
+    cuda = torch.cuda.is_available()
+    dev = torch.device("cuda" if cuda else "cpu")
+    lm = load_model(SHAPES[a.shape], seed=0)
+    if a.generate:
+        cfg = GenerationConfig(prompts=[f"{i:08d}" for i in range(8)],
+                               samples_per_prompt=a.gen_batch // 8, max_new_tokens=a.gen_new)
+        model = lm.model.to(dev)
+        for static in (False, True):
+            prof, wall = profiled(lambda s=static: generate_samples(
+                model, lm.tokenizer, cfg, {0}, dev, cuda, s), 2, 1, cuda)
+            report(f"generate_samples static_cache={static} batch {a.gen_batch}, per decode "
+                   "step", prof, wall, a.gen_new, a.top)
+        return
+    b, t = map(int, a.batch.split("x"))
+    ids = torch.randint(0, lm.model.config.vocab_size, (4 * b * t,),
+                        generator=torch.Generator().manual_seed(0)).tolist()
+    for arm in a.arms.split(","):
+        cached = arm == "cached"
+        tc = TrainingConfig(per_device_train_batch_size=b, max_steps=1000, bf16=cuda,
+                            optim="adamw_fused" if cuda else "adamw", torch_compile=cuda,
+                            torch_compile_mode=a.mode, prefix_cache=cached)
+        arm_cfg = FullArm() if arm == "full" else PlanArm()
+        data = DataConfig(block_size=t, sampling="epochs" if cached else "random")
+        loop = Loop(RunConfig(data=data, training=tc, arms=[arm_cfg]), None)  # type: ignore
+        loop.stream = BatchStream(ids, t, b, 0, data.sampling)
+        loop.build_arms(lm.model, lm.family)
+        r = loop.arms[0]
+
+        def step(r=r, loop=loop) -> None:
+            x = loop.stream.next()
+            loop.train_step(r, 0, x, loop.stream.windows)
+            r.pending.clear()
+
+        prof, wall = profiled(step, a.warmup, a.steps, cuda)
+        report(f"{a.shape} {a.batch} {arm} ({a.mode})", prof, wall, a.steps, a.top)
+        del loop, r
+        torch._dynamo.reset()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""An exact cache of the frozen prefix: the input of the lowest trained block, per window.
+
+When an arm trains nothing in the embedding or in blocks 0..f-1, and the model has no dropout,
+the input of block f for a given window depends only on frozen weights: it is the same at
+every step. With `data.sampling: epochs` windows recur (aligned chunks, reshuffled each
+epoch), so block f's input is computed once per chunk and the step runs blocks f.. only:
+forward and backward skip the lower half of the model, which the loss does not depend on.
+
+The model is split into two views that share its parameters (no copies):
+    lower   embedding + blocks 0..f-1 (final norm replaced by identity) -> block f's input
+    upper   blocks f..L-1 + final norm + head, fed that input as `inputs_embeds`
+This is exact only where a model adds nothing to `inputs_embeds` before block 0: rotary
+families (Llama, GPT-NeoX). GPT-2 and GPT-Neo add learned position embeddings there, so they
+are not split (and their default dropout would make the prefix random anyway).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from pfreeze.plan import ParamInfo
+
+# family -> (attribute of the decoder inside the *ForCausalLM, attribute of its final norm)
+SPLITS = {"llama": ("model", "norm"), "gpt-neox": ("gpt_neox", "final_layer_norm")}
+# Dropout applied functionally (not as nn.Dropout modules), read from the config; a
+# classification head's dropout does not touch a causal LM.
+_DROPOUT_KEYS = ("attention_dropout", "hidden_dropout", "dropout", "attn_pdrop", "resid_pdrop",
+                 "embd_pdrop")
+
+
+def _shallow(module: nn.Module) -> nn.Module:
+    """A copy of `module` whose submodule slots can be replaced without touching the original."""
+    twin = copy.copy(module)
+    twin._modules = dict(module._modules)
+    return twin
+
+
+def first_trained_block(trained: set[str], infos: dict[str, ParamInfo], n_layers: int) -> int:
+    """Lowest block index with a trained tensor; 0 if the embedding trains, L if only the top."""
+    f = n_layers
+    for name in trained:
+        info = infos[name]
+        if info.layer is not None:
+            f = min(f, info.layer)
+        elif info.rule.role == "embed" or info.tied:
+            return 0  # the embedding (or a head tied to it) changes block 0's input
+    return f
+
+
+def not_deterministic(model: nn.Module) -> str | None:
+    """Why the model's training-mode forward is random (dropout), or None."""
+    for key in _DROPOUT_KEYS:
+        v = getattr(model.config, key, None)
+        if isinstance(v, float) and v > 0:
+            return f"the model has dropout ({key}={v})"
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Dropout) and m.p > 0:
+            return f"the model has dropout ({name}: p={m.p})"
+    return None
+
+
+class PrefixCache:
+    """Block f's input per chunk id, computed on first sight and reused after."""
+
+    def __init__(self, model: nn.Module, family: str, f: int, n_chunks: int) -> None:
+        base_attr, norm_attr = SPLITS[family]
+        base = getattr(model, base_attr)
+        layers = list(base.layers)
+        self.f, self.n_layers = f, len(layers)
+        self.lower = _shallow(base)
+        self.lower.layers = nn.ModuleList(layers[:f])
+        setattr(self.lower, norm_attr, nn.Identity())
+        upper_base = _shallow(base)
+        upper_base.layers = nn.ModuleList(layers[f:])
+        self.upper = _shallow(model)
+        setattr(self.upper, base_attr, upper_base)
+        self.n_chunks = n_chunks
+        self.h: torch.Tensor | None = None  # [n_chunks, block, width], allocated on first use
+        self.have = torch.zeros(n_chunks, dtype=torch.bool)  # on the host: no device sync
+        self.hits = self.misses = 0
+
+    def inputs(self, x: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
+        """Block f's input for the windows `x` (chunk ids `windows`, host tensor)."""
+        idx = windows.to(x.device, non_blocking=True)
+        if self.h is not None and bool(self.have[windows].all()):
+            self.hits += len(windows)
+            return self.h[idx]
+        # A batch with any new chunk is computed whole: one shape, so no recompilation.
+        with torch.no_grad():
+            h = self.lower(input_ids=x, use_cache=False).last_hidden_state
+        if self.h is None:
+            self.h = torch.empty((self.n_chunks, *h.shape[1:]), dtype=h.dtype, device=h.device)
+        self.h[idx] = h
+        self.misses += len(windows)
+        self.have[windows] = True
+        return h
+
+    def summary(self) -> dict[str, Any]:
+        return {"blocks_cached": self.f, "of": self.n_layers, "hits": self.hits,
+                "misses": self.misses,
+                "mib": None if self.h is None else self.h.numel() * self.h.element_size() / 2**20}
+
+
+def _memory_limit(device: torch.device) -> int:
+    """A quarter of the device's memory (host RAM on CPU): the most a cache may take."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory // 4
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+
+
+def plan_cache(model: nn.Module, family: str, trained: set[str], infos: dict[str, ParamInfo],
+               single_plan: bool, n_chunks: int, block: int, device: torch.device
+               ) -> tuple[PrefixCache | None, str]:
+    """A cache for this arm, or None and the reason it cannot have one."""
+    n_layers = model.config.num_hidden_layers
+    if family not in SPLITS:
+        return None, f"not for the {family} architecture (position embeddings added to the input)"
+    if not isinstance(model, PreTrainedModel):
+        return None, "the arm's model is wrapped (an adapter)"
+    if not single_plan:
+        return None, "the arm's trainable set changes during training"
+    if (why := not_deterministic(model)) is not None:
+        return None, why
+    f = first_trained_block(trained, infos, n_layers)
+    if f == 0:
+        return None, "the arm trains block 0 or the embedding"
+    width = model.config.hidden_size
+    need = n_chunks * block * width * 4
+    if need > _memory_limit(device):
+        return None, f"the cache would need {need / 2**30:.1f} GiB (over a quarter of memory)"
+    return PrefixCache(model, family, f, n_chunks), f"blocks 0-{f - 1} cached"
