@@ -27,11 +27,13 @@ from pfreeze.models import load_model
 from pfreeze.train import Loop
 
 SHAPES = {"smollm2": "random:smollm2-135m", "gpt2": "random:gpt2-124m", "tiny": "random:llama"}
-KINDS = [("matmul", r"gemm|nvjet|cutlass|xmma|cublas|sm90_|sm80_|splitk"),
-         ("attention", r"flash|fmha|attention|sdpa"),
-         ("optimizer", r"adam|multi_tensor|foreach"),
-         ("copy/fill", r"memcpy|memset|copy_|fill_|cat"),
+# First match wins: attention before matmul (cuDNN's SDPA kernels carry "sm90" too), Triton
+# before copies (inductor names fused kernels after their ops, "to_copy" included).
+KINDS = [("attention", r"flash|fmha|attention|sdpa"),
+         ("matmul", r"gemm|nvjet|cutlass|xmma|cublas|splitk"),
          ("triton (fused elementwise, norms, loss)", r"^triton"),
+         ("optimizer", r"adam|multi_tensor|foreach"),
+         ("copy/fill", r"memcpy|memset|copy|fill|cat"),
          ("other", r".")]
 
 
@@ -83,12 +85,14 @@ def main() -> None:
     ap.add_argument("--batch", default="32x512")
     ap.add_argument("--mode", default="default", choices=("default", "reduce-overhead"))
     ap.add_argument("--arms", default="full,frozen,cached")
+    ap.add_argument("--attention", default="auto", help="training.attention_backend")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=6)
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--generate", action="store_true")
     ap.add_argument("--gen-batch", type=int, default=64)
     ap.add_argument("--gen-new", type=int, default=128)
+    ap.add_argument("--gen-cache", default="both", choices=("both", "eager", "static"))
     a = ap.parse_args()
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda" if cuda else "cpu")
@@ -97,7 +101,7 @@ def main() -> None:
         cfg = GenerationConfig(prompts=[f"{i:08d}" for i in range(8)],
                                samples_per_prompt=a.gen_batch // 8, max_new_tokens=a.gen_new)
         model = lm.model.to(dev)
-        for static in (False, True):
+        for static in {"eager": [False], "static": [True]}.get(a.gen_cache, [False, True]):
             prof, wall = profiled(lambda s=static: generate_samples(
                 model, lm.tokenizer, cfg, {0}, dev, cuda, s), 2, 1, cuda)
             report(f"generate_samples static_cache={static} batch {a.gen_batch}, per decode "
@@ -110,7 +114,8 @@ def main() -> None:
         cached = arm == "cached"
         tc = TrainingConfig(per_device_train_batch_size=b, max_steps=1000, bf16=cuda,
                             optim="adamw_fused" if cuda else "adamw", torch_compile=cuda,
-                            torch_compile_mode=a.mode, prefix_cache=cached)
+                            torch_compile_mode=a.mode, prefix_cache=cached,
+                            attention_backend=a.attention)
         arm_cfg = FullArm() if arm == "full" else PlanArm()
         data = DataConfig(block_size=t, sampling="epochs" if cached else "random")
         loop = Loop(RunConfig(data=data, training=tc, arms=[arm_cfg]), None)  # type: ignore
@@ -124,7 +129,8 @@ def main() -> None:
             r.pending.clear()
 
         prof, wall = profiled(step, a.warmup, a.steps, cuda)
-        report(f"{a.shape} {a.batch} {arm} ({a.mode})", prof, wall, a.steps, a.top)
+        report(f"{a.shape} {a.batch} {arm} ({a.mode}, attention {a.attention})", prof, wall,
+               a.steps, a.top)
         del loop, r
         torch._dynamo.reset()
 

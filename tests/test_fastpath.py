@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from pfreeze.config import load_config
+from pfreeze.errors import PfreezeError
 from pfreeze.models import load_model
 from pfreeze.train import Loop
 
@@ -58,3 +59,19 @@ def test_compiled_loop_matches_eager(tmp_path: Path) -> None:
     for w in (fast_w, eager_w):
         assert torch.equal(w[o0][:, frozen_cols], theta0[o0][:, frozen_cols])
         assert not torch.equal(w[o0][:, 16:32], theta0[o0][:, 16:32])
+
+
+def test_attention_backend_math_trains_like_auto_and_gpu_kernels_are_refused_on_cpu(
+        make_config) -> None:
+    losses = {}
+    for backend in ("auto", "math"):
+        cfg = make_config("model.name=random:llama", f"training.attention_backend={backend}")
+        lm = load_model("random:llama", seed=0)
+        loop = Loop(cfg, files=None)  # type: ignore[arg-type]
+        loop.build_arms(lm.model, lm.family)
+        x = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(3))
+        loop.train_step(loop.arms[0], 0, x)
+        losses[backend] = float(loop.arms[0].pending[-1][1])
+    assert losses["math"] == pytest.approx(losses["auto"], rel=1e-5)
+    with pytest.raises(PfreezeError, match="attention_backend=flash needs a CUDA GPU"):
+        Loop(make_config("training.attention_backend=flash"), files=None)  # type: ignore

@@ -15,6 +15,7 @@ from pfreeze.errors import PfreezeError
 from pfreeze.models import load_model
 from pfreeze.plan import describe_params
 from pfreeze.prefix import plan_cache
+from pfreeze.report import render_report
 from pfreeze.train import Loop, run
 
 
@@ -118,6 +119,10 @@ def test_a_run_with_the_prefix_cache_trains_what_a_run_without_it_trains(tmp_pat
         for k in x:
             assert torch.allclose(x[k], y[k], rtol=0, atol=1e-6), k
     assert cached["plan"]["integrity"]["ok"]
+    md = render_report(tmp_path / "cached")["md"].read_text(encoding="utf-8")
+    line = f"Frozen-prefix cache, **plan**: blocks 0–1 of 4 ran once per chunk: {pc['misses']}"
+    assert line in md
+    assert "Frozen-prefix cache" not in render_report(tmp_path / "plain")["md"].read_text()
 
 
 def test_prefix_cache_true_is_refused_where_it_cannot_work(make_config) -> None:

@@ -37,6 +37,7 @@ from pfreeze.plan import Geometry, compile_plan, describe_params
 SHAPES = {"smollm2": "random:smollm2-135m", "gpt2": "random:gpt2-124m", "tiny": "random:llama"}
 METHODS = ("pfreeze", "pfreeze_cached", "eager", "compiled", "trainer", "trainer_compiled")
 ARMS = {"full": None, "frozen": "layers=50%: roles=q,k,v"}
+GEN_VARIANTS = ("pfreeze_eager", "pfreeze_static", "static_bf16")
 HOPPER_BF16 = 989e12  # dense bf16 FLOP/s of an H100/H200 SXM (datasheet)
 LR = 1e-4
 Row = dict[str, Any]  # one JSON row or result
@@ -150,7 +151,7 @@ class Bench:
                            device=self.dev.type, torch_compile=self.pf_compile,
                            torch_compile_mode=self.a.pfreeze_compile_mode,
                            optim="adamw_fused" if self.cuda else "adamw",
-                           prefix_cache=cached)
+                           prefix_cache=cached, attention_backend=self.a.pfreeze_attention)
         arm_cfg = FullArm() if ARMS[arm] is None else PlanArm(select=ARMS[arm])
         data = DataConfig(sampling="epochs" if cached else "random", block_size=seq)
         loop = Loop(RunConfig(data=data, training=t, arms=[arm_cfg]), None)  # type: ignore
@@ -269,7 +270,7 @@ class Bench:
             for method in self.a.methods:
                 pf = method.startswith("pfreeze") and self.pf_compile is True
                 need = self.a.compile_reserve if pf or method.endswith("compiled") else 15
-                for arm in ARMS:
+                for arm in self.a.arms:
                     if method == "pfreeze_cached" and ARMS[arm] is None:
                         continue  # the full arm trains block 0: nothing to cache
                     row = {"shape": shape, "model": lm.name, "batch": b, "seq": t, "arm": arm,
@@ -296,7 +297,7 @@ class Bench:
         kw = dict(input_ids=x, attention_mask=torch.ones_like(x), do_sample=True, top_k=50,
                   max_new_tokens=a.gen_new, min_new_tokens=a.gen_new, pad_token_id=eos,
                   eos_token_id=eos, cache_implementation="static")
-        for name in ("pfreeze_eager", "pfreeze_static", "static_bf16"):
+        for name in a.gen_variants:
             row = {"variant": name, "shape": shape, "batch": a.gen_batch,
                    "prompt_tokens": a.gen_prompt, "new_tokens": a.gen_new}
             fn = ((lambda: self.sample(lm.model, kw)) if name == "static_bf16" else
@@ -411,9 +412,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pfreeze-compile", choices=("auto", "on", "off"), help="default: on if CUDA")
     p.add_argument("--pfreeze-compile-mode", default="default",
                    choices=("default", "reduce-overhead", "max-autotune"))
+    p.add_argument("--pfreeze-attention", default="auto",
+                   choices=("auto", "flash", "cudnn", "efficient", "math"))
     p.add_argument("--peak-tflops", type=float, help="for MFU (default: 989 on H100/H200)")
     p.add_argument("--gen", action=argparse.BooleanOptionalAction, default=True, help="runs first")
+    p.add_argument("--arms", default="full,frozen", help=f"of {', '.join(ARMS)}")
     p.add_argument("--gen-shape", help="default: smollm2 on CUDA, tiny on CPU")
+    p.add_argument("--gen-variants", default=",".join(GEN_VARIANTS), help="comma list")
     for name, default in (("batch", 64), ("prompt", 8), ("new", 128), ("warmup", 2), ("reps", 3)):
         p.add_argument(f"--gen-{name}", type=int, default=default)
     p.add_argument("--max-seconds", type=float, default=540, help="then skip what is left")
@@ -423,8 +428,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="bench-results.json")
     args = p.parse_args(argv)
     args.methods = [m for m in args.methods.split(",") if m and m != "none"]
-    if bad := set(args.methods) - set(METHODS):
-        p.error(f"unknown method(s) {sorted(bad)}; choose from {', '.join(METHODS)}")
+    args.arms, args.gen_variants = args.arms.split(","), args.gen_variants.split(",")
+    for what, got, known in (("method", args.methods, METHODS), ("arm", args.arms, ARMS),
+                             ("generation variant", args.gen_variants, GEN_VARIANTS)):
+        if bad := set(got) - set(known):
+            p.error(f"unknown {what}(s) {sorted(bad)}; choose from {', '.join(known)}")
     return args
 
 

@@ -77,6 +77,9 @@ class TrainingConfig(_Strict):
     # Reuse the input of the lowest trained block for windows seen before (exact: that input
     # depends only on frozen weights). auto: wherever possible when data.sampling=epochs.
     prefix_cache: bool | Literal["auto"] = "auto"
+    # Which scaled-dot-product-attention kernel training uses (auto: torch's choice, cuDNN on
+    # Hopper). Forward and backward follow it; evaluation and sampling keep auto.
+    attention_backend: Literal["auto", "flash", "cudnn", "efficient", "math"] = "auto"
 
 
 class GenerationConfig(_Strict):

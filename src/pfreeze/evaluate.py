@@ -6,6 +6,7 @@ training) is measured on exactly the same windows, prompts and sampling seeds.
 
 from __future__ import annotations
 
+import copy
 import math
 import statistics
 from collections.abc import Collection, Sequence
@@ -121,13 +122,20 @@ def generate_samples(model: nn.Module, tokenizer, cfg: GenerationConfig, top_set
     if static_cache is None:
         static_cache = device.type == "cuda" and n_new >= STATIC_CACHE_MIN_TOKENS
     extra = {"cache_implementation": "static"} if static_cache else {}
+    sampler, amp = model, bf16
+    if static_cache and bf16:
+        # A static cache is allocated in the weights' dtype and autocast hands it bf16 keys
+        # (transformers 5.17 refuses the mix): decode with a bf16 copy of the weights instead.
+        # Matmuls see the same bf16 operands as under autocast; norms and the residual stream
+        # run in bf16 rather than fp32.
+        sampler, amp = copy.deepcopy(model).to(torch.bfloat16), False
     # generate() samples from the global generator: seed it inside fork_rng so that
     # sampling never changes the random state the caller (training) sees afterwards.
     cuda = [device.index if device.index is not None else torch.cuda.current_device()
             ] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda), autocast(device, bf16):
+    with torch.random.fork_rng(devices=cuda), autocast(device, amp):
         torch.manual_seed(cfg.seed)
-        gen = model.generate(
+        gen = sampler.generate(
             input_ids=x.to(device), attention_mask=mask.to(device), do_sample=True,
             temperature=cfg.temperature, top_k=cfg.top_k or 0, top_p=1.0,
             max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.max_new_tokens,

@@ -300,6 +300,13 @@ def _arm_row(arm: str, a: dict[str, Any], total: Any, ref_median: float) -> dict
     }
 
 
+def _cache(arm: str, c: dict[str, Any]) -> dict[str, str]:
+    f = c["blocks_cached"]
+    return {"arm": arm, "text": f"blocks 0–{f - 1} of {c.get('of', DASH)} ran once per chunk: "
+            f"{_int(c.get('misses'))} windows computed, {_int(c.get('hits'))} read back "
+            f"({_f(c.get('mib'), 1)} MiB); its step times after the first epoch skip them"}
+
+
 def _sample_excerpt(lines: list[str]) -> str:
     """The first sample of each (arm, moment): shows what training changed, arm by arm."""
     blocks: list[list[str]] = []
@@ -375,6 +382,8 @@ def _context(run_dir: Path, summary: Summary, arms: list[str]) -> dict[str, Any]
         "arms": [_arm_row(a, info[a], total, _num(info[arms[0]].get("median_step_time_s")))
                  for a in arms],
         "integrity": [_integrity(a, info[a]) for a in arms if info[a]],
+        "caches": [_cache(a, info[a]["prefix_cache"]) for a in arms
+                   if (info[a].get("prefix_cache") or {}).get("blocks_cached")],
         "hashes": [{"arm": a, "hash": h or DASH} for a, h in hashes.items()],
         "theta_note": theta_note, "theta_ok": theta_ok,
         "corpus": [("source", corpus.get("source", DASH)), ("N_total", _int(n_total)),
