@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pfreeze.attention import causal_attention, training_attention
 from pfreeze.config import load_config
 from pfreeze.errors import PfreezeError
 from pfreeze.models import load_model
@@ -61,17 +62,75 @@ def test_compiled_loop_matches_eager(tmp_path: Path) -> None:
         assert not torch.equal(w[o0][:, 16:32], theta0[o0][:, 16:32])
 
 
-def test_attention_backend_math_trains_like_auto_and_gpu_kernels_are_refused_on_cpu(
-        make_config) -> None:
-    losses = {}
-    for backend in ("auto", "math"):
-        cfg = make_config("model.name=random:llama", f"training.attention_backend={backend}")
-        lm = load_model("random:llama", seed=0)
-        loop = Loop(cfg, files=None)  # type: ignore[arg-type]
-        loop.build_arms(lm.model, lm.family)
-        x = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(3))
-        loop.train_step(loop.arms[0], 0, x)
-        losses[backend] = float(loop.arms[0].pending[-1][1])
-    assert losses["math"] == pytest.approx(losses["auto"], rel=1e-5)
-    with pytest.raises(PfreezeError, match="attention_backend=flash needs a CUDA GPU"):
-        Loop(make_config("training.attention_backend=flash"), files=None)  # type: ignore
+def _grads(model_name: str, backend: str, compiled: bool = False
+           ) -> tuple[float, list[torch.Tensor]]:
+    """Loss and q/k/v gradients of one training forward under `backend`."""
+    lm = load_model(model_name, seed=0)
+    model = lm.model.train()
+    fwd = torch.compile(model, dynamic=False) if compiled else model
+    x = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(3))
+    with training_attention(model, backend):
+        loss = fwd(input_ids=x, labels=x).loss
+    assert model.config._attn_implementation != "pfreeze_causal"  # restored after the step
+    params = [p for n, p in model.named_parameters() if "attn" in n or "attention" in n]
+    return float(loss), list(torch.autograd.grad(loss, params))
+
+
+@pytest.mark.parametrize("model", ["random:llama", "random:gpt2", "random:gpt-neox"])
+@pytest.mark.parametrize("backend", ["flash", "math"])
+def test_attention_backends_give_autos_loss_and_gradients(model: str, backend: str) -> None:
+    """flash runs the mask-free causal path (GQA repeated by hand for Llama)."""
+    ref_loss, ref = _grads(model, "auto")
+    loss, got = _grads(model, backend)
+    assert loss == pytest.approx(ref_loss, rel=1e-6)
+    for a, b in zip(got, ref, strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+
+def test_flash_runs_pfreezes_causal_function_in_every_block(monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    lm = load_model("random:llama", seed=0)
+    with training_attention(lm.model, "flash"):  # registers the function
+        pass
+    calls: list[tuple[int, ...]] = []
+
+    def spy(module, query, *args, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
+        calls.append(tuple(query.shape))
+        return causal_attention(module, query, *args, **kw)
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "pfreeze_causal", spy)
+    x = torch.randint(0, 256, (2, 16))
+    with training_attention(lm.model, "flash"):
+        lm.model(input_ids=x, labels=x)
+    assert calls == [(2, 4, 16, 16)] * 4  # 4 blocks, 4 query heads, head_dim 16
+    lm.model(input_ids=x, labels=x)  # outside the step: the model's own attention again
+    assert len(calls) == 4
+
+
+@pytest.mark.slow
+def test_mask_free_causal_attention_compiles_and_matches_eager() -> None:
+    eager_loss, eager = _grads("random:llama", "flash")
+    loss, got = _grads("random:llama", "flash", compiled=True)
+    assert loss == pytest.approx(eager_loss, rel=1e-5)
+    for a, b in zip(got, eager, strict=True):
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-6)
+
+
+def test_a_training_step_restores_the_models_attention(make_config) -> None:
+    cfg = make_config("model.name=random:llama", "training.attention_backend=flash")
+    lm = load_model("random:llama", seed=0)
+    loop = Loop(cfg, files=None)  # type: ignore[arg-type]
+    loop.build_arms(lm.model, lm.family)
+    loop.train_step(loop.arms[0], 0, torch.randint(0, 256, (2, 32)))
+    assert loop.arms[0].model.config._attn_implementation == "sdpa"
+
+
+def test_causal_attention_refuses_masks_and_caches_and_cudnn_needs_a_gpu(make_config) -> None:
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(RuntimeError, match="mask or a KV cache"):
+        causal_attention(None, q, q, q, torch.ones(1, 1, 4, 4, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match="mask or a KV cache"):
+        causal_attention(None, q[:, :, :1], q, q, None)
+    with pytest.raises(PfreezeError, match="attention_backend=cudnn needs a CUDA GPU"):
+        Loop(make_config("training.attention_backend=cudnn"), files=None)  # type: ignore

@@ -77,8 +77,9 @@ class TrainingConfig(_Strict):
     # Reuse the input of the lowest trained block for windows seen before (exact: that input
     # depends only on frozen weights). auto: wherever possible when data.sampling=epochs.
     prefix_cache: bool | Literal["auto"] = "auto"
-    # Which scaled-dot-product-attention kernel training uses (auto: torch's choice, cuDNN on
-    # Hopper). Forward and backward follow it; evaluation and sampling keep auto.
+    # The attention kernel of training steps (auto: torch's choice; under torch.compile that is
+    # cuDNN with an explicit causal mask). flash: FlashAttention with is_causal and no mask
+    # (pfreeze.attention). Evaluation and sampling keep the model's own attention.
     attention_backend: Literal["auto", "flash", "cudnn", "efficient", "math"] = "auto"
 
 

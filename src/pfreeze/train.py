@@ -17,17 +17,16 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pfreeze import __version__
 from pfreeze.arms import ArmStrategy, make_arm
+from pfreeze.attention import training_attention
 from pfreeze.config import RunConfig, TrainingConfig, dump_config
 from pfreeze.corpus import (
     BatchStream,
@@ -44,9 +43,6 @@ from pfreeze.models import LoadedModel, count_params, load_model, state_hash
 from pfreeze.outputs import RunFiles, environment
 from pfreeze.plan import compile_plan, describe_params
 from pfreeze.prefix import PrefixCache, plan_cache
-
-SDPA = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
-        "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 
 
 def pick_device(spec: str) -> torch.device:
@@ -116,12 +112,9 @@ class Loop:
         # Compilation costs tens of seconds per arm: worth it only for long GPU runs.
         self.compile = (self.device.type == "cuda" and self.t.max_steps >= 200
                         if self.t.torch_compile == "auto" else bool(self.t.torch_compile))
-        if self.t.attention_backend in ("flash", "cudnn") and self.device.type != "cuda":
-            raise PfreezeError(f"attention_backend={self.t.attention_backend} needs a CUDA GPU",
-                               "use training.attention_backend=auto on this device")
-        # Entered around the forward: the backward uses the kernel the forward picked.
-        self.attention = (lambda: sdpa_kernel(SDPA[self.t.attention_backend])
-                          if self.t.attention_backend != "auto" else nullcontext())
+        if self.t.attention_backend == "cudnn" and self.device.type != "cuda":
+            raise PfreezeError("attention_backend=cudnn needs a CUDA GPU",
+                               "use training.attention_backend=auto (or flash) on this device")
         if (self.t.torch_compile_mode == "reduce-overhead" and self.compile
                 and self.t.gradient_accumulation_steps > 1):
             # CUDA-graph replays reuse output buffers: accumulated gradients would be wrong.
@@ -244,8 +237,9 @@ class Loop:
         forward = arm.step_fn if arm.step_fn is not None else (
             arm.prefix.upper if cached else arm.model)
         for x, w in zip(micro, wins, strict=True):
+            # The attention kernel is chosen in the forward; the backward follows it.
             with (autocast(self.device, self.bf16), torch.set_grad_enabled(bool(trainable)),
-                  self.attention()):
+                  training_attention(arm.model, self.t.attention_backend)):
                 if cached:  # blocks f.. on block f's cached input
                     h = arm.prefix.inputs(x, w)
                     loss = forward(inputs_embeds=h, labels=x, use_cache=False).loss / len(micro)
