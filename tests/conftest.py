@@ -138,3 +138,25 @@ def tiny_run(make_config: Callable[..., RunConfig],
     loop = Loop(cfg, RunFiles(out))
     summary = loop.run()
     return TinyRun(cfg, out, summary, read_rows(out), loop)
+
+
+@pytest.fixture(scope="session")
+def lively() -> Callable[[str], Any]:
+    """lively("random:llama") -> a tiny model whose greedy output depends on its context.
+
+    Tiny random models at their default init repeat one token whatever the prompt, so a test
+    of padding or caching could not fail with them; larger weights make every token count.
+    """
+    from pfreeze.models import load_model
+
+    def make(name: str) -> Any:
+        lm = load_model(name, seed=0)
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for p in lm.model.parameters():
+                if p.ndim == 2:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        lm.model.eval()
+        return lm
+
+    return make

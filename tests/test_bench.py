@@ -93,7 +93,7 @@ def test_generation_rows_time_pfreezes_own_sampling(tmp_path: Path) -> None:
     bench.main(["--methods", "none", "--gen-batch", "8", "--gen-new", "4", "--gen-reps", "1",
                 "--gen-warmup", "1", "--device", "cpu", "--out", str(out)])
     rows = {r["variant"]: r for r in json.loads(out.read_text())["generation"]}
-    assert set(rows) == {"pfreeze_eager", "pfreeze_static", "static_bf16"}
+    assert set(rows) == {"pfreeze_eager", "pfreeze_static", "pfreeze_graph", "static_bf16"}
     for r in rows.values():
         assert r["status"] == "ok", r.get("error")
         assert r["new_tokens_per_s"] == pytest.approx(8 * 4 / r["seconds"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -132,5 +133,22 @@ def test_causal_attention_refuses_masks_and_caches_and_cudnn_needs_a_gpu(make_co
         causal_attention(None, q, q, q, torch.ones(1, 1, 4, 4, dtype=torch.bool))
     with pytest.raises(RuntimeError, match="mask or a KV cache"):
         causal_attention(None, q[:, :, :1], q, q, None)
-    with pytest.raises(PfreezeError, match="attention_backend=cudnn needs a CUDA GPU"):
-        Loop(make_config("training.attention_backend=cudnn"), files=None)  # type: ignore
+    for backend in ("cudnn", "efficient"):
+        with pytest.raises(PfreezeError, match=f"attention_backend={backend} needs a CUDA GPU"):
+            Loop(make_config(f"training.attention_backend={backend}"), files=None)  # type: ignore
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"sliding_window": 8}, "has no sliding window (this model's is 8 tokens, windows are 32)"),
+    ({"attn_logit_softcapping": 50.0}, "has no attention soft-capping"),
+    ({"attention_dropout": 0.1}, "on the CPU has no dropout"),
+])
+def test_flash_refuses_models_whose_attention_it_would_change(make_config, setting: dict,
+                                                              message: str) -> None:
+    lm = load_model("random:llama", seed=0)
+    for key, value in setting.items():
+        setattr(lm.model.config, key, value)
+    loop = Loop(make_config("model.name=random:llama", "training.attention_backend=flash"),
+                files=None)  # type: ignore[arg-type]
+    with pytest.raises(PfreezeError, match=re.escape(message)):
+        loop.build_arms(lm.model, lm.family)

@@ -14,9 +14,11 @@ from pfreeze.corpus import BatchStream
 from pfreeze.errors import PfreezeError
 from pfreeze.models import load_model
 from pfreeze.plan import describe_params
-from pfreeze.prefix import plan_cache
+from pfreeze.prefix import Caches
 from pfreeze.report import render_report
 from pfreeze.train import Loop, run
+
+CPU = torch.device("cpu")
 
 
 def test_epochs_stream_gives_every_chunk_once_per_epoch_and_resumes_from_a_count() -> None:
@@ -50,24 +52,26 @@ def _trained(model_name: str, select: str, **config: float) -> tuple:
 @pytest.mark.parametrize("case, reason", [
     ("gpt2", "not for the gpt2 architecture"),
     ("dropout", "dropout (attention_dropout=0.1)"),
+    ("layer_types", "mixes attention types across blocks"),
     ("embed", "trains block 0 or the embedding"),
     ("phases", "trainable set changes"),
 ])
 def test_arms_that_cannot_cache_say_why(case: str, reason: str) -> None:
     name = "random:gpt2" if case == "gpt2" else "random:llama"
-    extra = {"attention_dropout": 0.1} if case == "dropout" else {}
+    extra = ({"attention_dropout": 0.1} if case == "dropout" else
+             {"layer_types": ["full_attention", "sliding_attention"] * 2}
+             if case == "layer_types" else {})
     lm, infos, trained = _trained(name, "all" if case == "embed" else "upper", **extra)
     trained &= set(infos)
-    cache, why = plan_cache(lm.model, lm.family, trained, infos, case != "phases", 8, 16,
-                            torch.device("cpu"))
+    cache, why = Caches(8, 16, CPU).for_arm(lm.model, lm.family, trained, infos,
+                                            case != "phases")
     assert cache is None and reason in why
 
 
 def test_cached_upper_blocks_give_the_full_models_loss_and_gradients() -> None:
     for name in ("random:llama", "random:gpt-neox"):
         lm, infos, trained = _trained(name, "upper")
-        cache, why = plan_cache(lm.model, lm.family, trained, infos, True, 4, 16,
-                                torch.device("cpu"))
+        cache, why = Caches(4, 16, CPU).for_arm(lm.model, lm.family, trained, infos, True)
         assert cache is not None and why == "blocks 0-1 cached"
         x = torch.randint(0, 250, (4, 16), generator=torch.Generator().manual_seed(1))
         params = [p for n, p in lm.model.named_parameters() if n in trained]
@@ -120,7 +124,8 @@ def test_a_run_with_the_prefix_cache_trains_what_a_run_without_it_trains(tmp_pat
             assert torch.allclose(x[k], y[k], rtol=0, atol=1e-6), k
     assert cached["plan"]["integrity"]["ok"]
     md = render_report(tmp_path / "cached")["md"].read_text(encoding="utf-8")
-    line = f"Frozen-prefix cache, **plan**: blocks 0–1 of 4 ran once per chunk: {pc['misses']}"
+    line = (f"Frozen-prefix cache, **plan**: blocks 0–1 of 4 computed once per chunk and "
+            f"read back after: {pc['misses']} windows computed")
     assert line in md
     assert "Frozen-prefix cache" not in render_report(tmp_path / "plain")["md"].read_text()
 
@@ -135,3 +140,19 @@ def test_prefix_cache_true_is_refused_where_it_cannot_work(make_config) -> None:
     loop.stream = BatchStream(list(range(400)), 32, 2, 0, "epochs")
     with pytest.raises(PfreezeError, match="no arm can use it"):
         loop.build_arms(lm.model, lm.family)
+
+
+def test_arms_with_the_same_prefix_share_one_store_within_one_budget() -> None:
+    lm, infos, trained = _trained("random:llama", "upper")  # f = 2
+    width = lm.model.config.hidden_size
+    caches = Caches(4, 16, CPU, limit=4 * 16 * width * 4)  # room for exactly one store
+    a, _ = caches.for_arm(lm.model, lm.family, trained, infos, True)
+    b, _ = caches.for_arm(lm.model, lm.family, trained, infos, True)
+    assert a is not None and b is not None and a.store is b.store
+    x = torch.randint(0, 250, (4, 16), generator=torch.Generator().manual_seed(2))
+    h = a.inputs(x, torch.arange(4))
+    assert torch.equal(b.inputs(x, torch.arange(4)), h) and (b.hits, b.misses) == (4, 0)
+    assert a.summary()["shared_by_arms"] == 2
+    lower = {n for n in trained if infos[n].layer == 3}  # f = 3: a second store, no room
+    c, why = caches.for_arm(lm.model, lm.family, lower, infos, True)
+    assert c is None and "GiB left of a quarter of memory" in why

@@ -387,10 +387,10 @@ def test_trained_safetensors_hold_exactly_the_trained_tensors(tiny_run: TinyRun)
         assert torch.equal(t, final[name].detach()), name
 
 
-@pytest.mark.parametrize("name", ["random:llama", "random:gpt2"])
-def test_batched_prompts_sample_as_if_alone(name: str) -> None:
+@pytest.mark.parametrize("name", ["random:llama", "random:gpt2", "random:gpt-neox"])
+def test_batched_prompts_sample_as_if_alone(name: str, lively) -> None:
     """Prompts of other lengths in the batch (left padding) do not change a prompt's output."""
-    lm = load_model(name, seed=0)
+    lm = lively(name)
     greedy = {"samples_per_prompt": 1, "max_new_tokens": 10, "top_k": 1}
     alone = generate_samples(lm.model, lm.tokenizer,
                              GenerationConfig(prompts=["Call me"], **greedy), {32}, CPU, False)
@@ -398,6 +398,7 @@ def test_batched_prompts_sample_as_if_alone(name: str) -> None:
                              GenerationConfig(prompts=["The whale was white", "Call me"],
                                               **greedy), {32}, CPU, False)
     assert mixed[1].prompt == "Call me" and mixed[1].ids == alone[0].ids
+    assert len(set(alone[0].ids)) > 3  # the continuation depends on its context
 
 
 def test_static_cache_samples_what_the_dynamic_cache_samples() -> None:
@@ -408,3 +409,15 @@ def test_static_cache_samples_what_the_dynamic_cache_samples() -> None:
                                static_cache=False)
     static = generate_samples(lm.model, lm.tokenizer, gcfg, {32}, CPU, False, static_cache=True)
     assert [s.ids for s in static] == [s.ids for s in dynamic]
+
+
+def test_the_bf16_twin_is_reused_and_refilled_with_the_current_weights() -> None:
+    from pfreeze.evaluate import _bf16_twin
+
+    a, b = load_model("random:llama", seed=0).model, load_model("random:llama", seed=1).model
+    twin = _bf16_twin(a)
+    assert all(p.dtype == torch.bfloat16 for p in twin.parameters())
+    assert _bf16_twin(b) is twin  # same shapes: one instance, so one compiled decode step
+    for t, p in zip(twin.parameters(), b.parameters(), strict=True):
+        assert torch.equal(t, p.to(torch.bfloat16))
+    assert _bf16_twin(load_model("random:gpt2", seed=0).model) is not twin

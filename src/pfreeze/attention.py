@@ -28,18 +28,49 @@ _registered = False
 
 def causal_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
                      value: torch.Tensor, attention_mask: torch.Tensor | None,
-                     dropout: float = 0.0, scaling: float | None = None, **_: Any
+                     dropout: float = 0.0, scaling: float | None = None,
+                     sliding_window: int | None = None, softcap: float | None = None, **_: Any
                      ) -> tuple[torch.Tensor, None]:
     """transformers' attention-function signature; q, k, v are [batch, heads, T, head_dim]."""
     if attention_mask is not None or query.shape[2] != key.shape[2]:
         # Only unpadded, cache-free windows may come here; anything else would be wrong.
         raise RuntimeError("pfreeze's causal attention got a mask or a KV cache")
+    if (sliding_window is not None and sliding_window < key.shape[2]) or softcap is not None:
+        raise RuntimeError("pfreeze's causal attention has no sliding window or soft-capping")
     if key.shape[1] != query.shape[1]:  # grouped-query attention: each KV head serves n
         n = query.shape[1] // key.shape[1]
         key, value = key.repeat_interleave(n, dim=1), value.repeat_interleave(n, dim=1)
     out = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=scaling,
                                          is_causal=True)
     return out.transpose(1, 2).contiguous(), None
+
+
+def check_backend(backend: str, device: torch.device, bf16: bool, model: nn.Module | None,
+                  block: int) -> None:
+    """Refuse, in one line, a backend that cannot run (or would compute something else) here."""
+    from pfreeze.errors import PfreezeError
+    from pfreeze.prefix import not_deterministic
+
+    fix = "use training.attention_backend=auto"
+    if backend == "auto":
+        return
+    if device.type != "cuda" and backend in ("cudnn", "efficient"):
+        raise PfreezeError(f"attention_backend={backend} needs a CUDA GPU", f"{fix} on this device")
+    if device.type == "cuda" and backend in ("flash", "cudnn") and not bf16:
+        raise PfreezeError(f"attention_backend={backend} needs bf16 on a GPU (its kernels take "
+                           "no float32)", f"set training.bf16=true, or {fix}")
+    if model is None or backend != "flash":
+        return
+    cfg = model.config
+    window = getattr(cfg, "sliding_window", None)
+    if window is not None and getattr(cfg, "use_sliding_window", True) and window < block:
+        raise PfreezeError(f"attention_backend=flash has no sliding window (this model's is "
+                           f"{window} tokens, windows are {block})", fix)
+    if getattr(cfg, "attn_logit_softcapping", None) is not None:
+        raise PfreezeError("attention_backend=flash has no attention soft-capping (this model "
+                           "uses it)", fix)
+    if device.type != "cuda" and (why := not_deterministic(model)):
+        raise PfreezeError(f"attention_backend=flash on the CPU has no dropout, but {why}", fix)
 
 
 @contextmanager

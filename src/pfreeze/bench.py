@@ -37,7 +37,7 @@ from pfreeze.plan import Geometry, compile_plan, describe_params
 SHAPES = {"smollm2": "random:smollm2-135m", "gpt2": "random:gpt2-124m", "tiny": "random:llama"}
 METHODS = ("pfreeze", "pfreeze_cached", "eager", "compiled", "trainer", "trainer_compiled")
 ARMS = {"full": None, "frozen": "layers=50%: roles=q,k,v"}
-GEN_VARIANTS = ("pfreeze_eager", "pfreeze_static", "static_bf16")
+GEN_VARIANTS = ("pfreeze_eager", "pfreeze_static", "pfreeze_graph", "static_bf16")
 HOPPER_BF16 = 989e12  # dense bf16 FLOP/s of an H100/H200 SXM (datasheet)
 LR = 1e-4
 Row = dict[str, Any]  # one JSON row or result
@@ -286,8 +286,9 @@ class Bench:
 
         pfreeze_eager / pfreeze_static: evaluate.generate_samples itself (fp32 weights under
         autocast, all prompts x samples in one batch), dynamic / static KV cache (the static
-        decode step is compiled by transformers). static_bf16: plain `generate` on bf16 weights
-        with a static cache, for reference."""
+        decode step is compiled by transformers); pfreeze_graph: generation.decoder=pfreeze
+        (pfreeze.sampler, the decode step in a CUDA graph). static_bf16: plain `generate` on
+        bf16 weights with a static cache, for reference."""
         a = self.a
         shape = a.gen_shape or ("smollm2" if self.cuda else "tiny")
         lm = load_model(SHAPES.get(shape, shape), seed=a.seed)
@@ -301,8 +302,8 @@ class Bench:
             row = {"variant": name, "shape": shape, "batch": a.gen_batch,
                    "prompt_tokens": a.gen_prompt, "new_tokens": a.gen_new}
             fn = ((lambda: self.sample(lm.model, kw)) if name == "static_bf16" else
-                  (lambda n=name: self.sample_pfreeze(lm, n == "pfreeze_static")))
-            self.guarded(row, a.compile_reserve if "static" in name else 15, fn)
+                  (lambda n=name: self.sample_pfreeze(lm, n)))
+            self.guarded(row, 15 if name == "pfreeze_eager" else a.compile_reserve, fn)
             self.out["generation"].append(row)
             done = (f"{row['new_tokens_per_s']:12,.0f} new tok/s  warm-up {row['warmup_s']:.1f} s"
                     if row["status"] == "ok" else row.get("error", ""))
@@ -321,7 +322,7 @@ class Bench:
         return {"warmup_s": sum(warm), "first_call_s": warm[0] if warm else None,
                 "seconds": timed, "new_tokens_per_s": a.gen_batch * a.gen_new / timed}
 
-    def sample_pfreeze(self, lm: Any, static: bool) -> Row:
+    def sample_pfreeze(self, lm: Any, variant: str) -> Row:
         from pfreeze.config import GenerationConfig  # needs pydantic
         from pfreeze.evaluate import generate_samples
 
@@ -332,7 +333,9 @@ class Bench:
         # Distinct prompts of gen_prompt bytes (the shapes' tokenizer is bytes: one token each).
         prompts = [f"{i:0{a.gen_prompt}d}"[-a.gen_prompt :] for i in range(n_prompts)]
         cfg = GenerationConfig(prompts=prompts, samples_per_prompt=a.gen_batch // n_prompts,
-                               max_new_tokens=a.gen_new)
+                               max_new_tokens=a.gen_new,
+                               decoder="pfreeze" if variant == "pfreeze_graph" else "generate")
+        static = variant == "pfreeze_static"
         model = copy.deepcopy(lm.model).to(self.dev)
 
         def go() -> None:

@@ -93,6 +93,9 @@ class GenerationConfig(_Strict):
     temperature: float = Field(1.0, gt=0)
     top_k: int | None = Field(50, ge=1)
     seed: int = 1234
+    # generate: transformers' generate(). pfreeze: pfreeze.sampler, the decode step as one
+    # graph (CUDA graphs on a GPU), no per-token host work; Llama, GPT-2, GPT-NeoX; needs top_k.
+    decoder: Literal["generate", "pfreeze"] = "generate"
 
 
 _ARM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")

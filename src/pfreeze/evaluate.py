@@ -119,6 +119,10 @@ def generate_samples(model: nn.Module, tokenizer, cfg: GenerationConfig, top_set
     rows = [(p, i, ids) for p, ids in prompts for i in range(cfg.samples_per_prompt)]
     x, mask = _left_padded([ids for _, _, ids in rows], pad)
     n_new = len(rows) * cfg.max_new_tokens
+    if cfg.decoder == "pfreeze":
+        ids = _pfreeze_decode(model, x.to(device), (mask == 0).sum(1), cfg, eos, device, bf16)
+        model.train(was_training)
+        return _samples(rows, ids.tolist(), cfg.seed, tokenizer, top_set)
     if static_cache is None:
         static_cache = device.type == "cuda" and n_new >= STATIC_CACHE_MIN_TOKENS
     extra = {"cache_implementation": "static"} if static_cache else {}
@@ -128,7 +132,7 @@ def generate_samples(model: nn.Module, tokenizer, cfg: GenerationConfig, top_set
         # (transformers 5.17 refuses the mix): decode with a bf16 copy of the weights instead.
         # Matmuls see the same bf16 operands as under autocast; norms and the residual stream
         # run in bf16 rather than fp32.
-        sampler, amp = copy.deepcopy(model).to(torch.bfloat16), False
+        sampler, amp = _bf16_twin(model), False
     # generate() samples from the global generator: seed it inside fork_rng so that
     # sampling never changes the random state the caller (training) sees afterwards.
     cuda = [device.index if device.index is not None else torch.cuda.current_device()
@@ -141,12 +145,40 @@ def generate_samples(model: nn.Module, tokenizer, cfg: GenerationConfig, top_set
             max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.max_new_tokens,
             pad_token_id=pad, eos_token_id=eos, **extra,
         )
-    out = []
-    for (prompt, i, _), row in zip(rows, gen[:, x.shape[1]:].tolist(), strict=True):
-        out.append(Sample(prompt, cfg.seed, i, tokenizer.decode(row), row,
-                          top_share(row, top_set)))
     model.train(was_training)
-    return out
+    return _samples(rows, gen[:, x.shape[1]:].tolist(), cfg.seed, tokenizer, top_set)
+
+
+_twin: list[nn.Module] = []  # the last bf16 copy, reused: transformers compiles per instance
+
+
+def _bf16_twin(model: nn.Module) -> nn.Module:
+    """A bf16 copy of `model`, refilled in place when one of the same shapes exists."""
+    shapes = [p.shape for p in model.parameters()]
+    if _twin and type(_twin[0]) is type(model) and [
+            p.shape for p in _twin[0].parameters()] == shapes:
+        with torch.no_grad():
+            for t, p in zip(_twin[0].parameters(), model.parameters(), strict=True):
+                t.copy_(p)
+    else:
+        _twin[:] = [copy.deepcopy(model).to(torch.bfloat16).eval()]
+    return _twin[0]
+
+
+def _samples(rows: list, new: list[list[int]], seed: int, tokenizer,
+             top_set: Collection[int]) -> list[Sample]:
+    return [Sample(prompt, seed, i, tokenizer.decode(ids), ids, top_share(ids, top_set))
+            for (prompt, i, _), ids in zip(rows, new, strict=True)]
+
+
+def _pfreeze_decode(model: nn.Module, x: torch.Tensor, pad: torch.Tensor,
+                    cfg: GenerationConfig, eos: int | None, device: torch.device,
+                    bf16: bool) -> torch.Tensor:
+    from pfreeze.sampler import check, sample
+
+    check(model, cfg.top_k)
+    return sample(model, x, pad, cfg.max_new_tokens, cfg.top_k, cfg.temperature, eos,
+                  cfg.seed, bf16, graph=device.type == "cuda")
 
 
 def p_stats(samples: Sequence[Sample]) -> dict[str, object]:

@@ -65,14 +65,24 @@ def not_deterministic(model: nn.Module) -> str | None:
     return None
 
 
-class PrefixCache:
-    """Block f's input per chunk id, computed on first sight and reused after."""
+class Store:
+    """Block f's input per chunk id. Arms with the same f share one: their blocks 0..f-1
+    are θ₀ in every arm (frozen, and audited as such), so the values are the same."""
 
-    def __init__(self, model: nn.Module, family: str, f: int, n_chunks: int) -> None:
+    def __init__(self, n_chunks: int) -> None:
+        self.h: torch.Tensor | None = None  # [n_chunks, block, width], allocated on first use
+        self.have = torch.zeros(n_chunks, dtype=torch.bool)  # on the host: no device sync
+        self.users = 0
+
+
+class PrefixCache:
+    """One arm's split of its model around block f, reading and filling a Store."""
+
+    def __init__(self, model: nn.Module, family: str, f: int, store: Store) -> None:
         base_attr, norm_attr = SPLITS[family]
         base = getattr(model, base_attr)
         layers = list(base.layers)
-        self.f, self.n_layers = f, len(layers)
+        self.f, self.n_layers, self.store = f, len(layers), store
         self.lower = _shallow(base)
         self.lower.layers = nn.ModuleList(layers[:f])
         setattr(self.lower, norm_attr, nn.Identity())
@@ -80,58 +90,73 @@ class PrefixCache:
         upper_base.layers = nn.ModuleList(layers[f:])
         self.upper = _shallow(model)
         setattr(self.upper, base_attr, upper_base)
-        self.n_chunks = n_chunks
-        self.h: torch.Tensor | None = None  # [n_chunks, block, width], allocated on first use
-        self.have = torch.zeros(n_chunks, dtype=torch.bool)  # on the host: no device sync
-        self.hits = self.misses = 0
+        store.users += 1
+        self.hits = self.misses = 0  # since this process started (a resumed run starts empty)
 
     def inputs(self, x: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
         """Block f's input for the windows `x` (chunk ids `windows`, host tensor)."""
+        st = self.store
         idx = windows.to(x.device, non_blocking=True)
-        if self.h is not None and bool(self.have[windows].all()):
+        if st.h is not None and bool(st.have[windows].all()):
             self.hits += len(windows)
-            return self.h[idx]
+            return st.h[idx]
         # A batch with any new chunk is computed whole: one shape, so no recompilation.
         with torch.no_grad():
             h = self.lower(input_ids=x, use_cache=False).last_hidden_state
-        if self.h is None:
-            self.h = torch.empty((self.n_chunks, *h.shape[1:]), dtype=h.dtype, device=h.device)
-        self.h[idx] = h
+        if st.h is None:
+            st.h = torch.empty((len(st.have), *h.shape[1:]), dtype=h.dtype, device=h.device)
+        st.h[idx] = h
         self.misses += len(windows)
-        self.have[windows] = True
+        st.have[windows] = True
         return h
 
     def summary(self) -> dict[str, Any]:
+        h = self.store.h
         return {"blocks_cached": self.f, "of": self.n_layers, "hits": self.hits,
-                "misses": self.misses,
-                "mib": None if self.h is None else self.h.numel() * self.h.element_size() / 2**20}
+                "misses": self.misses, "shared_by_arms": self.store.users,
+                "mib": None if h is None else h.numel() * h.element_size() / 2**20}
 
 
 def _memory_limit(device: torch.device) -> int:
-    """A quarter of the device's memory (host RAM on CPU): the most a cache may take."""
+    """A quarter of the device's memory (host RAM on CPU): the most the caches may take."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory // 4
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
 
 
-def plan_cache(model: nn.Module, family: str, trained: set[str], infos: dict[str, ParamInfo],
-               single_plan: bool, n_chunks: int, block: int, device: torch.device
-               ) -> tuple[PrefixCache | None, str]:
-    """A cache for this arm, or None and the reason it cannot have one."""
-    n_layers = model.config.num_hidden_layers
-    if family not in SPLITS:
-        return None, f"not for the {family} architecture (position embeddings added to the input)"
-    if not isinstance(model, PreTrainedModel):
-        return None, "the arm's model is wrapped (an adapter)"
-    if not single_plan:
-        return None, "the arm's trainable set changes during training"
-    if (why := not_deterministic(model)) is not None:
-        return None, why
-    f = first_trained_block(trained, infos, n_layers)
-    if f == 0:
-        return None, "the arm trains block 0 or the embedding"
-    width = model.config.hidden_size
-    need = n_chunks * block * width * 4
-    if need > _memory_limit(device):
-        return None, f"the cache would need {need / 2**30:.1f} GiB (over a quarter of memory)"
-    return PrefixCache(model, family, f, n_chunks), f"blocks 0-{f - 1} cached"
+class Caches:
+    """The run's stores, one per first trained block, together within a quarter of memory."""
+
+    def __init__(self, n_chunks: int, block: int, device: torch.device,
+                 limit: int | None = None) -> None:
+        self.n_chunks, self.block = n_chunks, block
+        self.left = _memory_limit(device) if limit is None else limit
+        self.stores: dict[int, Store] = {}
+
+    def for_arm(self, model: nn.Module, family: str, trained: set[str],
+                infos: dict[str, ParamInfo], single_plan: bool
+                ) -> tuple[PrefixCache | None, str]:
+        """A cache for this arm, or None and the reason it cannot have one."""
+        if family not in SPLITS:
+            return None, (f"not for the {family} architecture (position embeddings added "
+                          "to the input)")
+        if not isinstance(model, PreTrainedModel):
+            return None, "the arm's model is wrapped (an adapter)"
+        if not single_plan:
+            return None, "the arm's trainable set changes during training"
+        if (why := not_deterministic(model)) is not None:
+            return None, why
+        if len(set(getattr(model.config, "layer_types", None) or [])) > 1:
+            # The decoder picks each block's mask by its position in the list it runs.
+            return None, "the model mixes attention types across blocks (layer_types)"
+        f = first_trained_block(trained, infos, model.config.num_hidden_layers)
+        if f == 0:
+            return None, "the arm trains block 0 or the embedding"
+        if f not in self.stores:
+            need = self.n_chunks * self.block * model.config.hidden_size * 4
+            if need > self.left:
+                return None, (f"the cache would need {need / 2**30:.1f} GiB, more than the "
+                              f"{self.left / 2**30:.1f} GiB left of a quarter of memory")
+            self.left -= need
+            self.stores[f] = Store(self.n_chunks)
+        return PrefixCache(model, family, f, self.stores[f]), f"blocks 0-{f - 1} cached"

@@ -302,9 +302,10 @@ def _arm_row(arm: str, a: dict[str, Any], total: Any, ref_median: float) -> dict
 
 def _cache(arm: str, c: dict[str, Any]) -> dict[str, str]:
     f = c["blocks_cached"]
-    return {"arm": arm, "text": f"blocks 0–{f - 1} of {c.get('of', DASH)} ran once per chunk: "
-            f"{_int(c.get('misses'))} windows computed, {_int(c.get('hits'))} read back "
-            f"({_f(c.get('mib'), 1)} MiB); its step times after the first epoch skip them"}
+    return {"arm": arm, "text": f"blocks 0–{f - 1} of {c.get('of', DASH)} computed once per "
+            f"chunk and read back after: {_int(c.get('misses'))} windows computed, "
+            f"{_int(c.get('hits'))} read back since the process started "
+            f"({_f(c.get('mib'), 1)} MiB); step times of windows read back skip those blocks"}
 
 
 def _sample_excerpt(lines: list[str]) -> str:

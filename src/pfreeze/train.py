@@ -26,7 +26,7 @@ from torch import nn
 
 from pfreeze import __version__
 from pfreeze.arms import ArmStrategy, make_arm
-from pfreeze.attention import training_attention
+from pfreeze.attention import check_backend, training_attention
 from pfreeze.config import RunConfig, TrainingConfig, dump_config
 from pfreeze.corpus import (
     BatchStream,
@@ -42,7 +42,8 @@ from pfreeze.masking import Freezer, Tracker, check_audit
 from pfreeze.models import LoadedModel, count_params, load_model, state_hash
 from pfreeze.outputs import RunFiles, environment
 from pfreeze.plan import compile_plan, describe_params
-from pfreeze.prefix import PrefixCache, plan_cache
+from pfreeze.prefix import Caches, PrefixCache
+from pfreeze.sampler import check as check_decoder
 
 
 def pick_device(spec: str) -> torch.device:
@@ -105,6 +106,7 @@ class Loop:
                  on_step: Callable[[int, dict[str, float]], None] | None = None) -> None:
         self.cfg, self.files, self.on_step = cfg, files, on_step
         self.command: str | None = None
+        self.caches: Caches | None = None  # the frozen-prefix stores, made with the first arm
         self.t = cfg.training
         self.device = pick_device(self.t.device)
         self.bf16 = (self.device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -112,9 +114,7 @@ class Loop:
         # Compilation costs tens of seconds per arm: worth it only for long GPU runs.
         self.compile = (self.device.type == "cuda" and self.t.max_steps >= 200
                         if self.t.torch_compile == "auto" else bool(self.t.torch_compile))
-        if self.t.attention_backend == "cudnn" and self.device.type != "cuda":
-            raise PfreezeError("attention_backend=cudnn needs a CUDA GPU",
-                               "use training.attention_backend=auto (or flash) on this device")
+        check_backend(self.t.attention_backend, self.device, self.bf16, None, 0)
         if (self.t.torch_compile_mode == "reduce-overhead" and self.compile
                 and self.t.gradient_accumulation_steps > 1):
             # CUDA-graph replays reuse output buffers: accumulated gradients would be wrong.
@@ -131,6 +131,8 @@ class Loop:
         if cfg.data.strip_gutenberg:
             text = strip_gutenberg(text)
         self.lm: LoadedModel = load_model(cfg.model.name, cfg.model.revision, seed=self.t.seed)
+        if cfg.generation.decoder == "pfreeze":  # refused now, not after the first evaluation
+            check_decoder(self.lm.model, cfg.generation.top_k)
         self.stats: CorpusStats = tokenize_corpus(
             text, self.lm.tokenizer, cfg.data.validation_fraction, cfg.data.top_k,
             min_tokens=cfg.data.block_size)
@@ -151,6 +153,8 @@ class Loop:
         """Copy θ₀ into every arm, apply its first plan, build its optimizer and tracker."""
         from transformers import get_scheduler
 
+        check_backend(self.t.attention_backend, self.device, self.bf16, base,
+                      self.cfg.data.block_size)
         infos = describe_params(base, family)
         self.base_info = {"n_layers": base.config.num_hidden_layers,
                           "total_params": count_params(base),
@@ -199,8 +203,10 @@ class Loop:
             return None, "off (training.prefix_cache=false)"
         if stream is None or stream.sampling != "epochs":
             return None, "off: windows never repeat with data.sampling=random"
-        return plan_cache(model, family, strat.trained_names(), infos, len(strat.plans) == 1,
-                          stream.n_chunks, stream.block, self.device)
+        if self.caches is None:
+            self.caches = Caches(stream.n_chunks, stream.block, self.device)
+        return self.caches.for_arm(model, family, strat.trained_names(), infos,
+                                   len(strat.plans) == 1)
 
     def calibration_batches(self, n: int) -> list[torch.Tensor]:
         """Batches for data-driven selection, from their own seeded stream (not the shared one)."""

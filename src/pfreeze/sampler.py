@@ -1,0 +1,157 @@
+"""Fixed-length top-k sampling with no per-token host work: the decode step as one graph.
+
+`transformers.generate` spends milliseconds of Python per token (logits processors, stopping
+criteria, a host sync) and, with a static cache, attends over the cache with a mask built per
+step. The p metric needs none of that: every sample has exactly `max_new_tokens` tokens and
+EOS is suppressed. This sampler keeps each layer's keys and values in static buffers of its
+own, filled by an attention function registered with transformers' AttentionInterface (so
+it works for any model whose attention goes through that interface and whose blocks know
+their `layer_idx`: Llama, GPT-2, GPT-NeoX), and runs the decode step — forward, EOS
+suppression, temperature, top-k, Gumbel-max draw — with static shapes, so on a GPU it is
+captured once in a CUDA graph and replayed per token.
+
+Sampling is exact: Gumbel-max over the top-k logits draws from softmax(top-k logits / T),
+which is what top-k sampling is. The noise is drawn up front from a seeded generator.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DECODE = "pfreeze_decode"
+MODEL_TYPES = ("llama", "gpt2", "gpt_neox")  # attention through AttentionInterface, layer_idx
+_registered = False
+
+
+class KVState:
+    """Static K/V buffers of every block, the next write position, and the left padding."""
+
+    def __init__(self, pad: torch.Tensor, length: int) -> None:
+        self.pad = pad  # [B] number of left-padding tokens per row
+        self.length = length
+        self.pos = torch.zeros((), dtype=torch.long, device=pad.device)  # first slot to write
+        # Read by the captured graph at every replay, advanced outside it: fixed addresses.
+        torch._dynamo.mark_static_address(self.pos)
+        torch._dynamo.mark_static_address(self.pad)
+        self.k: dict[int, torch.Tensor] = {}
+        self.v: dict[int, torch.Tensor] = {}
+
+    def buffers(self, layer: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer not in self.k:
+            b, h, _, d = like.shape
+            for store in (self.k, self.v):
+                store[layer] = like.new_zeros(b, h, self.length, d)
+                # Written in place inside the captured graph: the address must never change.
+                torch._dynamo.mark_static_address(store[layer])
+        return self.k[layer], self.v[layer]
+
+
+def decode_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
+                     value: torch.Tensor, attention_mask: torch.Tensor | None,
+                     dropout: float = 0.0, scaling: float | None = None, **_: Any
+                     ) -> tuple[torch.Tensor, None]:
+    """Append this call's keys/values to the layer's buffers and attend over the filled part."""
+    state: KVState = module._pfreeze_kv
+    keys, values = state.buffers(module.layer_idx, key)
+    n = query.shape[2]
+    slots = state.pos + torch.arange(n, device=query.device)
+    keys.index_copy_(2, slots, key.to(keys.dtype))
+    values.index_copy_(2, slots, value.to(values.dtype))
+    j = torch.arange(state.length, device=query.device)
+    # Key j is visible to the query at slot s if j <= s and j is not left padding; a padding
+    # query sees itself only (its output is never used, but must not be NaN).
+    seen = (j <= slots[:, None]) & (j >= state.pad[:, None, None])
+    allowed = (seen | (j == slots[:, None]))[:, None]  # [B, 1, n, length]
+    k, v = keys.to(query.dtype), values.to(query.dtype)
+    if k.shape[1] != query.shape[1]:  # grouped-query attention
+        r = query.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(r, dim=1), v.repeat_interleave(r, dim=1)
+    out = F.scaled_dot_product_attention(query, k, v, attn_mask=allowed, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register() -> None:
+    global _registered
+    if not _registered:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+
+        AttentionInterface.register(DECODE, decode_attention)
+        # The attention function builds its own mask: transformers builds none.
+        AttentionMaskInterface.register(DECODE, lambda *args, **kwargs: None)
+        _registered = True
+
+
+def _attention_modules(model: nn.Module) -> list[nn.Module]:
+    """Modules that know their block: the attention modules among them read the state."""
+    return [m for m in model.modules() if hasattr(m, "layer_idx")]
+
+
+def check(model: nn.Module, top_k: int | None) -> None:
+    """Refuse, in one line, a model or setting this sampler cannot serve."""
+    from pfreeze.errors import PfreezeError
+
+    kind = getattr(model.config, "model_type", None)
+    if kind not in MODEL_TYPES or top_k is None:
+        raise PfreezeError(
+            f"generation.decoder=pfreeze needs generation.top_k and a model of type "
+            f"{', '.join(MODEL_TYPES)} (this one: {kind})", "use generation.decoder=generate")
+
+
+@torch.no_grad()
+def sample(model: nn.Module, input_ids: torch.Tensor, pad: torch.Tensor, new_tokens: int,
+           top_k: int, temperature: float, eos: int | None, seed: int, bf16: bool,
+           graph: bool) -> torch.Tensor:
+    """[B, new_tokens] sampled ids after the left-padded prompts `input_ids` (pads per row).
+
+    `graph`: compile the decode step with CUDA graphs (GPU); otherwise it runs eagerly.
+    """
+    _register()
+    dev = input_ids.device
+    b, p = input_ids.shape
+    k = min(top_k, model.config.vocab_size)
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    uniform = torch.rand(new_tokens, b, k, generator=gen, device=dev).clamp_(1e-20, 1.0)
+    gumbel = -torch.log(-torch.log(uniform))  # [new_tokens, B, k]
+    state = KVState(pad.to(dev), p + new_tokens)
+    attn = _attention_modules(model)
+    config, old = model.config, model.config._attn_implementation
+    amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16)
+
+    def draw(logits: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        if eos is not None:  # every sample is exactly new_tokens long
+            logits[:, eos] = float("-inf")
+        top, idx = (logits / temperature).topk(k, dim=-1)
+        return idx.gather(-1, (top + noise).argmax(-1, keepdim=True))  # [B, 1]
+
+    def step(tok: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        positions = (state.pos - state.pad).clamp(min=0)[:, None]
+        with amp:
+            logits = model(input_ids=tok, position_ids=positions, use_cache=False).logits
+        return draw(logits[:, -1], noise)
+
+    out = torch.empty(b, new_tokens, dtype=torch.long, device=dev)
+    try:
+        config._attn_implementation = DECODE
+        for m in attn:
+            m._pfreeze_kv = state
+        # Prefill: every prompt position at once (eager: it runs once).
+        positions = (torch.arange(p, device=dev)[None] - state.pad[:, None]).clamp(min=0)
+        with amp:
+            logits = model(input_ids=input_ids, position_ids=positions, use_cache=False).logits
+        out[:, 0:1] = draw(logits[:, -1], gumbel[0])
+        state.pos.fill_(p)
+        fn = torch.compile(step, mode="reduce-overhead", dynamic=False) if graph else step
+        for t in range(1, new_tokens):
+            out[:, t : t + 1] = fn(out[:, t - 1 : t].clone(), gumbel[t])
+            state.pos.add_(1)
+    finally:
+        config._attn_implementation = old
+        for m in attn:
+            del m._pfreeze_kv
+    return out
