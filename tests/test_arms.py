@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pfreeze import train as train_mod
+from pfreeze import moments
 from pfreeze.arms import make_arm
 from pfreeze.config import LisaArm, UnfreezeArm, load_config
 from pfreeze.models import load_model
@@ -149,7 +149,7 @@ def test_early_stopping_keeps_the_best_weights(corpus: Path, tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     # Scripted held-out losses per evaluation (steps 0, 1, 2, 3): best at step 1, then worse.
     script = iter([5.0, 5.0, 4.0, 4.0, 4.5, 4.5, 4.6, 4.6, 9.0, 9.0])
-    monkeypatch.setattr(train_mod, "mean_loss", lambda *a, **k: next(script))
+    monkeypatch.setattr(moments, "mean_loss", lambda *a, **k: next(script))
     # logging_steps=4: the stop at step 3 falls between two reads of the device values.
     cfg = _cfg(corpus, "training.max_steps=8", "training.eval_steps=1",
                "training.early_stopping_patience=2", "training.keep_best=true",

@@ -30,9 +30,10 @@ import torch
 from torch import nn
 
 from pfreeze.atomic import write_json
+from pfreeze.flops import model_flops, train_flops  # noqa: F401 (train_flops: public here)
 from pfreeze.models import load_model
 from pfreeze.outputs import environment
-from pfreeze.plan import Geometry, compile_plan, describe_params
+from pfreeze.plan import compile_plan
 
 SHAPES = {"smollm2": "random:smollm2-135m", "gpt2": "random:gpt2-124m", "tiny": "random:llama"}
 METHODS = ("pfreeze", "pfreeze_cached", "eager", "compiled", "trainer", "trainer_compiled")
@@ -42,44 +43,6 @@ HOPPER_BF16 = 989e12  # dense bf16 FLOP/s of an H100/H200 SXM (datasheet)
 LR = 1e-4
 Row = dict[str, Any]  # one JSON row or result
 Batches = list[torch.Tensor]  # token ids on the host, rotated through the steps
-
-
-def train_flops(layers: int, width: int, seq: int, tokens: int, block_params: int,
-                head_params: int, first_trainable: int | None, trainable_params: int) -> float:
-    """Model FLOPs of one training step, the MFU numerator (norms, softmax, biases ignored).
-
-    L layers of attention width d (heads x head_dim), N = batch x T tokens; P_block: matrix
-    elements of one block; P_head: vocab x d (even if tied); first_trainable f: lowest block
-    with a trainable tensor (0 if the embedding trains, L if only head/final norm, None: none).
-    forward   2 (L P_block + P_head) N + attention: QK^T and AV cost 2 T d per token and block
-              each, 4 L T d N, which the causal mask halves to 2 L T d N (FlashAttention's count)
-    backward  activation gradients (dX = dY W^T: 2 P N; attention: twice its forward) through
-              blocks f..L-1 and the head, plus weight gradients (dW = X^T dY: 2 P N) of the
-              trainable matrices only. All trainable: 2 x forward. A frozen arm is overcounted by
-              the q/k/v input gradient of block f, which autograd skips.
-    """
-    attn = 2 * seq * width * tokens  # causal attention of one block, forward
-    fwd = 2 * (layers * block_params + head_params) * tokens + layers * attn
-    if first_trainable is None:
-        return float(fwd)
-    up = layers - first_trainable
-    act = 2 * (up * block_params + head_params) * tokens + 2 * up * attn
-    return float(fwd + act + 2 * trainable_params * tokens)
-
-
-def model_flops(model: nn.Module, family: str, trainable: set[str], batch: int, seq: int) -> float:
-    """train_flops with the counts read off `model` and the names that train."""
-    infos, g = describe_params(model, family), Geometry.of(model)
-    mats = {n: p.numel() for n, p in model.named_parameters() if p.ndim >= 2}
-    blocks = sum(v for n, v in mats.items() if infos[n].layer is not None)
-    head = model.get_output_embeddings().weight.numel()
-    head_trains = any(infos[n].rule.role == "head" or infos[n].tied for n in trainable)
-    layers = [infos[n].layer for n in trainable if infos[n].layer is not None]
-    first = (0 if any(infos[n].rule.role == "embed" for n in trainable)
-             else min(layers) if layers else g.n_layers if trainable else None)
-    train_mats = sum(v for n, v in mats.items() if n in trainable and infos[n].layer is not None)
-    return train_flops(g.n_layers, g.n_heads * g.head_dim, seq, batch * seq,
-                       blocks // g.n_layers, head, first, train_mats + head * head_trains)
 
 
 class Bench:

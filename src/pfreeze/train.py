@@ -1,9 +1,10 @@
 """The training loop: every arm, one identical batch stream, one loop.
 
     setup    load θ₀ once, copy it into each arm, prove the copies equal (hash)
-    before   held-out loss and generated-text share p of every arm
+    before   held-out loss and generated-text share p of every arm (moments.py)
     train    for each step: draw one batch, give it to every arm in turn
     after    the same evaluations, the integrity audit, the trained tensors, the summary
+             (summary.py)
 
 Hot-path rule: nothing in the step reads a device value back to the host. Losses, ‖ΔW‖ norms
 and CUDA timing events are queued on the device and read every `logging_steps`.
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -24,7 +24,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from pfreeze import __version__
 from pfreeze.arms import ArmStrategy, make_arm
 from pfreeze.attention import check_backend, training_attention
 from pfreeze.config import RunConfig, TrainingConfig, dump_config
@@ -37,13 +36,15 @@ from pfreeze.corpus import (
     tokenize_corpus,
 )
 from pfreeze.errors import PfreezeError
-from pfreeze.evaluate import autocast, fixed_windows, generate_samples, mean_loss, p_stats
+from pfreeze.evaluate import autocast, fixed_windows
 from pfreeze.masking import Freezer, Tracker, check_audit
 from pfreeze.models import LoadedModel, count_params, load_model, state_hash
-from pfreeze.outputs import RunFiles, environment
+from pfreeze.moments import evaluate_arms, sample_arms, sample_best
+from pfreeze.outputs import RunFiles
 from pfreeze.plan import compile_plan, describe_params
 from pfreeze.prefix import Caches, PrefixCache
 from pfreeze.sampler import check as check_decoder
+from pfreeze.summary import arm_summary, run_summary
 
 
 def pick_device(spec: str) -> torch.device:
@@ -317,82 +318,6 @@ class Loop:
         self.files.append_metrics(rows)
         return last
 
-    def _shared_theta0(self, step: int) -> bool:
-        """Before training every arm is θ₀ (proven by hash): measure once, report for all."""
-        return step == 0 and len({a.theta0_hash for a in self.arms}) == 1
-
-    def evaluate(self, step: int) -> None:
-        rows, bs = [], self.t.per_device_train_batch_size
-        shared = None
-        for arm in self.arms:
-            if arm.diverged:
-                arm.evals.append((step, None, None))
-                continue
-            if arm.stopped:  # early-stopped: unchanged since its last evaluation
-                continue
-            if shared is None or not self._shared_theta0(step):
-                val = mean_loss(arm.model, self.val_windows, bs, self.device, self.bf16)
-                tr = mean_loss(arm.model, self.train_windows, bs, self.device, self.bf16)
-                shared = (val, tr)
-            val, tr = shared
-            arm.evals.append((step, val, tr))
-            self._track_best(arm, step, val)
-            rows.append({"kind": "eval", "step": step, "arm": arm.strategy.name,
-                         "val_loss": val, "train_loss": tr})
-        self.files.append_metrics(rows)
-
-    def _track_best(self, arm: ArmRun, step: int, val: float | None) -> None:
-        """Remember the best held-out point; stop the arm after `patience` evals without one."""
-        if val is None:
-            return
-        if arm.best is None or val < arm.best[1]:
-            arm.best, arm.bad_evals = (step, val), 0
-            if self.t.keep_best:
-                arm.best_state = arm.strategy.trained_tensors(arm.model)
-            return
-        arm.bad_evals += 1
-        patience = self.t.early_stopping_patience
-        if patience and arm.bad_evals >= patience and arm.stopped is None:
-            arm.stopped = (f"early stop at step {step}: held-out loss did not improve for "
-                           f"{patience} evaluations (best {arm.best[1]:.4f} at step {arm.best[0]})")
-
-    def sample_all(self, moment: str) -> dict[str, dict[str, Any]]:
-        out: dict[str, dict[str, Any]] = {}
-        samples = None
-        for arm in self.arms:
-            if arm.diverged:  # a diverged model cannot sample
-                out[arm.strategy.name] = {"mean": None, "std": None, "ci95": [None, None],
-                                          "n": 0, "values": []}
-                continue
-            if samples is None or not (moment == "before" and self._shared_theta0(0)):
-                samples = generate_samples(arm.model, self.lm.tokenizer, self.cfg.generation,
-                                           self.stats.top_set, self.device, self.bf16)
-            self.files.add_samples(arm.strategy.name, moment, samples)
-            out[arm.strategy.name] = p_stats(samples)
-        return out
-
-    @torch.no_grad()
-    def sample_best(self) -> dict[str, dict[str, Any]]:
-        """p with each arm's best-point tensors (keep_best), so arms compare at their best too.
-
-        The best tensors are swapped in for the sampling and the last-step ones put back.
-        """
-        out: dict[str, dict[str, Any]] = {}
-        for arm in self.arms:
-            if arm.diverged or not arm.best_state or arm.best is None:
-                continue
-            params = arm.freezer.params
-            last = {n: params[n].detach().clone() for n in arm.best_state}
-            for n, t in arm.best_state.items():
-                params[n].copy_(t)
-            samples = generate_samples(arm.model, self.lm.tokenizer, self.cfg.generation,
-                                       self.stats.top_set, self.device, self.bf16)
-            self.files.add_samples(arm.strategy.name, f"best(step {arm.best[0]})", samples)
-            out[arm.strategy.name] = p_stats(samples)
-            for n, t in last.items():
-                params[n].copy_(t)
-        return out
-
     # ------------------------------------------------------------------ run
     def run(self, resume: bool = False) -> dict[str, Any]:
         from pfreeze import checkpoint
@@ -417,8 +342,8 @@ class Loop:
             start, p_before = state["step"], state["p_before"]
             self.files.resume(start, state["samples"])
         else:
-            self.evaluate(0)
-            p_before = self.sample_all("before")
+            evaluate_arms(self, 0)
+            p_before = sample_arms(self, "before")
         t_start = time.perf_counter()
         for step in range(start, self.t.max_steps):
             batch = self.stream.next()
@@ -433,7 +358,7 @@ class Loop:
             if done % self.t.logging_steps == 0 or done == self.t.max_steps or save:
                 last = self.flush()
             if done % self.t.eval_steps == 0 and done < self.t.max_steps:
-                self.evaluate(done)
+                evaluate_arms(self, done)
             if save:
                 checkpoint.save(self, done, {"p_before": p_before, "samples": self.files.samples})
             if self.on_step:
@@ -443,69 +368,23 @@ class Loop:
         if any(a.pending for a in self.arms):  # an early end between logging steps
             self.flush()
         wall = time.perf_counter() - t_start
-        self.evaluate(self.t.max_steps)
-        p_after = self.sample_all("after")
-        p_best = self.sample_best() if self.t.keep_best else {}
+        evaluate_arms(self, self.t.max_steps)
+        p_after = sample_arms(self, "after")
+        p_best = sample_best(self) if self.t.keep_best else {}
         arms_summary = {}
         for arm in self.arms:
-            audit = arm.freezer.audit()
-            arms_summary[arm.strategy.name] = self._arm_summary(arm, p_before, p_after, audit)
-            arms_summary[arm.strategy.name]["p_best"] = p_best.get(arm.strategy.name)
+            name = arm.strategy.name
+            arms_summary[name] = arm_summary(self, arm, p_before[name], p_after[name],
+                                             p_best.get(name), arm.freezer.audit())
             self.files.save_arm(arm.strategy, arm.model, self.lm.tokenizer,
                                 self.cfg.save_pretrained, arm.best_state)
-        summary = {
-            "pfreeze_version": __version__,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "command": self.command,  # set by the CLI; None for runs from the Python API
-            "status": "finished",
-            "environment": {**environment(self.device), "bf16": self.bf16},
-            "model": {"name": self.lm.name, "architecture": self.lm.family, **self.base_info},
-            "config": self.cfg.model_dump(mode="json"),
-            "corpus": self.corpus,
-            "theta0_hash": self.theta0_hash,
-            # Identical θ₀ hashes mean identical models: the before-measurements ran once.
-            "before_measured_once": self._shared_theta0(0),
-            "wall_time_s": wall,
-            "arms": arms_summary,
-        }
+        summary = run_summary(self, wall, arms_summary)
         self.files.write_summary(summary)
         for name, a in arms_summary.items():
             integ = a["integrity"]
             if integ and not integ["ok"]:
                 check_audit(name, integ)
         return summary
-
-    def _arm_summary(self, arm: ArmRun, p_before: dict, p_after: dict, audit: dict) -> dict:
-        name = arm.strategy.name
-        vals = [(s, v) for s, v, _ in arm.evals if v is not None]
-        best = min(vals, key=lambda sv: sv[1]) if vals else (None, None)
-        total_time = sum(arm.times)
-        median = statistics.median(arm.times) if arm.times else None
-        return {
-            "kind": arm.strategy.cfg.kind,
-            "description": arm.strategy.describe(),
-            "status": f"stopped: {arm.stopped}" if arm.stopped else "finished",
-            "trainable_params": arm.strategy.ever_trainable(),
-            "total_params": count_params(arm.model),
-            "theta0_hash": arm.theta0_hash,
-            "steps": len(arm.losses),
-            "total_time_s": total_time,
-            "median_step_time_s": median,
-            # Steady state: compilation and warm-up land in the first step, reported apart.
-            "tokens_per_s": self.stream.batch * self.stream.block / median if median else None,
-            "first_step_time_s": arm.times[0] if arm.times else None,
-            "compiled": self.compile,
-            "prefix_cache": arm.prefix.summary() if arm.prefix else {"off": arm.prefix_note},
-            "mean_loss": _finite(statistics.fmean(arm.losses)) if arm.losses else None,
-            "last_loss": _finite(arm.losses[-1]) if arm.losses else None,
-            "val_loss_before": arm.evals[0][1],
-            "val_loss_best": best[1], "val_loss_best_step": best[0],
-            "val_loss_after": arm.evals[-1][1],
-            "train_loss_after": arm.evals[-1][2],
-            "peak_mem_mb": arm.peak_mem_mb,
-            "p_before": p_before[name], "p_after": p_after[name],
-            "integrity": audit,
-        }
 
 
 def run(cfg: RunConfig, output_dir: str | Path | None = None, overwrite: bool = False,
@@ -525,7 +404,3 @@ def run(cfg: RunConfig, output_dir: str | Path | None = None, overwrite: bool = 
     loop = Loop(cfg, files, on_step)
     loop.command = command
     return loop.run(resume=resume)
-
-
-def _finite(x: float) -> float | None:
-    return x if math.isfinite(x) else None

@@ -1,0 +1,70 @@
+"""summary.json: what a finished run reports, per arm and for the run as a whole."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from typing import TYPE_CHECKING, Any
+
+from pfreeze import __version__
+from pfreeze.models import count_params
+from pfreeze.moments import shared_theta0
+from pfreeze.outputs import environment
+
+if TYPE_CHECKING:  # the loop imports this module
+    from pfreeze.train import ArmRun, Loop
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None  # JSON has no NaN
+
+
+def arm_summary(loop: Loop, arm: ArmRun, p_before: dict, p_after: dict, p_best: dict | None,
+                audit: dict) -> dict[str, Any]:
+    vals = [(s, v) for s, v, _ in arm.evals if v is not None]
+    best = min(vals, key=lambda sv: sv[1]) if vals else (None, None)
+    median = statistics.median(arm.times) if arm.times else None
+    return {
+        "kind": arm.strategy.cfg.kind,
+        "description": arm.strategy.describe(),
+        "status": f"stopped: {arm.stopped}" if arm.stopped else "finished",
+        "trainable_params": arm.strategy.ever_trainable(),
+        "total_params": count_params(arm.model),
+        "theta0_hash": arm.theta0_hash,
+        "steps": len(arm.losses),
+        "total_time_s": sum(arm.times),
+        "median_step_time_s": median,
+        # Steady state: compilation and warm-up land in the first step, reported apart.
+        "tokens_per_s": loop.stream.batch * loop.stream.block / median if median else None,
+        "first_step_time_s": arm.times[0] if arm.times else None,
+        "compiled": loop.compile,
+        "prefix_cache": arm.prefix.summary() if arm.prefix else {"off": arm.prefix_note},
+        "mean_loss": _finite(statistics.fmean(arm.losses)) if arm.losses else None,
+        "last_loss": _finite(arm.losses[-1]) if arm.losses else None,
+        "val_loss_before": arm.evals[0][1],
+        "val_loss_best": best[1], "val_loss_best_step": best[0],
+        "val_loss_after": arm.evals[-1][1],
+        "train_loss_after": arm.evals[-1][2],
+        "peak_mem_mb": arm.peak_mem_mb,
+        "p_before": p_before, "p_after": p_after, "p_best": p_best,
+        "integrity": audit,
+    }
+
+
+def run_summary(loop: Loop, wall: float, arms: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "pfreeze_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": loop.command,  # set by the CLI; None for runs from the Python API
+        "status": "finished",
+        "environment": {**environment(loop.device), "bf16": loop.bf16},
+        "model": {"name": loop.lm.name, "architecture": loop.lm.family, **loop.base_info},
+        "config": loop.cfg.model_dump(mode="json"),
+        "corpus": loop.corpus,
+        "theta0_hash": loop.theta0_hash,
+        # Identical θ₀ hashes mean identical models: the before-measurements ran once.
+        "before_measured_once": shared_theta0(loop, 0),
+        "wall_time_s": wall,
+        "arms": arms,
+    }
