@@ -141,7 +141,7 @@ def test_causal_attention_refuses_masks_and_caches_and_cudnn_needs_a_gpu(make_co
 @pytest.mark.parametrize("setting, message", [
     ({"sliding_window": 8}, "has no sliding window (this model's is 8 tokens, windows are 32)"),
     ({"attn_logit_softcapping": 50.0}, "has no attention soft-capping"),
-    ({"attention_dropout": 0.1}, "on the CPU has no dropout"),
+    ({"attention_dropout": 0.1}, "on the CPU has no attention dropout, but this model's is 0.1"),
 ])
 def test_flash_refuses_models_whose_attention_it_would_change(make_config, setting: dict,
                                                               message: str) -> None:

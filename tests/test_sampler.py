@@ -79,3 +79,19 @@ def test_generation_decoder_setting_and_its_limits() -> None:
     neo = load_model("random:gpt-neo", seed=0)
     with pytest.raises(PfreezeError, match="this one: gpt_neo"):
         generate_samples(neo.model, neo.tokenizer, cfg, {32}, CPU, False)
+
+
+def test_the_decode_step_compiles_once_for_every_call_and_arm(monkeypatch: pytest.MonkeyPatch
+                                                              ) -> None:
+    """A recompile per call would cost a compile per arm and moment, and dynamo gives up
+    (runs eagerly) after 8: the step must not capture per-call objects dynamo guards on."""
+    from torch._dynamo.testing import CompileCounter
+
+    counter, compile_ = CompileCounter(), torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, backend=counter))
+    x, mask = _left_padded(ROWS, 0)
+    for seed in range(4):  # two models (arms), new state and noise every call
+        model = load_model("random:llama", seed=seed % 2).model.eval()
+        sample(model, x, (mask == 0).sum(1), 4, top_k=5, temperature=1.0, eos=None,
+               seed=seed, bf16=False, graph=True)
+    assert counter.frame_count == 1

@@ -49,7 +49,6 @@ def check_backend(backend: str, device: torch.device, bf16: bool, model: nn.Modu
                   block: int) -> None:
     """Refuse, in one line, a backend that cannot run (or would compute something else) here."""
     from pfreeze.errors import PfreezeError
-    from pfreeze.prefix import not_deterministic
 
     fix = "use training.attention_backend=auto"
     if backend == "auto":
@@ -69,8 +68,10 @@ def check_backend(backend: str, device: torch.device, bf16: bool, model: nn.Modu
     if getattr(cfg, "attn_logit_softcapping", None) is not None:
         raise PfreezeError("attention_backend=flash has no attention soft-capping (this model "
                            "uses it)", fix)
-    if device.type != "cuda" and (why := not_deterministic(model)):
-        raise PfreezeError(f"attention_backend=flash on the CPU has no dropout, but {why}", fix)
+    drop = max(float(getattr(cfg, k, 0.0) or 0.0) for k in ("attention_dropout", "attn_pdrop"))
+    if device.type != "cuda" and drop > 0:
+        raise PfreezeError("attention_backend=flash on the CPU has no attention dropout, but "
+                           f"this model's is {drop}", fix)
 
 
 @contextmanager

@@ -118,13 +118,26 @@ def generate_samples(model: nn.Module, tokenizer, cfg: GenerationConfig, top_set
     prompts = [(p, tokenizer.encode(p) or [pad]) for p in cfg.prompts]
     rows = [(p, i, ids) for p, ids in prompts for i in range(cfg.samples_per_prompt)]
     x, mask = _left_padded([ids for _, _, ids in rows], pad)
-    n_new = len(rows) * cfg.max_new_tokens
-    if cfg.decoder == "pfreeze":
-        ids = _pfreeze_decode(model, x.to(device), (mask == 0).sum(1), cfg, eos, device, bf16)
+    try:
+        if cfg.decoder == "pfreeze":
+            new = _pfreeze_decode(model, x.to(device), (mask == 0).sum(1), cfg, eos, device,
+                                  bf16)
+        else:
+            if static_cache is None:
+                n_new = len(rows) * cfg.max_new_tokens
+                static_cache = device.type == "cuda" and n_new >= STATIC_CACHE_MIN_TOKENS
+            new = _generate(model, x.to(device), mask.to(device), cfg, pad, eos, device, bf16,
+                            static_cache)
+    finally:
         model.train(was_training)
-        return _samples(rows, ids.tolist(), cfg.seed, tokenizer, top_set)
-    if static_cache is None:
-        static_cache = device.type == "cuda" and n_new >= STATIC_CACHE_MIN_TOKENS
+    return [Sample(prompt, cfg.seed, i, tokenizer.decode(ids), ids, top_share(ids, top_set))
+            for (prompt, i, _), ids in zip(rows, new.tolist(), strict=True)]
+
+
+def _generate(model: nn.Module, x: torch.Tensor, mask: torch.Tensor, cfg: GenerationConfig,
+              pad: int, eos: int | None, device: torch.device, bf16: bool,
+              static_cache: bool) -> torch.Tensor:
+    """transformers' generate(): the new tokens only, [B, max_new_tokens]."""
     extra = {"cache_implementation": "static"} if static_cache else {}
     sampler, amp = model, bf16
     if static_cache and bf16:
@@ -140,35 +153,47 @@ def generate_samples(model: nn.Module, tokenizer, cfg: GenerationConfig, top_set
     with torch.random.fork_rng(devices=cuda), autocast(device, amp):
         torch.manual_seed(cfg.seed)
         gen = sampler.generate(
-            input_ids=x.to(device), attention_mask=mask.to(device), do_sample=True,
+            input_ids=x, attention_mask=mask, do_sample=True,
             temperature=cfg.temperature, top_k=cfg.top_k or 0, top_p=1.0,
             max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.max_new_tokens,
             pad_token_id=pad, eos_token_id=eos, **extra,
         )
-    model.train(was_training)
-    return _samples(rows, gen[:, x.shape[1]:].tolist(), cfg.seed, tokenizer, top_set)
+    return gen[:, x.shape[1]:]
 
 
-_twin: list[nn.Module] = []  # the last bf16 copy, reused: transformers compiles per instance
+# The last bf16 copy and what it was made from: transformers compiles the static-cache decode
+# step per model instance, so the copy is refilled rather than remade when it still fits.
+_twin: list[tuple[str, nn.Module]] = []
+
+
+def _twin_key(model: nn.Module) -> str:
+    """Everything besides the tensors that decides what the copy computes."""
+    cfg = model.config.to_json_string(use_diff=False) if hasattr(model, "config") else ""
+    shapes = [(n, tuple(t.shape), t.dtype) for n, t in
+              [*model.named_parameters(), *model.named_buffers()]]
+    return repr((type(model), cfg, repr(getattr(model, "peft_config", None)), shapes))
 
 
 def _bf16_twin(model: nn.Module) -> nn.Module:
-    """A bf16 copy of `model`, refilled in place when one of the same shapes exists."""
-    shapes = [p.shape for p in model.parameters()]
-    if _twin and type(_twin[0]) is type(model) and [
-            p.shape for p in _twin[0].parameters()] == shapes:
-        with torch.no_grad():
-            for t, p in zip(_twin[0].parameters(), model.parameters(), strict=True):
-                t.copy_(p)
-    else:
-        _twin[:] = [copy.deepcopy(model).to(torch.bfloat16).eval()]
-    return _twin[0]
+    """A bf16 copy of `model`'s parameters (buffers keep their dtype), current values."""
+    key = _twin_key(model)
+    if not _twin or _twin[0][0] != key:
+        twin = copy.deepcopy(model).eval()
+        for p in twin.parameters():
+            p.data = p.data.to(torch.bfloat16)
+        _twin[:] = [(key, twin)]
+    twin = _twin[0][1]
+    with torch.no_grad():
+        for (_, t), (_, p) in zip([*twin.named_parameters(), *twin.named_buffers()],
+                                  [*model.named_parameters(), *model.named_buffers()],
+                                  strict=True):
+            t.copy_(p)
+    return twin
 
 
-def _samples(rows: list, new: list[list[int]], seed: int, tokenizer,
-             top_set: Collection[int]) -> list[Sample]:
-    return [Sample(prompt, seed, i, tokenizer.decode(ids), ids, top_share(ids, top_set))
-            for (prompt, i, _), ids in zip(rows, new, strict=True)]
+def release_twin() -> None:
+    """Free the bf16 copy (end of a run)."""
+    _twin.clear()
 
 
 def _pfreeze_decode(model: nn.Module, x: torch.Tensor, pad: torch.Tensor,

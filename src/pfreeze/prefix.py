@@ -66,13 +66,16 @@ def not_deterministic(model: nn.Module) -> str | None:
 
 
 class Store:
-    """Block f's input per chunk id. Arms with the same f share one: their blocks 0..f-1
-    are θ₀ in every arm (frozen, and audited as such), so the values are the same."""
+    """Block f's input per chunk id, for one arm.
+
+    Arms with the same f would hold the same values (their blocks 0..f-1 are θ₀), but each
+    keeps its own: with a shared store the first arm would pay every miss inside its timed
+    step and the others none, and step times are what the arms are compared on.
+    """
 
     def __init__(self, n_chunks: int) -> None:
         self.h: torch.Tensor | None = None  # [n_chunks, block, width], allocated on first use
         self.have = torch.zeros(n_chunks, dtype=torch.bool)  # on the host: no device sync
-        self.users = 0
 
 
 class PrefixCache:
@@ -90,7 +93,6 @@ class PrefixCache:
         upper_base.layers = nn.ModuleList(layers[f:])
         self.upper = _shallow(model)
         setattr(self.upper, base_attr, upper_base)
-        store.users += 1
         self.hits = self.misses = 0  # since this process started (a resumed run starts empty)
 
     def inputs(self, x: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
@@ -113,7 +115,7 @@ class PrefixCache:
     def summary(self) -> dict[str, Any]:
         h = self.store.h
         return {"blocks_cached": self.f, "of": self.n_layers, "hits": self.hits,
-                "misses": self.misses, "shared_by_arms": self.store.users,
+                "misses": self.misses,
                 "mib": None if h is None else h.numel() * h.element_size() / 2**20}
 
 
@@ -125,13 +127,12 @@ def _memory_limit(device: torch.device) -> int:
 
 
 class Caches:
-    """The run's stores, one per first trained block, together within a quarter of memory."""
+    """The run's stores, one per cached arm, together within a quarter of memory."""
 
     def __init__(self, n_chunks: int, block: int, device: torch.device,
                  limit: int | None = None) -> None:
         self.n_chunks, self.block = n_chunks, block
         self.left = _memory_limit(device) if limit is None else limit
-        self.stores: dict[int, Store] = {}
 
     def for_arm(self, model: nn.Module, family: str, trained: set[str],
                 infos: dict[str, ParamInfo], single_plan: bool
@@ -152,11 +153,9 @@ class Caches:
         f = first_trained_block(trained, infos, model.config.num_hidden_layers)
         if f == 0:
             return None, "the arm trains block 0 or the embedding"
-        if f not in self.stores:
-            need = self.n_chunks * self.block * model.config.hidden_size * 4
-            if need > self.left:
-                return None, (f"the cache would need {need / 2**30:.1f} GiB, more than the "
-                              f"{self.left / 2**30:.1f} GiB left of a quarter of memory")
-            self.left -= need
-            self.stores[f] = Store(self.n_chunks)
-        return PrefixCache(model, family, f, self.stores[f]), f"blocks 0-{f - 1} cached"
+        need = self.n_chunks * self.block * model.config.hidden_size * 4
+        if need > self.left:
+            return None, (f"the cache would need {need / 2**30:.1f} GiB, more than the "
+                          f"{self.left / 2**30:.1f} GiB left of a quarter of memory")
+        self.left -= need
+        return PrefixCache(model, family, f, Store(self.n_chunks)), f"blocks 0-{f - 1} cached"

@@ -120,7 +120,11 @@ def sample(model: nn.Module, input_ids: torch.Tensor, pad: torch.Tensor, new_tok
     state = KVState(pad.to(dev), p + new_tokens)
     attn = _attention_modules(model)
     config, old = model.config, model.config._attn_implementation
-    amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16)
+
+    def amp() -> torch.autocast:
+        # Made inside the step, not captured: dynamo guards on captured objects, and a new
+        # autocast object per call would recompile the step at every call.
+        return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16)
 
     def draw(logits: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
@@ -131,7 +135,7 @@ def sample(model: nn.Module, input_ids: torch.Tensor, pad: torch.Tensor, new_tok
 
     def step(tok: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         positions = (state.pos - state.pad).clamp(min=0)[:, None]
-        with amp:
+        with amp():
             logits = model(input_ids=tok, position_ids=positions, use_cache=False).logits
         return draw(logits[:, -1], noise)
 
@@ -142,7 +146,7 @@ def sample(model: nn.Module, input_ids: torch.Tensor, pad: torch.Tensor, new_tok
             m._pfreeze_kv = state
         # Prefill: every prompt position at once (eager: it runs once).
         positions = (torch.arange(p, device=dev)[None] - state.pad[:, None]).clamp(min=0)
-        with amp:
+        with amp():
             logits = model(input_ids=input_ids, position_ids=positions, use_cache=False).logits
         out[:, 0:1] = draw(logits[:, -1], gumbel[0])
         state.pos.fill_(p)
@@ -153,5 +157,5 @@ def sample(model: nn.Module, input_ids: torch.Tensor, pad: torch.Tensor, new_tok
     finally:
         config._attn_implementation = old
         for m in attn:
-            del m._pfreeze_kv
+            m.__dict__.pop("_pfreeze_kv", None)
     return out

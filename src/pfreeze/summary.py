@@ -47,8 +47,9 @@ def arm_summary(loop: Loop, arm: ArmRun, p_before: dict, p_after: dict, p_best: 
         "val_loss_after": arm.evals[-1][1],
         "train_loss_after": arm.evals[-1][2],
         "peak_mem_mb": arm.peak_mem_mb,
-        "p_before": p_before, "p_after": p_after, "p_best": p_best,
+        "p_before": p_before, "p_after": p_after,
         "integrity": audit,
+        "p_best": p_best,
     }
 
 

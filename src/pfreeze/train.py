@@ -36,7 +36,7 @@ from pfreeze.corpus import (
     tokenize_corpus,
 )
 from pfreeze.errors import PfreezeError
-from pfreeze.evaluate import autocast, fixed_windows
+from pfreeze.evaluate import autocast, fixed_windows, release_twin
 from pfreeze.masking import Freezer, Tracker, check_audit
 from pfreeze.models import LoadedModel, count_params, load_model, state_hash
 from pfreeze.moments import evaluate_arms, sample_arms, sample_best
@@ -371,6 +371,7 @@ class Loop:
         evaluate_arms(self, self.t.max_steps)
         p_after = sample_arms(self, "after")
         p_best = sample_best(self) if self.t.keep_best else {}
+        release_twin()
         arms_summary = {}
         for arm in self.arms:
             name = arm.strategy.name
