@@ -12,7 +12,7 @@ forward. Evaluation and sampling (padding, KV caches) keep the model's own atten
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -23,7 +23,37 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 CAUSAL = "pfreeze_causal"
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
-_registered = False
+_registered: set[str] = set()
+
+
+def sdpa_heads(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, **kw: Any
+               ) -> torch.Tensor:
+    """SDPA on transformers' [B, heads, T, D] layout (grouped KV heads repeated), returned as
+    the [B, T, heads, D] an attention function hands back."""
+    if key.shape[1] != query.shape[1]:  # grouped-query attention: each KV head serves n
+        n = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(n, dim=1), value.repeat_interleave(n, dim=1)
+    return F.scaled_dot_product_attention(query, key, value, **kw).transpose(1, 2).contiguous()
+
+
+@contextmanager
+def attention_function(model: nn.Module, name: str, fn: Any) -> Iterator[None]:
+    """Inside: `model`'s attention runs `fn` (registered with transformers' AttentionInterface
+    as `name`; transformers builds no mask for it). The model's own attention after."""
+    if name not in _registered:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+
+        AttentionInterface.register(name, fn)
+        AttentionMaskInterface.register(name, lambda *args, **kwargs: None)
+        _registered.add(name)
+    config = model.config
+    old = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = old
 
 
 def causal_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -37,12 +67,7 @@ def causal_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
         raise RuntimeError("pfreeze's causal attention got a mask or a KV cache")
     if (sliding_window is not None and sliding_window < key.shape[2]) or softcap is not None:
         raise RuntimeError("pfreeze's causal attention has no sliding window or soft-capping")
-    if key.shape[1] != query.shape[1]:  # grouped-query attention: each KV head serves n
-        n = query.shape[1] // key.shape[1]
-        key, value = key.repeat_interleave(n, dim=1), value.repeat_interleave(n, dim=1)
-    out = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=scaling,
-                                         is_causal=True)
-    return out.transpose(1, 2).contiguous(), None
+    return sdpa_heads(query, key, value, dropout_p=dropout, scale=scaling, is_causal=True), None
 
 
 def check_backend(backend: str, device: torch.device, bf16: bool, model: nn.Module | None,
@@ -80,18 +105,7 @@ def training_attention(model: nn.Module, backend: str) -> Iterator[None]:
     if backend == "auto":
         yield
         return
-    global _registered
-    config = model.config
-    old = config._attn_implementation
-    if backend == "flash":
-        if not _registered:
-            from transformers import AttentionInterface
-
-            AttentionInterface.register(CAUSAL, causal_attention)
-            _registered = True
-        config._attn_implementation = CAUSAL
-    try:
-        with sdpa_kernel(BACKENDS[backend]):
-            yield
-    finally:
-        config._attn_implementation = old
+    route = (attention_function(model, CAUSAL, causal_attention) if backend == "flash"
+             else nullcontext())
+    with route, sdpa_kernel(BACKENDS[backend]):
+        yield

@@ -19,12 +19,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from pfreeze.attention import attention_function, sdpa_heads
 
 DECODE = "pfreeze_decode"
 MODEL_TYPES = ("llama", "gpt2", "gpt_neox")  # attention through AttentionInterface, layer_idx
-_registered = False
 
 
 class KVState:
@@ -67,23 +67,7 @@ def decode_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     seen = (j <= slots[:, None]) & (j >= state.pad[:, None, None])
     allowed = (seen | (j == slots[:, None]))[:, None]  # [B, 1, n, length]
     k, v = keys.to(query.dtype), values.to(query.dtype)
-    if k.shape[1] != query.shape[1]:  # grouped-query attention
-        r = query.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(r, dim=1), v.repeat_interleave(r, dim=1)
-    out = F.scaled_dot_product_attention(query, k, v, attn_mask=allowed, scale=scaling)
-    return out.transpose(1, 2).contiguous(), None
-
-
-def _register() -> None:
-    global _registered
-    if not _registered:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface
-
-        AttentionInterface.register(DECODE, decode_attention)
-        # The attention function builds its own mask: transformers builds none.
-        AttentionMaskInterface.register(DECODE, lambda *args, **kwargs: None)
-        _registered = True
+    return sdpa_heads(query, k, v, attn_mask=allowed, scale=scaling), None
 
 
 def _attention_modules(model: nn.Module) -> list[nn.Module]:
@@ -110,7 +94,6 @@ def sample(model: nn.Module, input_ids: torch.Tensor, pad: torch.Tensor, new_tok
 
     `graph`: compile the decode step with CUDA graphs (GPU); otherwise it runs eagerly.
     """
-    _register()
     dev = input_ids.device
     b, p = input_ids.shape
     k = min(top_k, model.config.vocab_size)
@@ -119,7 +102,6 @@ def sample(model: nn.Module, input_ids: torch.Tensor, pad: torch.Tensor, new_tok
     gumbel = -torch.log(-torch.log(uniform))  # [new_tokens, B, k]
     state = KVState(pad.to(dev), p + new_tokens)
     attn = _attention_modules(model)
-    config, old = model.config, model.config._attn_implementation
 
     def amp() -> torch.autocast:
         # Made inside the step, not captured: dynamo guards on captured objects, and a new
@@ -141,21 +123,21 @@ def sample(model: nn.Module, input_ids: torch.Tensor, pad: torch.Tensor, new_tok
 
     out = torch.empty(b, new_tokens, dtype=torch.long, device=dev)
     try:
-        config._attn_implementation = DECODE
         for m in attn:
             m._pfreeze_kv = state
-        # Prefill: every prompt position at once (eager: it runs once).
-        positions = (torch.arange(p, device=dev)[None] - state.pad[:, None]).clamp(min=0)
-        with amp():
-            logits = model(input_ids=input_ids, position_ids=positions, use_cache=False).logits
-        out[:, 0:1] = draw(logits[:, -1], gumbel[0])
-        state.pos.fill_(p)
-        fn = torch.compile(step, mode="reduce-overhead", dynamic=False) if graph else step
-        for t in range(1, new_tokens):
-            out[:, t : t + 1] = fn(out[:, t - 1 : t].clone(), gumbel[t])
-            state.pos.add_(1)
+        with attention_function(model, DECODE, decode_attention):
+            # Prefill: every prompt position at once (eager: it runs once).
+            positions = (torch.arange(p, device=dev)[None] - state.pad[:, None]).clamp(min=0)
+            with amp():
+                logits = model(input_ids=input_ids, position_ids=positions,
+                               use_cache=False).logits
+            out[:, 0:1] = draw(logits[:, -1], gumbel[0])
+            state.pos.fill_(p)
+            fn = torch.compile(step, mode="reduce-overhead", dynamic=False) if graph else step
+            for t in range(1, new_tokens):
+                out[:, t : t + 1] = fn(out[:, t - 1 : t].clone(), gumbel[t])
+                state.pos.add_(1)
     finally:
-        config._attn_implementation = old
         for m in attn:
             m.__dict__.pop("_pfreeze_kv", None)
     return out

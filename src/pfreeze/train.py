@@ -108,6 +108,7 @@ class Loop:
         self.cfg, self.files, self.on_step = cfg, files, on_step
         self.command: str | None = None
         self.caches: Caches | None = None  # the frozen-prefix stores, made with the first arm
+        self.stream: BatchStream | None = None  # set by setup() (or by a benchmark)
         self.t = cfg.training
         self.device = pick_device(self.t.device)
         self.bf16 = (self.device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -199,7 +200,7 @@ class Loop:
 
     def _prefix_cache(self, model: nn.Module, family: str, strat: ArmStrategy,
                       infos: dict) -> tuple[PrefixCache | None, str]:
-        stream = getattr(self, "stream", None)
+        stream = self.stream
         if not self.t.prefix_cache:
             return None, "off (training.prefix_cache=false)"
         if stream is None or stream.sampling != "epochs":
