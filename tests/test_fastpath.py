@@ -14,6 +14,8 @@ from pfreeze.errors import PfreezeError
 from pfreeze.models import load_model
 from pfreeze.train import Loop
 
+CPU = torch.device("cpu")
+
 STEPS = 3
 
 
@@ -152,3 +154,30 @@ def test_flash_refuses_models_whose_attention_it_would_change(make_config, setti
                 files=None)  # type: ignore[arg-type]
     with pytest.raises(PfreezeError, match=re.escape(message)):
         loop.build_arms(lm.model, lm.family)
+
+
+def test_auto_attention_is_flash_on_a_gpu_where_it_computes_the_same_attention() -> None:
+    from pfreeze.attention import resolve_backend
+
+    lm = load_model("random:llama", seed=0)
+    gpu = torch.device("cuda")  # resolve_backend only reads the device's type here
+    assert resolve_backend("auto", gpu, True, lm.model, 32) == "flash"
+    assert resolve_backend("auto", gpu, False, lm.model, 32) == "model"  # flash takes no fp32
+    assert resolve_backend("auto", CPU, True, lm.model, 32) == "model"
+    lm.model.config.attention_dropout = 0.1  # the GPU kernel has dropout
+    assert resolve_backend("auto", gpu, True, lm.model, 32) == "flash"
+    lm.model.config.sliding_window = 8
+    assert resolve_backend("auto", gpu, True, lm.model, 32) == "model"
+    assert resolve_backend("auto", gpu, True, lm.model, 8) == "flash"  # the window covers it
+    with pytest.raises(PfreezeError, match="has no sliding window"):
+        resolve_backend("flash", gpu, True, lm.model, 32)
+
+
+def test_auto_compile_mode_is_cuda_graphs_on_a_gpu_without_accumulation() -> None:
+    from pfreeze.train import resolve_compile_mode
+
+    gpu = torch.device("cuda")
+    assert resolve_compile_mode("auto", gpu, 1) == "reduce-overhead"
+    assert resolve_compile_mode("auto", gpu, 2) == "default"
+    assert resolve_compile_mode("auto", CPU, 1) == "default"
+    assert resolve_compile_mode("max-autotune", gpu, 2) == "max-autotune"

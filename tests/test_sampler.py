@@ -17,9 +17,16 @@ CPU = torch.device("cpu")
 ROWS = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [20, 21, 22, 23]]  # unequal: left padding
 
 
-@pytest.mark.parametrize("name", ["random:llama", "random:gpt2", "random:gpt-neox"])
+@pytest.mark.parametrize("name", ["random:llama", "random:gpt2", "random:gpt-neox", "lora"])
 def test_greedy_decoding_equals_transformers_generate(name: str, lively) -> None:
-    model = lively(name).model
+    if name == "lora":  # a LoRA arm samples through peft's wrapper (B != 0: it counts)
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(lively("random:llama").model,
+                               LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                          init_lora_weights=False)).eval()
+    else:
+        model = lively(name).model
     x, mask = _left_padded(ROWS, 0)
     ours = sample(model, x, (mask == 0).sum(1), 12, top_k=1, temperature=1.0, eos=None,
                   seed=0, bf16=False, graph=False)
@@ -79,6 +86,21 @@ def test_generation_decoder_setting_and_its_limits() -> None:
     neo = load_model("random:gpt-neo", seed=0)
     with pytest.raises(PfreezeError, match="this one: gpt_neo"):
         generate_samples(neo.model, neo.tokenizer, cfg, {32}, CPU, False)
+
+
+def test_auto_decoder_is_pfreeze_on_a_gpu_where_it_serves_the_model() -> None:
+    from pfreeze.sampler import resolve
+
+    llama, neo = (load_model(n, seed=0).model for n in ("random:llama", "random:gpt-neo"))
+    gpu = torch.device("cuda")  # resolve() only reads the device's type
+    assert resolve("auto", llama, 50, gpu) == "pfreeze"
+    assert resolve("auto", llama, 50, CPU) == "generate"
+    assert resolve("auto", llama, None, gpu) == "generate"  # needs top_k
+    assert resolve("auto", neo, 50, gpu) == "generate"
+    assert resolve("generate", llama, 50, gpu) == "generate"
+    assert resolve("pfreeze", llama, 50, CPU) == "pfreeze"
+    with pytest.raises(PfreezeError, match="this one: gpt_neo"):
+        resolve("pfreeze", neo, 50, gpu)
 
 
 def test_the_decode_step_compiles_once_for_every_call_and_arm(monkeypatch: pytest.MonkeyPatch

@@ -76,7 +76,7 @@ def check_backend(backend: str, device: torch.device, bf16: bool, model: nn.Modu
     from pfreeze.errors import PfreezeError
 
     fix = "use training.attention_backend=auto"
-    if backend == "auto":
+    if backend in ("auto", "model"):
         return
     if device.type != "cuda" and backend in ("cudnn", "efficient"):
         raise PfreezeError(f"attention_backend={backend} needs a CUDA GPU", f"{fix} on this device")
@@ -99,10 +99,29 @@ def check_backend(backend: str, device: torch.device, bf16: bool, model: nn.Modu
                            f"this model's is {drop}", fix)
 
 
+def resolve_backend(backend: str, device: torch.device, bf16: bool, model: nn.Module,
+                    block: int) -> str:
+    """The kernel training steps use: `backend` once checked; for auto, flash where it is
+    exact and runs (a GPU, bf16, no sliding window, soft-capping or CPU dropout), else model."""
+    from pfreeze.errors import PfreezeError
+
+    if backend != "auto":
+        check_backend(backend, device, bf16, model, block)
+        return backend
+    if device.type != "cuda" or not bf16:
+        return "model"
+    try:
+        check_backend("flash", device, bf16, model, block)
+    except PfreezeError:
+        return "model"
+    return "flash"
+
+
 @contextmanager
 def training_attention(model: nn.Module, backend: str) -> Iterator[None]:
-    """Around a training forward: `backend`'s kernel; for flash, the mask-free causal path."""
-    if backend == "auto":
+    """Around a training forward: `backend`'s kernel (a resolved one: not auto); for flash, the
+    mask-free causal path."""
+    if backend in ("auto", "model"):
         yield
         return
     route = (attention_function(model, CAUSAL, causal_attention) if backend == "flash"

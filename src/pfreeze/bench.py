@@ -376,10 +376,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20, help="timed steps per case")
     p.add_argument("--warmup", type=int, default=5, help="steps before them, timed apart")
     p.add_argument("--pfreeze-compile", choices=("auto", "on", "off"), help="default: on if CUDA")
-    p.add_argument("--pfreeze-compile-mode", default="default",
-                   choices=("default", "reduce-overhead", "max-autotune"))
+    p.add_argument("--pfreeze-compile-mode", default="auto",
+                   choices=("auto", "default", "reduce-overhead", "max-autotune"))
     p.add_argument("--pfreeze-attention", default="auto",
-                   choices=("auto", "flash", "cudnn", "efficient", "math"))
+                   choices=("auto", "model", "flash", "cudnn", "efficient", "math"))
     p.add_argument("--peak-tflops", type=float, help="for MFU (default: 989 on H100/H200)")
     p.add_argument("--gen", action=argparse.BooleanOptionalAction, default=True, help="runs first")
     p.add_argument("--arms", default="full,frozen", help=f"of {', '.join(ARMS)}")

@@ -72,15 +72,18 @@ class TrainingConfig(_Strict):
     device: str = "auto"
     # auto: compile on a GPU when max_steps >= 200 (warm-up is paid back); never on CPU.
     torch_compile: bool | Literal["auto"] = "auto"
-    # reduce-overhead captures the compiled step in CUDA graphs: for small, launch-bound steps.
-    torch_compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
+    # reduce-overhead captures the compiled step in CUDA graphs (no per-kernel launch cost).
+    # auto: reduce-overhead on a GPU unless gradient_accumulation_steps > 1 (graph replays
+    # reuse their output buffers), else default; measured in docs/BENCHMARKS.md.
+    torch_compile_mode: Literal["auto", "default", "reduce-overhead", "max-autotune"] = "auto"
     # Reuse the input of the lowest trained block for windows seen before (exact: that input
     # depends only on frozen weights). auto: wherever possible when data.sampling=epochs.
     prefix_cache: bool | Literal["auto"] = "auto"
-    # The attention kernel of training steps (auto: torch's choice; under torch.compile that is
-    # cuDNN with an explicit causal mask). flash: FlashAttention with is_causal and no mask
-    # (pfreeze.attention). Evaluation and sampling keep the model's own attention.
-    attention_backend: Literal["auto", "flash", "cudnn", "efficient", "math"] = "auto"
+    # The attention kernel of training steps. model: the model's own (under torch.compile
+    # that is cuDNN with an explicit causal mask). flash: FlashAttention with is_causal and no
+    # mask (pfreeze.attention). auto: flash on a GPU with bf16 where it computes the same
+    # attention, else model. Evaluation and sampling keep the model's own attention.
+    attention_backend: Literal["auto", "model", "flash", "cudnn", "efficient", "math"] = "auto"
 
 
 class GenerationConfig(_Strict):
@@ -95,7 +98,8 @@ class GenerationConfig(_Strict):
     seed: int = 1234
     # generate: transformers' generate(). pfreeze: pfreeze.sampler, the decode step as one
     # graph (CUDA graphs on a GPU), no per-token host work; Llama, GPT-2, GPT-NeoX; needs top_k.
-    decoder: Literal["generate", "pfreeze"] = "generate"
+    # auto: pfreeze on a GPU where it can serve the model, else generate.
+    decoder: Literal["auto", "generate", "pfreeze"] = "auto"
 
 
 _ARM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")

@@ -18,6 +18,8 @@ from torch import nn
 
 from pfreeze.config import GenerationConfig
 from pfreeze.corpus import top_share
+from pfreeze.sampler import resolve as resolve_decoder
+from pfreeze.sampler import sample
 
 # Two-sided 97.5% Student-t quantiles for small samples; normal beyond the table.
 _T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
@@ -119,7 +121,7 @@ def generate_samples(model: nn.Module, tokenizer, cfg: GenerationConfig, top_set
     rows = [(p, i, ids) for p, ids in prompts for i in range(cfg.samples_per_prompt)]
     x, mask = _left_padded([ids for _, _, ids in rows], pad)
     try:
-        if cfg.decoder == "pfreeze":
+        if resolve_decoder(cfg.decoder, model, cfg.top_k, device) == "pfreeze":
             new = _pfreeze_decode(model, x.to(device), (mask == 0).sum(1), cfg, eos, device,
                                   bf16)
         else:
@@ -199,9 +201,6 @@ def release_twin() -> None:
 def _pfreeze_decode(model: nn.Module, x: torch.Tensor, pad: torch.Tensor,
                     cfg: GenerationConfig, eos: int | None, device: torch.device,
                     bf16: bool) -> torch.Tensor:
-    from pfreeze.sampler import check, sample
-
-    check(model, cfg.top_k)
     return sample(model, x, pad, cfg.max_new_tokens, cfg.top_k, cfg.temperature, eos,
                   cfg.seed, bf16, graph=device.type == "cuda")
 

@@ -375,7 +375,8 @@ def _context(run_dir: Path, summary: Summary, arms: list[str]) -> dict[str, Any]
     sp = run_dir / "samples.txt"
     lines = sp.read_text(encoding="utf-8", errors="replace").splitlines() if sp.is_file() else []
     samples = _sample_excerpt(lines)
-    env = {"pfreeze": summary.get("pfreeze_version"), **(summary.get("environment") or {})}
+    env = {"pfreeze": summary.get("pfreeze_version"), **(summary.get("environment") or {}),
+           **(summary.get("execution") or {})}
     return {
         "title": f"pfreeze report: {model.get('name', DASH)} on {corpus.get('source', DASH)}",
         "created": summary.get("created", DASH), "status": summary.get("status", DASH),

@@ -86,6 +86,17 @@ def check(model: nn.Module, top_k: int | None) -> None:
             f"{', '.join(MODEL_TYPES)} (this one: {kind})", "use generation.decoder=generate")
 
 
+def resolve(decoder: str, model: nn.Module, top_k: int | None, device: torch.device) -> str:
+    """The decoder sampling uses: `decoder` once checked; for auto, pfreeze on a GPU where it
+    can serve the model (on the CPU it gains little, and generate is the reference)."""
+    if decoder == "pfreeze":
+        check(model, top_k)
+    if decoder != "auto":
+        return decoder
+    ok = getattr(model.config, "model_type", None) in MODEL_TYPES and top_k is not None
+    return "pfreeze" if ok and device.type == "cuda" else "generate"
+
+
 @torch.no_grad()
 def sample(model: nn.Module, input_ids: torch.Tensor, pad: torch.Tensor, new_tokens: int,
            top_k: int, temperature: float, eos: int | None, seed: int, bf16: bool,

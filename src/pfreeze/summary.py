@@ -60,6 +60,9 @@ def run_summary(loop: Loop, wall: float, arms: dict[str, dict[str, Any]]) -> dic
         "command": loop.command,  # set by the CLI; None for runs from the Python API
         "status": "finished",
         "environment": {**environment(loop.device), "bf16": loop.bf16},
+        # What the auto settings resolved to on this device.
+        "execution": {"compiled": loop.compile, "compile_mode": loop.compile_mode,
+                      "attention": loop.attention, "decoder": loop.decoder},
         "model": {"name": loop.lm.name, "architecture": loop.lm.family, **loop.base_info},
         "config": loop.cfg.model_dump(mode="json"),
         "corpus": loop.corpus,

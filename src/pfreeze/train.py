@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from pfreeze.arms import ArmStrategy, make_arm
-from pfreeze.attention import check_backend, training_attention
+from pfreeze.attention import check_backend, resolve_backend, training_attention
 from pfreeze.config import RunConfig, TrainingConfig, dump_config
 from pfreeze.corpus import (
     BatchStream,
@@ -43,7 +43,7 @@ from pfreeze.moments import evaluate_arms, sample_arms, sample_best
 from pfreeze.outputs import RunFiles
 from pfreeze.plan import compile_plan, describe_params
 from pfreeze.prefix import Caches, PrefixCache
-from pfreeze.sampler import check as check_decoder
+from pfreeze.sampler import resolve as resolve_decoder
 from pfreeze.summary import arm_summary, run_summary
 
 
@@ -100,6 +100,14 @@ def build_optimizer(params: list[nn.Parameter], t: TrainingConfig, device: torch
                              eps=t.adam_epsilon, fused=fused)
 
 
+def resolve_compile_mode(mode: str, device: torch.device, accumulation: int) -> str:
+    """auto: CUDA graphs on a GPU (on an H200 1.0-1.3x at 32 x 512, up to 3x at 16 x 256),
+    except with gradient accumulation, whose micro-steps would share the graphs' outputs."""
+    if mode != "auto":
+        return mode
+    return "reduce-overhead" if device.type == "cuda" and accumulation == 1 else "default"
+
+
 class Loop:
     """One run of the paired experiment; `run()` does it all, the parts are testable."""
 
@@ -117,7 +125,11 @@ class Loop:
         self.compile = (self.device.type == "cuda" and self.t.max_steps >= 200
                         if self.t.torch_compile == "auto" else bool(self.t.torch_compile))
         check_backend(self.t.attention_backend, self.device, self.bf16, None, 0)
-        if (self.t.torch_compile_mode == "reduce-overhead" and self.compile
+        # Both resolved against the model: attention in build_arms, decoder in setup.
+        self.attention, self.decoder = self.t.attention_backend, cfg.generation.decoder
+        self.compile_mode = resolve_compile_mode(self.t.torch_compile_mode, self.device,
+                                                 self.t.gradient_accumulation_steps)
+        if (self.compile_mode == "reduce-overhead" and self.compile
                 and self.t.gradient_accumulation_steps > 1):
             # CUDA-graph replays reuse output buffers: accumulated gradients would be wrong.
             raise PfreezeError(
@@ -133,8 +145,9 @@ class Loop:
         if cfg.data.strip_gutenberg:
             text = strip_gutenberg(text)
         self.lm: LoadedModel = load_model(cfg.model.name, cfg.model.revision, seed=self.t.seed)
-        if cfg.generation.decoder == "pfreeze":  # refused now, not after the first evaluation
-            check_decoder(self.lm.model, cfg.generation.top_k)
+        # An impossible decoder is refused now, not after the first evaluation.
+        self.decoder = resolve_decoder(cfg.generation.decoder, self.lm.model,
+                                       cfg.generation.top_k, self.device)
         self.stats: CorpusStats = tokenize_corpus(
             text, self.lm.tokenizer, cfg.data.validation_fraction, cfg.data.top_k,
             min_tokens=cfg.data.block_size)
@@ -155,8 +168,8 @@ class Loop:
         """Copy θ₀ into every arm, apply its first plan, build its optimizer and tracker."""
         from transformers import get_scheduler
 
-        check_backend(self.t.attention_backend, self.device, self.bf16, base,
-                      self.cfg.data.block_size)
+        self.attention = resolve_backend(self.t.attention_backend, self.device, self.bf16, base,
+                                         self.cfg.data.block_size)
         infos = describe_params(base, family)
         self.base_info = {"n_layers": base.config.num_hidden_layers,
                           "total_params": count_params(base),
@@ -184,7 +197,7 @@ class Loop:
             # A separate compiled callable for training only: evaluation and generate() use
             # the eager module, whose changing shapes would otherwise exhaust dynamo's
             # recompile limit and silently send training back to eager.
-            mode = None if self.t.torch_compile_mode == "default" else self.t.torch_compile_mode
+            mode = None if self.compile_mode == "default" else self.compile_mode
             # Dynamo guards on requires_grad: an arm whose plan changes would recompile at each
             # change and fall back to eager after 8, so only single-plan arms are compiled.
             single = len(strat.plans) == 1
@@ -247,7 +260,7 @@ class Loop:
         for x, w in zip(micro, wins, strict=True):
             # The attention kernel is chosen in the forward; the backward follows it.
             with (autocast(self.device, self.bf16), torch.set_grad_enabled(bool(trainable)),
-                  training_attention(arm.model, self.t.attention_backend)):
+                  training_attention(arm.model, self.attention)):
                 if cached:  # blocks f.. on block f's cached input
                     h = arm.prefix.inputs(x, w)
                     loss = forward(inputs_embeds=h, labels=x, use_cache=False).loss / len(micro)
