@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pfreeze.config import TrainingConfig
 from pfreeze.errors import PfreezeError
 from pfreeze.models import state_hash
 from pfreeze.plan import Plan, compile_plan, describe_params, full_plan, trainable_union
@@ -271,3 +272,20 @@ def make_arm(cfg: Any, family: str, max_steps: int = 0,
              calibration: Calibration | None = None) -> ArmStrategy:
     """The strategy for one arm config (any kind registered above)."""
     return ARM_KINDS[cfg.kind](cfg, family, max_steps, calibration)
+
+
+def build_optimizer(params: list[nn.Parameter], t: TrainingConfig, device: torch.device
+                    ) -> torch.optim.Optimizer:
+    # Norms and biases are not decayed (as in HF Trainer); the Freezer keeps masked elements.
+    decay = [p for p in params if p.ndim >= 2]
+    rest = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": t.weight_decay},
+              {"params": rest, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if t.optim == "sgd":
+        return torch.optim.SGD(groups, lr=t.learning_rate, momentum=t.momentum)
+    fused = device.type == "cuda"
+    if t.optim == "adamw_fused" and not fused:
+        raise PfreezeError("optim=adamw_fused needs a CUDA GPU", "use optim=adamw on CPU")
+    return torch.optim.AdamW(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
+                             eps=t.adam_epsilon, fused=fused)

@@ -78,8 +78,10 @@ class Bench:
         iv = [b - a if isinstance(a, float) else a.elapsed_time(b) / 1e3 for a, b in pairs]
         warm, times = iv[: self.a.warmup], iv[self.a.warmup :]
         peak = torch.cuda.max_memory_allocated(self.dev) / 2**20 if self.cuda else None
+        # CUDA-graph pools are reserved in warm-up, outside the allocated peak: report both.
+        held = torch.cuda.max_memory_reserved(self.dev) / 2**20 if self.cuda else None
         return {"step_ms": statistics.median(times) * 1e3, "step_ms_mean": wall / len(times) * 1e3,
-                "peak_mib": peak, "first_step_s": warm[0] if warm else None,
+                "peak_mib": peak, "reserved_mib": held, "first_step_s": warm[0] if warm else None,
                 "warmup_s": sum(warm), "step_ms_all": [round(s * 1e3, 3) for s in times]}
 
     def start_timed(self) -> float:
@@ -345,7 +347,8 @@ def ratios(rows: list[Row]) -> list[Row]:
     return out
 
 
-HEADER = "shape    batch    arm    method             step ms      tok/s    MFU  peak MiB  warm s"
+HEADER = ("shape    batch    arm    method             step ms      tok/s    MFU  peak MiB"
+          "  rsv MiB  warm s")
 
 
 def _line(r: Row) -> str:
@@ -355,9 +358,10 @@ def _line(r: Row) -> str:
     if r["status"] != "ok":
         return f"{head} {r['status']}: {r.get('error', '')}"
     mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
-    mem = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "-"
+    mem, rsv = (f"{r[k]:.0f}" if r.get(k) is not None else "-"
+                for k in ("peak_mib", "reserved_mib"))
     return (f"{head} {r['step_ms']:9.1f} {r['tokens_per_s']:10,.0f} {mfu:>6} {mem:>9}"
-            f" {r['warmup_s']:7.1f}  ok")
+            f" {rsv:>8} {r['warmup_s']:7.1f}  ok")
 
 
 def _environment(device: torch.device, argv: list[str], peak: float | None) -> Row:

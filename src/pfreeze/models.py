@@ -189,3 +189,12 @@ def state_hash(model: nn.Module) -> str:
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def pick_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise PfreezeError(f"device '{spec}' requested but no CUDA GPU is visible",
+                           "use --set training.device=cpu (or auto)")
+    return torch.device(spec)

@@ -62,7 +62,10 @@ def run_summary(loop: Loop, wall: float, arms: dict[str, dict[str, Any]]) -> dic
         "environment": {**environment(loop.device), "bf16": loop.bf16},
         # What the auto settings resolved to on this device.
         "execution": {"compiled": loop.compile, "compile_mode": loop.compile_mode,
-                      "attention": loop.attention, "decoder": loop.decoder},
+                      "attention": loop.attention, "decoder": loop.decoder,
+                      # Per arm, peak_mem_mb counts what a step allocates; CUDA-graph pools
+                      # are reserved apart, for all arms together (this process only).
+                      "gpu_reserved_peak_mb": loop.reserved_mb or None},
         "model": {"name": loop.lm.name, "architecture": loop.lm.family, **loop.base_info},
         "config": loop.cfg.model_dump(mode="json"),
         "corpus": loop.corpus,

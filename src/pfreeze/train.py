@@ -24,9 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from pfreeze.arms import ArmStrategy, make_arm
+from pfreeze.arms import ArmStrategy, build_optimizer, make_arm
 from pfreeze.attention import check_backend, resolve_backend, training_attention
-from pfreeze.config import RunConfig, TrainingConfig, dump_config
+from pfreeze.config import RunConfig, dump_config
 from pfreeze.corpus import (
     BatchStream,
     CorpusStats,
@@ -38,22 +38,13 @@ from pfreeze.corpus import (
 from pfreeze.errors import PfreezeError
 from pfreeze.evaluate import autocast, fixed_windows, release_twin
 from pfreeze.masking import Freezer, Tracker, check_audit
-from pfreeze.models import LoadedModel, count_params, load_model, state_hash
+from pfreeze.models import LoadedModel, count_params, load_model, pick_device, state_hash
 from pfreeze.moments import evaluate_arms, sample_arms, sample_best
 from pfreeze.outputs import RunFiles
 from pfreeze.plan import compile_plan, describe_params
 from pfreeze.prefix import Caches, PrefixCache
 from pfreeze.sampler import resolve as resolve_decoder
 from pfreeze.summary import arm_summary, run_summary
-
-
-def pick_device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise PfreezeError(f"device '{spec}' requested but no CUDA GPU is visible",
-                           "use --set training.device=cpu (or auto)")
-    return torch.device(spec)
 
 
 @dataclass
@@ -83,23 +74,6 @@ class ArmRun:
     bad_evals: int = 0
 
 
-def build_optimizer(params: list[nn.Parameter], t: TrainingConfig, device: torch.device
-                    ) -> torch.optim.Optimizer:
-    # Norms and biases are not decayed (as in HF Trainer); the Freezer keeps masked elements.
-    decay = [p for p in params if p.ndim >= 2]
-    rest = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": t.weight_decay},
-              {"params": rest, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
-    if t.optim == "sgd":
-        return torch.optim.SGD(groups, lr=t.learning_rate, momentum=t.momentum)
-    fused = device.type == "cuda"
-    if t.optim == "adamw_fused" and not fused:
-        raise PfreezeError("optim=adamw_fused needs a CUDA GPU", "use optim=adamw on CPU")
-    return torch.optim.AdamW(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
-                             eps=t.adam_epsilon, fused=fused)
-
-
 def resolve_compile_mode(mode: str, device: torch.device, accumulation: int) -> str:
     """auto: CUDA graphs on a GPU (on an H200 1.0-1.3x at 32 x 512, up to 3x at 16 x 256),
     except with gradient accumulation, whose micro-steps would share the graphs' outputs."""
@@ -127,6 +101,7 @@ class Loop:
         check_backend(self.t.attention_backend, self.device, self.bf16, None, 0)
         # Both resolved against the model: attention in build_arms, decoder in setup.
         self.attention, self.decoder = self.t.attention_backend, cfg.generation.decoder
+        self.reserved_mb = 0.0  # GPU memory reserved by this process (all arms), at its peak
         self.compile_mode = resolve_compile_mode(self.t.torch_compile_mode, self.device,
                                                  self.t.gradient_accumulation_steps)
         if (self.compile_mode == "reduce-overhead" and self.compile
@@ -279,8 +254,13 @@ class Loop:
         lr = arm.scheduler.get_last_lr()[0]  # the rate this step used (a host float: no sync)
         arm.scheduler.step()
         end = self._timer()
-        mem = (torch.cuda.max_memory_allocated(self.device) / 2**20
-               if self.device.type == "cuda" else None)
+        mem = None
+        if self.device.type == "cuda":
+            mem = torch.cuda.max_memory_allocated(self.device) / 2**20
+            # CUDA-graph pools are reserved once, not allocated in a step: the process's
+            # reserved peak (all arms) is what bounds the batch, so it is kept too.
+            self.reserved_mb = max(self.reserved_mb,
+                                   torch.cuda.max_memory_reserved(self.device) / 2**20)
         dw, dw0 = arm.tracker.step()
         arm.pending.append((step + 1, total, dw, dw0, (start, end), mem, lr))
         if self.t.integrity_steps and (step + 1) % self.t.integrity_steps == 0:
