@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -26,8 +27,9 @@ def test_smollm2_smoke_run(tmp_path: Path) -> None:
     corpus = tmp_path / "moby.txt"
     if MOBY.exists():
         corpus.write_text(MOBY.read_text(encoding="utf-8-sig")[:40_000], encoding="utf-8")
-    else:
-        corpus.write_text("Call me Ishmael. Some years ago, never mind how long precisely. " * 200)
+    else:  # a clone without ../shared: any text with far more than 100 distinct tokens
+        corpus.write_text(Path(argparse.__file__).read_text(encoding="utf-8")[:40_000],
+                          encoding="utf-8")
     cfg = load_config(None, [
         f"data.corpus={corpus}", "model.name=smollm2-135m", "data.block_size=32",
         "training.per_device_train_batch_size=1", "training.max_steps=2",
