@@ -75,7 +75,7 @@ def test_cli_run_writes_the_run_directory(cli_run) -> None:
     assert summary["arms"]["qkv-upper-half"]["trainable_params"] == 24_960
     assert summary["config"]["training"]["max_steps"] == CLI_STEPS
     # The auto settings as they resolved on the CPU (a GPU gets graphs, flash, pfreeze).
-    assert summary["execution"] == {"compiled": False, "compile_mode": "default",
+    assert summary["execution"] == {"compiled": False, "compile_mode": None,
                                     "attention": "model", "decoder": "generate",
                                     "gpu_reserved_peak_mb": None}
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]

@@ -81,9 +81,10 @@ def _grads(model_name: str, backend: str, compiled: bool = False
 
 @pytest.mark.parametrize("model", ["random:llama", "random:gpt2", "random:gpt-neox"])
 @pytest.mark.parametrize("backend", ["flash", "math"])
-def test_attention_backends_give_autos_loss_and_gradients(model: str, backend: str) -> None:
+def test_attention_backends_give_the_models_loss_and_gradients(model: str, backend: str
+                                                               ) -> None:
     """flash runs the mask-free causal path (GQA repeated by hand for Llama)."""
-    ref_loss, ref = _grads(model, "auto")
+    ref_loss, ref = _grads(model, "model")
     loss, got = _grads(model, backend)
     assert loss == pytest.approx(ref_loss, rel=1e-6)
     for a, b in zip(got, ref, strict=True):
@@ -161,16 +162,39 @@ def test_auto_attention_is_flash_on_a_gpu_where_it_computes_the_same_attention()
 
     lm = load_model("random:llama", seed=0)
     gpu = torch.device("cuda")  # resolve_backend only reads the device's type here
-    assert resolve_backend("auto", gpu, True, lm.model, 32) == "flash"
-    assert resolve_backend("auto", gpu, False, lm.model, 32) == "model"  # flash takes no fp32
-    assert resolve_backend("auto", CPU, True, lm.model, 32) == "model"
+
+    def auto(device: torch.device = gpu, bf16: bool = True, block: int = 32,
+             graphs: bool = True) -> str:
+        return resolve_backend("auto", device, bf16, lm.model, block, graphs=graphs)
+
+    assert auto() == "flash"
+    assert auto(bf16=False) == "model"  # flash takes no fp32
+    assert auto(device=CPU) == "model"
+    assert auto(graphs=False) == "model"  # without CUDA graphs flash cost host time
     lm.model.config.attention_dropout = 0.1  # the GPU kernel has dropout
-    assert resolve_backend("auto", gpu, True, lm.model, 32) == "flash"
+    assert auto() == "flash"
     lm.model.config.sliding_window = 8
-    assert resolve_backend("auto", gpu, True, lm.model, 32) == "model"
-    assert resolve_backend("auto", gpu, True, lm.model, 8) == "flash"  # the window covers it
+    assert auto() == "model"
+    assert auto(block=8) == "flash"  # the window covers the whole block
     with pytest.raises(PfreezeError, match="has no sliding window"):
-        resolve_backend("flash", gpu, True, lm.model, 32)
+        resolve_backend("flash", gpu, True, lm.model, 32, graphs=True)
+    with pytest.raises(ValueError, match="resolved backend"), training_attention(lm.model, "auto"):
+        pass
+
+
+def test_flash_is_refused_where_it_cannot_reach_the_attention() -> None:
+    """GPT-Neo's attention never calls transformers' attention functions: flash would be a
+    silent no-op there, and auto must not report it."""
+    from pfreeze.attention import resolve_backend, routes_attention
+
+    neo = load_model("random:gpt-neo", seed=0).model
+    for name in ("random:llama", "random:gpt2", "random:gpt-neox"):
+        assert routes_attention(load_model(name, seed=0).model), name
+    assert not routes_attention(neo)
+    gpu = torch.device("cuda")
+    assert resolve_backend("auto", gpu, True, neo, 32, graphs=True) == "model"
+    with pytest.raises(PfreezeError, match="gpt_neo does not call transformers' attention"):
+        resolve_backend("flash", CPU, False, neo, 32, graphs=False)
 
 
 def test_auto_compile_mode_is_cuda_graphs_on_a_gpu_without_accumulation() -> None:

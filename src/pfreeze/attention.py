@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-CAUSAL = "pfreeze_causal"
+CAUSAL, PROBE = "pfreeze_causal", "pfreeze_probe"
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 _registered: set[str] = set()
@@ -99,29 +99,60 @@ def check_backend(backend: str, device: torch.device, bf16: bool, model: nn.Modu
                            f"this model's is {drop}", fix)
 
 
+_probed: list[nn.Module] = []  # attention modules the probe ran in (registration is once)
+
+
+def _probe(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+           attention_mask: torch.Tensor | None, scaling: float | None = None, **_: Any
+           ) -> tuple[torch.Tensor, None]:
+    _probed.append(module)
+    return sdpa_heads(query, key, value, scale=scaling, is_causal=True), None
+
+
+def routes_attention(model: nn.Module) -> bool:
+    """Whether `model`'s attention calls transformers' registered attention functions (GPT-Neo's,
+    for one, does not): a 2-token forward with a probe registered in their place."""
+    _probed.clear()
+    ids = torch.zeros(1, 2, dtype=torch.long, device=next(model.parameters()).device)
+    with torch.no_grad(), attention_function(model, PROBE, _probe):
+        model(input_ids=ids, use_cache=False)
+    n = len(_probed)
+    _probed.clear()  # no module outlives the probe here
+    return n > 0
+
+
 def resolve_backend(backend: str, device: torch.device, bf16: bool, model: nn.Module,
-                    block: int) -> str:
-    """The kernel training steps use: `backend` once checked; for auto, flash where it is
-    exact and runs (a GPU, bf16, no sliding window, soft-capping or CPU dropout), else model."""
+                    block: int, graphs: bool) -> str:
+    """The kernel training steps use: `backend` once checked. auto: flash where it is exact,
+    runs and pays (a GPU, bf16, a model whose attention it reaches, no sliding window or
+    soft-capping, and the step in CUDA graphs: without them, flash's extra host time made
+    the frozen arm slower on an H200), else model."""
     from pfreeze.errors import PfreezeError
 
     if backend != "auto":
         check_backend(backend, device, bf16, model, block)
+        if backend == "flash" and not routes_attention(model):
+            kind = getattr(model.config, "model_type", "?")
+            raise PfreezeError(f"attention_backend=flash cannot reach this model's attention "
+                               f"({kind} does not call transformers' attention functions)",
+                               "use training.attention_backend=model")
         return backend
-    if device.type != "cuda" or not bf16:
+    if device.type != "cuda" or not bf16 or not graphs:
         return "model"
     try:
         check_backend("flash", device, bf16, model, block)
     except PfreezeError:
         return "model"
-    return "flash"
+    return "flash" if routes_attention(model) else "model"
 
 
 @contextmanager
 def training_attention(model: nn.Module, backend: str) -> Iterator[None]:
     """Around a training forward: `backend`'s kernel (a resolved one: not auto); for flash, the
     mask-free causal path."""
-    if backend in ("auto", "model"):
+    if backend == "auto":
+        raise ValueError("training_attention takes a resolved backend (resolve_backend)")
+    if backend == "model":
         yield
         return
     route = (attention_function(model, CAUSAL, causal_attention) if backend == "flash"

@@ -61,7 +61,8 @@ def run_summary(loop: Loop, wall: float, arms: dict[str, dict[str, Any]]) -> dic
         "status": "finished",
         "environment": {**environment(loop.device), "bf16": loop.bf16},
         # What the auto settings resolved to on this device.
-        "execution": {"compiled": loop.compile, "compile_mode": loop.compile_mode,
+        "execution": {"compiled": loop.compile,
+                      "compile_mode": loop.compile_mode if loop.compile else None,
                       "attention": loop.attention, "decoder": loop.decoder,
                       # Per arm, peak_mem_mb counts what a step allocates; CUDA-graph pools
                       # are reserved apart, for all arms together (this process only).

@@ -104,11 +104,12 @@ class Loop:
         self.reserved_mb = 0.0  # GPU memory reserved by this process (all arms), at its peak
         self.compile_mode = resolve_compile_mode(self.t.torch_compile_mode, self.device,
                                                  self.t.gradient_accumulation_steps)
-        if (self.compile_mode == "reduce-overhead" and self.compile
-                and self.t.gradient_accumulation_steps > 1):
+        # Both modes capture CUDA graphs (max-autotune autotunes as well).
+        self.graphs = self.compile and self.compile_mode in ("reduce-overhead", "max-autotune")
+        if self.graphs and self.t.gradient_accumulation_steps > 1:
             # CUDA-graph replays reuse output buffers: accumulated gradients would be wrong.
             raise PfreezeError(
-                "torch_compile_mode=reduce-overhead cannot be combined with "
+                f"torch_compile_mode={self.compile_mode} cannot be combined with "
                 "gradient_accumulation_steps > 1",
                 "use torch_compile_mode=default, or gradient_accumulation_steps=1",
             )
@@ -144,7 +145,7 @@ class Loop:
         from transformers import get_scheduler
 
         self.attention = resolve_backend(self.t.attention_backend, self.device, self.bf16, base,
-                                         self.cfg.data.block_size)
+                                         self.cfg.data.block_size, graphs=self.graphs)
         infos = describe_params(base, family)
         self.base_info = {"n_layers": base.config.num_hidden_layers,
                           "total_params": count_params(base),
@@ -275,7 +276,8 @@ class Loop:
                 f"out of memory in arm '{arm.strategy.name}' at step {step + 1} "
                 f"(batch {self.t.per_device_train_batch_size} x {self.stream.block} tokens)",
                 "lower training.per_device_train_batch_size (raise gradient_accumulation_steps "
-                "to keep the effective batch) or data.block_size",
+                "to keep the effective batch) or data.block_size; CUDA graphs reserve memory "
+                "of their own: training.torch_compile_mode=default frees it",
             ) from None
 
     def warn(self, message: str) -> None:
