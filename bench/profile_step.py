@@ -85,27 +85,32 @@ def main() -> None:
     ap.add_argument("--batch", default="32x512")
     ap.add_argument("--mode", default="default", choices=("default", "reduce-overhead"))
     ap.add_argument("--arms", default="full,frozen,cached")
-    ap.add_argument("--attention", default="auto", help="training.attention_backend")
+    # model: the tables in docs/BENCHMARKS.md before session 3 (auto is flash with graphs now)
+    ap.add_argument("--attention", default="model", help="training.attention_backend")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=6)
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--generate", action="store_true")
     ap.add_argument("--gen-batch", type=int, default=64)
     ap.add_argument("--gen-new", type=int, default=128)
-    ap.add_argument("--gen-cache", default="both", choices=("both", "eager", "static"))
+    ap.add_argument("--gen-cache", default="both", choices=("both", "eager", "static", "sampler"),
+                    help="generate() with a dynamic or static cache, or pfreeze's sampler")
     a = ap.parse_args()
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda" if cuda else "cpu")
     lm = load_model(SHAPES[a.shape], seed=0)
     if a.generate:
-        cfg = GenerationConfig(prompts=[f"{i:08d}" for i in range(8)],
+        cfg = GenerationConfig(prompts=[f"{i:08d}" for i in range(8)], decoder="generate",
                                samples_per_prompt=a.gen_batch // 8, max_new_tokens=a.gen_new)
         model = lm.model.to(dev)
-        for static in {"eager": [False], "static": [True]}.get(a.gen_cache, [False, True]):
-            prof, wall = profiled(lambda s=static: generate_samples(
-                model, lm.tokenizer, cfg, {0}, dev, cuda, s), 2, 1, cuda)
-            report(f"generate_samples static_cache={static} batch {a.gen_batch}, per decode "
-                   "step", prof, wall, a.gen_new, a.top)
+        cases = {"eager": [False], "static": [True], "sampler": ["sampler"]}
+        for static in cases.get(a.gen_cache, [False, True]):
+            c = cfg.model_copy(update={"decoder": "pfreeze"}) if static == "sampler" else cfg
+            prof, wall = profiled(lambda c=c, s=static: generate_samples(
+                model, lm.tokenizer, c, {0}, dev, cuda, s is True), 2, 1, cuda)
+            what = "pfreeze sampler" if static == "sampler" else f"static_cache={static}"
+            report(f"generate_samples {what} batch {a.gen_batch}, per decode step", prof, wall,
+                   a.gen_new, a.top)
         return
     b, t = map(int, a.batch.split("x"))
     ids = torch.randint(0, lm.model.config.vocab_size, (4 * b * t,),

@@ -35,7 +35,9 @@ def main() -> None:
     lm = load_model(SHAPES[a.shape])
     for arm in (FullArm(), PlanArm()):
         tc = TrainingConfig(per_device_train_batch_size=b, max_steps=1000, bf16=True,
-                            optim="adamw_fused", torch_compile=a.compile)
+                            optim="adamw_fused", torch_compile=a.compile,
+                            # the tables in docs/BENCHMARKS.md: no CUDA graphs, model attention
+                            torch_compile_mode="default", attention_backend="model")
         loop = Loop(RunConfig(training=tc, arms=[arm]), None)  # type: ignore[arg-type]
         loop.build_arms(lm.model, lm.family)
         r = loop.arms[0]

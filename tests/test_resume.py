@@ -104,3 +104,35 @@ def test_resume_after_an_early_stop_keeps_the_stream_and_the_stop(corpus: Path,
     for arm in ("full", "plan"):
         for key in ("status", "steps", "last_loss", "val_loss_after", "p_after"):
             assert s1["arms"][arm][key] == s2["arms"][arm][key], (arm, key)
+
+
+def test_resume_keeps_what_auto_resolved_to_when_the_run_started(corpus: Path,
+                                                                 tmp_path: Path) -> None:
+    """A run started on a GPU samples p with pfreeze's sampler: resumed anywhere, it must go on
+    with it (p before and after drawn alike), whatever `auto` resolves to on the new machine."""
+    out = tmp_path / "run"
+    assert _run(corpus, out, kill_at=5) == -9
+    state_file = out / "checkpoint" / "state.json"
+    state = json.loads(state_file.read_text())
+    assert state["execution"] == {"attention": "model", "decoder": "generate",
+                                  "compile_mode": "default"}  # what auto is on the CPU
+    state["execution"]["decoder"] = "pfreeze"  # as if started where auto picked it
+    state_file.write_text(json.dumps(state))
+    assert _run(corpus, out, resume=True) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["execution"]["decoder"] == "pfreeze"
+    assert summary["arms"]["full"]["p_after"]["n"] == 1
+
+
+def test_a_checkpoint_from_before_auto_resumes_with_the_old_meaning(corpus: Path) -> None:
+    from pfreeze.checkpoint import _legacy_execution
+    from pfreeze.config import load_config
+    from pfreeze.train import Loop
+
+    loop = Loop(load_config(None, [*OVERRIDES, f"data.corpus={corpus}"]), None)  # type: ignore
+    assert _legacy_execution(loop) == {"attention": "model", "decoder": "generate",
+                                       "compile_mode": "default"}
+    flash = load_config(None, [*OVERRIDES, f"data.corpus={corpus}",
+                               "training.attention_backend=flash", "generation.decoder=pfreeze"])
+    assert _legacy_execution(Loop(flash, None)) == {  # type: ignore[arg-type]
+        "attention": "flash", "decoder": "pfreeze", "compile_mode": "default"}

@@ -131,6 +131,8 @@ class Bench:
         else:
             m = self.drive(lambda i: loop.train_step(r, i, batches[i % len(batches)]))
         r.pending.clear()  # queued losses, norms and events are not read here
+        # What auto resolved to, per row (the settings only say "auto").
+        m.update(attention=loop.attention, compile_mode=loop.compile_mode if loop.compile else None)
         return m
 
     def m_plain(self, model: nn.Module, batches: Batches, compiled: bool) -> Row:

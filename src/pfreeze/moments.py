@@ -61,6 +61,11 @@ def track_best(loop: Loop, arm: ArmRun, step: int, val: float | None) -> None:
                        f"{patience} evaluations (best {arm.best[1]:.4f} at step {arm.best[0]})")
 
 
+def _generation(loop: Loop) -> Any:
+    """The generation settings with the decoder this run resolved (kept across a resume)."""
+    return loop.cfg.generation.model_copy(update={"decoder": loop.decoder})
+
+
 def sample_arms(loop: Loop, moment: str) -> dict[str, dict[str, Any]]:
     """Samples of every arm at `moment` (before/after) into samples.txt; p statistics."""
     out: dict[str, dict[str, Any]] = {}
@@ -71,7 +76,7 @@ def sample_arms(loop: Loop, moment: str) -> dict[str, dict[str, Any]]:
                                       "n": 0, "values": []}
             continue
         if samples is None or not (moment == "before" and shared_theta0(loop, 0)):
-            samples = generate_samples(arm.model, loop.lm.tokenizer, loop.cfg.generation,
+            samples = generate_samples(arm.model, loop.lm.tokenizer, _generation(loop),
                                        loop.stats.top_set, loop.device, loop.bf16)
         loop.files.add_samples(arm.strategy.name, moment, samples)
         out[arm.strategy.name] = p_stats(samples)
@@ -92,7 +97,7 @@ def sample_best(loop: Loop) -> dict[str, dict[str, Any]]:
         last = {n: params[n].detach().clone() for n in arm.best_state}
         for n, t in arm.best_state.items():
             params[n].copy_(t)
-        samples = generate_samples(arm.model, loop.lm.tokenizer, loop.cfg.generation,
+        samples = generate_samples(arm.model, loop.lm.tokenizer, _generation(loop),
                                    loop.stats.top_set, loop.device, loop.bf16)
         loop.files.add_samples(arm.strategy.name, f"best(step {arm.best[0]})", samples)
         out[arm.strategy.name] = p_stats(samples)

@@ -115,7 +115,21 @@ def run_repeats(cfg: RunConfig, output_dir: Path, run_one: Callable[..., dict[st
         again = resume and checkpoint.exists(rdir)
         opts = {**kwargs, "overwrite": kwargs.get("overwrite", False) or (resume and not again)}
         summaries.append(run_one(rcfg, rdir, resume=again, **opts))
+        _release()
     agg = aggregate(summaries)
     write_json(output_dir / "repeats.json", agg)
     write_text(output_dir / "repeats.md", render_markdown(agg))
     return agg
+
+
+def _release() -> None:
+    """Between repeats: drop compiled graphs and their CUDA-graph pools, so each repeat starts
+    as a fresh process would (and its reserved-memory peak is its own)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    torch._dynamo.reset()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
