@@ -121,12 +121,25 @@ def test_mask_free_causal_attention_compiles_and_matches_eager() -> None:
         assert torch.allclose(a, b, rtol=1e-3, atol=1e-6)
 
 
-def test_a_training_step_restores_the_models_attention(make_config) -> None:
+def test_a_training_step_runs_flash_and_restores_the_models_attention(
+        make_config, monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
     cfg = make_config("model.name=random:llama", "training.attention_backend=flash")
     lm = load_model("random:llama", seed=0)
     loop = Loop(cfg, files=None)  # type: ignore[arg-type]
-    loop.build_arms(lm.model, lm.family)
+    loop.build_arms(lm.model, lm.family)  # registers nothing yet: the first step does
+    with training_attention(lm.model, "flash"):
+        pass
+    calls: list[int] = []
+
+    def spy(*args, **kw):  # noqa: ANN002, ANN003, ANN202
+        calls.append(1)
+        return causal_attention(*args, **kw)
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "pfreeze_causal", spy)
     loop.train_step(loop.arms[0], 0, torch.randint(0, 256, (2, 32)))
+    assert loop.attention == "flash" and len(calls) == lm.model.config.num_hidden_layers
     assert loop.arms[0].model.config._attn_implementation == "sdpa"
 
 
