@@ -99,8 +99,10 @@ class Loop:
         self.compile = (self.device.type == "cuda" and self.t.max_steps >= 200
                         if self.t.torch_compile == "auto" else bool(self.t.torch_compile))
         check_backend(self.t.attention_backend, self.device, self.bf16, None, 0)
-        # Both resolved against the model: attention in build_arms, decoder in setup.
-        self.attention, self.decoder = self.t.attention_backend, cfg.generation.decoder
+        # Both resolved against the model: attention in build_arms, decoder in setup (until
+        # then auto means the model's own attention, as for arms built by hand in tests).
+        self.attention = "model" if self.t.attention_backend == "auto" else self.t.attention_backend
+        self.decoder = cfg.generation.decoder
         self.reserved_mb = 0.0  # GPU memory reserved by this process (all arms), at its peak
         self.compile_mode = resolve_compile_mode(self.t.torch_compile_mode, self.device,
                                                  self.t.gradient_accumulation_steps)
