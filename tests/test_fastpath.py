@@ -218,3 +218,47 @@ def test_auto_compile_mode_is_cuda_graphs_on_a_gpu_without_accumulation() -> Non
     assert resolve_compile_mode("auto", gpu, 2) == "default"
     assert resolve_compile_mode("auto", CPU, 1) == "default"
     assert resolve_compile_mode("max-autotune", gpu, 2) == "max-autotune"
+
+
+def test_liger_kernels_are_refused_in_one_line_where_they_cannot_run(make_config) -> None:
+    with pytest.raises(PfreezeError, match="kernels=liger needs a CUDA GPU"):
+        Loop(make_config("training.kernels=liger"), files=None)  # type: ignore[arg-type]
+    with pytest.raises(PfreezeError, match="Extra inputs|kernels"):
+        make_config("training.kernels=triton")
+
+
+def test_liger_kernels_patch_every_arms_base_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The wiring only (the kernels are Triton: GPU): liger's instance patcher gets each arm's
+    model, unwrapped from peft, and an unknown model type or a missing package is refused."""
+    import sys
+    import types
+
+    from peft import LoraConfig, get_peft_model
+
+    from pfreeze.models import apply_kernels
+
+    got: list[object] = []
+    fake = types.ModuleType("liger_kernel.transformers.monkey_patch")
+    fake.MODEL_TYPE_TO_APPLY_LIGER_FN = {"llama": None}  # type: ignore[attr-defined]
+    fake._apply_liger_kernel_to_instance = lambda model: got.append(model)  # type: ignore
+    pkg = types.ModuleType("liger_kernel.transformers")
+    pkg.monkey_patch = fake  # type: ignore[attr-defined]
+    for name, mod in (("liger_kernel", types.ModuleType("liger_kernel")),
+                      ("liger_kernel.transformers", pkg),
+                      ("liger_kernel.transformers.monkey_patch", fake)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    gpu = torch.device("cuda")  # only its type is read before the patcher runs
+    llama = load_model("random:llama", seed=0).model
+    apply_kernels(llama, "liger", gpu)
+    lora = get_peft_model(load_model("random:llama", seed=0).model,
+                          LoraConfig(r=2, target_modules=["q_proj"]))
+    apply_kernels(lora, "liger", gpu)
+    assert got == [llama, lora.get_base_model()]
+    apply_kernels(llama, "none", gpu)
+    assert len(got) == 2
+    with pytest.raises(PfreezeError, match="no kernels for model type 'gpt_neo'"):
+        apply_kernels(load_model("random:gpt-neo", seed=0).model, "liger", gpu)
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers.monkey_patch", None)
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", None)
+    with pytest.raises(PfreezeError, match="needs the liger-kernel package"):
+        apply_kernels(llama, "liger", gpu)

@@ -116,7 +116,8 @@ class Bench:
                            device=self.dev.type, torch_compile=self.pf_compile,
                            torch_compile_mode=self.a.pfreeze_compile_mode,
                            optim="adamw_fused" if self.cuda else "adamw",
-                           prefix_cache=cached, attention_backend=self.a.pfreeze_attention)
+                           prefix_cache=cached, attention_backend=self.a.pfreeze_attention,
+                           kernels=self.a.pfreeze_kernels)
         arm_cfg = FullArm() if ARMS[arm] is None else PlanArm(select=ARMS[arm])
         data = DataConfig(sampling="epochs" if cached else "random", block_size=seq)
         loop = Loop(RunConfig(data=data, training=t, arms=[arm_cfg]), None)  # type: ignore
@@ -386,6 +387,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    choices=("auto", "default", "reduce-overhead", "max-autotune"))
     p.add_argument("--pfreeze-attention", default="auto",
                    choices=("auto", "model", "flash", "cudnn", "efficient", "math"))
+    p.add_argument("--pfreeze-kernels", default="none", choices=("none", "liger"))
     p.add_argument("--peak-tflops", type=float, help="for MFU (default: 989 on H100/H200)")
     p.add_argument("--gen", action=argparse.BooleanOptionalAction, default=True, help="runs first")
     p.add_argument("--arms", default="full,frozen", help=f"of {', '.join(ARMS)}")

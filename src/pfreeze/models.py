@@ -198,3 +198,33 @@ def pick_device(spec: str) -> torch.device:
         raise PfreezeError(f"device '{spec}' requested but no CUDA GPU is visible",
                            "use --set training.device=cpu (or auto)")
     return torch.device(spec)
+
+
+def check_kernels(kernels: str, device: torch.device) -> Any:
+    """Refuse, in one line, kernels that cannot run here; liger's table of model types."""
+    if kernels == "none":
+        return None
+    fix = "set training.kernels=none"
+    if device.type != "cuda":
+        raise PfreezeError("training.kernels=liger needs a CUDA GPU (its kernels are Triton)", fix)
+    try:
+        from liger_kernel.transformers import monkey_patch
+    except ImportError:
+        raise PfreezeError("training.kernels=liger needs the liger-kernel package",
+                           f"pip install liger-kernel, or {fix}") from None
+    return monkey_patch
+
+
+def apply_kernels(model: nn.Module, kernels: str, device: torch.device) -> None:
+    """Patch `kernels` into `model` in place (parameters and their names are untouched, so
+    plans, masks and θ₀ hashes are too). Liger also patches transformers' modules of the
+    model's type process-wide, as its own integration does: every arm gets the same kernels."""
+    liger = check_kernels(kernels, device)
+    if liger is None:
+        return
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+    kind = getattr(base.config, "model_type", None)
+    if kind not in liger.MODEL_TYPE_TO_APPLY_LIGER_FN:
+        raise PfreezeError(f"liger-kernel has no kernels for model type '{kind}'",
+                           "set training.kernels=none")
+    liger._apply_liger_kernel_to_instance(model=base)
