@@ -262,3 +262,17 @@ def test_liger_kernels_patch_every_arms_base_model(monkeypatch: pytest.MonkeyPat
     monkeypatch.setitem(sys.modules, "liger_kernel.transformers", None)
     with pytest.raises(PfreezeError, match="needs the liger-kernel package"):
         apply_kernels(llama, "liger", gpu)
+
+
+def test_build_arms_patches_kernels_into_every_arms_model(make_config,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import pfreeze.train
+
+    seen: list[tuple[object, str]] = []
+    monkeypatch.setattr(pfreeze.train, "apply_kernels", lambda m, k, d: seen.append((m, k)))
+    cfg = make_config("model.name=random:llama",
+                      "arms=[{kind: full}, {kind: plan, select: 'roles=q'}, {kind: lora}]")
+    loop = Loop(cfg, files=None)  # type: ignore[arg-type]
+    lm = load_model("random:llama", seed=0)
+    loop.build_arms(lm.model, lm.family)
+    assert seen == [(a.model, "none") for a in loop.arms] and len(seen) == 3

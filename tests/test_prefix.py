@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import types
 from pathlib import Path
 
 import pytest
@@ -68,9 +69,12 @@ def test_arms_that_cannot_cache_say_why(case: str, reason: str) -> None:
     assert cache is None and reason in why
 
 
-def test_cached_upper_blocks_give_the_full_models_loss_and_gradients() -> None:
+@pytest.mark.parametrize("bound", [False, True], ids=["class-forward", "instance-forward"])
+def test_cached_upper_blocks_give_the_full_models_loss_and_gradients(bound: bool) -> None:
     for name in ("random:llama", "random:gpt-neox"):
         lm, infos, trained = _trained(name, "upper")
+        if bound:  # as Liger binds its fused-loss forward to the instance
+            lm.model.forward = types.MethodType(type(lm.model).forward, lm.model)
         cache, why = Caches(4, 16, CPU).for_arm(lm.model, lm.family, trained, infos, True)
         assert cache is not None and why == "blocks 0-1 cached"
         x = torch.randint(0, 250, (4, 16), generator=torch.Generator().manual_seed(1))

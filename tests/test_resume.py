@@ -106,11 +106,18 @@ def test_resume_after_an_early_stop_keeps_the_stream_and_the_stop(corpus: Path,
             assert s1["arms"][arm][key] == s2["arms"][arm][key], (arm, key)
 
 
+def _after(out: Path) -> list[str]:
+    """The 'after' samples of samples.txt, headers and texts."""
+    blocks = (out / "samples.txt").read_text(encoding="utf-8").split("=== ")
+    return [b for b in blocks if " moment=after " in b]
+
+
 def test_resume_keeps_what_auto_resolved_to_when_the_run_started(corpus: Path,
                                                                  tmp_path: Path) -> None:
     """A run started on a GPU samples p with pfreeze's sampler: resumed anywhere, it must go on
     with it (p before and after drawn alike), whatever `auto` resolves to on the new machine."""
-    out = tmp_path / "run"
+    out, straight = tmp_path / "run", tmp_path / "straight"
+    assert _run(corpus, straight, extra=("generation.decoder=pfreeze",)) == 0
     assert _run(corpus, out, kill_at=5) == -9
     state_file = out / "checkpoint" / "state.json"
     state = json.loads(state_file.read_text())
@@ -121,7 +128,28 @@ def test_resume_keeps_what_auto_resolved_to_when_the_run_started(corpus: Path,
     assert _run(corpus, out, resume=True) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["execution"]["decoder"] == "pfreeze"
-    assert summary["arms"]["full"]["p_after"]["n"] == 1
+    # Drawn by pfreeze's sampler from the same weights: the uninterrupted run's samples.
+    assert _after(out) == _after(straight) and len(_after(out)) == 2
+
+
+def test_a_pinned_setting_that_cannot_run_here_falls_back_but_the_decoder_stays(
+        corpus: Path) -> None:
+    from pfreeze.checkpoint import _pin_execution
+    from pfreeze.config import load_config
+    from pfreeze.models import load_model
+    from pfreeze.train import Loop
+
+    cfg = load_config(None, [*OVERRIDES, f"data.corpus={corpus}", "training.torch_compile=true"])
+    loop = Loop(cfg, None)  # type: ignore[arg-type]
+    lm = load_model("random:llama", seed=0)
+    loop.build_arms(lm.model, lm.family)
+    before = [a.step_fn for a in loop.arms]
+    _pin_execution(loop, {"attention": "cudnn", "decoder": "pfreeze",
+                          "compile_mode": "max-autotune"})
+    assert (loop.attention, loop.decoder, loop.compile_mode) == ("model", "pfreeze",
+                                                                 "max-autotune")
+    for arm, old in zip(loop.arms, before, strict=True):  # re-wrapped, same module inside
+        assert arm.step_fn is not old and arm.step_fn._orig_mod is old._orig_mod
 
 
 def test_a_checkpoint_from_before_auto_resumes_with_the_old_meaning(corpus: Path) -> None:

@@ -407,6 +407,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              ("generation variant", args.gen_variants, GEN_VARIANTS)):
         if bad := set(got) - set(known):
             p.error(f"unknown {what}(s) {sorted(bad)}; choose from {', '.join(known)}")
+    if args.pfreeze_kernels != "none" and (
+            args.gen or any(not m.startswith("pfreeze") for m in args.methods)):
+        # Liger patches transformers process-wide: peer rows and sampling would run it too.
+        p.error("--pfreeze-kernels liger runs alone: use only pfreeze methods, with --no-gen")
     return args
 
 

@@ -150,7 +150,9 @@ def _execution(loop: Loop) -> dict[str, str]:
 
 
 def _legacy_execution(loop: Loop) -> dict[str, str]:
-    """What `auto` meant for a checkpoint written before it could resolve to anything else."""
+    """What `auto` meant for a checkpoint written before it could resolve to anything else
+    (state.json has recorded `execution` since e1ebc9a; a GPU run checkpointed between 9801632
+    and then resumes with these values, not the ones it started with)."""
     t, g = loop.cfg.training, loop.cfg.generation
     return {"attention": "model" if t.attention_backend == "auto" else t.attention_backend,
             "decoder": "generate" if g.decoder == "auto" else g.decoder,
@@ -164,10 +166,17 @@ def _pin_execution(loop: Loop, saved: dict[str, str]) -> None:
 
     if saved == _execution(loop):
         return
-    check_backend(saved["attention"], loop.device, loop.bf16, None, 0)
-    loop.attention, loop.decoder = saved["attention"], saved["decoder"]
+    loop.decoder = saved["decoder"]  # the one that decides what is measured: kept as it was
+    try:  # flash and model compute the same attention: keep it if it can run here
+        check_backend(saved["attention"], loop.device, loop.bf16, loop.arms[0].model,
+                      loop.cfg.data.block_size)
+        loop.attention = saved["attention"]
+    except PfreezeError as e:
+        loop.warn(f"resumed with attention {loop.attention}, not {saved['attention']} as it "
+                  f"started: {e.problem}")
     if saved["compile_mode"] != loop.compile_mode:
         loop.compile_mode = mode = saved["compile_mode"]
+        loop.graphs = loop.compile and mode in ("reduce-overhead", "max-autotune")
         for arm in loop.arms:
             if arm.step_fn is not None:  # compiled lazily: nothing has run in it yet
                 arm.step_fn = torch.compile(arm.step_fn._orig_mod, dynamic=False,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import os
+import types
 from typing import Any
 
 import torch
@@ -38,6 +39,11 @@ def _shallow(module: nn.Module) -> nn.Module:
     """A copy of `module` whose submodule slots can be replaced without touching the original."""
     twin = copy.copy(module)
     twin._modules = dict(module._modules)
+    # A method bound to the instance (Liger binds its fused-loss forward so) would still run
+    # the original, whole model: bind it to the twin.
+    for name, value in vars(module).items():
+        if isinstance(value, types.MethodType) and value.__self__ is module:
+            setattr(twin, name, types.MethodType(value.__func__, twin))
     return twin
 
 
