@@ -211,7 +211,7 @@ def test_flash_is_refused_where_it_cannot_reach_the_attention() -> None:
 
 
 def test_auto_compile_mode_is_cuda_graphs_on_a_gpu_without_accumulation() -> None:
-    from pfreeze.train import resolve_compile_mode
+    from pfreeze.execution import resolve_compile_mode
 
     gpu = torch.device("cuda")
     assert resolve_compile_mode("auto", gpu, 1) == "reduce-overhead"
@@ -235,7 +235,7 @@ def test_liger_kernels_patch_every_arms_base_model(monkeypatch: pytest.MonkeyPat
 
     from peft import LoraConfig, get_peft_model
 
-    from pfreeze.models import apply_kernels
+    from pfreeze.execution import apply_kernels
 
     got: list[object] = []
     fake = types.ModuleType("liger_kernel.transformers.monkey_patch")

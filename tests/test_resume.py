@@ -134,8 +134,8 @@ def test_resume_keeps_what_auto_resolved_to_when_the_run_started(corpus: Path,
 
 def test_a_pinned_setting_that_cannot_run_here_falls_back_but_the_decoder_stays(
         corpus: Path) -> None:
-    from pfreeze.checkpoint import _pin_execution
     from pfreeze.config import load_config
+    from pfreeze.execution import pin
     from pfreeze.models import load_model
     from pfreeze.train import Loop
 
@@ -144,7 +144,7 @@ def test_a_pinned_setting_that_cannot_run_here_falls_back_but_the_decoder_stays(
     lm = load_model("random:llama", seed=0)
     loop.build_arms(lm.model, lm.family)
     before = [a.step_fn for a in loop.arms]
-    _pin_execution(loop, {"attention": "cudnn", "decoder": "pfreeze",
+    pin(loop, {"attention": "cudnn", "decoder": "pfreeze",
                           "compile_mode": "max-autotune"})
     assert (loop.attention, loop.decoder, loop.compile_mode) == ("model", "pfreeze",
                                                                  "max-autotune")
@@ -153,14 +153,14 @@ def test_a_pinned_setting_that_cannot_run_here_falls_back_but_the_decoder_stays(
 
 
 def test_a_checkpoint_from_before_auto_resumes_with_the_old_meaning(corpus: Path) -> None:
-    from pfreeze.checkpoint import _legacy_execution
     from pfreeze.config import load_config
+    from pfreeze.execution import legacy
     from pfreeze.train import Loop
 
     loop = Loop(load_config(None, [*OVERRIDES, f"data.corpus={corpus}"]), None)  # type: ignore
-    assert _legacy_execution(loop) == {"attention": "model", "decoder": "generate",
+    assert legacy(loop) == {"attention": "model", "decoder": "generate",
                                        "compile_mode": "default"}
     flash = load_config(None, [*OVERRIDES, f"data.corpus={corpus}",
                                "training.attention_backend=flash", "generation.decoder=pfreeze"])
-    assert _legacy_execution(Loop(flash, None)) == {  # type: ignore[arg-type]
+    assert legacy(Loop(flash, None)) == {  # type: ignore[arg-type]
         "attention": "flash", "decoder": "pfreeze", "compile_mode": "default"}

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from pfreeze import execution
 from pfreeze.atomic import write_json
 from pfreeze.errors import PfreezeError
 
@@ -62,7 +63,7 @@ def save(loop: Loop, step: int, extra: dict[str, Any]) -> Path:
     save_file(rng, str(tmp / "rng.safetensors"))
     write_json(tmp / "state.json", {
         "step": step, "theta0_hash": loop.theta0_hash, "batch_hashes": loop.batch_hashes,
-        "arms": arms_state, "execution": _execution(loop), "reserved_mb": loop.reserved_mb,
+        "arms": arms_state, "execution": execution.snapshot(loop), "reserved_mb": loop.reserved_mb,
         **extra,
     })
     # Swap in: the old checkpoint survives until the new one is complete.
@@ -139,45 +140,6 @@ def load(loop: Loop) -> dict[str, Any]:
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
     loop.batch_hashes = state["batch_hashes"]
-    _pin_execution(loop, state.get("execution") or _legacy_execution(loop))
+    execution.pin(loop, state.get("execution") or execution.legacy(loop))
     loop.reserved_mb = max(loop.reserved_mb, state.get("reserved_mb", 0.0))
     return state
-
-
-def _execution(loop: Loop) -> dict[str, str]:
-    return {"attention": loop.attention, "decoder": loop.decoder,
-            "compile_mode": loop.compile_mode}
-
-
-def _legacy_execution(loop: Loop) -> dict[str, str]:
-    """What `auto` meant for a checkpoint written before it could resolve to anything else
-    (state.json has recorded `execution` since e1ebc9a; a GPU run checkpointed between 9801632
-    and then resumes with these values, not the ones it started with)."""
-    t, g = loop.cfg.training, loop.cfg.generation
-    return {"attention": "model" if t.attention_backend == "auto" else t.attention_backend,
-            "decoder": "generate" if g.decoder == "auto" else g.decoder,
-            "compile_mode": "default" if t.torch_compile_mode == "auto" else t.torch_compile_mode}
-
-
-def _pin_execution(loop: Loop, saved: dict[str, str]) -> None:
-    """A resumed run keeps what `auto` resolved to when it started, even on another machine:
-    the decoder sets which draws p is measured on, the kernels and graphs its step times."""
-    from pfreeze.attention import check_backend
-
-    if saved == _execution(loop):
-        return
-    loop.decoder = saved["decoder"]  # the one that decides what is measured: kept as it was
-    try:  # flash and model compute the same attention: keep it if it can run here
-        check_backend(saved["attention"], loop.device, loop.bf16, loop.arms[0].model,
-                      loop.cfg.data.block_size)
-        loop.attention = saved["attention"]
-    except PfreezeError as e:
-        loop.warn(f"resumed with attention {loop.attention}, not {saved['attention']} as it "
-                  f"started: {e.problem}")
-    if saved["compile_mode"] != loop.compile_mode:
-        loop.compile_mode = mode = saved["compile_mode"]
-        loop.graphs = loop.compile and mode in ("reduce-overhead", "max-autotune")
-        for arm in loop.arms:
-            if arm.step_fn is not None:  # compiled lazily: nothing has run in it yet
-                arm.step_fn = torch.compile(arm.step_fn._orig_mod, dynamic=False,
-                                            mode=None if mode == "default" else mode)

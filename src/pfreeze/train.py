@@ -37,16 +37,9 @@ from pfreeze.corpus import (
 )
 from pfreeze.errors import PfreezeError
 from pfreeze.evaluate import autocast, fixed_windows, release_twin
+from pfreeze.execution import apply_kernels, check_kernels, pick_device, resolve_compile_mode
 from pfreeze.masking import Freezer, Tracker, check_audit
-from pfreeze.models import (
-    LoadedModel,
-    apply_kernels,
-    check_kernels,
-    count_params,
-    load_model,
-    pick_device,
-    state_hash,
-)
+from pfreeze.models import LoadedModel, count_params, load_model, state_hash
 from pfreeze.moments import evaluate_arms, sample_arms, sample_best
 from pfreeze.outputs import RunFiles
 from pfreeze.plan import compile_plan, describe_params
@@ -80,14 +73,6 @@ class ArmRun:
     best: tuple[int, float] | None = None  # (step, held-out loss) of the best evaluation
     best_state: dict[str, torch.Tensor] | None = None  # trained tensors at `best`
     bad_evals: int = 0
-
-
-def resolve_compile_mode(mode: str, device: torch.device, accumulation: int) -> str:
-    """auto: CUDA graphs on a GPU (on an H200 1.0-1.3x at 32 x 512, up to 3x at 16 x 256),
-    except with gradient accumulation, whose micro-steps would share the graphs' outputs."""
-    if mode != "auto":
-        return mode
-    return "reduce-overhead" if device.type == "cuda" and accumulation == 1 else "default"
 
 
 class Loop:

@@ -1,0 +1,102 @@
+"""How a run executes: device, compilation and CUDA graphs, the attention kernel, the sampler
+for p, extra kernels. Most settings default to `auto`; this module resolves what it can
+without a model (the rest: attention.resolve_backend, sampler.resolve), patches kernels in,
+and keeps a resumed run on what `auto` resolved to when it started.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from pfreeze.attention import check_backend
+from pfreeze.errors import PfreezeError
+
+if TYPE_CHECKING:
+    from pfreeze.train import Loop
+
+
+def pick_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise PfreezeError(f"device '{spec}' requested but no CUDA GPU is visible",
+                           "use --set training.device=cpu (or auto)")
+    return torch.device(spec)
+
+
+def check_kernels(kernels: str, device: torch.device) -> Any:
+    """Refuse, in one line, kernels that cannot run here; liger's table of model types."""
+    if kernels == "none":
+        return None
+    fix = "set training.kernels=none"
+    if device.type != "cuda":
+        raise PfreezeError("training.kernels=liger needs a CUDA GPU (its kernels are Triton)", fix)
+    try:
+        from liger_kernel.transformers import monkey_patch
+    except ImportError:
+        raise PfreezeError("training.kernels=liger needs the liger-kernel package",
+                           f"pip install liger-kernel, or {fix}") from None
+    return monkey_patch
+
+
+def apply_kernels(model: nn.Module, kernels: str, device: torch.device) -> None:
+    """Patch `kernels` into `model` in place (parameters and their names are untouched, so
+    plans, masks and θ₀ hashes are too). Liger also patches transformers' modules of the
+    model's type process-wide, as its own integration does: every arm gets the same kernels."""
+    liger = check_kernels(kernels, device)
+    if liger is None:
+        return
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+    kind = getattr(base.config, "model_type", None)
+    if kind not in liger.MODEL_TYPE_TO_APPLY_LIGER_FN:
+        raise PfreezeError(f"liger-kernel has no kernels for model type '{kind}'",
+                           "set training.kernels=none")
+    liger._apply_liger_kernel_to_instance(model=base)
+
+
+def resolve_compile_mode(mode: str, device: torch.device, accumulation: int) -> str:
+    """auto: CUDA graphs on a GPU (on an H200 1.0-1.3x at 32 x 512, up to 3x at 16 x 256),
+    except with gradient accumulation, whose micro-steps would share the graphs' outputs."""
+    if mode != "auto":
+        return mode
+    return "reduce-overhead" if device.type == "cuda" and accumulation == 1 else "default"
+
+
+def snapshot(loop: Loop) -> dict[str, str]:
+    return {"attention": loop.attention, "decoder": loop.decoder,
+            "compile_mode": loop.compile_mode}
+
+
+def legacy(loop: Loop) -> dict[str, str]:
+    """What `auto` meant for a checkpoint written before it could resolve to anything else
+    (state.json has recorded `execution` since e1ebc9a; a GPU run checkpointed between 9801632
+    and then resumes with these values, not the ones it started with)."""
+    t, g = loop.cfg.training, loop.cfg.generation
+    return {"attention": "model" if t.attention_backend == "auto" else t.attention_backend,
+            "decoder": "generate" if g.decoder == "auto" else g.decoder,
+            "compile_mode": "default" if t.torch_compile_mode == "auto" else t.torch_compile_mode}
+
+
+def pin(loop: Loop, saved: dict[str, str]) -> None:
+    """A resumed run keeps what `auto` resolved to when it started, even on another machine:
+    the decoder sets which draws p is measured on, the kernels and graphs its step times."""
+    if saved == snapshot(loop):
+        return
+    loop.decoder = saved["decoder"]  # the one that decides what is measured: kept as it was
+    try:  # flash and model compute the same attention: keep it if it can run here
+        check_backend(saved["attention"], loop.device, loop.bf16, loop.arms[0].model,
+                      loop.cfg.data.block_size)
+        loop.attention = saved["attention"]
+    except PfreezeError as e:
+        loop.warn(f"resumed with attention {loop.attention}, not {saved['attention']} as it "
+                  f"started: {e.problem}")
+    if saved["compile_mode"] != loop.compile_mode:
+        loop.compile_mode = mode = saved["compile_mode"]
+        loop.graphs = loop.compile and mode in ("reduce-overhead", "max-autotune")
+        for arm in loop.arms:
+            if arm.step_fn is not None:  # compiled lazily: nothing has run in it yet
+                arm.step_fn = torch.compile(arm.step_fn._orig_mod, dynamic=False,
+                                            mode=None if mode == "default" else mode)
