@@ -266,10 +266,10 @@ def test_liger_kernels_patch_every_arms_base_model(monkeypatch: pytest.MonkeyPat
 
 def test_build_arms_patches_kernels_into_every_arms_model(make_config,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    import pfreeze.train
+    import pfreeze.execution
 
     seen: list[tuple[object, str]] = []
-    monkeypatch.setattr(pfreeze.train, "apply_kernels", lambda m, k, d: seen.append((m, k)))
+    monkeypatch.setattr(pfreeze.execution, "apply_kernels", lambda m, k, d: seen.append((m, k)))
     cfg = make_config("model.name=random:llama",
                       "arms=[{kind: full}, {kind: plan, select: 'roles=q'}, {kind: lora}]")
     loop = Loop(cfg, files=None)  # type: ignore[arg-type]

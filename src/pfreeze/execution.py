@@ -65,6 +65,16 @@ def resolve_compile_mode(mode: str, device: torch.device, accumulation: int) -> 
     return "reduce-overhead" if device.type == "cuda" and accumulation == 1 else "default"
 
 
+def uses_graphs(compiled: bool, mode: str) -> bool:
+    """Whether compiled steps run in CUDA graphs (max-autotune captures them as well)."""
+    return compiled and mode in ("reduce-overhead", "max-autotune")
+
+
+def compile_step(module: nn.Module, mode: str) -> Any:
+    """The training step's compiled callable (static shapes: training windows never change)."""
+    return torch.compile(module, dynamic=False, mode=None if mode == "default" else mode)
+
+
 def snapshot(loop: Loop) -> dict[str, str]:
     return {"attention": loop.attention, "decoder": loop.decoder,
             "compile_mode": loop.compile_mode}
@@ -95,8 +105,7 @@ def pin(loop: Loop, saved: dict[str, str]) -> None:
                   f"started: {e.problem}")
     if saved["compile_mode"] != loop.compile_mode:
         loop.compile_mode = mode = saved["compile_mode"]
-        loop.graphs = loop.compile and mode in ("reduce-overhead", "max-autotune")
+        loop.graphs = uses_graphs(loop.compile, mode)
         for arm in loop.arms:
             if arm.step_fn is not None:  # compiled lazily: nothing has run in it yet
-                arm.step_fn = torch.compile(arm.step_fn._orig_mod, dynamic=False,
-                                            mode=None if mode == "default" else mode)
+                arm.step_fn = compile_step(arm.step_fn._orig_mod, mode)

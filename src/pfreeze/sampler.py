@@ -88,7 +88,8 @@ def check(model: nn.Module, top_k: int | None) -> None:
 
 def resolve(decoder: str, model: nn.Module, top_k: int | None, device: torch.device) -> str:
     """The decoder sampling uses: `decoder` once checked; for auto, pfreeze on a GPU where it
-    can serve the model (on the CPU it gains little, and generate is the reference)."""
+    can serve the model (its gain is the CUDA graph; on the CPU generate stays, the sampler
+    the README's demo figures were drawn with)."""
     if decoder == "pfreeze":
         check(model, top_k)
     if decoder != "auto":

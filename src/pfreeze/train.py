@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pfreeze import execution
 from pfreeze.arms import ArmStrategy, build_optimizer, make_arm
 from pfreeze.attention import check_backend, resolve_backend, training_attention
 from pfreeze.config import RunConfig, dump_config
@@ -37,7 +38,6 @@ from pfreeze.corpus import (
 )
 from pfreeze.errors import PfreezeError
 from pfreeze.evaluate import autocast, fixed_windows, release_twin
-from pfreeze.execution import apply_kernels, check_kernels, pick_device, resolve_compile_mode
 from pfreeze.masking import Freezer, Tracker, check_audit
 from pfreeze.models import LoadedModel, count_params, load_model, state_hash
 from pfreeze.moments import evaluate_arms, sample_arms, sample_best
@@ -85,23 +85,22 @@ class Loop:
         self.caches: Caches | None = None  # the frozen-prefix stores, made with the first arm
         self.stream: BatchStream | None = None  # set by setup() (or by a benchmark)
         self.t = cfg.training
-        self.device = pick_device(self.t.device)
+        self.device = execution.pick_device(self.t.device)
         self.bf16 = (self.device.type == "cuda" and torch.cuda.is_bf16_supported()
                      if self.t.bf16 == "auto" else bool(self.t.bf16))
         # Compilation costs tens of seconds per arm: worth it only for long GPU runs.
         self.compile = (self.device.type == "cuda" and self.t.max_steps >= 200
                         if self.t.torch_compile == "auto" else bool(self.t.torch_compile))
         check_backend(self.t.attention_backend, self.device, self.bf16, None, 0)
-        check_kernels(self.t.kernels, self.device)  # before the model is loaded
+        execution.check_kernels(self.t.kernels, self.device)  # before the model is loaded
         # Both resolved against the model: attention in build_arms, decoder in setup (until
         # then auto means the model's own attention, as for arms built by hand in tests).
         self.attention = "model" if self.t.attention_backend == "auto" else self.t.attention_backend
         self.decoder = cfg.generation.decoder
         self.reserved_mb = 0.0  # GPU memory reserved by this process (all arms), at its peak
-        self.compile_mode = resolve_compile_mode(self.t.torch_compile_mode, self.device,
+        self.compile_mode = execution.resolve_compile_mode(self.t.torch_compile_mode, self.device,
                                                  self.t.gradient_accumulation_steps)
-        # Both modes capture CUDA graphs (max-autotune autotunes as well).
-        self.graphs = self.compile and self.compile_mode in ("reduce-overhead", "max-autotune")
+        self.graphs = execution.uses_graphs(self.compile, self.compile_mode)
         if self.graphs and self.t.gradient_accumulation_steps > 1:
             # CUDA-graph replays reuse output buffers: accumulated gradients would be wrong.
             raise PfreezeError(
@@ -154,7 +153,7 @@ class Loop:
             # Hash each copy where it was made (host memory): the proof that all arms share θ₀.
             h = getattr(strat, "theta0_hash", None) or state_hash(model)
             model = model.to(self.device).train()
-            apply_kernels(model, self.t.kernels, self.device)
+            execution.apply_kernels(model, self.t.kernels, self.device)
             freezer = Freezer(model)
             freezer.apply(strat.first_plan())
             # Every tensor that trains at some step is registered now: flipping requires_grad
@@ -170,12 +169,11 @@ class Loop:
             # A separate compiled callable for training only: evaluation and generate() use
             # the eager module, whose changing shapes would otherwise exhaust dynamo's
             # recompile limit and silently send training back to eager.
-            mode = None if self.compile_mode == "default" else self.compile_mode
             # Dynamo guards on requires_grad: an arm whose plan changes would recompile at each
             # change and fall back to eager after 8, so only single-plan arms are compiled.
             single = len(strat.plans) == 1
             trains = model if prefix is None else prefix.upper
-            step_fn = (torch.compile(trains, dynamic=False, mode=mode)
+            step_fn = (execution.compile_step(trains, self.compile_mode)
                        if self.compile and single else None)
             self.arms.append(ArmRun(strat, model, freezer, opt, sched, tracker, h, step_fn,
                                     prefix, note))
