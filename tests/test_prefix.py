@@ -36,7 +36,7 @@ def test_epochs_stream_gives_every_chunk_once_per_epoch_and_resumes_from_a_count
     for x, w in zip(batches, wins, strict=True):  # a window is its aligned chunk
         assert torch.equal(x, w[:, None] * 10 + torch.arange(10))
     again = BatchStream(ids, 10, 3, seed=5, sampling="epochs")
-    again.drawn = 12  # what a checkpoint stores
+    again.drawn = 12  # what a checkpoint restores (steps x batch)
     assert torch.equal(again.next(), batches[4])
 
 

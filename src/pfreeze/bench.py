@@ -128,7 +128,7 @@ class Bench:
         if cached:
             m = self.drive(lambda i: loop.train_step(r, i, loop.stream.next(),
                                                            loop.stream.windows))
-            m["prefix_cache"] = r.prefix.summary() if r.prefix else {"off": r.prefix_note}
+            m["prefix_cache"] = r.prefix_summary()
         else:
             m = self.drive(lambda i: loop.train_step(r, i, batches[i % len(batches)]))
         r.pending.clear()  # queued losses, norms and events are not read here

@@ -56,8 +56,7 @@ def save(loop: Loop, step: int, extra: dict[str, Any]) -> Path:
         arms_state.append(_arm_state(arm))
     # Random states on their own: the batch stream, and the global generators that dropout
     # and adapter initialisation draw from.
-    rng = {"stream": loop.stream.gen.get_state(), "torch": torch.get_rng_state(),
-           "stream_drawn": torch.tensor([loop.stream.drawn])}
+    rng = {"stream": loop.stream.gen.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng.update({f"cuda{d}": s for d, s in enumerate(torch.cuda.get_rng_state_all())})
     save_file(rng, str(tmp / "rng.safetensors"))
@@ -134,7 +133,8 @@ def load(loop: Loop) -> dict[str, Any]:
                 prev.copy_(p)
     rng = load_file(str(d / "rng.safetensors"))
     loop.stream.gen.set_state(rng["stream"])
-    loop.stream.drawn = int(rng["stream_drawn"]) if "stream_drawn" in rng else 0
+    # One batch per step from step 0, whatever the arms did: the epochs mode's position.
+    loop.stream.drawn = step * loop.stream.batch
     torch.set_rng_state(rng["torch"])
     cuda = [rng[k] for k in sorted(rng) if k.startswith("cuda")]
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():

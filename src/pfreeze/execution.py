@@ -105,7 +105,6 @@ def pin(loop: Loop, saved: dict[str, str]) -> None:
                   f"started: {e.problem}")
     if saved["compile_mode"] != loop.compile_mode:
         loop.compile_mode = mode = saved["compile_mode"]
-        loop.graphs = uses_graphs(loop.compile, mode)
         for arm in loop.arms:
             if arm.step_fn is not None:  # compiled lazily: nothing has run in it yet
                 arm.step_fn = compile_step(arm.step_fn._orig_mod, mode)

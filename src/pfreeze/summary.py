@@ -39,7 +39,7 @@ def arm_summary(loop: Loop, arm: ArmRun, p_before: dict, p_after: dict, p_best: 
         "tokens_per_s": loop.stream.batch * loop.stream.block / median if median else None,
         "first_step_time_s": arm.times[0] if arm.times else None,
         "compiled": loop.compile,
-        "prefix_cache": arm.prefix.summary() if arm.prefix else {"off": arm.prefix_note},
+        "prefix_cache": arm.prefix_summary(),
         "mean_loss": _finite(statistics.fmean(arm.losses)) if arm.losses else None,
         "last_loss": _finite(arm.losses[-1]) if arm.losses else None,
         "val_loss_before": arm.evals[0][1],

@@ -74,6 +74,10 @@ class ArmRun:
     best_state: dict[str, torch.Tensor] | None = None  # trained tensors at `best`
     bad_evals: int = 0
 
+    def prefix_summary(self) -> dict[str, Any]:
+        """What the frozen-prefix cache did, or why this arm has none."""
+        return self.prefix.summary() if self.prefix else {"off": self.prefix_note}
+
 
 class Loop:
     """One run of the paired experiment; `run()` does it all, the parts are testable."""
@@ -100,7 +104,6 @@ class Loop:
         self.reserved_mb = 0.0  # GPU memory reserved by this process (all arms), at its peak
         self.compile_mode = execution.resolve_compile_mode(self.t.torch_compile_mode, self.device,
                                                  self.t.gradient_accumulation_steps)
-        self.graphs = execution.uses_graphs(self.compile, self.compile_mode)
         if self.graphs and self.t.gradient_accumulation_steps > 1:
             # CUDA-graph replays reuse output buffers: accumulated gradients would be wrong.
             raise PfreezeError(
@@ -108,6 +111,11 @@ class Loop:
                 "gradient_accumulation_steps > 1",
                 "use torch_compile_mode=default, or gradient_accumulation_steps=1",
             )
+
+    @property
+    def graphs(self) -> bool:
+        """Whether compiled steps run in CUDA graphs (derived: a resume may pin the mode)."""
+        return execution.uses_graphs(self.compile, self.compile_mode)
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
