@@ -20,13 +20,13 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from pfreeze.bench import SHAPES
 from pfreeze.config import DataConfig, FullArm, GenerationConfig, PlanArm, RunConfig, TrainingConfig
 from pfreeze.corpus import BatchStream
 from pfreeze.evaluate import generate_samples
 from pfreeze.models import load_model
 from pfreeze.train import Loop
 
-SHAPES = {"smollm2": "random:smollm2-135m", "gpt2": "random:gpt2-124m", "tiny": "random:llama"}
 # First match wins: attention before matmul (cuDNN's SDPA kernels carry "sm90" too), Triton
 # before copies (inductor names fused kernels after their ops, "to_copy" included).
 KINDS = [("attention", r"flash|fmha|attention|sdpa"),

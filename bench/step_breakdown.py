@@ -16,12 +16,11 @@ import time
 
 import torch
 
+from pfreeze.bench import SHAPES
 from pfreeze.config import FullArm, PlanArm, RunConfig, TrainingConfig
 from pfreeze.evaluate import autocast
 from pfreeze.models import load_model
 from pfreeze.train import Loop
-
-SHAPES = {"smollm2": "random:smollm2-135m", "gpt2": "random:gpt2-124m"}
 
 
 def main() -> None:

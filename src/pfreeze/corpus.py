@@ -333,10 +333,13 @@ class BatchStream:
         self.n_chunks = len(self.ids) // block
         self.drawn = 0  # windows handed out so far (the epochs mode's whole state)
         self.windows: torch.Tensor | None = None
+        self._order: tuple[int, torch.Tensor] | None = None  # (epoch, its chunk order)
 
     def _epoch_order(self, epoch: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.n_chunks, generator=g)
+        if self._order is None or self._order[0] != epoch:  # drawn once per epoch
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._order = (epoch, torch.randperm(self.n_chunks, generator=g))
+        return self._order[1]
 
     def next(self) -> torch.Tensor:
         if self.sampling == "epochs":

@@ -122,8 +122,9 @@ def generate_samples(model: nn.Module, tokenizer, cfg: GenerationConfig, top_set
     x, mask = _left_padded([ids for _, _, ids in rows], pad)
     try:
         if resolve_decoder(cfg.decoder, model, cfg.top_k, device) == "pfreeze":
-            new = _pfreeze_decode(model, x.to(device), (mask == 0).sum(1), cfg, eos, device,
-                                  bf16)
+            new = sample(model, x.to(device), (mask == 0).sum(1), cfg.max_new_tokens,
+                         cfg.top_k, cfg.temperature, eos, cfg.seed, bf16,
+                         graph=device.type == "cuda")
         else:
             if static_cache is None:
                 n_new = len(rows) * cfg.max_new_tokens
@@ -196,13 +197,6 @@ def _bf16_twin(model: nn.Module) -> nn.Module:
 def release_twin() -> None:
     """Free the bf16 copy (end of a run)."""
     _twin.clear()
-
-
-def _pfreeze_decode(model: nn.Module, x: torch.Tensor, pad: torch.Tensor,
-                    cfg: GenerationConfig, eos: int | None, device: torch.device,
-                    bf16: bool) -> torch.Tensor:
-    return sample(model, x, pad, cfg.max_new_tokens, cfg.top_k, cfg.temperature, eos,
-                  cfg.seed, bf16, graph=device.type == "cuda")
 
 
 def p_stats(samples: Sequence[Sample]) -> dict[str, object]:

@@ -11,10 +11,13 @@ share, which is why the arms see identical batches in the first place.
 
 from __future__ import annotations
 
+import gc
 import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from pfreeze import checkpoint
 from pfreeze.atomic import write_json, write_text
@@ -125,10 +128,6 @@ def run_repeats(cfg: RunConfig, output_dir: Path, run_one: Callable[..., dict[st
 def _release() -> None:
     """Between repeats: drop compiled graphs and their CUDA-graph pools, so each repeat starts
     as a fresh process would (and its reserved-memory peak is its own)."""
-    import gc
-
-    import torch
-
     gc.collect()
     torch._dynamo.reset()
     if torch.cuda.is_available():

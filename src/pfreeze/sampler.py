@@ -90,12 +90,19 @@ def resolve(decoder: str, model: nn.Module, top_k: int | None, device: torch.dev
     """The decoder sampling uses: `decoder` once checked; for auto, pfreeze on a GPU where it
     can serve the model (its gain is the CUDA graph; on the CPU generate stays, the sampler
     the README's demo figures were drawn with)."""
-    if decoder == "pfreeze":
-        check(model, top_k)
+    from pfreeze.errors import PfreezeError
+
     if decoder != "auto":
+        if decoder == "pfreeze":
+            check(model, top_k)
         return decoder
-    ok = getattr(model.config, "model_type", None) in MODEL_TYPES and top_k is not None
-    return "pfreeze" if ok and device.type == "cuda" else "generate"
+    if device.type != "cuda":
+        return "generate"
+    try:
+        check(model, top_k)
+    except PfreezeError:
+        return "generate"
+    return "pfreeze"
 
 
 @torch.no_grad()
