@@ -9,13 +9,16 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from pfreeze.plan import Plan
 
 from pfreeze.errors import PfreezeError
 
@@ -163,23 +166,23 @@ def plan(
                 _print_plan(f"{acfg.name}, from step {step}: {p.selector}", p, all_rows)
 
 
-def _print_plan(title: str, p: object, all_rows: bool) -> None:
+def _print_plan(title: str, p: Plan, all_rows: bool) -> None:
     from pfreeze.masking import optimizer_state_bytes
     from pfreeze.plan_table import plan_rows
 
     table = Table(title=escape(title))
     for col in ("tensor", "shape", "trainable / total", "how"):
         table.add_column(col, overflow="fold")
-    for r in plan_rows(p):  # type: ignore[arg-type]
+    for r in plan_rows(p):
         if r["trainable"] or all_rows:
             shape = "×".join(map(str, r["shape"]))  # type: ignore[call-overload]
             table.add_row(escape(str(r["name"])), shape,
                           f"{r['trainable']:,} / {r['total']:,}", escape(str(r["how"])))
     out.print(table)
-    trainable, total = p.trainable, p.total  # type: ignore[attr-defined]
-    adam_bytes = optimizer_state_bytes(p, "adamw")  # type: ignore[arg-type]
+    trainable, total = p.trainable, p.total
+    adam_bytes = optimizer_state_bytes(p, "adamw")
     out.print(f"trainable: {trainable:,} of {total:,} parameters "
-              f"({100 * trainable / total:.2f}%) in {len(p.tensors)} tensors; "  # type: ignore[attr-defined]
+              f"({100 * trainable / total:.2f}%) in {len(p.tensors)} tensors; "
               f"AdamW state: {adam_bytes / 2**20:.1f} MiB")
 
 
