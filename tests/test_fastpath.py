@@ -83,7 +83,7 @@ def _grads(model_name: str, backend: str, compiled: bool = False
 @pytest.mark.parametrize("backend", ["flash", "math"])
 def test_attention_backends_give_the_models_loss_and_gradients(model: str, backend: str
                                                                ) -> None:
-    """flash runs the mask-free causal path (GQA repeated by hand for Llama)."""
+    """flash runs the mask-free causal path (grouped KV heads passed as they are for Llama)."""
     ref_loss, ref = _grads(model, "model")
     loss, got = _grads(model, backend)
     assert loss == pytest.approx(ref_loss, rel=1e-6)

@@ -26,13 +26,19 @@ BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTEN
 _registered: set[str] = set()
 
 
-def sdpa_heads(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, **kw: Any
-               ) -> torch.Tensor:
-    """SDPA on transformers' [B, heads, T, D] layout (grouped KV heads repeated), returned as
-    the [B, T, heads, D] an attention function hands back."""
-    if key.shape[1] != query.shape[1]:  # grouped-query attention: each KV head serves n
-        n = query.shape[1] // key.shape[1]
-        key, value = key.repeat_interleave(n, dim=1), value.repeat_interleave(n, dim=1)
+def sdpa_heads(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               native_gqa: bool = False, **kw: Any) -> torch.Tensor:
+    """SDPA on transformers' [B, heads, T, D] layout, returned as the [B, T, heads, D] an
+    attention function hands back. Grouped KV heads (each serving n query heads) go to the
+    kernel as they are with `native_gqa` (flash reads them in place: on an H200 the SmolLM2
+    step was ~4 ms faster than with copies), else repeated (the masked kernels the sampler
+    gets take no grouped heads)."""
+    if key.shape[1] != query.shape[1]:
+        if native_gqa:
+            kw["enable_gqa"] = True
+        else:
+            n = query.shape[1] // key.shape[1]
+            key, value = key.repeat_interleave(n, dim=1), value.repeat_interleave(n, dim=1)
     return F.scaled_dot_product_attention(query, key, value, **kw).transpose(1, 2).contiguous()
 
 
@@ -67,7 +73,8 @@ def causal_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
         raise RuntimeError("pfreeze's causal attention got a mask or a KV cache")
     if (sliding_window is not None and sliding_window < key.shape[2]) or softcap is not None:
         raise RuntimeError("pfreeze's causal attention has no sliding window or soft-capping")
-    return sdpa_heads(query, key, value, dropout_p=dropout, scale=scaling, is_causal=True), None
+    return sdpa_heads(query, key, value, native_gqa=True, dropout_p=dropout, scale=scaling,
+                      is_causal=True), None
 
 
 def check_backend(backend: str, device: torch.device, bf16: bool, model: nn.Module | None,
