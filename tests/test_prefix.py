@@ -73,7 +73,7 @@ def test_arms_that_cannot_cache_say_why(case: str, reason: str) -> None:
 def test_cached_upper_blocks_give_the_full_models_loss_and_gradients(bound: bool) -> None:
     for name in ("random:llama", "random:gpt-neox"):
         lm, infos, trained = _trained(name, "upper")
-        if bound:  # as Liger binds its fused-loss forward to the instance
+        if bound:  # as kernel libraries (Liger) bind a fused-loss forward to the instance
             lm.model.forward = types.MethodType(type(lm.model).forward, lm.model)
         cache, why = Caches(4, 16, CPU).for_arm(lm.model, lm.family, trained, infos, True)
         assert cache is not None and why == "blocks 0-1 cached"

@@ -116,8 +116,7 @@ class Bench:
                            device=self.dev.type, torch_compile=self.pf_compile,
                            torch_compile_mode=self.a.pfreeze_compile_mode,
                            optim="adamw_fused" if self.cuda else "adamw",
-                           prefix_cache=cached, attention_backend=self.a.pfreeze_attention,
-                           kernels=self.a.pfreeze_kernels)
+                           prefix_cache=cached, attention_backend=self.a.pfreeze_attention)
         arm_cfg = FullArm() if ARMS[arm] is None else PlanArm(select=ARMS[arm])
         data = DataConfig(sampling="epochs" if cached else "random", block_size=seq)
         loop = Loop(RunConfig(data=data, training=t, arms=[arm_cfg]), None)  # type: ignore
@@ -387,7 +386,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    choices=("auto", "default", "reduce-overhead", "max-autotune"))
     p.add_argument("--pfreeze-attention", default="auto",
                    choices=("auto", "model", "flash", "cudnn", "efficient", "math"))
-    p.add_argument("--pfreeze-kernels", default="none", choices=("none", "liger"))
     p.add_argument("--peak-tflops", type=float, help="for MFU (default: 989 on H100/H200)")
     p.add_argument("--gen", action=argparse.BooleanOptionalAction, default=True, help="runs first")
     p.add_argument("--arms", default="full,frozen", help=f"of {', '.join(ARMS)}")
@@ -407,10 +405,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              ("generation variant", args.gen_variants, GEN_VARIANTS)):
         if bad := set(got) - set(known):
             p.error(f"unknown {what}(s) {sorted(bad)}; choose from {', '.join(known)}")
-    if args.pfreeze_kernels != "none" and (
-            args.gen or any(not m.startswith("pfreeze") for m in args.methods)):
-        # Liger patches transformers process-wide: peer rows and sampling would run it too.
-        p.error("--pfreeze-kernels liger runs alone: use only pfreeze methods, with --no-gen")
     return args
 
 

@@ -79,9 +79,6 @@ class TrainingConfig(_Strict):
     # Reuse the input of the lowest trained block for windows seen before (exact: that input
     # depends only on frozen weights). auto: wherever possible when data.sampling=epochs.
     prefix_cache: bool | Literal["auto"] = "auto"
-    # liger: Liger-Kernel's Triton kernels (fused linear cross-entropy, RMSNorm, SwiGLU,
-    # rotary) patched into every arm's model; GPU only, needs `pip install liger-kernel`.
-    kernels: Literal["none", "liger"] = "none"
     # The attention kernel of training steps. model: the model's own (under torch.compile
     # that is cuDNN with an explicit causal mask). flash: FlashAttention with is_causal and no
     # mask (pfreeze.attention). auto: flash on a GPU with bf16 where it computes the same

@@ -1,7 +1,7 @@
 """How a run executes: device, compilation and CUDA graphs, the attention kernel, the sampler
-for p, extra kernels. Most settings default to `auto`; this module resolves what it can
-without a model (the rest: attention.resolve_backend, sampler.resolve), patches kernels in,
-and keeps a resumed run on what `auto` resolved to when it started.
+for p. Most settings default to `auto`; this module resolves what it can without a model (the
+rest: attention.resolve_backend, sampler.resolve) and keeps a resumed run on what `auto`
+resolved to when it started.
 """
 
 from __future__ import annotations
@@ -25,36 +25,6 @@ def pick_device(spec: str) -> torch.device:
         raise PfreezeError(f"device '{spec}' requested but no CUDA GPU is visible",
                            "use --set training.device=cpu (or auto)")
     return torch.device(spec)
-
-
-def check_kernels(kernels: str, device: torch.device) -> Any:
-    """Refuse, in one line, kernels that cannot run here; liger's table of model types."""
-    if kernels == "none":
-        return None
-    fix = "set training.kernels=none"
-    if device.type != "cuda":
-        raise PfreezeError("training.kernels=liger needs a CUDA GPU (its kernels are Triton)", fix)
-    try:
-        from liger_kernel.transformers import monkey_patch
-    except ImportError:
-        raise PfreezeError("training.kernels=liger needs the liger-kernel package",
-                           f"pip install liger-kernel, or {fix}") from None
-    return monkey_patch
-
-
-def apply_kernels(model: nn.Module, kernels: str, device: torch.device) -> None:
-    """Patch `kernels` into `model` in place (parameters and their names are untouched, so
-    plans, masks and θ₀ hashes are too). Liger also patches transformers' modules of the
-    model's type process-wide, as its own integration does: every arm gets the same kernels."""
-    liger = check_kernels(kernels, device)
-    if liger is None:
-        return
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
-    kind = getattr(base.config, "model_type", None)
-    if kind not in liger.MODEL_TYPE_TO_APPLY_LIGER_FN:
-        raise PfreezeError(f"liger-kernel has no kernels for model type '{kind}'",
-                           "set training.kernels=none")
-    liger._apply_liger_kernel_to_instance(model=base)
 
 
 def resolve_compile_mode(mode: str, device: torch.device, accumulation: int) -> str:
@@ -92,7 +62,8 @@ def legacy(loop: Loop) -> dict[str, str]:
 
 def pin(loop: Loop, saved: dict[str, str]) -> None:
     """A resumed run keeps what `auto` resolved to when it started, even on another machine:
-    the decoder sets which draws p is measured on, the kernels and graphs its step times."""
+    the decoder sets which draws p is measured on, the attention kernel and graphs its step
+    times."""
     if saved == snapshot(loop):
         return
     loop.decoder = saved["decoder"]  # the one that decides what is measured: kept as it was

@@ -39,7 +39,7 @@ def _shallow(module: nn.Module) -> nn.Module:
     """A copy of `module` whose submodule slots can be replaced without touching the original."""
     twin = copy.copy(module)
     twin._modules = dict(module._modules)
-    # A method bound to the instance (Liger binds its fused-loss forward so) would still run
+    # A method bound to the instance (kernel libraries bind fused-loss forwards so) would run
     # the original, whole model: bind it to the twin.
     for name, value in vars(module).items():
         if isinstance(value, types.MethodType) and value.__self__ is module:

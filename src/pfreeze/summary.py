@@ -64,7 +64,6 @@ def run_summary(loop: Loop, wall: float, arms: dict[str, dict[str, Any]]) -> dic
         "execution": {"compiled": loop.compile,
                       "compile_mode": loop.compile_mode if loop.compile else None,
                       "attention": loop.attention, "decoder": loop.decoder,
-                      "kernels": loop.t.kernels,
                       # Per arm, peak_mem_mb counts what a step allocates; CUDA-graph pools
                       # are reserved apart, for all arms together (this process only).
                       "gpu_reserved_peak_mb": loop.reserved_mb or None},

@@ -96,7 +96,6 @@ class Loop:
         self.compile = (self.device.type == "cuda" and self.t.max_steps >= 200
                         if self.t.torch_compile == "auto" else bool(self.t.torch_compile))
         check_backend(self.t.attention_backend, self.device, self.bf16, None, 0)
-        execution.check_kernels(self.t.kernels, self.device)  # before the model is loaded
         # Both resolved against the model: attention in build_arms, decoder in setup (until
         # then auto means the model's own attention, as for arms built by hand in tests).
         self.attention = "model" if self.t.attention_backend == "auto" else self.t.attention_backend
@@ -161,7 +160,6 @@ class Loop:
             # Hash each copy where it was made (host memory): the proof that all arms share θ₀.
             h = getattr(strat, "theta0_hash", None) or state_hash(model)
             model = model.to(self.device).train()
-            execution.apply_kernels(model, self.t.kernels, self.device)
             freezer = Freezer(model)
             freezer.apply(strat.first_plan())
             # Every tensor that trains at some step is registered now: flipping requires_grad
