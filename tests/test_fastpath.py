@@ -220,3 +220,30 @@ def test_auto_compile_mode_is_cuda_graphs_on_a_gpu_without_accumulation() -> Non
     assert resolve_compile_mode("max-autotune", gpu, 2) == "max-autotune"
 
 
+def test_training_and_held_out_forwards_build_no_kv_cache(make_config,
+                                                          monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    """A KV cache is for decoding: built in a training forward it is filled with copies of
+    every block's keys and values, handed back as outputs of the compiled graph."""
+    from transformers import cache_utils
+
+    from pfreeze.evaluate import mean_loss
+
+    made: list[int] = []
+    init = cache_utils.DynamicCache.__init__
+
+    def counting(self, *args, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
+        made.append(1)
+        init(self, *args, **kw)
+
+    monkeypatch.setattr(cache_utils.DynamicCache, "__init__", counting)
+    cfg = make_config("model.name=random:llama", "arms=[{kind: full}]")
+    lm = load_model("random:llama", seed=0)
+    loop = Loop(cfg, files=None)  # type: ignore[arg-type]
+    loop.build_arms(lm.model, lm.family)
+    x = torch.randint(0, 256, (2, 16))
+    loop.train_step(loop.arms[0], 0, x)
+    mean_loss(loop.arms[0].model, x, 2, CPU, False)
+    assert made == []
+    lm.model(input_ids=x)  # the check itself: a plain forward does build one
+    assert made == [1]

@@ -73,7 +73,7 @@ def mean_loss(model: nn.Module, windows: torch.Tensor, batch_size: int, device: 
     for i in range(0, len(windows), batch_size):
         x = windows[i : i + batch_size].to(device)
         with autocast(device, bf16):
-            loss = model(input_ids=x, labels=x).loss
+            loss = model(input_ids=x, labels=x, use_cache=False).loss
         total += loss.double() * len(x)
     model.train(was_training)
     return float(total / len(windows))

@@ -98,7 +98,7 @@ def grad_scores(model: nn.Module, family: str, batches: list[torch.Tensor],
     sums = torch.zeros(len(pieces), dtype=torch.float64)
     for x in batches:
         model.zero_grad(set_to_none=True)
-        model(input_ids=x, labels=x).loss.backward()
+        model(input_ids=x, labels=x, use_cache=False).loss.backward()
         with torch.no_grad():
             for i, (name, _, _, dim, idx) in enumerate(pieces):
                 sums[i] += float(torch.linalg.vector_norm(_piece(params[name].grad, dim, idx)))

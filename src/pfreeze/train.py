@@ -242,7 +242,7 @@ class Loop:
                     h = arm.prefix.inputs(x, w)
                     loss = forward(inputs_embeds=h, labels=x, use_cache=False).loss / len(micro)
                 else:
-                    loss = forward(input_ids=x, labels=x).loss / len(micro)
+                    loss = forward(input_ids=x, labels=x, use_cache=False).loss / len(micro)
             if trainable:
                 loss.backward()
             total += loss.detach()
