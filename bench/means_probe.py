@@ -12,6 +12,9 @@ only the named means differ:
             logits never exist
     bf16    bf16 weights, no autocast (an upper bound for "bf16 weights with fp32 master
             copies": the master copy's update is not included)
+    flash   SDPA restricted to FlashAttention (else SDPA picks its kernel)
+    pfattn  transformers' own attention code through pfreeze's causal flash route, compiled
+            and entered as pfreeze's step does (no other means apply)
 Prints median step time per variant and arm.
 """
 
@@ -23,8 +26,10 @@ import time
 
 import torch
 import torch.nn.functional as F  # noqa: N812
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from pfreeze.attention import training_attention
 from pfreeze.bench import SHAPES
 from pfreeze.models import load_model
 
@@ -90,22 +95,26 @@ class LinearCrossEntropy(torch.autograd.Function):
 def build(variant: str, arm: str, device: torch.device, shape: str):
     model = load_model(SHAPES[shape], seed=0).model.to(device)
     fused = "fused" in variant
+    if "pfattn" in variant:  # transformers' attention through pfreeze's causal flash route
+        return _pfattn(model, arm, device)
     for layer in model.model.layers:
         a = layer.self_attn
         a._fused = fused
         a.forward = attention_forward.__get__(a)
         if fused:
             layer.mlp.forward = mlp_forward.__get__(layer.mlp)
-    if arm == "frozen":
-        n = len(model.model.layers)
-        for name, p in model.named_parameters():
-            p.requires_grad_(any(f"layers.{i}.self_attn.{r}_proj" in name
-                                 for i in range(n // 2, n) for r in "qkv"))
+    _freeze(model, arm)
     if "bf16" in variant:
         model.to(torch.bfloat16)
     use_ce = "ce" in variant.split("+")
 
     def loss_fn(x):
+        if "flash" in variant.split("+"):
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return inner(x)
+        return inner(x)
+
+    def inner(x):
         y = torch.cat([x[:, 1:], torch.full_like(x[:, :1], -100)], 1).reshape(-1)
         with torch.autocast(device.type, torch.bfloat16, enabled="bf16" not in variant):
             if not use_ce:
@@ -118,6 +127,27 @@ def build(variant: str, arm: str, device: torch.device, shape: str):
     if device.type != "cuda":
         return loss_fn, opt, model
     return torch.compile(loss_fn, mode="reduce-overhead", dynamic=False), opt, model
+
+
+def _freeze(model, arm: str) -> None:
+    if arm == "frozen":
+        n = len(model.model.layers)
+        for name, p in model.named_parameters():
+            p.requires_grad_(any(f"layers.{i}.self_attn.{r}_proj" in name
+                                 for i in range(n // 2, n) for r in "qkv"))
+
+
+def _pfattn(model, arm: str, device: torch.device):
+    """As pfreeze's step runs it: the module compiled, the attention route entered outside."""
+    _freeze(model, arm)
+    compiled = torch.compile(model, mode="reduce-overhead", dynamic=False)
+
+    def loss_fn(x):
+        with torch.autocast(device.type, torch.bfloat16), training_attention(model, "flash"):
+            return compiled(input_ids=x, labels=x, use_cache=False).loss
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
+                            fused=True)
+    return loss_fn, opt, model
 
 
 def measure(variant: str, arm: str, batch: int, seq: int, steps: int, warmup: int,

@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from pfreeze.attention import training_attention
 from pfreeze.bench import SHAPES
 from pfreeze.config import FullArm, PlanArm, RunConfig, TrainingConfig
 from pfreeze.evaluate import autocast
@@ -29,14 +30,17 @@ def main() -> None:
     ap.add_argument("--batch", default="16x256")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--steps", type=int, default=20)
+    # Defaults: the settings of the tables in docs/BENCHMARKS.md (no CUDA graphs, the model's
+    # attention); --mode reduce-overhead --attention flash are pfreeze's GPU defaults.
+    ap.add_argument("--mode", default="default")
+    ap.add_argument("--attention", default="model")
     a = ap.parse_args()
     b, t = map(int, a.batch.split("x"))
     lm = load_model(SHAPES[a.shape])
     for arm in (FullArm(), PlanArm()):
         tc = TrainingConfig(per_device_train_batch_size=b, max_steps=1000, bf16=True,
                             optim="adamw_fused", torch_compile=a.compile,
-                            # the tables in docs/BENCHMARKS.md: no CUDA graphs, model attention
-                            torch_compile_mode="default", attention_backend="model")
+                            torch_compile_mode=a.mode, attention_backend=a.attention)
         loop = Loop(RunConfig(training=tc, arms=[arm]), None)  # type: ignore[arg-type]
         loop.build_arms(lm.model, lm.family)
         r = loop.arms[0]
@@ -50,7 +54,7 @@ def main() -> None:
             ev = [torch.cuda.Event(enable_timing=True) for _ in range(6)]
             h0 = time.perf_counter()
             ev[0].record()
-            with autocast(loop.device, True):
+            with autocast(loop.device, True), training_attention(r.model, loop.attention):
                 loss = fwd(input_ids=x, labels=x).loss
             loss.backward()
             ev[1].record()
