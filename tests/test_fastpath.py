@@ -80,10 +80,11 @@ def _grads(model_name: str, backend: str, compiled: bool = False
 
 
 @pytest.mark.parametrize("model", ["random:llama", "random:gpt2", "random:gpt-neox"])
-@pytest.mark.parametrize("backend", ["flash", "math"])
+@pytest.mark.parametrize("backend", ["flash", "sdpa", "math"])
 def test_attention_backends_give_the_models_loss_and_gradients(model: str, backend: str
                                                                ) -> None:
-    """flash runs the mask-free causal path (grouped KV heads passed as they are for Llama)."""
+    """flash and sdpa run the mask-free causal path (grouped KV heads passed as they are for
+    Llama)."""
     ref_loss, ref = _grads(model, "model")
     loss, got = _grads(model, backend)
     assert loss == pytest.approx(ref_loss, rel=1e-6)
@@ -121,26 +122,30 @@ def test_mask_free_causal_attention_compiles_and_matches_eager() -> None:
         assert torch.allclose(a, b, rtol=1e-3, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", ["flash", "sdpa"])
 def test_a_training_step_runs_flash_and_restores_the_models_attention(
-        make_config, monkeypatch: pytest.MonkeyPatch) -> None:
+        make_config, monkeypatch: pytest.MonkeyPatch, backend: str) -> None:
+    """Both run pfreeze's causal function; flash alone restricts SDPA to one kernel."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    cfg = make_config("model.name=random:llama", "training.attention_backend=flash")
+    cfg = make_config("model.name=random:llama", f"training.attention_backend={backend}")
     lm = load_model("random:llama", seed=0)
     loop = Loop(cfg, files=None)  # type: ignore[arg-type]
     loop.build_arms(lm.model, lm.family)  # registers nothing yet: the first step does
-    with training_attention(lm.model, "flash"):
+    with training_attention(lm.model, backend):
         pass
-    calls: list[int] = []
+    others: list[bool] = []  # per call: may SDPA use a kernel other than flash?
 
     def spy(*args, **kw):  # noqa: ANN002, ANN003, ANN202
-        calls.append(1)
+        others.append(torch.backends.cuda.math_sdp_enabled())
         return causal_attention(*args, **kw)
 
     monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "pfreeze_causal", spy)
     loop.train_step(loop.arms[0], 0, torch.randint(0, 256, (2, 32)))
-    assert loop.attention == "flash" and len(calls) == lm.model.config.num_hidden_layers
+    assert loop.attention == backend
+    assert others == [backend == "sdpa"] * lm.model.config.num_hidden_layers
     assert loop.arms[0].model.config._attn_implementation == "sdpa"
+    assert torch.backends.cuda.math_sdp_enabled()  # restored after the step
 
 
 def test_causal_attention_refuses_masks_and_caches_and_cudnn_needs_a_gpu(make_config) -> None:
@@ -159,14 +164,15 @@ def test_causal_attention_refuses_masks_and_caches_and_cudnn_needs_a_gpu(make_co
     ({"attn_logit_softcapping": 50.0}, "has no attention soft-capping"),
     ({"attention_dropout": 0.1}, "on the CPU has no attention dropout, but this model's is 0.1"),
 ])
+@pytest.mark.parametrize("backend", ["flash", "sdpa"])
 def test_flash_refuses_models_whose_attention_it_would_change(make_config, setting: dict,
-                                                              message: str) -> None:
+                                                              message: str, backend: str) -> None:
     lm = load_model("random:llama", seed=0)
     for key, value in setting.items():
         setattr(lm.model.config, key, value)
-    loop = Loop(make_config("model.name=random:llama", "training.attention_backend=flash"),
+    loop = Loop(make_config("model.name=random:llama", f"training.attention_backend={backend}"),
                 files=None)  # type: ignore[arg-type]
-    with pytest.raises(PfreezeError, match=re.escape(message)):
+    with pytest.raises(PfreezeError, match=re.escape(f"attention_backend={backend} {message}")):
         loop.build_arms(lm.model, lm.family)
 
 
@@ -206,8 +212,9 @@ def test_flash_is_refused_where_it_cannot_reach_the_attention() -> None:
     assert not routes_attention(neo)
     gpu = torch.device("cuda")
     assert resolve_backend("auto", gpu, True, neo, 32, graphs=True) == "model"
-    with pytest.raises(PfreezeError, match="gpt_neo does not call transformers' attention"):
-        resolve_backend("flash", CPU, False, neo, 32, graphs=False)
+    for backend in ("flash", "sdpa"):
+        with pytest.raises(PfreezeError, match="gpt_neo does not call transformers' attention"):
+            resolve_backend(backend, CPU, False, neo, 32, graphs=False)
 
 
 def test_auto_compile_mode_is_cuda_graphs_on_a_gpu_without_accumulation() -> None:

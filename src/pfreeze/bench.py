@@ -385,7 +385,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pfreeze-compile-mode", default="auto",
                    choices=("auto", "default", "reduce-overhead", "max-autotune"))
     p.add_argument("--pfreeze-attention", default="auto",
-                   choices=("auto", "model", "flash", "cudnn", "efficient", "math"))
+                   choices=("auto", "model", "flash", "sdpa", "cudnn", "efficient", "math"))
     p.add_argument("--peak-tflops", type=float, help="for MFU (default: 989 on H100/H200)")
     p.add_argument("--gen", action=argparse.BooleanOptionalAction, default=True, help="runs first")
     p.add_argument("--arms", default="full,frozen", help=f"of {', '.join(ARMS)}")
