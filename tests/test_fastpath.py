@@ -91,6 +91,25 @@ def test_attention_backends_give_the_models_loss_and_gradients(model: str, backe
     for a, b in zip(got, ref, strict=True):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
 
+def test_the_causal_path_hands_grouped_kv_heads_to_sdpa_as_they_are(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch.nn.functional as F  # noqa: N812
+
+    sdpa = F.scaled_dot_product_attention
+    seen: list[tuple[int, int, bool]] = []
+
+    def spy(q, k, v, **kw):  # noqa: ANN001, ANN003, ANN202
+        seen.append((q.shape[1], k.shape[1], kw.get("enable_gqa", False)))
+        return sdpa(q, k, v, **kw)
+
+    lm = load_model("random:llama", seed=0)  # 4 query heads share 2 KV heads
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    x = torch.randint(0, 256, (2, 16))
+    with training_attention(lm.model, "flash"):
+        lm.model(input_ids=x, labels=x, use_cache=False)
+    assert seen == [(4, 2, True)] * 4
+
+
 def test_flash_runs_pfreezes_causal_function_in_every_block(monkeypatch: pytest.MonkeyPatch
                                                             ) -> None:
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -235,6 +254,7 @@ def test_training_and_held_out_forwards_build_no_kv_cache(make_config,
     from transformers import cache_utils
 
     from pfreeze.evaluate import mean_loss
+    from pfreeze.rank import grad_scores
 
     made: list[int] = []
     init = cache_utils.DynamicCache.__init__
@@ -251,6 +271,7 @@ def test_training_and_held_out_forwards_build_no_kv_cache(make_config,
     x = torch.randint(0, 256, (2, 16))
     loop.train_step(loop.arms[0], 0, x)
     mean_loss(loop.arms[0].model, x, 2, CPU, False)
+    grad_scores(loop.arms[0].model, lm.family, [x])
     assert made == []
     lm.model(input_ids=x)  # the check itself: a plain forward does build one
     assert made == [1]
