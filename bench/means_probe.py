@@ -15,7 +15,8 @@ only the named means differ:
     flash   SDPA restricted to FlashAttention (else SDPA picks its kernel)
     pfattn  transformers' own attention code through pfreeze's causal flash route, compiled
             and entered as pfreeze's step does (no other means apply)
-Prints median step time per variant and arm.
+Prints median step time per variant and arm. GPU only (CUDA events; build() also runs on
+the CPU, for checking the variants' losses and gradients against each other).
 """
 
 from __future__ import annotations
@@ -118,8 +119,8 @@ def build(variant: str, arm: str, device: torch.device, shape: str):
         y = torch.cat([x[:, 1:], torch.full_like(x[:, :1], -100)], 1).reshape(-1)
         with torch.autocast(device.type, torch.bfloat16, enabled="bf16" not in variant):
             if not use_ce:
-                return model(input_ids=x, labels=x).loss
-            h = model.model(input_ids=x).last_hidden_state
+                return model(input_ids=x, labels=x, use_cache=False).loss
+            h = model.model(input_ids=x, use_cache=False).last_hidden_state
         return LinearCrossEntropy.apply(h.reshape(-1, h.shape[-1]), model.lm_head.weight, y,
                                         2048)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,

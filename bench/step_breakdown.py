@@ -55,7 +55,7 @@ def main() -> None:
             h0 = time.perf_counter()
             ev[0].record()
             with autocast(loop.device, True), training_attention(r.model, loop.attention):
-                loss = fwd(input_ids=x, labels=x).loss
+                loss = fwd(input_ids=x, labels=x, use_cache=False).loss
             loss.backward()
             ev[1].record()
             r.freezer.mask_grads()
