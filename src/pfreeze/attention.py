@@ -34,7 +34,7 @@ def sdpa_heads(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     """SDPA on transformers' [B, heads, T, D] layout, returned as the [B, T, heads, D] an
     attention function hands back. Grouped KV heads (each serving n query heads) go to the
     kernel as they are with `native_gqa` (flash reads them in place: on an H200 no faster
-    than copies, but the SmolLM2 step reserves 0.4-0.75 GiB less), else repeated (the masked
+    than copies, but the SmolLM2 step reserved 0.4-0.7 GiB less), else repeated (the masked
     kernels the sampler gets take no grouped heads)."""
     if key.shape[1] != query.shape[1]:
         if native_gqa:

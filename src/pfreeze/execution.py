@@ -67,7 +67,7 @@ def pin(loop: Loop, saved: dict[str, str]) -> None:
     if saved == snapshot(loop):
         return
     loop.decoder = saved["decoder"]  # the one that decides what is measured: kept as it was
-    try:  # flash and model compute the same attention: keep it if it can run here
+    try:  # every backend computes the same attention: keep it if it can run here
         check_backend(saved["attention"], loop.device, loop.bf16, loop.arms[0].model,
                       loop.cfg.data.block_size)
         loop.attention = saved["attention"]
