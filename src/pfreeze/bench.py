@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import statistics
 import sys
 import tempfile
@@ -29,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pfreeze import execution
 from pfreeze.atomic import write_json
 from pfreeze.flops import model_flops, train_flops  # noqa: F401 (train_flops: public here)
 from pfreeze.models import load_model
@@ -48,8 +48,7 @@ Batches = list[torch.Tensor]  # token ids on the host, rotated through the steps
 class Bench:
     def __init__(self, args: argparse.Namespace, argv: list[str]) -> None:
         self.a = args
-        self.dev = torch.device(args.device if args.device != "auto"
-                                else "cuda" if torch.cuda.is_available() else "cpu")
+        self.dev = execution.pick_device(args.device)
         self.cuda = self.dev.type == "cuda"
         self.deadline = time.monotonic() + args.max_seconds
         pc = args.pfreeze_compile or ("on" if self.cuda else "off")
@@ -132,7 +131,8 @@ class Bench:
             m = self.drive(lambda i: loop.train_step(r, i, batches[i % len(batches)]))
         r.pending.clear()  # queued losses, norms and events are not read here
         # What auto resolved to, per row (the settings only say "auto").
-        m.update(attention=loop.attention, compile_mode=loop.compile_mode if loop.compile else None)
+        got = execution.reported(loop)
+        m.update(attention=got["attention"], compile_mode=got["compile_mode"])
         return m
 
     def m_plain(self, model: nn.Module, batches: Batches, compiled: bool) -> Row:
@@ -198,10 +198,7 @@ class Bench:
             traceback.print_exc(limit=3, file=sys.stderr)
             row.update(status="error", error=f"{type(e).__name__}: {e}"[:600])
         finally:  # free this case's models; a fresh model must not meet dynamo's recompile limit
-            gc.collect()
-            torch._dynamo.reset()
-            if self.cuda:
-                torch.cuda.empty_cache()
+            execution.release()
 
     def run_case(self, method: str, arm: str, base: nn.Module, family: str, batches: Batches
                  ) -> Row:

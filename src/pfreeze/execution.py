@@ -6,6 +6,7 @@ resolved to when it started.
 
 from __future__ import annotations
 
+import gc
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -43,6 +44,25 @@ def uses_graphs(compiled: bool, mode: str) -> bool:
 def compile_step(module: nn.Module, mode: str) -> Any:
     """The training step's compiled callable (static shapes: training windows never change)."""
     return torch.compile(module, dynamic=False, mode=None if mode == "default" else mode)
+
+
+def reported(loop: Loop) -> dict[str, Any]:
+    """What the auto settings resolved to, as summary.json and the bench report it."""
+    return {"compiled": loop.compile,
+            "compile_mode": loop.compile_mode if loop.compile else None,
+            "attention": loop.attention, "decoder": loop.decoder}
+
+
+def release() -> None:
+    """Drop compiled graphs, their CUDA-graph pools and the sampler's bf16 twin, so what runs
+    next starts as a fresh process would (between repeats, between bench cases)."""
+    from pfreeze.evaluate import release_twin
+
+    release_twin()
+    gc.collect()
+    torch._dynamo.reset()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def snapshot(loop: Loop) -> dict[str, str]:

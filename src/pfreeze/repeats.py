@@ -11,15 +11,12 @@ share, which is why the arms see identical batches in the first place.
 
 from __future__ import annotations
 
-import gc
 import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from pfreeze import checkpoint
+from pfreeze import checkpoint, execution
 from pfreeze.atomic import write_json, write_text
 from pfreeze.config import RunConfig, dump_config
 from pfreeze.evaluate import mean_ci
@@ -118,17 +115,8 @@ def run_repeats(cfg: RunConfig, output_dir: Path, run_one: Callable[..., dict[st
         again = resume and checkpoint.exists(rdir)
         opts = {**kwargs, "overwrite": kwargs.get("overwrite", False) or (resume and not again)}
         summaries.append(run_one(rcfg, rdir, resume=again, **opts))
-        _release()
+        execution.release()  # each repeat's graphs and reserved-memory peak are its own
     agg = aggregate(summaries)
     write_json(output_dir / "repeats.json", agg)
     write_text(output_dir / "repeats.md", render_markdown(agg))
     return agg
-
-
-def _release() -> None:
-    """Between repeats: drop compiled graphs and their CUDA-graph pools, so each repeat starts
-    as a fresh process would (and its reserved-memory peak is its own)."""
-    gc.collect()
-    torch._dynamo.reset()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()

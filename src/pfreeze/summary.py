@@ -7,7 +7,7 @@ import statistics
 import time
 from typing import TYPE_CHECKING, Any
 
-from pfreeze import __version__
+from pfreeze import __version__, execution
 from pfreeze.models import count_params
 from pfreeze.moments import shared_theta0
 from pfreeze.outputs import environment
@@ -61,9 +61,7 @@ def run_summary(loop: Loop, wall: float, arms: dict[str, dict[str, Any]]) -> dic
         "status": "finished",
         "environment": {**environment(loop.device), "bf16": loop.bf16},
         # What the auto settings resolved to on this device.
-        "execution": {"compiled": loop.compile,
-                      "compile_mode": loop.compile_mode if loop.compile else None,
-                      "attention": loop.attention, "decoder": loop.decoder,
+        "execution": {**execution.reported(loop),
                       # Per arm, peak_mem_mb counts what a step allocates; CUDA-graph pools
                       # are reserved apart, for all arms together (this process only).
                       "gpu_reserved_peak_mb": loop.reserved_mb or None},
