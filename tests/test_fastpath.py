@@ -96,18 +96,19 @@ def test_the_causal_path_hands_grouped_kv_heads_to_sdpa_as_they_are(
     import torch.nn.functional as F  # noqa: N812
 
     sdpa = F.scaled_dot_product_attention
-    seen: list[tuple[int, int, bool]] = []
+    lm = load_model("random:llama", seed=0)  # 4 query heads share 2 KV heads
+    seen: list[tuple[str, int, int, bool]] = []
 
     def spy(q, k, v, **kw):  # noqa: ANN001, ANN003, ANN202
-        seen.append((q.shape[1], k.shape[1], kw.get("enable_gqa", False)))
+        seen.append((lm.model.config._attn_implementation, q.shape[1], k.shape[1],
+                     kw.get("enable_gqa", False)))
         return sdpa(q, k, v, **kw)
 
-    lm = load_model("random:llama", seed=0)  # 4 query heads share 2 KV heads
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
     x = torch.randint(0, 256, (2, 16))
     with training_attention(lm.model, "flash"):
         lm.model(input_ids=x, labels=x, use_cache=False)
-    assert seen == [(4, 2, True)] * 4
+    assert seen == [("pfreeze_causal", 4, 2, True)] * 4  # pfreeze's path, not the model's
 
 
 def test_flash_runs_pfreezes_causal_function_in_every_block(monkeypatch: pytest.MonkeyPatch
@@ -142,7 +143,7 @@ def test_mask_free_causal_attention_compiles_and_matches_eager() -> None:
 
 
 @pytest.mark.parametrize("backend", ["flash", "sdpa"])
-def test_a_training_step_runs_flash_and_restores_the_models_attention(
+def test_a_training_step_runs_the_causal_path_and_restores_the_models_attention(
         make_config, monkeypatch: pytest.MonkeyPatch, backend: str) -> None:
     """Both run pfreeze's causal function; flash alone restricts SDPA to one kernel."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS

@@ -114,8 +114,8 @@ def _after(out: Path) -> list[str]:
 
 def test_resume_keeps_what_auto_resolved_to_when_the_run_started(corpus: Path,
                                                                  tmp_path: Path) -> None:
-    """A run started on a GPU samples p with pfreeze's sampler: resumed anywhere, it must go on
-    with it (p before and after drawn alike), whatever `auto` resolves to on the new machine."""
+    """A run started on a GPU samples p with pfreeze's sampler: resumed anywhere, its "after"
+    samples must come from that sampler too, whatever `auto` resolves to on the new machine."""
     out, straight = tmp_path / "run", tmp_path / "straight"
     assert _run(corpus, straight, extra=("generation.decoder=pfreeze",)) == 0
     assert _run(corpus, out, kill_at=5) == -9
@@ -133,23 +133,40 @@ def test_resume_keeps_what_auto_resolved_to_when_the_run_started(corpus: Path,
 
 
 def test_a_pinned_setting_that_cannot_run_here_falls_back_but_the_decoder_stays(
-        corpus: Path) -> None:
+        corpus: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pfreeze.execution
     from pfreeze.config import load_config
     from pfreeze.execution import pin
     from pfreeze.models import load_model
     from pfreeze.train import Loop
 
-    cfg = load_config(None, [*OVERRIDES, f"data.corpus={corpus}", "training.torch_compile=true"])
-    loop = Loop(cfg, None)  # type: ignore[arg-type]
-    lm = load_model("random:llama", seed=0)
-    loop.build_arms(lm.model, lm.family)
+    def built() -> Loop:
+        cfg = load_config(None, [*OVERRIDES, f"data.corpus={corpus}",
+                                 "training.torch_compile=true"])
+        loop = Loop(cfg, None)  # type: ignore[arg-type]
+        lm = load_model("random:llama", seed=0)
+        loop.build_arms(lm.model, lm.family)
+        return loop
+
+    loop = built()
+    warned: list[str] = []
+    loop.warn = warned.append  # type: ignore[method-assign]
+    modes: list[str] = []
+    compile_step = pfreeze.execution.compile_step
+    monkeypatch.setattr(pfreeze.execution, "compile_step",
+                        lambda m, mode: modes.append(mode) or compile_step(m, mode))
     before = [a.step_fn for a in loop.arms]
     pin(loop, {"attention": "cudnn", "decoder": "pfreeze",
                           "compile_mode": "max-autotune"})
     assert (loop.attention, loop.decoder, loop.compile_mode) == ("model", "pfreeze",
                                                                  "max-autotune")
+    assert len(warned) == 1 and "not cudnn" in warned[0]
+    assert modes == ["max-autotune"] * len(loop.arms)
     for arm, old in zip(loop.arms, before, strict=True):  # re-wrapped, same module inside
         assert arm.step_fn is not old and arm.step_fn._orig_mod is old._orig_mod
+    runnable = built()  # a pinned kernel that can run here is kept
+    pin(runnable, {"attention": "sdpa", "decoder": "generate", "compile_mode": "default"})
+    assert runnable.attention == "sdpa"
 
 
 def test_a_checkpoint_from_before_auto_resumes_with_the_old_meaning(corpus: Path) -> None:

@@ -414,15 +414,17 @@ def test_static_cache_samples_what_the_dynamic_cache_samples() -> None:
 def test_the_bf16_twin_is_reused_and_refilled_with_the_current_weights() -> None:
     from pfreeze.evaluate import _bf16_twin, release_twin
 
-    a, b = load_model("random:llama", seed=0).model, load_model("random:llama", seed=1).model
-    twin = _bf16_twin(a)
-    assert all(p.dtype == torch.bfloat16 for p in twin.parameters())
-    assert all(t.dtype == u.dtype for t, u in zip(twin.buffers(), a.buffers(), strict=True))
-    assert _bf16_twin(b) is twin  # same model kind: one instance, one compiled decode step
-    for t, p in zip(twin.parameters(), b.parameters(), strict=True):
-        assert torch.equal(t, p.to(torch.bfloat16))
-    c = load_model("random:llama", seed=1).model
-    c.config.rms_norm_eps = 1e-2  # same shapes, another computation: a new copy
-    assert _bf16_twin(c) is not twin
-    assert _bf16_twin(load_model("random:gpt2", seed=0).model) is not twin
-    release_twin()
+    try:  # the twin is process-global: never leave it to the next test
+        a, b = load_model("random:llama", seed=0).model, load_model("random:llama", seed=1).model
+        twin = _bf16_twin(a)
+        assert all(p.dtype == torch.bfloat16 for p in twin.parameters())
+        assert all(t.dtype == u.dtype for t, u in zip(twin.buffers(), a.buffers(), strict=True))
+        assert _bf16_twin(b) is twin  # same model kind: one instance, one compiled decode step
+        for t, p in zip(twin.parameters(), b.parameters(), strict=True):
+            assert torch.equal(t, p.to(torch.bfloat16))
+        c = load_model("random:llama", seed=1).model
+        c.config.rms_norm_eps = 1e-2  # same shapes, another computation: a new copy
+        assert _bf16_twin(c) is not twin
+        assert _bf16_twin(load_model("random:gpt2", seed=0).model) is not twin
+    finally:
+        release_twin()
