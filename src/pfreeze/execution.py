@@ -29,7 +29,7 @@ def pick_device(spec: str) -> torch.device:
 
 
 def resolve_compile_mode(mode: str, device: torch.device, accumulation: int) -> str:
-    """auto: CUDA graphs on a GPU (on an H200 1.0-1.3x at 32 x 512, up to 3x at 16 x 256),
+    """auto: CUDA graphs on a GPU (on an H200 1.0-1.4x at 32 x 512, up to 3x at 16 x 256),
     except with gradient accumulation, whose micro-steps would share the graphs' outputs."""
     if mode != "auto":
         return mode
