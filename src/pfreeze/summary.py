@@ -63,7 +63,8 @@ def run_summary(loop: Loop, wall: float, arms: dict[str, dict[str, Any]]) -> dic
         # What the auto settings resolved to on this device.
         "execution": {**execution.reported(loop),
                       # Per arm, peak_mem_mb counts what a step allocates; CUDA-graph pools
-                      # are reserved apart, for all arms together (this process only).
+                      # are reserved apart, for all arms together (after a resume, the larger
+                      # of the two processes' peaks).
                       "gpu_reserved_peak_mb": loop.reserved_mb or None},
         "model": {"name": loop.lm.name, "architecture": loop.lm.family, **loop.base_info},
         "config": loop.cfg.model_dump(mode="json"),
