@@ -196,7 +196,7 @@ def test_flash_refuses_models_whose_attention_it_would_change(make_config, setti
         loop.build_arms(lm.model, lm.family)
 
 
-def test_auto_attention_is_flash_on_a_gpu_where_it_computes_the_same_attention() -> None:
+def test_auto_attention_is_causal_sdpa_on_a_gpu_where_it_computes_the_same() -> None:
     from pfreeze.attention import resolve_backend
 
     lm = load_model("random:llama", seed=0)
@@ -206,15 +206,15 @@ def test_auto_attention_is_flash_on_a_gpu_where_it_computes_the_same_attention()
              graphs: bool = True) -> str:
         return resolve_backend("auto", device, bf16, lm.model, block, graphs=graphs)
 
-    assert auto() == "flash"
-    assert auto(bf16=False) == "model"  # flash takes no fp32
+    assert auto() == "sdpa"
+    assert auto(bf16=False) == "model"  # measured with bf16 only
     assert auto(device=CPU) == "model"
-    assert auto(graphs=False) == "model"  # without CUDA graphs flash cost host time
-    lm.model.config.attention_dropout = 0.1  # the GPU kernel has dropout
-    assert auto() == "flash"
+    assert auto(graphs=False) == "model"  # without CUDA graphs the path cost host time
+    lm.model.config.attention_dropout = 0.1  # the GPU kernels have dropout
+    assert auto() == "sdpa"
     lm.model.config.sliding_window = 8
     assert auto() == "model"
-    assert auto(block=8) == "flash"  # the window covers the whole block
+    assert auto(block=8) == "sdpa"  # the window covers the whole block
     with pytest.raises(PfreezeError, match="has no sliding window"):
         resolve_backend("flash", gpu, True, lm.model, 32, graphs=True)
     with pytest.raises(ValueError, match="resolved backend"), training_attention(lm.model, "auto"):

@@ -22,7 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 CAUSAL, PROBE = "pfreeze_causal", "pfreeze_probe"
 # The mask-free causal path: flash restricts SDPA to FlashAttention, sdpa lets SDPA pick the
-# kernel (in a plain loop on an H200 that was 2.3 ms faster than flash per SmolLM2 step).
+# kernel (in pfreeze's step on an H200, SmolLM2 32 x 512: 48.1 ms against flash's 50.6).
 CAUSAL_BACKENDS = ("flash", "sdpa")
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
@@ -133,10 +133,11 @@ def routes_attention(model: nn.Module) -> bool:
 
 def resolve_backend(backend: str, device: torch.device, bf16: bool, model: nn.Module,
                     block: int, graphs: bool) -> str:
-    """The kernel training steps use: `backend` once checked. auto: flash where it is exact,
-    runs and pays (a GPU, bf16, a model whose attention it reaches, no sliding window or
-    soft-capping, and the step in CUDA graphs: without them, flash's extra host time made
-    the frozen arm slower on an H200), else model."""
+    """The kernel training steps use: `backend` once checked. auto: sdpa (the mask-free causal
+    path, SDPA picking the kernel) where it is exact, runs and pays (a GPU, bf16, a model whose
+    attention it reaches, no sliding window or soft-capping, and the step in CUDA graphs:
+    without them, the path's extra host time made the frozen arm slower on an H200), else
+    model. sdpa, not flash: 5% faster per step on an H200 (docs/BENCHMARKS.md, session 5)."""
     from pfreeze.errors import PfreezeError
 
     if backend != "auto":
@@ -153,7 +154,7 @@ def resolve_backend(backend: str, device: torch.device, bf16: bool, model: nn.Mo
         check_backend("flash", device, bf16, model, block)
     except PfreezeError:
         return "model"
-    return "flash" if routes_attention(model) else "model"
+    return "sdpa" if routes_attention(model) else "model"
 
 
 @contextmanager

@@ -22,7 +22,10 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -43,6 +46,26 @@ HOPPER_BF16 = 989e12  # dense bf16 FLOP/s of an H100/H200 SXM (datasheet)
 LR = 1e-4
 Row = dict[str, Any]  # one JSON row or result
 Batches = list[torch.Tensor]  # token ids on the host, rotated through the steps
+
+
+@contextmanager
+def host_syncs(cuda: bool) -> Iterator[list[str]]:
+    """The places (file:line) where code inside made the host wait for the GPU, by CUDA's sync
+    debug mode (filled on exit). It sees explicit waits (.item(), bool(), a blocking copy),
+    not a driver's implicit one (a copy from pageable memory)."""
+    sites: list[str] = []
+    if not cuda:
+        yield sites
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield sites
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    sites += [f"{Path(c.filename).name}:{c.lineno}" for c in caught
+              if "synchroniz" in str(c.message)]
 
 
 class Bench:
@@ -91,14 +114,19 @@ class Bench:
         return time.perf_counter()
 
     def drive(self, step: Callable[[int], None]) -> Row:
-        marks, w, t0 = [], self.a.warmup, 0.0
-        for i in range(w + self.a.steps):
-            t0 = self.start_timed() if i == w else t0
+        marks, w = [], self.a.warmup
+        for i in range(w):
             marks.append(self.mark())
             step(i)
-        marks.append(self.mark())
+        t0 = self.start_timed()
+        with host_syncs(self.cuda) as sites:
+            for i in range(w, w + self.a.steps):
+                marks.append(self.mark())
+                step(i)
+            marks.append(self.mark())
         self.sync()
-        return self.measured(marks, time.perf_counter() - t0)
+        return {**self.measured(marks, time.perf_counter() - t0), "host_syncs": len(sites),
+                "sync_sites": sorted(set(sites))[:5]}
 
     def autocast(self, on: bool = True) -> torch.autocast:
         return torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=on and self.cuda)
@@ -359,8 +387,9 @@ def _line(r: Row) -> str:
     mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
     mem, rsv = (f"{r[k]:.0f}" if r.get(k) is not None else "-"
                 for k in ("peak_mib", "reserved_mib"))
+    syncs = f"  host syncs {r['host_syncs']}" if r.get("host_syncs") else ""
     return (f"{head} {r['step_ms']:9.1f} {r['tokens_per_s']:10,.0f} {mfu:>6} {mem:>9}"
-            f" {rsv:>8} {r['warmup_s']:7.1f}  ok")
+            f" {rsv:>8} {r['warmup_s']:7.1f}  ok{syncs}")
 
 
 def _environment(device: torch.device, argv: list[str], peak: float | None) -> Row:

@@ -81,9 +81,9 @@ class TrainingConfig(_Strict):
     prefix_cache: bool | Literal["auto"] = "auto"
     # The attention kernel of training steps. model: the model's own (under torch.compile
     # that is cuDNN with an explicit causal mask). flash: FlashAttention with is_causal and no
-    # mask (pfreeze.attention); sdpa: the same path, SDPA picks the kernel. auto: flash on a
-    # GPU with bf16 where it computes the same attention, else model. Evaluation and sampling
-    # keep the model's own attention.
+    # mask (pfreeze.attention); sdpa: the same path, SDPA picks the kernel. auto: sdpa on a
+    # GPU with bf16 and CUDA graphs where it computes the same attention, else model.
+    # Evaluation and sampling keep the model's own attention.
     attention_backend: Literal["auto", "model", "flash", "sdpa", "cudnn", "efficient",
                                "math"] = "auto"
 

@@ -355,5 +355,7 @@ class BatchStream:
                                    generator=self.gen)
         self.drawn += self.batch
         batch = self.ids[starts[:, None] + self.offsets]
-        # Pinned host memory makes the copy to the GPU truly asynchronous.
-        return batch.pin_memory() if torch.cuda.is_available() else batch
+        if torch.cuda.is_available():  # pinned: the copies to the GPU never wait for it
+            batch = batch.pin_memory()
+            self.windows = None if self.windows is None else self.windows.pin_memory()
+        return batch
