@@ -61,6 +61,31 @@ def report(title: str, prof: profile, wall_ms: float, n: int, top: int) -> None:
             print(f"   {kind:42} {by_kind[kind] / n:8.2f} ms  {by_kind[kind] / busy:6.1%}")
     for name, ms in sorted(k.items(), key=lambda kv: -kv[1])[:top]:
         print(f"   {ms / n:8.3f} ms  {name[:110]}")
+    # The host's side: where a step's wall time goes when the GPU waits for it (CUDA runtime
+    # calls appear here too; a long cudaMemcpyAsync or cudaStreamSynchronize is a wait).
+    host = sorted(((e.key, e.self_cpu_time_total / 1e3) for e in prof.key_averages()),
+                  key=lambda kv: -kv[1])
+    print(f"   host, self time: {sum(ms for _, ms in host) / n:.2f} ms/step")
+    for name, ms in host[:top]:
+        print(f"   {ms / n:8.3f} ms  host  {name[:104]}")
+
+
+def first_sync(fn) -> None:
+    """Run fn once with CUDA's sync debug mode raising: print where it first waits, if anywhere."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+        print("   no explicit host sync in a step")
+    except RuntimeError as e:
+        import traceback
+
+        frames = traceback.extract_tb(e.__traceback__)[-6:]
+        print(f"   host sync: {e}".splitlines()[0])
+        for f in frames:
+            print(f"     {f.filename}:{f.lineno} {f.name}: {f.line}")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def profiled(fn, warmup: int, steps: int, cuda: bool) -> tuple[profile, float]:
@@ -136,6 +161,8 @@ def main() -> None:
         prof, wall = profiled(step, a.warmup, a.steps, cuda)
         report(f"{a.shape} {a.batch} {arm} ({a.mode}, attention {a.attention})", prof, wall,
                a.steps, a.top)
+        if cuda:
+            first_sync(step)
         del loop, r
         torch._dynamo.reset()
 

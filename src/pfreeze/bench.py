@@ -64,7 +64,7 @@ def host_syncs(cuda: bool) -> Iterator[list[str]]:
             yield sites
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    sites += [f"{Path(c.filename).name}:{c.lineno}" for c in caught
+    sites += [f"{'/'.join(Path(c.filename).parts[-3:])}:{c.lineno}" for c in caught
               if "synchroniz" in str(c.message)]
 
 

@@ -354,8 +354,5 @@ class BatchStream:
             starts = torch.randint(0, len(self.ids) - self.block + 1, (self.batch,),
                                    generator=self.gen)
         self.drawn += self.batch
-        batch = self.ids[starts[:, None] + self.offsets]
-        if torch.cuda.is_available():  # pinned: the copies to the GPU never wait for it
-            batch = batch.pin_memory()
-            self.windows = None if self.windows is None else self.windows.pin_memory()
-        return batch
+        # On the host; the loop's Staging copies it to the GPU.
+        return self.ids[starts[:, None] + self.offsets]

@@ -46,6 +46,44 @@ def compile_step(module: nn.Module, mode: str) -> Any:
     return torch.compile(module, dynamic=False, mode=None if mode == "default" else mode)
 
 
+class Staging:
+    """Each step's token ids (and chunk ids) to the GPU through a ring of pinned buffers.
+
+    Why not `Tensor.pin_memory()` per step: the host runs steps ahead of the GPU, so the
+    pinned blocks of earlier steps are still in flight and every step allocates page-locked
+    memory anew; on an H200 that held a cached-prefix step at 16 x 256 to 12.3 ms while the
+    same step fed from reused buffers ran in 7.9 ms. Here a buffer is refilled only once the
+    copy that last read it has finished (`depth` transfers ago, normally long done), which
+    also bounds how far the host runs ahead. On the CPU, tensors pass through unchanged.
+    """
+
+    def __init__(self, device: torch.device, depth: int = 8) -> None:
+        self.device, self.depth, self.k = device, depth, 0
+        self.slots: list[tuple[torch.Tensor, torch.cuda.Event]] = []
+
+    def __call__(self, *host: torch.Tensor) -> list[torch.Tensor]:
+        """The integer tensors `host`, on the device, in one transfer (views of it)."""
+        if self.device.type != "cuda":
+            return [t.to(self.device) for t in host]
+        n = sum(t.numel() for t in host)
+        k, self.k = self.k, (self.k + 1) % self.depth
+        if k == len(self.slots):
+            self.slots.append((torch.empty(0, dtype=torch.long), torch.cuda.Event()))
+        buf, done = self.slots[k]
+        done.synchronize()  # the copy that last read this buffer (an unrecorded event: none)
+        if buf.numel() < n:
+            buf = torch.empty(n, dtype=torch.long, pin_memory=True)
+            self.slots[k] = (buf, done)
+        torch.cat([t.reshape(-1).long() for t in host], out=buf[:n])
+        flat = buf[:n].to(self.device, non_blocking=True)
+        done.record()
+        out, i = [], 0
+        for t in host:
+            out.append(flat[i : i + t.numel()].view(t.shape))
+            i += t.numel()
+        return out
+
+
 def reported(loop: Loop) -> dict[str, Any]:
     """What the auto settings resolved to, as summary.json and the bench report it."""
     return {"compiled": loop.compile,

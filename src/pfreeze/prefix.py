@@ -101,10 +101,12 @@ class PrefixCache:
         setattr(self.upper, base_attr, upper_base)
         self.hits = self.misses = 0  # since this process started (a resumed run starts empty)
 
-    def inputs(self, x: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
-        """Block f's input for the windows `x` (chunk ids `windows`, host tensor)."""
+    def inputs(self, x: torch.Tensor, windows: torch.Tensor,
+               idx: torch.Tensor | None = None) -> torch.Tensor:
+        """Block f's input for the windows `x` (chunk ids `windows` on the host, `idx` the same
+        on x's device where the caller has them there already)."""
         st = self.store
-        idx = windows.to(x.device, non_blocking=True)
+        idx = windows.to(x.device) if idx is None else idx
         if st.h is not None and bool(st.have[windows].all()):
             self.hits += len(windows)
             return st.h[idx]

@@ -90,6 +90,7 @@ class Loop:
         self.stream: BatchStream | None = None  # set by setup() (or by a benchmark)
         self.t = cfg.training
         self.device = execution.pick_device(self.t.device)
+        self.stage = execution.Staging(self.device)  # host ids -> device, once per step
         self.bf16 = (self.device.type == "cuda" and torch.cuda.is_bf16_supported()
                      if self.t.bf16 == "auto" else bool(self.t.bf16))
         # Compilation costs tens of seconds per arm: worth it only for long GPU runs.
@@ -226,20 +227,24 @@ class Loop:
         trainable = arm.freezer.trainable()
         total = torch.zeros((), device=self.device)
         n = self.t.gradient_accumulation_steps
-        micro = batch.to(self.device, non_blocking=True).chunk(n)
+        if batch.device != self.device:  # the run stages it once for all arms
+            batch = self.stage(batch)[0]
+        micro = batch.chunk(n)
         cached = arm.prefix is not None
         if cached and windows is None:  # step_fn runs the upper blocks only: never guess
             raise ValueError(f"arm '{arm.strategy.name}' caches its prefix: pass the chunk ids")
         wins = windows.chunk(n) if windows is not None else [None] * len(micro)
+        # The cache checks its contents on the host ids and gathers with the device ones.
+        idxs = self.stage(windows)[0].chunk(n) if cached else wins
         # Not `step_fn or model`: truth-testing a compiled module falls through to len().
         forward = arm.step_fn if arm.step_fn is not None else (
             arm.prefix.upper if cached else arm.model)
-        for x, w in zip(micro, wins, strict=True):
+        for x, w, i in zip(micro, wins, idxs, strict=True):
             # The attention kernel is chosen in the forward; the backward follows it.
             with (autocast(self.device, self.bf16), torch.set_grad_enabled(bool(trainable)),
                   training_attention(arm.model, self.attention)):
                 if cached:  # blocks f.. on block f's cached input
-                    h = arm.prefix.inputs(x, w)
+                    h = arm.prefix.inputs(x, w, i)
                     loss = forward(inputs_embeds=h, labels=x, use_cache=False).loss / len(micro)
                 else:
                     loss = forward(input_ids=x, labels=x, use_cache=False).loss / len(micro)
@@ -345,7 +350,7 @@ class Loop:
         for step in range(start, self.t.max_steps):
             batch = self.stream.next()
             self.batch_hashes.append(hashlib.sha1(batch.numpy().tobytes()).hexdigest()[:16])
-            batch = batch.to(self.device, non_blocking=True)  # once, for every arm
+            batch = self.stage(batch)[0]  # once, for every arm
             for arm in self.arms:
                 if arm.stopped is None:
                     self._guarded_step(arm, step, batch, self.stream.windows)
