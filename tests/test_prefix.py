@@ -51,15 +51,17 @@ def _trained(model_name: str, select: str, **config: float) -> tuple:
 
 
 @pytest.mark.parametrize("case, reason", [
-    ("gpt2", "not for the gpt2 architecture"),
+    ("gpt-neo", "not for the gpt-neo architecture"),
+    ("gpt2-dropout", "dropout (resid_pdrop=0.1)"),
     ("dropout", "dropout (attention_dropout=0.1)"),
     ("layer_types", "mixes attention types across blocks"),
     ("embed", "trains block 0 or the embedding"),
     ("phases", "trainable set changes"),
 ])
 def test_arms_that_cannot_cache_say_why(case: str, reason: str) -> None:
-    name = "random:gpt2" if case == "gpt2" else "random:llama"
+    name = {"gpt-neo": "random:gpt-neo", "gpt2-dropout": "random:gpt2"}.get(case, "random:llama")
     extra = ({"attention_dropout": 0.1} if case == "dropout" else
+             {"resid_pdrop": 0.1} if case == "gpt2-dropout" else
              {"layer_types": ["full_attention", "sliding_attention"] * 2}
              if case == "layer_types" else {})
     lm, infos, trained = _trained(name, "all" if case == "embed" else "upper", **extra)
@@ -71,7 +73,7 @@ def test_arms_that_cannot_cache_say_why(case: str, reason: str) -> None:
 
 @pytest.mark.parametrize("bound", [False, True], ids=["class-forward", "instance-forward"])
 def test_cached_upper_blocks_give_the_full_models_loss_and_gradients(bound: bool) -> None:
-    for name in ("random:llama", "random:gpt-neox"):
+    for name in ("random:llama", "random:gpt-neox", "random:gpt2"):
         lm, infos, trained = _trained(name, "upper")
         if bound:  # as kernel libraries (Liger) bind a fused-loss forward to the instance
             lm.model.forward = types.MethodType(type(lm.model).forward, lm.model)

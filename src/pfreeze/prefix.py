@@ -9,9 +9,11 @@ forward and backward skip the lower half of the model, which the loss does not d
 The model is split into two views that share its parameters (no copies):
     lower   embedding + blocks 0..f-1 (final norm replaced by identity) -> block f's input
     upper   blocks f..L-1 + final norm + head, fed that input as `inputs_embeds`
-This is exact only where a model adds nothing to `inputs_embeds` before block 0: rotary
-families (Llama, GPT-NeoX). GPT-2 and GPT-Neo add learned position embeddings there, so they
-are not split (and their default dropout would make the prefix random anyway).
+Rotary families (Llama, GPT-NeoX) add nothing to `inputs_embeds` before block 0. GPT-2 adds
+learned position embeddings there, which block f's input already holds: its upper view's
+position embedding returns zeros (x + 0 is exact). GPT-2's default dropout makes the prefix
+random, so only a GPT-2 without dropout is cached. GPT-Neo (alternating local and global
+attention) is not split.
 """
 
 from __future__ import annotations
@@ -27,8 +29,11 @@ from transformers import PreTrainedModel
 
 from pfreeze.plan import ParamInfo
 
-# family -> (attribute of the decoder inside the *ForCausalLM, attribute of its final norm)
-SPLITS = {"llama": ("model", "norm"), "gpt-neox": ("gpt_neox", "final_layer_norm")}
+# family -> attributes of: the decoder inside the *ForCausalLM, its block list, its final
+# norm, its learned position embedding (added to inputs_embeds; None for rotary families)
+SPLITS = {"llama": ("model", "layers", "norm", None),
+          "gpt-neox": ("gpt_neox", "layers", "final_layer_norm", None),
+          "gpt2": ("transformer", "h", "ln_f", "wpe")}
 # Dropout applied functionally (not as nn.Dropout modules), read from the config; a
 # classification head's dropout does not touch a causal LM.
 _DROPOUT_KEYS = ("attention_dropout", "hidden_dropout", "dropout", "attn_pdrop", "resid_pdrop",
@@ -71,6 +76,18 @@ def not_deterministic(model: nn.Module) -> str | None:
     return None
 
 
+class NoPositions(nn.Module):
+    """The upper view's position embedding: zeros, since block f's input already holds them."""
+
+    def __init__(self, like: nn.Embedding) -> None:
+        super().__init__()
+        self.width, self.dtype = like.embedding_dim, like.weight.dtype
+
+    def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
+        return torch.zeros((*position_ids.shape, self.width), dtype=self.dtype,
+                           device=position_ids.device)
+
+
 class Store:
     """Block f's input per chunk id, for one arm.
 
@@ -88,15 +105,17 @@ class PrefixCache:
     """One arm's split of its model around block f, reading and filling a Store."""
 
     def __init__(self, model: nn.Module, family: str, f: int, store: Store) -> None:
-        base_attr, norm_attr = SPLITS[family]
+        base_attr, layers_attr, norm_attr, positions_attr = SPLITS[family]
         base = getattr(model, base_attr)
-        layers = list(base.layers)
+        layers = list(getattr(base, layers_attr))
         self.f, self.n_layers, self.store = f, len(layers), store
         self.lower = _shallow(base)
-        self.lower.layers = nn.ModuleList(layers[:f])
+        setattr(self.lower, layers_attr, nn.ModuleList(layers[:f]))
         setattr(self.lower, norm_attr, nn.Identity())
         upper_base = _shallow(base)
-        upper_base.layers = nn.ModuleList(layers[f:])
+        setattr(upper_base, layers_attr, nn.ModuleList(layers[f:]))
+        if positions_attr is not None:
+            setattr(upper_base, positions_attr, NoPositions(getattr(base, positions_attr)))
         self.upper = _shallow(model)
         setattr(self.upper, base_attr, upper_base)
         self.hits = self.misses = 0  # since this process started (a resumed run starts empty)
@@ -147,8 +166,8 @@ class Caches:
                 ) -> tuple[PrefixCache | None, str]:
         """A cache for this arm, or None and the reason it cannot have one."""
         if family not in SPLITS:
-            return None, (f"not for the {family} architecture (position embeddings added "
-                          "to the input)")
+            return None, (f"not for the {family} architecture (pfreeze splits Llama, "
+                          "GPT-NeoX and GPT-2 models only)")
         if not isinstance(model, PreTrainedModel):
             return None, "the arm's model is wrapped (an adapter)"
         if not single_plan:
