@@ -59,8 +59,9 @@ def main() -> None:
             loop.train_step(r, i, *batches[i % 4])
         torch.cuda.synchronize()
         nxt = host_ms(loop.stream.next, 200)
-        x0, w0 = batches[0][0].cuda(non_blocking=True), batches[0][1]
-        look = host_ms(lambda p=r.prefix, x=x0, w=w0: p.inputs(x, w), 50) if cached else 0.0
+        x0, i0 = loop.stage(*batches[0])
+        look = (host_ms(lambda p=r.prefix, x=x0, w=batches[0][1], i=i0: p.inputs(x, w, i), 50)
+                if cached else 0.0)
         torch.cuda.synchronize()
         ev, host = [], []
         for i in range(a.steps):

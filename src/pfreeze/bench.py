@@ -51,21 +51,27 @@ Batches = list[torch.Tensor]  # token ids on the host, rotated through the steps
 @contextmanager
 def host_syncs(cuda: bool) -> Iterator[list[str]]:
     """The places (file:line) where code inside made the host wait for the GPU, by CUDA's sync
-    debug mode (filled on exit). It sees explicit waits (.item(), bool(), a blocking copy),
-    not a driver's implicit one (a copy from pageable memory)."""
+    debug mode (filled on exit). It sees device and stream synchronisation and blocking
+    copies (.item(), bool(), .cpu()); not event waits (Staging's ring waits so, on copies
+    queued steps ago) nor a driver's implicit wait (a copy from pageable memory). A wait
+    raised in C++ with no Python frame of its own is placed at the next call into torch."""
     sites: list[str] = []
     if not cuda:
         yield sites
         return
+    before = torch.cuda.get_sync_debug_mode()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
             yield sites
         finally:
-            torch.cuda.set_sync_debug_mode("default")
-    sites += [f"{'/'.join(Path(c.filename).parts[-3:])}:{c.lineno}" for c in caught
-              if "synchroniz" in str(c.message)]
+            torch.cuda.set_sync_debug_mode(before)
+    for c in caught:
+        if "synchroniz" in str(c.message):
+            sites.append(f"{'/'.join(Path(c.filename).parts[-3:])}:{c.lineno}")
+        else:  # not ours to swallow
+            warnings.warn_explicit(c.message, c.category, c.filename, c.lineno)
 
 
 class Bench:

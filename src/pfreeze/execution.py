@@ -47,14 +47,15 @@ def compile_step(module: nn.Module, mode: str) -> Any:
 
 
 class Staging:
-    """Each step's token ids (and chunk ids) to the GPU through a ring of pinned buffers.
+    """Each step's token ids and chunk ids to the GPU in one copy, through a ring of pinned
+    buffers.
 
     Why not `Tensor.pin_memory()` per step: the host runs steps ahead of the GPU, so the
     pinned blocks of earlier steps are still in flight and every step allocates page-locked
-    memory anew; on an H200 that held a cached-prefix step at 16 x 256 to 12.3 ms while the
-    same step fed from reused buffers ran in 7.9 ms. Here a buffer is refilled only once the
-    copy that last read it has finished (`depth` transfers ago, normally long done), which
-    also bounds how far the host runs ahead. On the CPU, tensors pass through unchanged.
+    memory anew; on an H200 that held a cached-prefix step at 16 x 256 to 12.3 ms, 7.1 ms
+    with this ring (docs/BENCHMARKS.md, session 5). A buffer is refilled only once the copy
+    that last read it has finished (`depth` transfers ago, normally long done: the wait also
+    bounds how far the host runs ahead). On the CPU, tensors pass through unchanged.
     """
 
     def __init__(self, device: torch.device, depth: int = 8) -> None:
@@ -62,7 +63,9 @@ class Staging:
         self.slots: list[tuple[torch.Tensor, torch.cuda.Event]] = []
 
     def __call__(self, *host: torch.Tensor) -> list[torch.Tensor]:
-        """The integer tensors `host`, on the device, in one transfer (views of it)."""
+        """The int64 host tensors `host` on the device, as views of one transfer."""
+        if any(t.device.type != "cpu" or t.dtype != torch.long for t in host):
+            raise ValueError("Staging takes int64 tensors on the host")
         if self.device.type != "cuda":
             return [t.to(self.device) for t in host]
         n = sum(t.numel() for t in host)
@@ -74,9 +77,11 @@ class Staging:
         if buf.numel() < n:
             buf = torch.empty(n, dtype=torch.long, pin_memory=True)
             self.slots[k] = (buf, done)
-        torch.cat([t.reshape(-1).long() for t in host], out=buf[:n])
+        torch.cat([t.reshape(-1) for t in host], out=buf[:n])
         flat = buf[:n].to(self.device, non_blocking=True)
-        done.record()
+        # On the stream the copy was queued on: the target device's, which need not be the
+        # current device (training.device=cuda:1).
+        done.record(torch.cuda.current_stream(self.device))
         out, i = [], 0
         for t in host:
             out.append(flat[i : i + t.numel()].view(t.shape))

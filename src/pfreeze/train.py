@@ -90,7 +90,7 @@ class Loop:
         self.stream: BatchStream | None = None  # set by setup() (or by a benchmark)
         self.t = cfg.training
         self.device = execution.pick_device(self.t.device)
-        self.stage = execution.Staging(self.device)  # host ids -> device, once per step
+        self.stager = execution.Staging(self.device)  # host ids -> device, once per step
         self.bf16 = (self.device.type == "cuda" and torch.cuda.is_bf16_supported()
                      if self.t.bf16 == "auto" else bool(self.t.bf16))
         # Compilation costs tens of seconds per arm: worth it only for long GPU runs.
@@ -215,9 +215,19 @@ class Loop:
             return ev
         return time.perf_counter()
 
+    def stage(self, batch: torch.Tensor, windows: torch.Tensor | None
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A step's host batch and chunk ids on the device, in one copy."""
+        if windows is None:
+            return self.stager(batch)[0], None
+        x, idx = self.stager(batch, windows)
+        return x, idx
+
     def train_step(self, arm: ArmRun, step: int, batch: torch.Tensor,
-                   windows: torch.Tensor | None = None) -> None:
-        """One optimizer step of `arm` on `batch` (chunk ids `windows` with epochs sampling)."""
+                   windows: torch.Tensor | None = None, idx: torch.Tensor | None = None) -> None:
+        """One optimizer step of `arm` on `batch` (chunk ids `windows` with epochs sampling,
+        on the host; `idx`: the same on the device, where the caller staged them with the
+        batch). A host batch is staged here."""
         plan_changes = step in arm.strategy.plans and step > 0
         if plan_changes:
             arm.freezer.apply(arm.strategy.plan_at(step))
@@ -227,15 +237,15 @@ class Loop:
         trainable = arm.freezer.trainable()
         total = torch.zeros((), device=self.device)
         n = self.t.gradient_accumulation_steps
-        if batch.device != self.device:  # the run stages it once for all arms
-            batch = self.stage(batch)[0]
+        if batch.device.type == "cpu" and self.device.type != "cpu":  # run() stages it once
+            batch, idx = self.stage(batch, windows)  # for all arms; other callers may not
         micro = batch.chunk(n)
         cached = arm.prefix is not None
         if cached and windows is None:  # step_fn runs the upper blocks only: never guess
             raise ValueError(f"arm '{arm.strategy.name}' caches its prefix: pass the chunk ids")
         wins = windows.chunk(n) if windows is not None else [None] * len(micro)
         # The cache checks its contents on the host ids and gathers with the device ones.
-        idxs = self.stage(windows)[0].chunk(n) if cached else wins
+        idxs = (windows if idx is None else idx).chunk(n) if cached else wins
         # Not `step_fn or model`: truth-testing a compiled module falls through to len().
         forward = arm.step_fn if arm.step_fn is not None else (
             arm.prefix.upper if cached else arm.model)
@@ -274,9 +284,9 @@ class Loop:
             check_audit(arm.strategy.name, arm.freezer.audit())
 
     def _guarded_step(self, arm: ArmRun, step: int, batch: torch.Tensor,
-                      windows: torch.Tensor | None) -> None:
+                      windows: torch.Tensor | None, idx: torch.Tensor | None) -> None:
         try:
-            self.train_step(arm, step, batch, windows)
+            self.train_step(arm, step, batch, windows, idx)
         except torch.OutOfMemoryError:
             raise PfreezeError(
                 f"out of memory in arm '{arm.strategy.name}' at step {step + 1} "
@@ -350,10 +360,11 @@ class Loop:
         for step in range(start, self.t.max_steps):
             batch = self.stream.next()
             self.batch_hashes.append(hashlib.sha1(batch.numpy().tobytes()).hexdigest()[:16])
-            batch = self.stage(batch)[0]  # once, for every arm
+            windows = self.stream.windows
+            batch, idx = self.stage(batch, windows)  # once, for every arm
             for arm in self.arms:
                 if arm.stopped is None:
-                    self._guarded_step(arm, step, batch, self.stream.windows)
+                    self._guarded_step(arm, step, batch, windows, idx)
             done = step + 1
             save = self.t.save_steps and done % self.t.save_steps == 0 and done < self.t.max_steps
             last: dict[str, float] = {}
