@@ -92,8 +92,9 @@ def test_cached_upper_blocks_give_the_full_models_loss_and_gradients(bound: bool
         assert (cache.misses, cache.hits) == (4, 4)
 
 
-def _epochs_run(corpus: Path, out: Path, cache: str) -> dict:
+def _epochs_run(corpus: Path, out: Path, cache: str, accumulation: int = 1) -> dict:
     cfg = load_config(None, [
+        f"training.gradient_accumulation_steps={accumulation}",
         f"data.corpus={corpus}", "model.name=random:llama", "data.block_size=32",
         "data.sampling=epochs", f"training.prefix_cache={cache}", "training.device=cpu",
         "training.per_device_train_batch_size=8", "training.max_steps=12",
@@ -105,11 +106,15 @@ def _epochs_run(corpus: Path, out: Path, cache: str) -> dict:
     return run(cfg, out, overwrite=True)
 
 
-def test_a_run_with_the_prefix_cache_trains_what_a_run_without_it_trains(tmp_path: Path) -> None:
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_a_run_with_the_prefix_cache_trains_what_a_run_without_it_trains(
+        tmp_path: Path, accumulation: int) -> None:
+    """With accumulation the micro-batches' token ids, chunk ids and device ids must stay
+    aligned: a misaligned cache would feed a window another window's prefix."""
     corpus = tmp_path / "c.txt"  # ~1.8k training tokens: 57 chunks, 7 steps per epoch
     corpus.write_text("Call me Ishmael. Some years ago, never mind how long precisely. " * 32)
-    cached = _epochs_run(corpus, tmp_path / "cached", "auto")["arms"]
-    plain = _epochs_run(corpus, tmp_path / "plain", "false")["arms"]
+    cached = _epochs_run(corpus, tmp_path / "cached", "auto", accumulation)["arms"]
+    plain = _epochs_run(corpus, tmp_path / "plain", "false", accumulation)["arms"]
     pc = cached["plan"]["prefix_cache"]
     assert pc["blocks_cached"] == 2 and pc["hits"] > 0 and pc["misses"] >= 57
     assert "trains block 0" in cached["full"]["prefix_cache"]["off"]

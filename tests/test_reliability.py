@@ -51,7 +51,7 @@ def test_nan_loss_stops_only_that_arm(corpus: Path, tmp_path: Path) -> None:
 
 def test_out_of_memory_names_the_knob(corpus: Path, tmp_path: Path,
                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    def boom(self, arm, step, batch, windows=None):  # noqa: ANN001, ANN202
+    def boom(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
         raise torch.OutOfMemoryError("CUDA out of memory")
 
     monkeypatch.setattr(Loop, "train_step", boom)

@@ -47,30 +47,43 @@ def test_staging_never_refills_a_buffer_whose_copy_is_still_queued() -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="a GPU run")
 def test_a_gpu_run_stages_each_step_once_and_trains_every_arm(tmp_path: Path) -> None:
-    """run() stages a step's batch and chunk ids for all arms; train_step must take them as
-    they are (a batch on cuda:0 while the loop's device is plain `cuda`), with gradient
+    """run() stages a step's batch and chunk ids for all arms, once: train_step must take them
+    as they are (a batch on cuda:0 while the loop's device is plain `cuda`), with gradient
     accumulation and a cached arm, and no arm may stop."""
     from pfreeze.config import load_config
     from pfreeze.train import run
+
+    calls = []
+    real = Staging.__call__
+
+    def counted(self: Staging, *host: torch.Tensor) -> list[torch.Tensor]:
+        calls.append(len(host))
+        return real(self, *host)
 
     corpus = tmp_path / "c.txt"
     corpus.write_text("Call me Ishmael. Some years ago, never mind how long precisely. " * 32)
     cfg = load_config(None, [
         f"data.corpus={corpus}", "model.name=random:llama", "data.block_size=32",
-        "data.sampling=epochs", "training.device=cuda", "training.max_steps=8",
+        "data.sampling=epochs", "training.device=cuda", "training.max_steps=24",
         "training.per_device_train_batch_size=4", "training.gradient_accumulation_steps=2",
-        "training.logging_steps=4", "training.eval_steps=8", "generation.max_new_tokens=4",
+        "training.logging_steps=8", "training.eval_steps=24", "generation.max_new_tokens=4",
         "generation.samples_per_prompt=1", "generation.prompts=[Call me]",
         "arms=[{kind: full}, {kind: plan, select: 'layers=2: roles=q,k,v'}]",
     ])
-    arms = run(cfg, tmp_path / "out", overwrite=True)["arms"]
-    assert arms["plan"]["prefix_cache"]["hits"] > 0
-    assert all(a["integrity"]["ok"] for a in arms.values())
+    Staging.__call__ = counted  # type: ignore[method-assign]
+    try:
+        arms = run(cfg, tmp_path / "out", overwrite=True)["arms"]
+    finally:
+        Staging.__call__ = real  # type: ignore[method-assign]
+    assert calls == [2] * 24  # one transfer per step (batch and chunk ids), for both arms
+    pc = arms["plan"]["prefix_cache"]  # 57 chunks, 8 windows a step: 2nd epoch from step 8
+    assert pc["hits"] + pc["misses"] == 24 * 8 and pc["misses"] >= 57 and pc["hits"] >= 100
+    assert all(a["integrity"]["ok"] and a["status"] == "finished" for a in arms.values())
     rows = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
-    assert sum('"kind": "train"' in r for r in rows) == 2 * 8
+    assert sum('"kind": "train"' in r for r in rows) == 2 * 24
 
 
-if __name__ == "__main__":  # the GPU machine has no pytest
+if __name__ == "__main__":  # on the GPU machine, without the test runner
     test_staging_on_the_cpu_passes_tensors_through_with_their_shapes()
     test_staging_refuses_what_is_not_int64_on_the_host()
     test_staging_never_refills_a_buffer_whose_copy_is_still_queued()

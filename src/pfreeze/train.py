@@ -245,7 +245,7 @@ class Loop:
             raise ValueError(f"arm '{arm.strategy.name}' caches its prefix: pass the chunk ids")
         wins = windows.chunk(n) if windows is not None else [None] * len(micro)
         # The cache checks its contents on the host ids and gathers with the device ones.
-        idxs = (windows if idx is None else idx).chunk(n) if cached else wins
+        idxs = (idx.chunk(n) if idx is not None else [None] * len(micro)) if cached else wins
         # Not `step_fn or model`: truth-testing a compiled module falls through to len().
         forward = arm.step_fn if arm.step_fn is not None else (
             arm.prefix.upper if cached else arm.model)
