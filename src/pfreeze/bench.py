@@ -33,6 +33,7 @@ from torch import nn
 
 from pfreeze import execution
 from pfreeze.atomic import write_json
+from pfreeze.bench_sampling import GEN_VARIANTS, run_generation
 from pfreeze.flops import model_flops, train_flops  # noqa: F401 (train_flops: public here)
 from pfreeze.models import load_model
 from pfreeze.outputs import environment
@@ -41,7 +42,6 @@ from pfreeze.plan import compile_plan
 SHAPES = {"smollm2": "random:smollm2-135m", "gpt2": "random:gpt2-124m", "tiny": "random:llama"}
 METHODS = ("pfreeze", "pfreeze_cached", "eager", "compiled", "trainer", "trainer_compiled")
 ARMS = {"full": None, "frozen": "layers=50%: roles=q,k,v"}
-GEN_VARIANTS = ("pfreeze_eager", "pfreeze_static", "pfreeze_graph", "static_bf16")
 HOPPER_BF16 = 989e12  # dense bf16 FLOP/s of an H100/H200 SXM (datasheet)
 LR = 1e-4
 Row = dict[str, Any]  # one JSON row or result
@@ -279,83 +279,6 @@ class Bench:
                     print(_line(row), flush=True)
                     self.write()
 
-    def run_generation(self) -> None:
-        """New tokens/s of batched top-k sampling, the p metric's generation.
-
-        pfreeze_eager / pfreeze_static: evaluate.generate_samples itself (fp32 weights under
-        autocast, all prompts x samples in one batch), dynamic / static KV cache (the static
-        decode step is compiled by transformers); pfreeze_graph: generation.decoder=pfreeze
-        (pfreeze.sampler, the decode step in a CUDA graph). static_bf16: plain `generate` on
-        bf16 weights with a static cache, for reference."""
-        a = self.a
-        shape = a.gen_shape or ("smollm2" if self.cuda else "tiny")
-        lm = load_model(SHAPES.get(shape, shape), seed=a.seed)
-        eos = lm.model.config.vocab_size - 1
-        x = torch.randint(0, eos, (a.gen_batch, a.gen_prompt),
-                          generator=torch.Generator().manual_seed(a.seed)).to(self.dev)
-        kw = dict(input_ids=x, attention_mask=torch.ones_like(x), do_sample=True, top_k=50,
-                  max_new_tokens=a.gen_new, min_new_tokens=a.gen_new, pad_token_id=eos,
-                  eos_token_id=eos, cache_implementation="static")
-        for name in a.gen_variants:
-            row = {"variant": name, "shape": shape, "batch": a.gen_batch,
-                   "prompt_tokens": a.gen_prompt, "new_tokens": a.gen_new}
-            fn = ((lambda: self.sample(lm.model, kw)) if name == "static_bf16" else
-                  (lambda n=name: self.sample_pfreeze(lm, n)))
-            self.guarded(row, 15 if name == "pfreeze_eager" else a.compile_reserve, fn)
-            self.out["generation"].append(row)
-            done = (f"{row['new_tokens_per_s']:12,.0f} new tok/s  warm-up {row['warmup_s']:.1f} s"
-                    if row["status"] == "ok" else row.get("error", ""))
-            print(f"gen {shape} {name:14} {row['status']:7} {done}", flush=True)
-            self.write()
-
-    def timed_calls(self, go: Callable[[], None]) -> Row:
-        a = self.a
-        secs = []
-        for _ in range(a.gen_warmup + a.gen_reps):
-            t0 = time.perf_counter()
-            go()
-            self.sync()
-            secs.append(time.perf_counter() - t0)
-        warm, timed = secs[: a.gen_warmup], statistics.median(secs[a.gen_warmup :])
-        return {"warmup_s": sum(warm), "first_call_s": warm[0] if warm else None,
-                "seconds": timed, "new_tokens_per_s": a.gen_batch * a.gen_new / timed}
-
-    def sample_pfreeze(self, lm: Any, variant: str) -> Row:
-        from pfreeze.config import GenerationConfig  # needs pydantic
-        from pfreeze.evaluate import generate_samples
-
-        a = self.a
-        n_prompts = min(8, a.gen_batch)
-        if a.gen_batch % n_prompts:
-            raise ValueError(f"--gen-batch {a.gen_batch} is not a multiple of {n_prompts}")
-        # Distinct prompts of gen_prompt bytes (the shapes' tokenizer is bytes: one token each).
-        prompts = [f"{i:0{a.gen_prompt}d}"[-a.gen_prompt :] for i in range(n_prompts)]
-        cfg = GenerationConfig(prompts=prompts, samples_per_prompt=a.gen_batch // n_prompts,
-                               max_new_tokens=a.gen_new,
-                               decoder="pfreeze" if variant == "pfreeze_graph" else "generate")
-        static = variant == "pfreeze_static"
-        model = copy.deepcopy(lm.model).to(self.dev)
-
-        def go() -> None:
-            out = generate_samples(model, lm.tokenizer, cfg, {0}, self.dev, self.cuda, static)
-            if len(out) != a.gen_batch or any(len(s.ids) != a.gen_new for s in out):
-                raise RuntimeError("generate_samples returned the wrong number of tokens")
-
-        return self.timed_calls(go)
-
-    def sample(self, base: nn.Module, kw: Row) -> Row:
-        model = copy.deepcopy(base).to(self.dev).eval()
-        model = model.to(torch.bfloat16) if self.cuda else model
-        want = (self.a.gen_batch, self.a.gen_prompt + self.a.gen_new)
-
-        def go() -> None:
-            with torch.no_grad():
-                out = model.generate(**kw)
-            if tuple(out.shape) != want:
-                raise RuntimeError(f"generate returned {tuple(out.shape)}, expected {want}")
-
-        return self.timed_calls(go)
-
     def write(self) -> None:
         self.out["ratios"] = ratios(self.out["rows"])
         write_json(self.a.out, self.out)
@@ -444,7 +367,7 @@ def main(argv: list[str] | None = None) -> Row:
     argv = sys.argv[1:] if argv is None else argv
     bench = Bench(parse_args(argv), argv)
     if bench.a.gen:  # first: it is short, and a time-bounded call should not lose it
-        bench.run_generation()
+        run_generation(bench)
     print(HEADER if bench.a.methods else "", flush=True)
     for shape in bench.a.shapes.split(",") if bench.a.methods else []:
         bench.run_shape(shape)

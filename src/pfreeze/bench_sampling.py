@@ -1,0 +1,107 @@
+"""The benchmark's generation rows: new tokens/s of the batched sampling behind the p metric.
+
+Run by `python -m pfreeze.bench` before the training rows (--gen, the default): short, and a
+time-bounded call should not lose them. Functions take the Bench that owns the settings, the
+device and the output rows.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from pfreeze.models import load_model
+
+if TYPE_CHECKING:
+    from pfreeze.bench import Bench, Row
+
+GEN_VARIANTS = ("pfreeze_eager", "pfreeze_static", "pfreeze_graph", "static_bf16")
+
+
+def run_generation(bench: Bench) -> None:
+    """New tokens/s of batched top-k sampling, the p metric's generation.
+
+    pfreeze_eager / pfreeze_static: evaluate.generate_samples itself (fp32 weights under
+    autocast, all prompts x samples in one batch), dynamic / static KV cache (the static
+    decode step is compiled by transformers); pfreeze_graph: generation.decoder=pfreeze
+    (pfreeze.sampler, the decode step in a CUDA graph). static_bf16: plain `generate` on
+    bf16 weights with a static cache, for reference."""
+    from pfreeze.bench import SHAPES  # here: bench imports this module
+
+    a = bench.a
+    shape = a.gen_shape or ("smollm2" if bench.cuda else "tiny")
+    lm = load_model(SHAPES.get(shape, shape), seed=a.seed)
+    eos = lm.model.config.vocab_size - 1
+    x = torch.randint(0, eos, (a.gen_batch, a.gen_prompt),
+                      generator=torch.Generator().manual_seed(a.seed)).to(bench.dev)
+    kw = dict(input_ids=x, attention_mask=torch.ones_like(x), do_sample=True, top_k=50,
+              max_new_tokens=a.gen_new, min_new_tokens=a.gen_new, pad_token_id=eos,
+              eos_token_id=eos, cache_implementation="static")
+    for name in a.gen_variants:
+        row = {"variant": name, "shape": shape, "batch": a.gen_batch,
+               "prompt_tokens": a.gen_prompt, "new_tokens": a.gen_new}
+        fn = ((lambda: sample(bench, lm.model, kw)) if name == "static_bf16" else
+              (lambda n=name: sample_pfreeze(bench, lm, n)))
+        bench.guarded(row, 15 if name == "pfreeze_eager" else a.compile_reserve, fn)
+        bench.out["generation"].append(row)
+        done = (f"{row['new_tokens_per_s']:12,.0f} new tok/s  warm-up {row['warmup_s']:.1f} s"
+                if row["status"] == "ok" else row.get("error", ""))
+        print(f"gen {shape} {name:14} {row['status']:7} {done}", flush=True)
+        bench.write()
+
+
+def timed_calls(bench: Bench, go: Callable[[], None]) -> Row:
+    a = bench.a
+    secs = []
+    for _ in range(a.gen_warmup + a.gen_reps):
+        t0 = time.perf_counter()
+        go()
+        bench.sync()
+        secs.append(time.perf_counter() - t0)
+    warm, timed = secs[: a.gen_warmup], statistics.median(secs[a.gen_warmup :])
+    return {"warmup_s": sum(warm), "first_call_s": warm[0] if warm else None,
+            "seconds": timed, "new_tokens_per_s": a.gen_batch * a.gen_new / timed}
+
+
+def sample_pfreeze(bench: Bench, lm: Any, variant: str) -> Row:
+    from pfreeze.config import GenerationConfig  # needs pydantic
+    from pfreeze.evaluate import generate_samples
+
+    a = bench.a
+    n_prompts = min(8, a.gen_batch)
+    if a.gen_batch % n_prompts:
+        raise ValueError(f"--gen-batch {a.gen_batch} is not a multiple of {n_prompts}")
+    # Distinct prompts of gen_prompt bytes (the shapes' tokenizer is bytes: one token each).
+    prompts = [f"{i:0{a.gen_prompt}d}"[-a.gen_prompt :] for i in range(n_prompts)]
+    cfg = GenerationConfig(prompts=prompts, samples_per_prompt=a.gen_batch // n_prompts,
+                           max_new_tokens=a.gen_new,
+                           decoder="pfreeze" if variant == "pfreeze_graph" else "generate")
+    static = variant == "pfreeze_static"
+    model = copy.deepcopy(lm.model).to(bench.dev)
+
+    def go() -> None:
+        out = generate_samples(model, lm.tokenizer, cfg, {0}, bench.dev, bench.cuda, static)
+        if len(out) != a.gen_batch or any(len(s.ids) != a.gen_new for s in out):
+            raise RuntimeError("generate_samples returned the wrong number of tokens")
+
+    return timed_calls(bench, go)
+
+
+def sample(bench: Bench, base: nn.Module, kw: Row) -> Row:
+    model = copy.deepcopy(base).to(bench.dev).eval()
+    model = model.to(torch.bfloat16) if bench.cuda else model
+    want = (bench.a.gen_batch, bench.a.gen_prompt + bench.a.gen_new)
+
+    def go() -> None:
+        with torch.no_grad():
+            out = model.generate(**kw)
+        if tuple(out.shape) != want:
+            raise RuntimeError(f"generate returned {tuple(out.shape)}, expected {want}")
+
+    return timed_calls(bench, go)
