@@ -160,7 +160,7 @@ def test_every_cached_arm_pays_its_own_misses_within_one_budget() -> None:
     caches = Caches(4, 16, CPU, limit=2 * 4 * 16 * width * 4)  # room for two stores
     a, _ = caches.for_arm(lm.model, lm.family, trained, infos, True)
     b, _ = caches.for_arm(lm.model, lm.family, trained, infos, True)
-    assert a is not None and b is not None and a.store is not b.store
+    assert a is not None and b is not None and a.have is not b.have
     x = torch.randint(0, 250, (4, 16), generator=torch.Generator().manual_seed(2))
     h = a.inputs(x, torch.arange(4))
     assert torch.equal(b.inputs(x, torch.arange(4)), h) and (b.hits, b.misses) == (0, 4)

@@ -88,27 +88,19 @@ class NoPositions(nn.Module):
                            device=position_ids.device)
 
 
-class Store:
-    """Block f's input per chunk id, for one arm.
+class PrefixCache:
+    """One arm's split of its model around block f, and block f's input per chunk id.
 
     Arms with the same f would hold the same values (their blocks 0..f-1 are θ₀), but each
-    keeps its own: with a shared store the first arm would pay every miss inside its timed
+    keeps its own: with a shared cache the first arm would pay every miss inside its timed
     step and the others none, and step times are what the arms are compared on.
     """
 
-    def __init__(self, n_chunks: int) -> None:
-        self.h: torch.Tensor | None = None  # [n_chunks, block, width], allocated on first use
-        self.have = torch.zeros(n_chunks, dtype=torch.bool)  # on the host: no device sync
-
-
-class PrefixCache:
-    """One arm's split of its model around block f, reading and filling a Store."""
-
-    def __init__(self, model: nn.Module, family: str, f: int, store: Store) -> None:
+    def __init__(self, model: nn.Module, family: str, f: int, n_chunks: int) -> None:
         base_attr, layers_attr, norm_attr, positions_attr = SPLITS[family]
         base = getattr(model, base_attr)
         layers = list(getattr(base, layers_attr))
-        self.f, self.n_layers, self.store = f, len(layers), store
+        self.f, self.n_layers = f, len(layers)
         self.lower = _shallow(base)
         setattr(self.lower, layers_attr, nn.ModuleList(layers[:f]))
         setattr(self.lower, norm_attr, nn.Identity())
@@ -118,29 +110,30 @@ class PrefixCache:
             setattr(upper_base, positions_attr, NoPositions(getattr(base, positions_attr)))
         self.upper = _shallow(model)
         setattr(self.upper, base_attr, upper_base)
+        self.h: torch.Tensor | None = None  # [n_chunks, block, width], allocated on first use
+        self.have = torch.zeros(n_chunks, dtype=torch.bool)  # on the host: no device sync
         self.hits = self.misses = 0  # since this process started (a resumed run starts empty)
 
     def inputs(self, x: torch.Tensor, windows: torch.Tensor,
                idx: torch.Tensor | None = None) -> torch.Tensor:
         """Block f's input for the windows `x` (chunk ids `windows` on the host, `idx` the same
         on x's device where the caller has them there already)."""
-        st = self.store
         idx = windows.to(x.device) if idx is None else idx
-        if st.h is not None and bool(st.have[windows].all()):
+        if self.h is not None and bool(self.have[windows].all()):
             self.hits += len(windows)
-            return st.h[idx]
+            return self.h[idx]
         # A batch with any new chunk is computed whole: one shape, so no recompilation.
         with torch.no_grad():
             h = self.lower(input_ids=x, use_cache=False).last_hidden_state
-        if st.h is None:
-            st.h = torch.empty((len(st.have), *h.shape[1:]), dtype=h.dtype, device=h.device)
-        st.h[idx] = h
+        if self.h is None:
+            self.h = torch.empty((len(self.have), *h.shape[1:]), dtype=h.dtype, device=h.device)
+        self.h[idx] = h
         self.misses += len(windows)
-        st.have[windows] = True
+        self.have[windows] = True
         return h
 
     def summary(self) -> dict[str, Any]:
-        h = self.store.h
+        h = self.h
         return {"blocks_cached": self.f, "of": self.n_layers, "hits": self.hits,
                 "misses": self.misses,
                 "mib": None if h is None else h.numel() * h.element_size() / 2**20}
@@ -185,4 +178,4 @@ class Caches:
             return None, (f"the cache would need {need / 2**30:.1f} GiB, more than the "
                           f"{self.left / 2**30:.1f} GiB left of a quarter of memory")
         self.left -= need
-        return PrefixCache(model, family, f, Store(self.n_chunks)), f"blocks 0-{f - 1} cached"
+        return PrefixCache(model, family, f, self.n_chunks), f"blocks 0-{f - 1} cached"
