@@ -91,6 +91,7 @@ def test_attention_backends_give_the_models_loss_and_gradients(model: str, backe
     for a, b in zip(got, ref, strict=True):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
 
+
 def test_the_causal_path_hands_grouped_kv_heads_to_sdpa_as_they_are(
         monkeypatch: pytest.MonkeyPatch) -> None:
     import torch.nn.functional as F  # noqa: N812

@@ -156,8 +156,7 @@ def test_a_pinned_setting_that_cannot_run_here_falls_back_but_the_decoder_stays(
     monkeypatch.setattr(pfreeze.execution, "compile_step",
                         lambda m, mode: modes.append(mode) or compile_step(m, mode))
     before = [a.step_fn for a in loop.arms]
-    pin(loop, {"attention": "cudnn", "decoder": "pfreeze",
-                          "compile_mode": "max-autotune"})
+    pin(loop, {"attention": "cudnn", "decoder": "pfreeze", "compile_mode": "max-autotune"})
     assert (loop.attention, loop.decoder, loop.compile_mode) == ("model", "pfreeze",
                                                                  "max-autotune")
     assert len(warned) == 1 and "not cudnn" in warned[0]
@@ -176,7 +175,7 @@ def test_a_checkpoint_from_before_auto_resumes_with_the_old_meaning(corpus: Path
 
     loop = Loop(load_config(None, [*OVERRIDES, f"data.corpus={corpus}"]), None)  # type: ignore
     assert legacy(loop) == {"attention": "model", "decoder": "generate",
-                                       "compile_mode": "default"}
+                            "compile_mode": "default"}
     flash = load_config(None, [*OVERRIDES, f"data.corpus={corpus}",
                                "training.attention_backend=flash", "generation.decoder=pfreeze"])
     assert legacy(Loop(flash, None)) == {  # type: ignore[arg-type]

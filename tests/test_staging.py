@@ -15,6 +15,7 @@ def test_staging_on_the_cpu_passes_tensors_through_with_their_shapes() -> None:
     x, w = torch.arange(12).view(3, 4), torch.tensor([5, 1, 2])
     gx, gw = stage(x, w)
     assert torch.equal(gx, x) and torch.equal(gw, w) and gx.shape == (3, 4)
+    assert stage(x, None)[1] is None  # a step without chunk ids
 
 
 def test_staging_refuses_what_is_not_int64_on_the_host() -> None:

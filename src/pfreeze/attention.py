@@ -151,7 +151,7 @@ def resolve_backend(backend: str, device: torch.device, bf16: bool, model: nn.Mo
     if device.type != "cuda" or not bf16 or not graphs:
         return "model"
     try:
-        check_backend("flash", device, bf16, model, block)
+        check_backend("sdpa", device, bf16, model, block)
     except PfreezeError:
         return "model"
     return "sdpa" if routes_attention(model) else "model"

@@ -62,13 +62,15 @@ class Staging:
         self.device, self.depth, self.k = device, depth, 0
         self.slots: list[tuple[torch.Tensor, torch.cuda.Event]] = []
 
-    def __call__(self, *host: torch.Tensor) -> list[torch.Tensor]:
-        """The int64 host tensors `host` on the device, as views of one transfer."""
-        if any(t.device.type != "cpu" or t.dtype != torch.long for t in host):
+    def __call__(self, *host: torch.Tensor | None) -> list[torch.Tensor | None]:
+        """The int64 host tensors `host` on the device, as views of one transfer (None stays
+        None: a step without chunk ids)."""
+        given = [t for t in host if t is not None]
+        if any(t.device.type != "cpu" or t.dtype != torch.long for t in given):
             raise ValueError("Staging takes int64 tensors on the host")
         if self.device.type != "cuda":
-            return [t.to(self.device) for t in host]
-        n = sum(t.numel() for t in host)
+            return [None if t is None else t.to(self.device) for t in host]
+        n = sum(t.numel() for t in given)
         k, self.k = self.k, (self.k + 1) % self.depth
         if k == len(self.slots):
             self.slots.append((torch.empty(0, dtype=torch.long), torch.cuda.Event()))
@@ -77,13 +79,17 @@ class Staging:
         if buf.numel() < n:
             buf = torch.empty(n, dtype=torch.long, pin_memory=True)
             self.slots[k] = (buf, done)
-        torch.cat([t.reshape(-1) for t in host], out=buf[:n])
+        torch.cat([t.reshape(-1) for t in given], out=buf[:n])
         flat = buf[:n].to(self.device, non_blocking=True)
         # On the stream the copy was queued on: the target device's, which need not be the
         # current device (training.device=cuda:1).
         done.record(torch.cuda.current_stream(self.device))
-        out, i = [], 0
+        out: list[torch.Tensor | None] = []
+        i = 0
         for t in host:
+            if t is None:
+                out.append(None)
+                continue
             out.append(flat[i : i + t.numel()].view(t.shape))
             i += t.numel()
         return out
@@ -114,9 +120,9 @@ def snapshot(loop: Loop) -> dict[str, str]:
 
 
 def legacy(loop: Loop) -> dict[str, str]:
-    """What `auto` meant for a checkpoint written before it could resolve to anything else
-    (state.json has recorded `execution` since e1ebc9a; a GPU run checkpointed between 9801632
-    and then resumes with these values, not the ones it started with)."""
+    """What `auto` meant for a checkpoint written before it could resolve to anything else.
+    state.json records `execution` since e1ebc9a; a GPU run checkpointed between 9801632 and
+    e1ebc9a resumes with these values, not the ones it started with."""
     t, g = loop.cfg.training, loop.cfg.generation
     return {"attention": "model" if t.attention_backend == "auto" else t.attention_backend,
             "decoder": "generate" if g.decoder == "auto" else g.decoder,

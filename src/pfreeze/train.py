@@ -90,7 +90,7 @@ class Loop:
         self.stream: BatchStream | None = None  # set by setup() (or by a benchmark)
         self.t = cfg.training
         self.device = execution.pick_device(self.t.device)
-        self.stager = execution.Staging(self.device)  # host ids -> device, once per step
+        self.stage = execution.Staging(self.device)  # host ids -> device, once per step
         self.bf16 = (self.device.type == "cuda" and torch.cuda.is_bf16_supported()
                      if self.t.bf16 == "auto" else bool(self.t.bf16))
         # Compilation costs tens of seconds per arm: worth it only for long GPU runs.
@@ -215,14 +215,6 @@ class Loop:
             return ev
         return time.perf_counter()
 
-    def stage(self, batch: torch.Tensor, windows: torch.Tensor | None
-              ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """A step's host batch and chunk ids on the device, in one copy."""
-        if windows is None:
-            return self.stager(batch)[0], None
-        x, idx = self.stager(batch, windows)
-        return x, idx
-
     def train_step(self, arm: ArmRun, step: int, batch: torch.Tensor,
                    windows: torch.Tensor | None = None, idx: torch.Tensor | None = None) -> None:
         """One optimizer step of `arm` on `batch` (chunk ids `windows` with epochs sampling,
@@ -237,15 +229,15 @@ class Loop:
         trainable = arm.freezer.trainable()
         total = torch.zeros((), device=self.device)
         n = self.t.gradient_accumulation_steps
-        if batch.device.type == "cpu" and self.device.type != "cpu":  # run() stages it once
-            batch, idx = self.stage(batch, windows)  # for all arms; other callers may not
+        if batch.device.type != self.device.type:  # run() stages once for all arms; other
+            batch, idx = self.stage(batch, windows)  # callers may pass host tensors
         micro = batch.chunk(n)
         cached = arm.prefix is not None
         if cached and windows is None:  # step_fn runs the upper blocks only: never guess
             raise ValueError(f"arm '{arm.strategy.name}' caches its prefix: pass the chunk ids")
         wins = windows.chunk(n) if windows is not None else [None] * len(micro)
         # The cache checks its contents on the host ids and gathers with the device ones.
-        idxs = (idx.chunk(n) if idx is not None else [None] * len(micro)) if cached else wins
+        idxs = idx.chunk(n) if cached and idx is not None else [None] * len(micro)
         # Not `step_fn or model`: truth-testing a compiled module falls through to len().
         forward = arm.step_fn if arm.step_fn is not None else (
             arm.prefix.upper if cached else arm.model)
