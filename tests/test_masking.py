@@ -13,13 +13,14 @@ import pytest
 import torch
 from torch import nn
 
-from pfreeze.arms import Scheduled, build_optimizer
+from pfreeze.architectures import describe_params
+from pfreeze.arms import ArmRun, Scheduled, build_optimizer
 from pfreeze.config import PhaseConfig, RunConfig, ScheduleArm, TrainingConfig
 from pfreeze.errors import PfreezeError
 from pfreeze.masking import Freezer, Tracker, check_audit, optimizer_state_bytes
 from pfreeze.models import load_model
-from pfreeze.plan import Plan, compile_plan, describe_params
-from pfreeze.train import ArmRun, Loop
+from pfreeze.plan import Plan, compile_plan
+from pfreeze.train import Loop
 
 CPU = torch.device("cpu")
 FAMILIES = ("gpt2", "gpt-neo", "gpt-neox", "llama")

@@ -2,7 +2,7 @@
 
 Every expected mask below is written out with explicit index arithmetic for the tiny random
 models (hidden 64, 4 heads of 16, 4 blocks; llama has 2 key/value heads), never derived from
-plan.role_index, so a wrong layout in plan.ARCHITECTURES cannot agree with itself.
+architectures.role_index, so a wrong layout in architectures.ARCHITECTURES cannot agree with itself.
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ import pytest
 import torch
 from torch import nn
 
+from pfreeze.architectures import ARCHITECTURES, Arch
 from pfreeze.errors import PfreezeError
 from pfreeze.models import load_model
-from pfreeze.plan import ARCHITECTURES, Arch, compile_plan, trainable_union
+from pfreeze.plan import compile_plan, trainable_union
 from pfreeze.plan_table import plan_rows
 
 E, H, HD, L, KV = 64, 4, 16, 4, 2  # hidden size, heads, head dim, blocks, llama kv heads

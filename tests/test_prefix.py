@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from pfreeze.architectures import describe_params
 from pfreeze.config import load_config
 from pfreeze.corpus import BatchStream
 from pfreeze.errors import PfreezeError
 from pfreeze.models import load_model
-from pfreeze.plan import describe_params
 from pfreeze.prefix import Caches
 from pfreeze.report import render_report
 from pfreeze.train import Loop, run

@@ -2,24 +2,31 @@
 
 An arm gets its own copy of θ₀ and answers two questions: which plan is in force at step k
 (`plan_at`, None when it does not change), and how its model is built (`build`: a plain copy,
-or a copy wrapped by peft). Everything else — data, optimizer, metrics — is the loop's.
-Register a new kind with `@register("name")` next to its config class in config.py.
+or a copy wrapped by peft). Everything else — data, optimizer, metrics — is the loop's,
+kept per arm in an `ArmRun`. Register a new kind with `@register("name")` next to its config
+class in config.py.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from pfreeze.architectures import describe_params
 from pfreeze.config import TrainingConfig
 from pfreeze.errors import PfreezeError
 from pfreeze.models import state_hash
-from pfreeze.plan import Plan, compile_plan, describe_params, full_plan, trainable_union
+from pfreeze.plan import Plan, compile_plan, full_plan, trainable_union
+
+if TYPE_CHECKING:
+    from pfreeze.masking import Freezer, Tracker
+    from pfreeze.prefix import PrefixCache
 
 ARM_KINDS: dict[str, type[ArmStrategy]] = {}
 
@@ -252,7 +259,8 @@ class Lora(ArmStrategy):
                           target_modules=targets, fan_in_fan_out=self.family == "gpt2")
         model = get_peft_model(model, lcfg)
         adapter = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        from pfreeze.plan import ParamInfo, Rule, TensorPlan
+        from pfreeze.architectures import ParamInfo, Rule
+        from pfreeze.plan import TensorPlan
 
         infos_all = {n: ParamInfo(n, tuple(p.shape), None, Rule(".*", "lora"))
                      for n, p in model.named_parameters()}
@@ -289,3 +297,34 @@ def build_optimizer(params: list[nn.Parameter], t: TrainingConfig, device: torch
         raise PfreezeError("optim=adamw_fused needs a CUDA GPU", "use optim=adamw on CPU")
     return torch.optim.AdamW(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
                              eps=t.adam_epsilon, fused=fused)
+
+
+@dataclass
+class ArmRun:
+    """One arm's live state inside the loop."""
+
+    strategy: ArmStrategy
+    model: nn.Module
+    freezer: Freezer
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    tracker: Tracker
+    theta0_hash: str
+    step_fn: Any = None  # a compiled wrapper of `model` (same parameters), or None: eager
+    prefix: PrefixCache | None = None  # the frozen prefix's cache, when this arm has one
+    prefix_note: str = ""  # "blocks 0-14 cached", or why there is no cache
+    # (step, loss, ΔW norms, W−W₀ norms, timers, memory, lr), read back at the next flush
+    pending: list[tuple[Any, ...]] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)
+    evals: list[tuple[int, float | None, float | None]] = field(default_factory=list)
+    peak_mem_mb: float | None = None
+    stopped: str | None = None  # why this arm stopped early, if it did
+    diverged: bool = False  # non-finite loss: no evaluation or sampling is possible
+    best: tuple[int, float] | None = None  # (step, held-out loss) of the best evaluation
+    best_state: dict[str, torch.Tensor] | None = None  # trained tensors at `best`
+    bad_evals: int = 0
+
+    def prefix_summary(self) -> dict[str, Any]:
+        """What the frozen-prefix cache did, or why this arm has none."""
+        return self.prefix.summary() if self.prefix else {"off": self.prefix_note}

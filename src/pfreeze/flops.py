@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from pfreeze.plan import Geometry, describe_params
+from pfreeze.architectures import Geometry, describe_params
 
 
 def train_flops(layers: int, width: int, seq: int, tokens: int, block_params: int,

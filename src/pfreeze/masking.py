@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from pfreeze.architectures import Geometry, ParamInfo, role_index
 from pfreeze.errors import PfreezeError
 from pfreeze.models import tensor_bytes
-from pfreeze.plan import Geometry, ParamInfo, Plan, role_index
+from pfreeze.plan import Plan
 
 
 def tensor_digest(t: torch.Tensor) -> str:

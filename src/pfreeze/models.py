@@ -56,7 +56,7 @@ class LoadedModel:
     model: nn.Module
     tokenizer: ByteTokenizer | HFTokenizer
     name: str
-    family: str  # key into plan.ARCHITECTURES
+    family: str  # key into architectures.ARCHITECTURES
 
 
 # Tiny shapes keep the CPU test-suite fast; the `-124m`/`-135m` shapes are for benchmarks.
@@ -112,7 +112,8 @@ def family_of(model: nn.Module) -> str:
     if mtype not in families:
         raise PfreezeError(
             f"architecture '{mtype}' is not supported by pfreeze's plan compiler",
-            "use a Llama-family, GPT-2, GPT-Neo or GPT-NeoX model, or add it to plan.ARCHITECTURES",
+            "use a Llama-family, GPT-2, GPT-Neo or GPT-NeoX model, or add it to "
+            "pfreeze.architectures.ARCHITECTURES",
         )
     return families[mtype]
 

@@ -15,7 +15,8 @@ import torch
 from pfreeze.evaluate import generate_samples, mean_loss, p_stats
 
 if TYPE_CHECKING:  # the loop imports this module
-    from pfreeze.train import ArmRun, Loop
+    from pfreeze.arms import ArmRun
+    from pfreeze.train import Loop
 
 
 def shared_theta0(loop: Loop, step: int) -> bool:

@@ -10,7 +10,8 @@ import math
 
 import torch
 
-from pfreeze.plan import Geometry, ParamInfo, Plan, role_index
+from pfreeze.architectures import Geometry, ParamInfo, role_index
+from pfreeze.plan import Plan
 
 
 def _along(mask: torch.Tensor, dim: int) -> torch.Tensor:

@@ -13,7 +13,8 @@ from pfreeze.moments import shared_theta0
 from pfreeze.outputs import environment
 
 if TYPE_CHECKING:  # the loop imports this module
-    from pfreeze.train import ArmRun, Loop
+    from pfreeze.arms import ArmRun
+    from pfreeze.train import Loop
 
 
 def _finite(x: float) -> float | None:

@@ -17,7 +17,6 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,8 @@ import torch
 from torch import nn
 
 from pfreeze import execution
-from pfreeze.arms import ArmStrategy, build_optimizer, make_arm
+from pfreeze.architectures import describe_params
+from pfreeze.arms import ArmRun, ArmStrategy, build_optimizer, make_arm
 from pfreeze.attention import check_backend, resolve_backend, training_attention
 from pfreeze.config import RunConfig, dump_config
 from pfreeze.corpus import (
@@ -42,41 +42,10 @@ from pfreeze.masking import Freezer, Tracker, check_audit
 from pfreeze.models import LoadedModel, count_params, load_model, state_hash
 from pfreeze.moments import evaluate_arms, sample_arms, sample_best
 from pfreeze.outputs import RunFiles
-from pfreeze.plan import compile_plan, describe_params
+from pfreeze.plan import compile_plan
 from pfreeze.prefix import Caches, PrefixCache
 from pfreeze.sampler import resolve as resolve_decoder
 from pfreeze.summary import arm_summary, run_summary
-
-
-@dataclass
-class ArmRun:
-    """One arm's live state inside the loop."""
-
-    strategy: ArmStrategy
-    model: nn.Module
-    freezer: Freezer
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    tracker: Tracker
-    theta0_hash: str
-    step_fn: Any = None  # a compiled wrapper of `model` (same parameters), or None: eager
-    prefix: PrefixCache | None = None  # the frozen prefix's cache, when this arm has one
-    prefix_note: str = ""  # "blocks 0-14 cached", or why there is no cache
-    # (step, loss, ΔW norms, W−W₀ norms, timers, memory, lr), read back at the next flush
-    pending: list[tuple[Any, ...]] = field(default_factory=list)
-    losses: list[float] = field(default_factory=list)
-    times: list[float] = field(default_factory=list)
-    evals: list[tuple[int, float | None, float | None]] = field(default_factory=list)
-    peak_mem_mb: float | None = None
-    stopped: str | None = None  # why this arm stopped early, if it did
-    diverged: bool = False  # non-finite loss: no evaluation or sampling is possible
-    best: tuple[int, float] | None = None  # (step, held-out loss) of the best evaluation
-    best_state: dict[str, torch.Tensor] | None = None  # trained tensors at `best`
-    bad_evals: int = 0
-
-    def prefix_summary(self) -> dict[str, Any]:
-        """What the frozen-prefix cache did, or why this arm has none."""
-        return self.prefix.summary() if self.prefix else {"off": self.prefix_note}
 
 
 class Loop:
