@@ -112,8 +112,9 @@ def test_sync_sites_count_syncs_not_the_modes_notice() -> None:
                 warnings.warn(m, UserWarning, stacklevel=1)
         return caught
 
-    notice = ("Synchronization debug mode is a prototype feature and does not detect all "
-              "synchronizing operations")
+    notice = ("Synchronization debug mode is a prototype feature and does not yet detect all "
+              "synchronizing operations (Triggered internally at "
+              "/pytorch/torch/csrc/cuda/Module.cpp:1136.)")  # torch's TORCH_WARN_ONCE text
     with warnings.catch_warnings(record=True) as passed:
         warnings.simplefilter("always")
         assert bench.sync_sites(warned(notice)) == []

@@ -3,8 +3,10 @@ mlp, embed, norm, head) a parameter plays, which block it belongs to, the attent
 geometry, and where one role's rows or columns sit inside a tensor, fused ones included
 (GPT-2 `c_attn` column blocks, GPT-NeoX `query_key_value` per-head interleaving).
 
-A new family is one entry in ARCHITECTURES (and a loader in models.py); plan, masking, rank,
-flops and the prefix cache read everything else from here.
+A new family is one entry in ARCHITECTURES plus its `model_type` in `models.family_of`; plan,
+masking, rank and flops need nothing more. The frozen-prefix cache (`prefix.SPLITS`) and
+pfreeze's sampler (`sampler.MODEL_TYPES`) have tables of their own: a family not listed there
+trains uncached and samples with transformers' `generate`.
 """
 
 from __future__ import annotations
@@ -151,6 +153,7 @@ def role_index(info: ParamInfo, role: str, heads: list[int] | None,
 
 
 def roles_in(info: ParamInfo) -> tuple[str, ...]:
+    """The roles a parameter holds: q, k, v for a fused matrix, embed and head when tied."""
     if info.rule.role == "qkv":
         return ("q", "k", "v")
     if info.tied:

@@ -53,9 +53,8 @@ def host_syncs(cuda: bool) -> Iterator[list[str]]:
     """The places (file:line) where code inside made the host wait for the GPU, by CUDA's sync
     debug mode (filled on exit). It sees device and stream synchronisation and blocking
     copies (.item(), bool(), .cpu()); not event waits (Staging's ring waits so, on copies
-    queued steps ago) nor a driver's implicit wait (a copy from pageable memory). A wait
-    raised in C++ with no Python frame of its own is placed at the next call into torch.
-    Torch's own caveat: the mode does not see every synchronising operation."""
+    queued steps ago) nor a driver's implicit wait (a copy from pageable memory). Torch's
+    own caveat: the mode does not yet see every synchronising operation."""
     sites: list[str] = []
     if not cuda:
         yield sites
@@ -73,9 +72,9 @@ def host_syncs(cuda: bool) -> Iterator[list[str]]:
 
 def sync_sites(caught: list[warnings.WarningMessage]) -> list[str]:
     """file:line of each sync warning in `caught`; other warnings are re-raised. The mode's
-    own notice ("... prototype feature and does not detect all synchronizing operations",
-    once per process) is dropped: it is not a sync (the first row of every session-5 bench
-    run counted it as one)."""
+    own notice ("... prototype feature and does not yet detect all synchronizing
+    operations", once per process) is dropped: it is not a sync (the first row of every
+    session-5 bench run counted it as one)."""
     sites = []
     for c in caught:
         if "called a synchronizing" in str(c.message):

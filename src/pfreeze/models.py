@@ -104,14 +104,14 @@ RANDOM_FAMILIES = ("gpt2", "gpt-neo", "gpt-neox", "llama", "gpt2-124m", "smollm2
 
 
 def family_of(model: nn.Module) -> str:
-    """Map a transformers model to the architecture key used by the plan compiler."""
+    """Map a transformers model to its key in architectures.ARCHITECTURES."""
     mtype = getattr(getattr(model, "config", None), "model_type", None)
     families = {"gpt2": "gpt2", "gpt_neo": "gpt-neo", "gpt_neox": "gpt-neox", "llama": "llama",
                 "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "gemma": "llama",
                 "gemma2": "llama", "phi3": "llama", "olmo": "llama", "olmo2": "llama"}
     if mtype not in families:
         raise PfreezeError(
-            f"architecture '{mtype}' is not supported by pfreeze's plan compiler",
+            f"architecture '{mtype}' is not supported by pfreeze's freeze plans",
             "use a Llama-family, GPT-2, GPT-Neo or GPT-NeoX model, or add it to "
             "pfreeze.architectures.ARCHITECTURES",
         )
