@@ -21,6 +21,9 @@ def test_train_flops_matches_a_hand_count() -> None:
     # Blocks 2 and 3 pass gradients back, 30 trainable matrix elements get weight gradients.
     frozen = fwd + (2 * (2 * 100 + 50) * 32 + 2 * 2 * attn) + 2 * 30 * 32
     assert bench.train_flops(4, 8, 16, 32, 100, 50, 2, 30) == frozen == 112256
+    # With the prefix cache, blocks 0 and 1 run no forward: 2 x (2 * 100 * 32 + attn) fewer.
+    assert bench.train_flops(4, 8, 16, 32, 100, 50, 2, 30, cached=True) == 112256 - 29184
+    assert bench.train_flops(4, 8, 16, 32, 100, 50, 0, 450, cached=True) == 3 * fwd
 
 
 def test_model_flops_of_the_tiny_llama() -> None:
@@ -34,6 +37,9 @@ def test_model_flops_of_the_tiny_llama() -> None:
     qkv = set(compile_plan(lm.model, lm.family, bench.ARMS["frozen"]).tensors)
     frozen = bench.model_flops(lm.model, lm.family, qkv, 2, 32)
     assert fwd < frozen < full
+    # The frozen arm's lowest trainable block is 2 (upper half of 4): blocks 0, 1 are cached.
+    cached = bench.model_flops(lm.model, lm.family, qkv, 2, 32, cached=True)
+    assert frozen - cached == 2 * (2 * block * 64 + 2 * 32 * 64 * 64)
 
 
 def _run(tmp_path: Path, *extra: str) -> dict:
@@ -84,6 +90,11 @@ def test_the_cached_method_times_the_frozen_arm_from_its_cache(tmp_path: Path) -
     assert cached["status"] == "ok", cached.get("error")
     # 4 batches of 2 windows are one epoch: the 4 warm-up steps compute, the 2 timed ones hit.
     assert cached["prefix_cache"]["misses"] == 8 and cached["prefix_cache"]["hits"] == 4
+    # MFU's numerator is the arm's training; the FLOPs run leave out the cached forward.
+    frozen = rows[("frozen", "pfreeze")]
+    assert cached["flops_per_step"] == frozen["flops_per_step"]
+    assert cached["flops_executed_per_step"] < frozen["flops_executed_per_step"]
+    assert frozen["flops_executed_per_step"] == frozen["flops_per_step"]
     kinds = {(r["kind"], r["method"]) for r in data["ratios"]}
     assert ("frozen/full", "pfreeze_cached") in kinds
 

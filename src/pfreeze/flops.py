@@ -8,7 +8,8 @@ from pfreeze.architectures import Geometry, describe_params
 
 
 def train_flops(layers: int, width: int, seq: int, tokens: int, block_params: int,
-                head_params: int, first_trainable: int | None, trainable_params: int) -> float:
+                head_params: int, first_trainable: int | None, trainable_params: int,
+                cached: bool = False) -> float:
     """Model FLOPs of one training step, the MFU numerator (norms, softmax, biases ignored).
 
     L layers of attention width d (heads x head_dim), N = batch x T tokens; P_block: matrix
@@ -20,6 +21,9 @@ def train_flops(layers: int, width: int, seq: int, tokens: int, block_params: in
               blocks f..L-1 and the head, plus weight gradients (dW = X^T dY: 2 P N) of the
               trainable matrices only. All trainable: 2 x forward. A frozen arm is overcounted by
               the q/k/v input gradient of block f, which autograd skips.
+    cached    with the frozen prefix's outputs reused (pfreeze's prefix cache), the forward of
+              blocks 0..f-1 is not run: the FLOPs the step executes. Without `cached`, the
+              FLOPs of the training the arm does, however it is computed (the bench's MFU).
     """
     attn = 2 * seq * width * tokens  # causal attention of one block, forward
     fwd = 2 * (layers * block_params + head_params) * tokens + layers * attn
@@ -27,10 +31,12 @@ def train_flops(layers: int, width: int, seq: int, tokens: int, block_params: in
         return float(fwd)
     up = layers - first_trainable
     act = 2 * (up * block_params + head_params) * tokens + 2 * up * attn
-    return float(fwd + act + 2 * trainable_params * tokens)
+    skipped = first_trainable * (2 * block_params * tokens + attn) if cached else 0
+    return float(fwd - skipped + act + 2 * trainable_params * tokens)
 
 
-def model_flops(model: nn.Module, family: str, trainable: set[str], batch: int, seq: int) -> float:
+def model_flops(model: nn.Module, family: str, trainable: set[str], batch: int, seq: int,
+                cached: bool = False) -> float:
     """train_flops with the counts read off `model` and the names that train."""
     infos, g = describe_params(model, family), Geometry.of(model)
     mats = {n: p.numel() for n, p in model.named_parameters() if p.ndim >= 2}
@@ -42,4 +48,5 @@ def model_flops(model: nn.Module, family: str, trainable: set[str], batch: int, 
              else min(layers) if layers else g.n_layers if trainable else None)
     train_mats = sum(v for n, v in mats.items() if n in trainable and infos[n].layer is not None)
     return train_flops(g.n_layers, g.n_heads * g.head_dim, seq, batch * seq,
-                       blocks // g.n_layers, head, first, train_mats + head * head_trains)
+                       blocks // g.n_layers, head, first, train_mats + head * head_trains,
+                       cached)
