@@ -133,3 +133,46 @@ def test_sync_sites_count_syncs_not_the_modes_notice() -> None:
         assert bench.sync_sites(warned("something else")) == []
     assert len(sites) == 1 and "tests/test_bench.py:" in sites[0]
     assert [str(w.message) for w in passed] == ["something else"]
+
+
+def test_resume_keeps_finished_rows_and_measures_only_the_rest(tmp_path: Path) -> None:
+    """A time-bounded first part, then --resume with more methods: rows that finished are kept
+    as they were (process 0), a skipped one and the new methods are measured (process 1), and
+    the ratios span both parts. Generation rows are kept the same way."""
+    out = tmp_path / "bench.json"
+    first = ["--shapes", "tiny", "--batches", "2x32", "--steps", "2", "--warmup", "1",
+             "--device", "cpu", "--out", str(out), "--gen-variants", "pfreeze_eager",
+             "--gen-batch", "2", "--gen-new", "4", "--gen-reps", "1", "--gen-warmup", "1"]
+    bench.main([*first, "--methods", "pfreeze"])
+    data = json.loads(out.read_text())
+    data["rows"][1]["status"] = "skipped"  # as if the first part ran out of time there
+    out.write_text(json.dumps(data))
+    kept, gen = data["rows"][0], data["generation"][0]
+    assert gen["status"] == "ok" and kept["status"] == "ok" and kept["process"] == 0
+
+    bench.main([*first, "--methods", "pfreeze,eager", "--resume"])
+    again = json.loads(out.read_text())
+    assert len(again["processes"]) == 2
+    assert again["generation"] == [gen]  # not sampled again
+    rows = {(r["arm"], r["method"]): r for r in again["rows"]}
+    assert len(again["rows"]) == len(rows) == 4  # the skipped row replaced, not added to
+    assert rows[(kept["arm"], "pfreeze")] == kept
+    skipped = data["rows"][1]
+    redone = rows[(skipped["arm"], "pfreeze")]
+    assert redone["status"] == "ok" and redone["process"] == 1
+    assert all(rows[(a, "eager")]["process"] == 1 for a in ("full", "frozen"))
+    kinds = {(r["kind"], r["arm"]) for r in again["ratios"]}
+    assert {("pfreeze/peer", "full"), ("pfreeze/peer", "frozen"), ("frozen/full", "")} <= kinds
+
+
+def test_resume_refuses_a_file_measured_otherwise(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    _run(tmp_path, "--methods", "eager")
+    with pytest.raises(SystemExit, match=r"measured with steps=2, this run has 3; rerun with"):
+        bench.main(["--shapes", "tiny", "--batches", "2x32", "--steps", "3", "--warmup", "1",
+                    "--no-gen", "--device", "cpu", "--out", str(out), "--resume"])
+    out.write_text("{not json")
+    with pytest.raises(SystemExit, match=r"not a pfreeze.bench results file.*another --out"):
+        _run(tmp_path, "--methods", "eager", "--resume")
+    data = _run(tmp_path, "--methods", "eager")
+    assert data["processes"] == [data["environment"]]  # without --resume: a fresh file

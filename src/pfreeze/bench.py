@@ -10,7 +10,8 @@ One row per shape x batch x arm (full; frozen = q,k,v of the upper half) x metho
     trainer_compiled  the same with torch_compile=True
 Step times are CUDA-event intervals between step boundaries (no host sync in the loop); the
 warm-up steps are reported apart (compilation lands in the first). Rows print as they finish
-and --out is rewritten atomically after each: a killed run keeps its rows.
+and --out is rewritten atomically after each: a killed run keeps its rows, and `--resume`
+continues the file, measuring only what it lacks (bench_results.py).
 """
 
 from __future__ import annotations
@@ -33,10 +34,20 @@ from torch import nn
 
 from pfreeze import execution
 from pfreeze.atomic import write_json
+from pfreeze.bench_results import (
+    HEADER,
+    Row,
+    case_key,
+    gen_key,
+    line,
+    ratio_line,
+    ratios,
+    resumed,
+    run_environment,
+)
 from pfreeze.bench_sampling import GEN_VARIANTS, run_generation
 from pfreeze.flops import model_flops, train_flops  # noqa: F401 (train_flops: public here)
 from pfreeze.models import load_model
-from pfreeze.outputs import environment
 from pfreeze.plan import compile_plan
 
 SHAPES = {"smollm2": "random:smollm2-135m", "gpt2": "random:gpt2-124m", "tiny": "random:llama"}
@@ -44,7 +55,6 @@ METHODS = ("pfreeze", "pfreeze_cached", "eager", "compiled", "trainer", "trainer
 ARMS = {"full": None, "frozen": "layers=50%: roles=q,k,v"}
 HOPPER_BF16 = 989e12  # dense bf16 FLOP/s of an H100/H200 SXM (datasheet)
 LR = 1e-4
-Row = dict[str, Any]  # one JSON row or result
 Batches = list[torch.Tensor]  # token ids on the host, rotated through the steps
 
 
@@ -97,8 +107,14 @@ class Bench:
         name = torch.cuda.get_device_name(self.dev) if self.cuda else "cpu"
         hopper = HOPPER_BF16 if "H100" in name or "H200" in name else None
         self.peak = args.peak_tflops * 1e12 if args.peak_tflops else hopper
-        self.out: Row = {"environment": _environment(self.dev, argv, self.peak),
-                         "settings": vars(args), "generation": [], "rows": []}
+        env = run_environment(self.dev, argv, self.peak)
+        self.out: Row = {"environment": env, "processes": [env], "settings": vars(args),
+                         "generation": [], "rows": []}
+        if args.resume and (old := resumed(args.out, vars(args), env)):
+            self.out.update(old, processes=[*old["processes"], env])
+        self.process = len(self.out["processes"]) - 1  # this one, in every row it measures
+        self.kept = {case_key(r) for r in self.out["rows"]}
+        self.kept_gen = {gen_key(r) for r in self.out["generation"]}
 
     def sync(self) -> None:
         if self.cuda:
@@ -275,76 +291,42 @@ class Bench:
                 "mfu": flops / secs / self.peak if self.peak else None,
                 "mfu_executed": done / secs / self.peak if self.peak else None, **m}
 
-    def run_shape(self, shape: str) -> None:
-        lm = load_model(SHAPES.get(shape, shape), seed=self.a.seed)
+    def cases(self, shape: str) -> list[tuple[int, int, str, str]]:
+        """(batch, seq, method, arm) still to measure for `shape`, in order."""
+        out = []
         for b, t in (map(int, s.split("x")) for s in self.a.batches.split(",")):
-            g = torch.Generator().manual_seed(self.a.seed)
-            batches = [torch.randint(0, lm.model.config.vocab_size, (b, t), generator=g)
-                       for _ in range(4)]  # rotated; on the host, as pfreeze's BatchStream
-            batches = [x.pin_memory() for x in batches] if self.cuda else batches
             for method in self.a.methods:
-                pf = method.startswith("pfreeze") and self.pf_compile is True
-                need = self.a.compile_reserve if pf or method.endswith("compiled") else 15
                 for arm in self.a.arms:
                     if method == "pfreeze_cached" and ARMS[arm] is None:
                         continue  # the full arm trains block 0: nothing to cache
-                    row = {"shape": shape, "model": lm.name, "batch": b, "seq": t, "arm": arm,
-                           "method": method}
-                    self.guarded(row, need, lambda m=method, a=arm: self.run_case(
-                        m, a, lm.model, lm.family, batches))  # noqa: B023 (called at once)
-                    self.out["rows"].append(row)
-                    print(_line(row), flush=True)
-                    self.write()
+                    if (shape, b, t, arm, method) not in self.kept:
+                        out.append((b, t, method, arm))
+        return out
+
+    def run_shape(self, shape: str) -> None:
+        if not (todo := self.cases(shape)):
+            return
+        lm = load_model(SHAPES.get(shape, shape), seed=self.a.seed)
+        size, batches = None, []
+        for b, t, method, arm in todo:
+            if size != (b, t):
+                size, g = (b, t), torch.Generator().manual_seed(self.a.seed)
+                batches = [torch.randint(0, lm.model.config.vocab_size, (b, t), generator=g)
+                           for _ in range(4)]  # rotated; on the host, as pfreeze's BatchStream
+                batches = [x.pin_memory() for x in batches] if self.cuda else batches
+            pf = method.startswith("pfreeze") and self.pf_compile is True
+            need = self.a.compile_reserve if pf or method.endswith("compiled") else 15
+            row = {"shape": shape, "model": lm.name, "batch": b, "seq": t, "arm": arm,
+                   "method": method, "process": self.process}
+            self.guarded(row, need, lambda m=method, a=arm: self.run_case(
+                m, a, lm.model, lm.family, batches))  # noqa: B023 (called at once)
+            self.out["rows"].append(row)
+            print(line(row), flush=True)
+            self.write()
 
     def write(self) -> None:
         self.out["ratios"] = ratios(self.out["rows"])
         write_json(self.a.out, self.out)
-
-
-def ratios(rows: list[Row]) -> list[Row]:
-    """pfreeze (and pfreeze_cached) / peer step time per (shape, batch, arm); frozen / full per
-    method (pfreeze_cached's frozen arm against pfreeze's full arm, which it cannot cache)."""
-    ok = {(r["shape"], r["batch"], r["seq"], r["arm"], r["method"]): r["step_ms"]
-          for r in rows if r.get("status") == "ok"}
-    out = []
-    for (s, b, t, arm, meth), ms in ok.items():
-        case = {"shape": s, "batch": b, "seq": t, "method": meth}
-        if not meth.startswith("pfreeze"):
-            for own in ("pfreeze", "pfreeze_cached"):
-                if pf := ok.get((s, b, t, arm, own)):
-                    out.append({"kind": f"{own}/peer", **case, "arm": arm,
-                                "step_time_ratio": pf / ms})
-        full = ok.get((s, b, t, "full", "pfreeze" if meth == "pfreeze_cached" else meth))
-        if arm == "frozen" and full:
-            out.append({"kind": "frozen/full", **case, "arm": "", "step_time_ratio": ms / full})
-    return out
-
-
-HEADER = ("shape    batch    arm    method             step ms      tok/s    MFU  peak MiB"
-          "  rsv MiB  warm s")
-
-
-def _line(r: Row) -> str:
-    """One table line per case, under HEADER."""
-    bt = f"{r['batch']}x{r['seq']}"
-    head = f"{r['shape']:8} {bt:8} {r['arm']:6} {r['method']:16}"
-    if r["status"] != "ok":
-        return f"{head} {r['status']}: {r.get('error', '')}"
-    mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
-    mem, rsv = (f"{r[k]:.0f}" if r.get(k) is not None else "-"
-                for k in ("peak_mib", "reserved_mib"))
-    syncs = f"  host syncs {r['host_syncs']}" if r.get("host_syncs") else ""
-    ran = r.get("mfu_executed")
-    done = f"  MFU {ran:.1%} of FLOPs run" if ran is not None and ran != r["mfu"] else ""
-    return (f"{head} {r['step_ms']:9.1f} {r['tokens_per_s']:10,.0f} {mfu:>6} {mem:>9}"
-            f" {rsv:>8} {r['warmup_s']:7.1f}  ok{syncs}{done}")
-
-
-def _environment(device: torch.device, argv: list[str], peak: float | None) -> Row:
-    env = environment(device)  # the same probe every run's summary.json records
-    return {**env, "git": env.pop("git_hash"), "cuda": torch.version.cuda,
-            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "command": " ".join(["python", "-m", "pfreeze.bench", *argv]), "peak_flops": peak}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -372,6 +354,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench-results.json")
+    p.add_argument("--resume", action="store_true",
+                   help="continue --out: keep its finished rows, measure the rest")
     args = p.parse_args(argv)
     args.methods = [m for m in args.methods.split(",") if m and m != "none"]
     args.arms, args.gen_variants = args.arms.split(","), args.gen_variants.split(",")
@@ -388,11 +372,13 @@ def main(argv: list[str] | None = None) -> Row:
     if bench.a.gen:  # first: it is short, and a time-bounded call should not lose it
         run_generation(bench)
     print(HEADER if bench.a.methods else "", flush=True)
+    for r in bench.out["rows"]:  # kept from the file resumed
+        print(f"{line(r)}  (kept: process {r['process']})", flush=True)
     for shape in bench.a.shapes.split(",") if bench.a.methods else []:
         bench.run_shape(shape)
+    bench.write()  # also when nothing was left to measure
     for r in bench.out["ratios"]:
-        print(f"{r['kind']:20} {r['shape']:8} {r['batch']}x{r['seq']:<5} {r['arm']:6} "
-              f"{r['method']:16} {r['step_time_ratio']:.3f}", flush=True)
+        print(ratio_line(r), flush=True)
     return bench.out
 
 

@@ -16,10 +16,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from pfreeze.bench_results import Row, gen_key
 from pfreeze.models import load_model
 
 if TYPE_CHECKING:
-    from pfreeze.bench import Bench, Row
+    from pfreeze.bench import Bench
 
 GEN_VARIANTS = ("pfreeze_eager", "pfreeze_static", "pfreeze_graph", "static_bf16")
 
@@ -36,6 +37,11 @@ def run_generation(bench: Bench) -> None:
 
     a = bench.a
     shape = a.gen_shape or ("smollm2" if bench.cuda else "tiny")
+    rows = [{"variant": name, "shape": shape, "batch": a.gen_batch, "prompt_tokens": a.gen_prompt,
+             "new_tokens": a.gen_new, "process": bench.process} for name in a.gen_variants]
+    rows = [r for r in rows if gen_key(r) not in bench.kept_gen]  # kept: --resume
+    if not rows:
+        return
     lm = load_model(SHAPES.get(shape, shape), seed=a.seed)
     eos = lm.model.config.vocab_size - 1
     x = torch.randint(0, eos, (a.gen_batch, a.gen_prompt),
@@ -43,9 +49,8 @@ def run_generation(bench: Bench) -> None:
     kw = dict(input_ids=x, attention_mask=torch.ones_like(x), do_sample=True, top_k=50,
               max_new_tokens=a.gen_new, min_new_tokens=a.gen_new, pad_token_id=eos,
               eos_token_id=eos, cache_implementation="static")
-    for name in a.gen_variants:
-        row = {"variant": name, "shape": shape, "batch": a.gen_batch,
-               "prompt_tokens": a.gen_prompt, "new_tokens": a.gen_new}
+    for row in rows:
+        name = row["variant"]
         fn = ((lambda: sample(bench, lm.model, kw)) if name == "static_bf16" else
               (lambda n=name: sample_pfreeze(bench, lm, n)))
         bench.guarded(row, 15 if name == "pfreeze_eager" else a.compile_reserve, fn)
