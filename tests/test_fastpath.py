@@ -65,6 +65,34 @@ def test_compiled_loop_matches_eager(tmp_path: Path) -> None:
         assert not torch.equal(w[o0][:, 16:32], theta0[o0][:, 16:32])
 
 
+@pytest.mark.slow
+def test_compilation_is_paid_once_per_arm_shape(tmp_path: Path) -> None:
+    """Arms that train the same tensors of the same model share one compiled step: the second
+    captures no graph and compiles nothing (its first step is as fast as any other); an arm
+    that trains other tensors compiles its own (dynamo guards on requires_grad)."""
+    from torch._dynamo.utils import counters
+
+    corpus = tmp_path / "t.txt"
+    corpus.write_text("abc " * 100)
+    cfg = load_config(None, [
+        f"data.corpus={corpus}", "model.name=random:llama", "data.block_size=16",
+        "training.device=cpu", "training.max_steps=2", "training.torch_compile=true",
+        "arms=[{kind: plan, name: a, select: 'layers=2: roles=q,k,v'},"
+        " {kind: plan, name: b, select: 'layers=2: roles=q,k,v'}, {kind: full}]",
+    ])
+    torch._dynamo.reset()
+    lm = load_model(cfg.model.name, seed=0)
+    loop = Loop(cfg, files=None)  # type: ignore[arg-type]
+    loop.build_arms(lm.model, lm.family)
+    batch = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    graphs = []
+    for arm in loop.arms:
+        before = counters["stats"]["unique_graphs"]
+        loop.train_step(arm, 0, batch)
+        graphs.append(counters["stats"]["unique_graphs"] - before)
+    assert graphs == [1, 0, 1]
+
+
 def _grads(model_name: str, backend: str, compiled: bool = False
            ) -> tuple[float, list[torch.Tensor]]:
     """Loss and q/k/v gradients of one training forward under `backend`."""
