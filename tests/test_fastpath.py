@@ -305,3 +305,16 @@ def test_training_and_held_out_forwards_build_no_kv_cache(make_config,
     assert made == []
     lm.model(input_ids=x)  # the check itself: a plain forward does build one
     assert made == [1]
+
+
+def test_auto_compiles_only_gpu_runs_long_enough_to_pay_it_back() -> None:
+    """A short run (the demo's 40 steps) stays eager: compiling costs more than it saves."""
+    from pfreeze.execution import COMPILE_PAYS_AFTER, resolve_compile
+
+    gpu = torch.device("cuda")
+    assert COMPILE_PAYS_AFTER == 1000  # the break-even of docs/BENCHMARKS.md, session 6
+    assert not resolve_compile("auto", gpu, 40)
+    assert not resolve_compile("auto", gpu, COMPILE_PAYS_AFTER - 1)
+    assert resolve_compile("auto", gpu, COMPILE_PAYS_AFTER)
+    assert not resolve_compile("auto", CPU, 10**6)
+    assert resolve_compile(True, CPU, 1) and not resolve_compile(False, gpu, 10**6)

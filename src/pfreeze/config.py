@@ -70,7 +70,8 @@ class TrainingConfig(_Strict):
     integrity_steps: int = Field(0, ge=0,
                                  description="audit frozen elements every N steps (0: end)")
     device: str = "auto"
-    # auto: compile on a GPU when max_steps >= 200 (warm-up is paid back); never on CPU.
+    # auto: compile on a GPU when max_steps >= 1000 (execution.COMPILE_PAYS_AFTER: then the
+    # compilation is paid back even on a cold cache); never on CPU.
     torch_compile: bool | Literal["auto"] = "auto"
     # reduce-overhead captures the compiled step in CUDA graphs (no per-kernel launch cost).
     # auto: reduce-overhead on a GPU unless gradient_accumulation_steps > 1 (graph replays

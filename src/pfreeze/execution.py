@@ -28,6 +28,21 @@ def pick_device(spec: str) -> torch.device:
     return torch.device(spec)
 
 
+# Runs shorter than this stay eager under torch_compile=auto. On an H200 compiling one arm
+# costs 23-56 s on a cold inductor cache and saves 47-100 ms a step, so it pays back after
+# 325-905 steps (GPT-2 and SmolLM2 shapes, both batch settings; docs/BENCHMARKS.md, session 6).
+COMPILE_PAYS_AFTER = 1000
+
+
+def resolve_compile(setting: bool | str, device: torch.device, max_steps: int) -> bool:
+    """auto: compile on a GPU for runs long enough to pay the compilation back, so a short run
+    (the demo's 40 steps) is never slower than eager; never on the CPU, where inductor's C++
+    compile takes minutes and gains little."""
+    if setting != "auto":
+        return bool(setting)
+    return device.type == "cuda" and max_steps >= COMPILE_PAYS_AFTER
+
+
 def resolve_compile_mode(mode: str, device: torch.device, accumulation: int) -> str:
     """auto: CUDA graphs on a GPU (on an H200 1.0-1.4x at 32 x 512, up to 3x at 16 x 256),
     except with gradient accumulation, whose micro-steps would share the graphs' outputs."""

@@ -62,9 +62,8 @@ class Loop:
         self.stage = execution.Staging(self.device)  # host ids -> device, once per step
         self.bf16 = (self.device.type == "cuda" and torch.cuda.is_bf16_supported()
                      if self.t.bf16 == "auto" else bool(self.t.bf16))
-        # Compilation costs tens of seconds per arm: worth it only for long GPU runs.
-        self.compile = (self.device.type == "cuda" and self.t.max_steps >= 200
-                        if self.t.torch_compile == "auto" else bool(self.t.torch_compile))
+        self.compile = execution.resolve_compile(self.t.torch_compile, self.device,
+                                                 self.t.max_steps)
         check_backend(self.t.attention_backend, self.device, self.bf16, None, 0)
         # Both resolved against the model: attention in build_arms, decoder in setup (until
         # then auto means the model's own attention, as for arms built by hand in tests).
