@@ -135,44 +135,89 @@ def test_sync_sites_count_syncs_not_the_modes_notice() -> None:
     assert [str(w.message) for w in passed] == ["something else"]
 
 
-def test_resume_keeps_finished_rows_and_measures_only_the_rest(tmp_path: Path) -> None:
-    """A time-bounded first part, then --resume with more methods: rows that finished are kept
-    as they were (process 0), a skipped one and the new methods are measured (process 1), and
-    the ratios span both parts. Generation rows are kept the same way."""
+def test_resume_keeps_finished_rows_and_measures_only_the_rest(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture
+                                                               ) -> None:
+    """A time-bounded first part, then --resume with more methods and another sampling
+    variant: rows that finished are kept as they were (process 0), a skipped one and the new
+    cases are measured (process 1), and ratios across the parts name both processes. A skipped
+    row whose case this run does not measure stays, marked skipped."""
     out = tmp_path / "bench.json"
     first = ["--shapes", "tiny", "--batches", "2x32", "--steps", "2", "--warmup", "1",
-             "--device", "cpu", "--out", str(out), "--gen-variants", "pfreeze_eager",
-             "--gen-batch", "2", "--gen-new", "4", "--gen-reps", "1", "--gen-warmup", "1"]
-    bench.main([*first, "--methods", "pfreeze"])
+             "--device", "cpu", "--out", str(out), "--gen-batch", "2", "--gen-new", "4",
+             "--gen-reps", "1", "--gen-warmup", "1"]
+    bench.main([*first, "--methods", "pfreeze,trainer", "--gen-variants", "pfreeze_eager"])
     data = json.loads(out.read_text())
-    data["rows"][1]["status"] = "skipped"  # as if the first part ran out of time there
+    by = {(r["arm"], r["method"]): r for r in data["rows"]}
+    by[("frozen", "pfreeze")]["status"] = "skipped"  # as if the first part ran out of time
+    by[("full", "trainer")]["status"] = "skipped"  # a case the second part does not run
     out.write_text(json.dumps(data))
-    kept, gen = data["rows"][0], data["generation"][0]
+    kept, gen = by[("full", "pfreeze")], data["generation"][0]
     assert gen["status"] == "ok" and kept["status"] == "ok" and kept["process"] == 0
 
-    bench.main([*first, "--methods", "pfreeze,eager", "--resume"])
+    capsys.readouterr()
+    bench.main([*first, "--methods", "pfreeze,eager", "--resume",
+                "--gen-variants", "pfreeze_eager,static_bf16"])
+    printed = capsys.readouterr().out
     again = json.loads(out.read_text())
     assert len(again["processes"]) == 2
-    assert again["generation"] == [gen]  # not sampled again
+    gens = {g["variant"]: g for g in again["generation"]}
+    assert gens["pfreeze_eager"] == gen and gens["static_bf16"]["process"] == 1
     rows = {(r["arm"], r["method"]): r for r in again["rows"]}
-    assert len(again["rows"]) == len(rows) == 4  # the skipped row replaced, not added to
-    assert rows[(kept["arm"], "pfreeze")] == kept
-    skipped = data["rows"][1]
-    redone = rows[(skipped["arm"], "pfreeze")]
-    assert redone["status"] == "ok" and redone["process"] == 1
+    assert len(again["rows"]) == len(rows) == 6  # the skipped row replaced, not added to
+    assert rows[("full", "pfreeze")] == kept and "(kept: process 0)" in printed
+    assert rows[("frozen", "pfreeze")]["status"] == "ok"
+    assert rows[("frozen", "pfreeze")]["process"] == 1
+    assert rows[("full", "trainer")]["status"] == "skipped"  # not measured, not dropped
     assert all(rows[(a, "eager")]["process"] == 1 for a in ("full", "frozen"))
-    kinds = {(r["kind"], r["arm"]) for r in again["ratios"]}
-    assert {("pfreeze/peer", "full"), ("pfreeze/peer", "frozen"), ("frozen/full", "")} <= kinds
+    across = {(r["kind"], r["arm"], r["method"]): r["processes"] for r in again["ratios"]}
+    assert across[("pfreeze/peer", "full", "eager")] == [0, 1]  # kept pfreeze vs new eager
+    assert across[("pfreeze/peer", "frozen", "eager")] == [1]
+    assert across[("frozen/full", "", "pfreeze")] == [0, 1]
+
+    before = out.read_text()  # nothing left: the file stays as it was
+    bench.main([*first, "--methods", "pfreeze,eager", "--resume",
+                "--gen-variants", "pfreeze_eager,static_bf16"])
+    assert out.read_text() == before and "nothing left to measure" in capsys.readouterr().out
+
+
+def test_resume_continues_a_file_of_an_older_version(tmp_path: Path) -> None:
+    """Files written before --resume have no process fields: all their rows are process 0."""
+    data = _run(tmp_path, "--methods", "eager")
+    out = tmp_path / "bench.json"
+    data.pop("processes")
+    for r in data["rows"]:
+        r.pop("process")
+    out.write_text(json.dumps(data))
+    again = _run(tmp_path, "--methods", "eager,pfreeze", "--resume")
+    assert [p["date"] for p in again["processes"]][:1] == [data["environment"]["date"]]
+    assert sorted(r["process"] for r in again["rows"]) == [0, 0, 1, 1]
 
 
 def test_resume_refuses_a_file_measured_otherwise(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
-    _run(tmp_path, "--methods", "eager")
+    data = _run(tmp_path, "--methods", "eager")
     with pytest.raises(SystemExit, match=r"measured with steps=2, this run has 3; rerun with"):
         bench.main(["--shapes", "tiny", "--batches", "2x32", "--steps", "3", "--warmup", "1",
-                    "--no-gen", "--device", "cpu", "--out", str(out), "--resume"])
+                    "--no-gen", "--device", "cpu", "--out", str(out), "--resume",
+                    "--methods", "eager"])
+    data["processes"][-1]["device_name"] = "NVIDIA H200"  # measured on another device
+    out.write_text(json.dumps(data))
+    with pytest.raises(SystemExit, match=r"measured with device_name 'NVIDIA H200', this "
+                                         r"machine has .*pass another --out"):
+        _run(tmp_path, "--methods", "eager", "--resume")
     out.write_text("{not json")
     with pytest.raises(SystemExit, match=r"not a pfreeze.bench results file.*another --out"):
         _run(tmp_path, "--methods", "eager", "--resume")
+    out.write_text(json.dumps({**data, "rows": [{"arm": "full"}]}))  # a row without its case
+    with pytest.raises(SystemExit, match=r"not a pfreeze.bench results file \(KeyError"):
+        _run(tmp_path, "--methods", "eager", "--resume")
     data = _run(tmp_path, "--methods", "eager")
     assert data["processes"] == [data["environment"]]  # without --resume: a fresh file
+
+
+def test_cached_rows_need_a_warm_up_that_fills_the_cache() -> None:
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--methods", "pfreeze_cached", "--warmup", "3"])
+    assert bench.parse_args(["--methods", "eager,eager", "--shapes", "tiny,tiny"]).methods == [
+        "eager"]

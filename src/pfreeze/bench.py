@@ -32,19 +32,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from pfreeze import bench_results as results
 from pfreeze import execution
 from pfreeze.atomic import write_json
-from pfreeze.bench_results import (
-    HEADER,
-    Row,
-    case_key,
-    gen_key,
-    line,
-    ratio_line,
-    ratios,
-    resumed,
-    run_environment,
-)
+from pfreeze.bench_results import Row
 from pfreeze.bench_sampling import GEN_VARIANTS, run_generation
 from pfreeze.flops import model_flops, train_flops  # noqa: F401 (train_flops: public here)
 from pfreeze.models import load_model
@@ -102,19 +93,23 @@ class Bench:
         self.dev = execution.pick_device(args.device)
         self.cuda = self.dev.type == "cuda"
         self.deadline = time.monotonic() + args.max_seconds
-        pc = args.pfreeze_compile or ("on" if self.cuda else "off")
+        pc = args.pfreeze_compile = args.pfreeze_compile or ("on" if self.cuda else "off")
         self.pf_compile: bool | str = {"on": True, "off": False}.get(pc, "auto")  # its setting
         name = torch.cuda.get_device_name(self.dev) if self.cuda else "cpu"
         hopper = HOPPER_BF16 if "H100" in name or "H200" in name else None
         self.peak = args.peak_tflops * 1e12 if args.peak_tflops else hopper
-        env = run_environment(self.dev, argv, self.peak)
+        env = results.run_environment(self.dev, argv, self.peak)
         self.out: Row = {"environment": env, "processes": [env], "settings": vars(args),
                          "generation": [], "rows": []}
-        if args.resume and (old := resumed(args.out, vars(args), env)):
+        old = results.resumed(args.out, vars(args), env) if args.resume else None
+        if old:
             self.out.update(old, processes=[*old["processes"], env])
+        self.resuming, self.written = old is not None, 0
         self.process = len(self.out["processes"]) - 1  # this one, in every row it measures
-        self.kept = {case_key(r) for r in self.out["rows"]}
-        self.kept_gen = {gen_key(r) for r in self.out["generation"]}
+        done = [r for r in self.out["rows"] if r["status"] == "ok"]
+        self.kept = {results.case_key(r) for r in done}
+        self.kept_gen = {results.gen_key(r) for r in self.out["generation"]
+                         if r["status"] == "ok"}
 
     def sync(self) -> None:
         if self.cuda:
@@ -320,12 +315,13 @@ class Bench:
                    "method": method, "process": self.process}
             self.guarded(row, need, lambda m=method, a=arm: self.run_case(
                 m, a, lm.model, lm.family, batches))  # noqa: B023 (called at once)
-            self.out["rows"].append(row)
-            print(line(row), flush=True)
+            results.replace_row(self.out["rows"], row, results.case_key)
+            print(results.line(row), flush=True)
             self.write()
 
     def write(self) -> None:
-        self.out["ratios"] = ratios(self.out["rows"])
+        self.written += 1
+        self.out["ratios"] = results.ratios(self.out["rows"])
         write_json(self.a.out, self.out)
 
 
@@ -357,8 +353,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true",
                    help="continue --out: keep its finished rows, measure the rest")
     args = p.parse_args(argv)
-    args.methods = [m for m in args.methods.split(",") if m and m != "none"]
-    args.arms, args.gen_variants = args.arms.split(","), args.gen_variants.split(",")
+    once = lambda spec: list(dict.fromkeys(x for x in spec.split(",") if x))  # noqa: E731
+    args.methods = [m for m in once(args.methods) if m != "none"]
+    args.arms, args.gen_variants = once(args.arms), once(args.gen_variants)
+    args.shapes, args.batches = ",".join(once(args.shapes)), ",".join(once(args.batches))
+    if "pfreeze_cached" in args.methods and args.warmup < 4:
+        p.error("pfreeze_cached needs --warmup 4 or more: the warm-up must see every one of "
+                "the 4 rotated batches once, so that the timed steps hit the cache")
     for what, got, known in (("method", args.methods, METHODS), ("arm", args.arms, ARMS),
                              ("generation variant", args.gen_variants, GEN_VARIANTS)):
         if bad := set(got) - set(known):
@@ -369,18 +370,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> Row:
     argv = sys.argv[1:] if argv is None else argv
     bench = Bench(parse_args(argv), argv)
+    for text in results.kept_lines(bench.out, "generation"):
+        print(text, flush=True)
     if bench.a.gen:  # first: it is short, and a time-bounded call should not lose it
         run_generation(bench)
-    print(HEADER if bench.a.methods else "", flush=True)
-    for r in bench.out["rows"]:  # kept from the file resumed
-        print(f"{line(r)}  (kept: process {r['process']})", flush=True)
+    print(results.HEADER if bench.a.methods else "", flush=True)
+    for text in results.kept_lines(bench.out, "rows"):
+        print(text, flush=True)
     for shape in bench.a.shapes.split(",") if bench.a.methods else []:
         bench.run_shape(shape)
-    bench.write()  # also when nothing was left to measure
+    if bench.resuming and not bench.written:  # the file stays as it was
+        print(f"nothing left to measure in {bench.a.out}", flush=True)
+        bench.out["processes"].pop()
+        bench.out["ratios"] = results.ratios(bench.out["rows"])
+    elif not bench.written:
+        bench.write()  # an empty file rather than none: the command ran
     for r in bench.out["ratios"]:
-        print(ratio_line(r), flush=True)
+        print(results.ratio_line(r), flush=True)
     return bench.out
 
 
 if __name__ == "__main__":
-    main()
+    from pfreeze.errors import PfreezeError
+
+    try:
+        main()
+    except PfreezeError as e:  # e.g. --device cuda without a GPU: one line, no traceback
+        raise SystemExit(f"error: {e.problem}") from None

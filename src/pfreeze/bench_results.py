@@ -11,6 +11,7 @@ are comparable only on the same device and software, which resuming checks.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,11 +22,12 @@ from pfreeze.outputs import environment
 
 Row = dict[str, Any]  # one JSON row or result
 
-# What a row's figure depends on besides its case: a file is continued only with the same.
+# What a row's figure depends on besides its case (shape, batch, arm, method; generation's
+# variant, shape, batch, lengths): a file is continued only with the same. `pfreeze_compile`
+# is compared as resolved (on/off/auto), the device by its kind and name below.
 SAME_SETTINGS = ("steps", "warmup", "pfreeze_compile", "pfreeze_compile_mode",
-                 "pfreeze_attention", "peak_tflops", "device", "seed", "gen_shape",
-                 "gen_batch", "gen_prompt", "gen_new", "gen_warmup", "gen_reps")
-SAME_ENVIRONMENT = ("device_name", "torch", "transformers")
+                 "pfreeze_attention", "seed", "gen_warmup", "gen_reps")
+SAME_ENVIRONMENT = ("device", "device_name", "peak_flops", "torch", "transformers")
 
 HEADER = ("shape    batch    arm    method             step ms      tok/s    MFU  peak MiB"
           "  rsv MiB  warm s")
@@ -47,47 +49,72 @@ def run_environment(device: torch.device, argv: list[str], peak: float | None) -
 
 
 def resumed(path: str | Path, settings: Row, env: Row) -> Row | None:
-    """The earlier results at `path` to continue, with only their finished rows; None if there
-    is no such file. A file measured with other settings, or elsewhere, is refused."""
+    """The earlier results at `path` to continue (rows that did not finish stay, marked, until
+    their case is measured again); None if there is no such file. A file measured on another
+    kind of device or software, or with other settings, is refused; one measured at another
+    commit is continued with a warning (each row names its process, each process its commit)."""
     try:
         old = json.loads(Path(path).read_text(encoding="utf-8"))
-        rows, gens, was = old["rows"], old["generation"], old["settings"]
-        processes = old.get("processes") or [old["environment"]]
+        rows, gens, was = list(old["rows"]), list(old["generation"]), dict(old["settings"])
+        processes = list(old.get("processes") or [old["environment"]])
+        last = dict(processes[-1])
+        for r in rows:
+            case_key(r)
+        for r in gens:
+            gen_key(r)
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise SystemExit(f"error: cannot resume {path}: not a pfreeze.bench results file "
                          f"({type(e).__name__}: {e}); pass another --out, or delete it") from None
-    for k in SAME_SETTINGS:
-        if was.get(k) != settings.get(k):
-            raise SystemExit(f"error: cannot resume {path}: it was measured with {k}="
-                             f"{was.get(k)!r}, this run has {settings.get(k)!r}; rerun with the "
-                             "same setting, or pass another --out")
     for k in SAME_ENVIRONMENT:
-        if processes[-1].get(k) != env.get(k):
+        if last.get(k) != env.get(k):
             raise SystemExit(f"error: cannot resume {path}: it was measured with {k} "
-                             f"{processes[-1].get(k)!r}, this machine has {env.get(k)!r}; "
-                             "its rows would not compare: pass another --out")
-    keep = [dict(r, process=r.get("process", 0)) for r in rows if r.get("status") == "ok"]
-    gkeep = [dict(r, process=r.get("process", 0)) for r in gens if r.get("status") == "ok"]
-    return {"processes": processes, "rows": keep, "generation": gkeep}
+                             f"{last.get(k)!r}, this machine has {env.get(k)!r}; its rows "
+                             "would not compare with this machine's: pass another --out")
+    for k in SAME_SETTINGS:
+        if k not in was:
+            raise SystemExit(f"error: cannot resume {path}: it predates the setting {k}; "
+                             "pass another --out")
+        if was[k] != settings.get(k):
+            raise SystemExit(f"error: cannot resume {path}: it was measured with {k}="
+                             f"{was[k]!r}, this run has {settings.get(k)!r}; rerun with the "
+                             "same setting, or pass another --out")
+    if last.get("git") != env.get("git"):
+        print(f"warning: {path} was measured at {last.get('git')}, this run is at "
+              f"{env.get('git')}: rows and ratios across the two compare two commits",
+              file=sys.stderr)
+    return {"processes": processes,
+            "rows": [dict(r, process=r.get("process", 0)) for r in rows],
+            "generation": [dict(r, process=r.get("process", 0)) for r in gens]}
+
+
+def replace_row(rows: list[Row], row: Row, key: Any) -> None:
+    """Append `row`, dropping an unfinished row of the same case (kept from a resumed file)."""
+    rows[:] = [r for r in rows if key(r) != key(row)]
+    rows.append(row)
 
 
 def ratios(rows: list[Row]) -> list[Row]:
     """pfreeze (and pfreeze_cached) / peer step time per (shape, batch, arm); frozen / full per
     method (pfreeze_cached's frozen arm against pfreeze's full arm, which it cannot cache)."""
-    ok = {case_key(r): r["step_ms"] for r in rows if r.get("status") == "ok"}
+    ok = {case_key(r): r for r in rows if r.get("status") == "ok"}
     out = []
-    for (s, b, t, arm, meth), ms in ok.items():
+
+    def pair(kind: str, case: Row, num: Row, den: Row) -> None:
+        # The processes that measured the two rows: a resumed file can pair two runs.
+        out.append({"kind": kind, **case, "step_time_ratio": num["step_ms"] / den["step_ms"],
+                    "processes": sorted({num.get("process", 0), den.get("process", 0)})})
+
+    for (s, b, t, arm, meth), r in ok.items():
         case = {"shape": s, "batch": b, "seq": t, "method": meth}
         if not meth.startswith("pfreeze"):
             for own in ("pfreeze", "pfreeze_cached"):
                 if pf := ok.get((s, b, t, arm, own)):
-                    out.append({"kind": f"{own}/peer", **case, "arm": arm,
-                                "step_time_ratio": pf / ms})
+                    pair(f"{own}/peer", {**case, "arm": arm}, pf, r)
         full = ok.get((s, b, t, "full", "pfreeze" if meth == "pfreeze_cached" else meth))
         if arm == "frozen" and full:
-            out.append({"kind": "frozen/full", **case, "arm": "", "step_time_ratio": ms / full})
+            pair("frozen/full", {**case, "arm": ""}, r, full)
     return out
 
 
@@ -108,5 +135,15 @@ def line(r: Row) -> str:
 
 
 def ratio_line(r: Row) -> str:
+    across = f"  (processes {r['processes']})" if len(r.get("processes", [])) > 1 else ""
     return (f"{r['kind']:20} {r['shape']:8} {r['batch']}x{r['seq']:<5} {r['arm']:6} "
-            f"{r['method']:16} {r['step_time_ratio']:.3f}")
+            f"{r['method']:16} {r['step_time_ratio']:.3f}{across}")
+
+
+def kept_lines(out: Row, part: str) -> list[str]:
+    """Table lines of the finished rows a resumed file brought (`part`: rows or generation)."""
+    done = [r for r in out[part] if r["status"] == "ok"]
+    if part == "rows":
+        return [f"{line(r)}  (kept: process {r['process']})" for r in done]
+    return [f"gen {r['shape']} {r['variant']:14} {r['new_tokens_per_s']:12,.0f} new tok/s"
+            f"  (kept: process {r['process']})" for r in done]
