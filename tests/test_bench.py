@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pfreeze import bench
+from pfreeze import bench, bench_results
 from pfreeze.models import load_model
 from pfreeze.plan import compile_plan
 
@@ -128,9 +128,9 @@ def test_sync_sites_count_syncs_not_the_modes_notice() -> None:
               "/pytorch/torch/csrc/cuda/Module.cpp:1136.)")  # torch's TORCH_WARN_ONCE text
     with warnings.catch_warnings(record=True) as passed:
         warnings.simplefilter("always")
-        assert bench.sync_sites(warned(notice)) == []
-        sites = bench.sync_sites(warned(notice, "called a synchronizing CUDA operation"))
-        assert bench.sync_sites(warned("something else")) == []
+        assert bench_results.sync_sites(warned(notice)) == []
+        sites = bench_results.sync_sites(warned(notice, "called a synchronizing CUDA operation"))
+        assert bench_results.sync_sites(warned("something else")) == []
     assert len(sites) == 1 and "tests/test_bench.py:" in sites[0]
     assert [str(w.message) for w in passed] == ["something else"]
 
@@ -221,3 +221,31 @@ def test_cached_rows_need_a_warm_up_that_fills_the_cache() -> None:
         bench.parse_args(["--methods", "pfreeze_cached", "--warmup", "3"])
     assert bench.parse_args(["--methods", "eager,eager", "--shapes", "tiny,tiny"]).methods == [
         "eager"]
+
+
+def test_inductor_settings_apply_for_the_run_and_refuse_typos(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch
+                                                              ) -> None:
+    """--inductor KEY=VALUE patches torch._inductor.config while the cases run (and only
+    then); a key inductor does not have is refused with the closest names."""
+    import torch._inductor.config as inductor
+
+    from pfreeze.errors import PfreezeError
+    from pfreeze.execution import inductor_settings
+
+    assert inductor_settings(["combo_kernels=True", "triton.cudagraph_trees=False",
+                              "max_autotune_gemm_backends=ATEN"]) == {
+        "combo_kernels": True, "triton.cudagraph_trees": False,
+        "max_autotune_gemm_backends": "ATEN"}
+    with pytest.raises(PfreezeError, match=r"did you mean combo_kernels"):
+        inductor_settings(["combo_kernel=True"])
+    with pytest.raises(PfreezeError, match=r"not KEY=VALUE"):
+        inductor_settings(["combo_kernels"])
+
+    seen = []
+    monkeypatch.setattr(bench.Bench, "run_shape", lambda self, shape: seen.append(
+        inductor.combo_kernels))
+    before = inductor.combo_kernels
+    data = _run(tmp_path, "--methods", "eager", "--inductor", f"combo_kernels={not before}")
+    assert seen == [not before] and inductor.combo_kernels == before
+    assert data["settings"]["inductor"] == [f"combo_kernels={not before}"]

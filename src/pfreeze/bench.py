@@ -23,10 +23,7 @@ import sys
 import tempfile
 import time
 import traceback
-import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -47,44 +44,6 @@ ARMS = {"full": None, "frozen": "layers=50%: roles=q,k,v"}
 HOPPER_BF16 = 989e12  # dense bf16 FLOP/s of an H100/H200 SXM (datasheet)
 LR = 1e-4
 Batches = list[torch.Tensor]  # token ids on the host, rotated through the steps
-
-
-@contextmanager
-def host_syncs(cuda: bool) -> Iterator[list[str]]:
-    """The places (file:line) where code inside made the host wait for the GPU, by CUDA's sync
-    debug mode (filled on exit). It sees device and stream synchronisation and blocking
-    copies (.item(), bool(), .cpu()); not event waits (Staging's ring waits so, on copies
-    queued steps ago) nor a driver's implicit wait (a copy from pageable memory). Torch's
-    own caveat: the mode does not yet see every synchronising operation."""
-    sites: list[str] = []
-    if not cuda:
-        yield sites
-        return
-    before = torch.cuda.get_sync_debug_mode()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            yield sites
-        finally:
-            torch.cuda.set_sync_debug_mode(before)
-    sites += sync_sites(caught)
-
-
-def sync_sites(caught: list[warnings.WarningMessage]) -> list[str]:
-    """file:line of each sync warning in `caught`; other warnings are re-raised. The mode's
-    own notice ("... prototype feature and does not yet detect all synchronizing
-    operations", once per process) is dropped: it is not a sync (the first row of every
-    session-5 bench run counted it as one)."""
-    sites = []
-    for c in caught:
-        if "called a synchronizing" in str(c.message):
-            sites.append(f"{'/'.join(Path(c.filename).parts[-3:])}:{c.lineno}")
-        elif "debug mode is a prototype feature" in str(c.message):
-            continue  # we turned the mode on: its caveat is in host_syncs' docstring
-        else:  # not ours to swallow
-            warnings.warn_explicit(c.message, c.category, c.filename, c.lineno)
-    return sites
 
 
 class Bench:
@@ -148,7 +107,7 @@ class Bench:
             marks.append(self.mark())
             step(i)
         t0 = self.start_timed()
-        with host_syncs(self.cuda) as sites:
+        with results.host_syncs(self.cuda) as sites:
             for i in range(w, w + self.a.steps):
                 marks.append(self.mark())
                 step(i)
@@ -338,6 +297,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    choices=("auto", "default", "reduce-overhead", "max-autotune"))
     p.add_argument("--pfreeze-attention", default="auto",
                    choices=("auto", "model", "flash", "sdpa", "cudnn", "efficient", "math"))
+    p.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
+                   help="a torch._inductor.config setting for every compiled case (repeatable)")
     p.add_argument("--peak-tflops", type=float, help="for MFU (default: 989 on H100/H200)")
     p.add_argument("--gen", action=argparse.BooleanOptionalAction, default=True, help="runs first")
     p.add_argument("--arms", default="full,frozen", help=f"of {', '.join(ARMS)}")
@@ -369,7 +330,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> Row:
     argv = sys.argv[1:] if argv is None else argv
-    bench = Bench(parse_args(argv), argv)
+    args = parse_args(argv)
+    with torch._inductor.config.patch(execution.inductor_settings(args.inductor)):
+        return run(Bench(args, argv))
+
+
+def run(bench: Bench) -> Row:
     for text in results.kept_lines(bench.out, "generation"):
         print(text, flush=True)
     if bench.a.gen:  # first: it is short, and a time-bounded call should not lose it

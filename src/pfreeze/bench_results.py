@@ -1,5 +1,5 @@
-"""The benchmark's results: one JSON file and one printed table, the ratios between rows, and
-continuing an earlier results file (`--resume`).
+"""The benchmark's results: one JSON file and one printed table, the ratios between rows, the
+host syncs a row reports, and continuing an earlier results file (`--resume`).
 
 A resumed file keeps the rows that finished and measures only the cases still missing (or
 skipped, or failed), so a benchmark larger than one sitting on a machine (the default matrix
@@ -13,6 +13,9 @@ from __future__ import annotations
 import json
 import sys
 import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +29,46 @@ Row = dict[str, Any]  # one JSON row or result
 # variant, shape, batch, lengths): a file is continued only with the same. `pfreeze_compile`
 # is compared as resolved (on/off/auto), the device by its kind and name below.
 SAME_SETTINGS = ("steps", "warmup", "pfreeze_compile", "pfreeze_compile_mode",
-                 "pfreeze_attention", "seed", "gen_warmup", "gen_reps")
+                 "pfreeze_attention", "inductor", "seed", "gen_warmup", "gen_reps")
 SAME_ENVIRONMENT = ("device", "device_name", "peak_flops", "torch", "transformers")
+
+@contextmanager
+def host_syncs(cuda: bool) -> Iterator[list[str]]:
+    """The places (file:line) where code inside made the host wait for the GPU, by CUDA's sync
+    debug mode (filled on exit). It sees device and stream synchronisation and blocking
+    copies (.item(), bool(), .cpu()); not event waits (Staging's ring waits so, on copies
+    queued steps ago) nor a driver's implicit wait (a copy from pageable memory). Torch's
+    own caveat: the mode does not yet see every synchronising operation."""
+    sites: list[str] = []
+    if not cuda:
+        yield sites
+        return
+    before = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield sites
+        finally:
+            torch.cuda.set_sync_debug_mode(before)
+    sites += sync_sites(caught)
+
+
+def sync_sites(caught: list[warnings.WarningMessage]) -> list[str]:
+    """file:line of each sync warning in `caught`; other warnings are re-raised. The mode's
+    own notice ("... prototype feature and does not yet detect all synchronizing
+    operations", once per process) is dropped: it is not a sync (the first row of every
+    session-5 bench run counted it as one)."""
+    sites = []
+    for c in caught:
+        if "called a synchronizing" in str(c.message):
+            sites.append(f"{'/'.join(Path(c.filename).parts[-3:])}:{c.lineno}")
+        elif "debug mode is a prototype feature" in str(c.message):
+            continue  # we turned the mode on: its caveat is in host_syncs' docstring
+        else:  # not ours to swallow
+            warnings.warn_explicit(c.message, c.category, c.filename, c.lineno)
+    return sites
+
 
 HEADER = ("shape    batch    arm    method             step ms      tok/s    MFU  peak MiB"
           "  rsv MiB  warm s")
