@@ -32,6 +32,7 @@ SAME_SETTINGS = ("steps", "warmup", "pfreeze_compile", "pfreeze_compile_mode",
                  "pfreeze_attention", "inductor", "seed", "gen_warmup", "gen_reps")
 SAME_ENVIRONMENT = ("device", "device_name", "peak_flops", "torch", "transformers")
 
+
 @contextmanager
 def host_syncs(cuda: bool) -> Iterator[list[str]]:
     """The places (file:line) where code inside made the host wait for the GPU, by CUDA's sync
