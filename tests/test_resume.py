@@ -122,7 +122,8 @@ def test_resume_keeps_what_auto_resolved_to_when_the_run_started(corpus: Path,
     state_file = out / "checkpoint" / "state.json"
     state = json.loads(state_file.read_text())
     assert state["execution"] == {"attention": "model", "decoder": "generate",
-                                  "compile_mode": "default"}  # what auto is on the CPU
+                                  "compile_mode": "default",
+                                  "compiled": False}  # what auto is on the CPU
     state["execution"]["decoder"] = "pfreeze"  # as if started where auto picked it
     state_file.write_text(json.dumps(state))
     assert _run(corpus, out, resume=True) == 0
@@ -175,8 +176,44 @@ def test_a_checkpoint_from_before_auto_resumes_with_the_old_meaning(corpus: Path
 
     loop = Loop(load_config(None, [*OVERRIDES, f"data.corpus={corpus}"]), None)  # type: ignore
     assert legacy(loop) == {"attention": "model", "decoder": "generate",
-                            "compile_mode": "default"}
+                            "compile_mode": "default", "compiled": False}
     flash = load_config(None, [*OVERRIDES, f"data.corpus={corpus}",
                                "training.attention_backend=flash", "generation.decoder=pfreeze"])
     assert legacy(Loop(flash, None)) == {  # type: ignore[arg-type]
-        "attention": "flash", "decoder": "pfreeze", "compile_mode": "default"}
+        "attention": "flash", "decoder": "pfreeze", "compile_mode": "default",
+        "compiled": False}
+
+
+def test_a_resumed_run_keeps_its_compilation_choice(corpus: Path) -> None:
+    """torch_compile=auto changed its threshold (200 -> 1,000 steps): a run keeps the choice it
+    started with, recorded in the checkpoint, or the old rule's for a checkpoint without it."""
+    from pfreeze.config import load_config
+    from pfreeze.execution import compiled_by_the_old_rule, pin, snapshot
+    from pfreeze.models import load_model
+    from pfreeze.train import Loop
+
+    def built(*extra: str) -> Loop:
+        cfg = load_config(None, [*OVERRIDES, f"data.corpus={corpus}", *extra])
+        loop = Loop(cfg, None)  # type: ignore[arg-type]
+        lm = load_model("random:llama", seed=0)
+        loop.build_arms(lm.model, lm.family)
+        return loop
+
+    loop = built()
+    assert not loop.compile and all(a.step_fn is None for a in loop.arms)
+    pin(loop, {**snapshot(loop), "compiled": True})  # started where auto compiled
+    assert loop.compile
+    for arm in loop.arms:
+        assert arm.step_fn is not None and arm.step_fn._orig_mod is arm.model
+    pin(loop, {**snapshot(loop), "compiled": False})
+    assert not loop.compile and all(a.step_fn is None for a in loop.arms)
+    # A checkpoint without the key: on a GPU, 500 steps compiled under the old rule.
+    gpu_run = built("training.max_steps=500")
+    gpu_run.device = torch.device("cuda")
+    assert compiled_by_the_old_rule(gpu_run) and not built().compile
+    old = {k: v for k, v in snapshot(gpu_run).items() if k != "compiled"}
+    pin(gpu_run, old)  # resumed with a checkpoint from before the key
+    assert gpu_run.compile and all(a.step_fn is not None for a in gpu_run.arms)
+    gpu_run.device = torch.device("cpu")
+    assert not compiled_by_the_old_rule(gpu_run)
+

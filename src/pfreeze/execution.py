@@ -152,25 +152,36 @@ def release() -> None:
         torch.cuda.empty_cache()
 
 
-def snapshot(loop: Loop) -> dict[str, str]:
+def snapshot(loop: Loop) -> dict[str, Any]:
     return {"attention": loop.attention, "decoder": loop.decoder,
-            "compile_mode": loop.compile_mode}
+            "compile_mode": loop.compile_mode, "compiled": loop.compile}
 
 
-def legacy(loop: Loop) -> dict[str, str]:
+def compiled_by_the_old_rule(loop: Loop) -> bool:
+    """Whether `auto` compiled a run whose checkpoint does not say: one written before
+    82aa6f1, when auto compiled GPU runs from 200 steps."""
+    t = loop.cfg.training
+    if t.torch_compile != "auto":
+        return bool(t.torch_compile)
+    return loop.device.type == "cuda" and t.max_steps >= 200
+
+
+def legacy(loop: Loop) -> dict[str, Any]:
     """What `auto` meant for a checkpoint written before it could resolve to anything else.
     state.json records `execution` since e1ebc9a; a GPU run checkpointed between 9801632 and
     e1ebc9a resumes with these values, not the ones it started with."""
     t, g = loop.cfg.training, loop.cfg.generation
     return {"attention": "model" if t.attention_backend == "auto" else t.attention_backend,
             "decoder": "generate" if g.decoder == "auto" else g.decoder,
-            "compile_mode": "default" if t.torch_compile_mode == "auto" else t.torch_compile_mode}
+            "compile_mode": "default" if t.torch_compile_mode == "auto" else t.torch_compile_mode,
+            "compiled": compiled_by_the_old_rule(loop)}
 
 
-def pin(loop: Loop, saved: dict[str, str]) -> None:
+def pin(loop: Loop, saved: dict[str, Any]) -> None:
     """A resumed run keeps what `auto` resolved to when it started, even on another machine:
-    the decoder sets which draws p is measured on, the attention kernel and graphs its step
-    times."""
+    the decoder sets which draws p is measured on, the attention kernel, compilation and
+    graphs its step times."""
+    saved = {"compiled": compiled_by_the_old_rule(loop), **saved}
     if saved == snapshot(loop):
         return
     loop.decoder = saved["decoder"]  # the one that decides what is measured: kept as it was
@@ -186,3 +197,9 @@ def pin(loop: Loop, saved: dict[str, str]) -> None:
         for arm in loop.arms:
             if arm.step_fn is not None:  # compiled lazily: nothing has run in it yet
                 arm.step_fn = compile_step(arm.step_fn._orig_mod, mode)
+    if saved["compiled"] != loop.compile:
+        loop.compile = saved["compiled"]
+        for arm in loop.arms:  # as build_arms does: only single-plan arms compile
+            trains = arm.model if arm.prefix is None else arm.prefix.upper
+            arm.step_fn = (compile_step(trains, loop.compile_mode)
+                           if loop.compile and len(arm.strategy.plans) == 1 else None)
