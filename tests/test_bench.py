@@ -233,14 +233,17 @@ def test_inductor_settings_apply_for_the_run_and_refuse_typos(tmp_path: Path,
     from pfreeze.errors import PfreezeError
     from pfreeze.execution import inductor_settings
 
-    assert inductor_settings(["combo_kernels=True", "triton.cudagraph_trees=False",
-                              "max_autotune_gemm_backends=ATEN"]) == {
+    assert inductor_settings(["combo_kernels=True", "triton.cudagraph_trees=false",
+                              "max_autotune_gemm_backends=ATEN", "compile_threads=3"]) == {
         "combo_kernels": True, "triton.cudagraph_trees": False,
-        "max_autotune_gemm_backends": "ATEN"}
+        "max_autotune_gemm_backends": "ATEN", "compile_threads": 3}
     with pytest.raises(PfreezeError, match=r"did you mean combo_kernels"):
         inductor_settings(["combo_kernel=True"])
     with pytest.raises(PfreezeError, match=r"not KEY=VALUE"):
         inductor_settings(["combo_kernels"])
+    for bad in ("combo_kernels=flase", "combo_kernels=", "compile_threads=two"):
+        with pytest.raises(PfreezeError, match=r"not a value for this (bool|int) setting"):
+            inductor_settings([bad])
 
     seen = []
     monkeypatch.setattr(bench.Bench, "run_shape", lambda self, shape: seen.append(
@@ -248,4 +251,4 @@ def test_inductor_settings_apply_for_the_run_and_refuse_typos(tmp_path: Path,
     before = inductor.combo_kernels
     data = _run(tmp_path, "--methods", "eager", "--inductor", f"combo_kernels={not before}")
     assert seen == [not before] and inductor.combo_kernels == before
-    assert data["settings"]["inductor"] == [f"combo_kernels={not before}"]
+    assert data["settings"]["inductor"] == {"combo_kernels": not before}

@@ -186,34 +186,54 @@ def test_a_checkpoint_from_before_auto_resumes_with_the_old_meaning(corpus: Path
 
 def test_a_resumed_run_keeps_its_compilation_choice(corpus: Path) -> None:
     """torch_compile=auto changed its threshold (200 -> 1,000 steps): a run keeps the choice it
-    started with, recorded in the checkpoint, or the old rule's for a checkpoint without it."""
+    started with, recorded in the checkpoint, or the old rule's for a checkpoint without it.
+    Compiled as build_arms would: single-plan arms only, a cached arm's upper blocks; never
+    CUDA graphs with gradient accumulation; not on a CPU when the choice was auto's."""
     from pfreeze.config import load_config
-    from pfreeze.execution import compiled_by_the_old_rule, pin, snapshot
+    from pfreeze.corpus import BatchStream
+    from pfreeze.execution import compiled_by_the_old_rule, pin, resolve_compile, snapshot
     from pfreeze.models import load_model
     from pfreeze.train import Loop
 
+    warned: list[str] = []
+
     def built(*extra: str) -> Loop:
-        cfg = load_config(None, [*OVERRIDES, f"data.corpus={corpus}", *extra])
+        cfg = load_config(None, [
+            *OVERRIDES, f"data.corpus={corpus}", "data.sampling=epochs",
+            "arms=[{kind: full}, {kind: plan, select: 'layers=2: roles=q,k,v'},"
+            " {kind: unfreeze, every: 2}]", *extra])
         loop = Loop(cfg, None)  # type: ignore[arg-type]
+        loop.stream = BatchStream(list(range(400)), 32, 2, 0, "epochs")
         lm = load_model("random:llama", seed=0)
         loop.build_arms(lm.model, lm.family)
+        loop.device, loop.warn = torch.device("cuda"), warned.append  # as if on a GPU
         return loop
 
     loop = built()
+    full, cached, unfreeze = loop.arms
+    assert cached.prefix is not None and len(unfreeze.strategy.plans) > 1
     assert not loop.compile and all(a.step_fn is None for a in loop.arms)
     pin(loop, {**snapshot(loop), "compiled": True})  # started where auto compiled
-    assert loop.compile
-    for arm in loop.arms:
-        assert arm.step_fn is not None and arm.step_fn._orig_mod is arm.model
+    assert loop.compile and unfreeze.step_fn is None
+    assert full.step_fn._orig_mod is full.model and cached.step_fn._orig_mod is cached.prefix.upper
     pin(loop, {**snapshot(loop), "compiled": False})
     assert not loop.compile and all(a.step_fn is None for a in loop.arms)
+
     # A checkpoint without the key: on a GPU, 500 steps compiled under the old rule.
     gpu_run = built("training.max_steps=500")
-    gpu_run.device = torch.device("cuda")
-    assert compiled_by_the_old_rule(gpu_run) and not built().compile
-    old = {k: v for k, v in snapshot(gpu_run).items() if k != "compiled"}
-    pin(gpu_run, old)  # resumed with a checkpoint from before the key
-    assert gpu_run.compile and all(a.step_fn is not None for a in gpu_run.arms)
-    gpu_run.device = torch.device("cpu")
-    assert not compiled_by_the_old_rule(gpu_run)
+    assert compiled_by_the_old_rule(gpu_run)
+    assert not resolve_compile("auto", torch.device("cuda"), 500)
+    pin(gpu_run, {k: v for k, v in snapshot(gpu_run).items() if k != "compiled"})
+    assert gpu_run.compile and full.step_fn is None and gpu_run.arms[0].step_fn is not None
 
+    # CUDA graphs are never pinned onto gradient accumulation (Loop refuses them at start).
+    acc = built("training.max_steps=500", "training.gradient_accumulation_steps=2")
+    pin(acc, {**snapshot(acc), "compiled": True, "compile_mode": "reduce-overhead"})
+    assert acc.compile and acc.compile_mode == "default" and "gradient accumulation" in warned[-1]
+
+    # Resumed on a CPU, auto's choice to compile is not kept (minutes of C++ for little).
+    cpu = built()
+    cpu.device = torch.device("cpu")
+    pin(cpu, {**snapshot(cpu), "compiled": True})
+    assert not cpu.compile and "resumed eager" in warned[-1]
+    assert not compiled_by_the_old_rule(cpu)

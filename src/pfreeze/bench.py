@@ -34,6 +34,7 @@ from pfreeze import execution
 from pfreeze.atomic import write_json
 from pfreeze.bench_results import Row
 from pfreeze.bench_sampling import GEN_VARIANTS, run_generation
+from pfreeze.errors import PfreezeError
 from pfreeze.flops import model_flops, train_flops  # noqa: F401 (train_flops: public here)
 from pfreeze.models import load_model
 from pfreeze.plan import compile_plan
@@ -318,6 +319,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.methods = [m for m in once(args.methods) if m != "none"]
     args.arms, args.gen_variants = once(args.arms), once(args.gen_variants)
     args.shapes, args.batches = ",".join(once(args.shapes)), ",".join(once(args.batches))
+    try:  # resolved here: the file records (and --resume compares) the typed settings
+        args.inductor = execution.inductor_settings(args.inductor)
+    except PfreezeError as e:
+        p.error(str(e))
     if "pfreeze_cached" in args.methods and args.warmup < 4:
         p.error("pfreeze_cached needs --warmup 4 or more: the warm-up must see every one of "
                 "the 4 rotated batches once, so that the timed steps hit the cache")
@@ -331,7 +336,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> Row:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    with torch._inductor.config.patch(execution.inductor_settings(args.inductor)):
+    with torch._inductor.config.patch(args.inductor):
         return run(Bench(args, argv))
 
 
@@ -357,8 +362,6 @@ def run(bench: Bench) -> Row:
 
 
 if __name__ == "__main__":
-    from pfreeze.errors import PfreezeError
-
     try:
         main()
     except PfreezeError as e:  # e.g. --device cuda without a GPU: one line, no traceback

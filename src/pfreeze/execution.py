@@ -30,7 +30,8 @@ def pick_device(spec: str) -> torch.device:
 
 # Runs shorter than this stay eager under torch_compile=auto. On an H200 compiling one arm
 # costs 23-56 s on a cold inductor cache and saves 47-100 ms a step, so it pays back after
-# 325-905 steps (GPT-2 and SmolLM2 shapes, both batch settings; docs/BENCHMARKS.md, session 6).
+# 325-905 steps (SmolLM2 at 32 x 512 and 16 x 256, GPT-2 at 32 x 512; docs/BENCHMARKS.md,
+# session 6).
 COMPILE_PAYS_AFTER = 1000
 
 
@@ -45,9 +46,9 @@ def resolve_compile(setting: bool | str, device: torch.device, max_steps: int) -
 
 def inductor_settings(specs: list[str]) -> dict[str, Any]:
     """KEY=VALUE strings as torch._inductor.config settings (dotted keys as in
-    `torch._inductor.config.patch`; values as Python literals, else strings). An unknown key
-    is refused with the closest names: a typo must not measure the default silently."""
-    import ast
+    `torch._inductor.config.patch`; each value read as the type of the setting's default). An
+    unknown key is refused with the closest names: a typo must not measure the default
+    silently."""
     import difflib
 
     known = torch._inductor.config.get_config_copy()
@@ -59,11 +60,27 @@ def inductor_settings(specs: list[str]) -> dict[str, Any]:
             raise PfreezeError(f"'{spec}' is not KEY=VALUE with an inductor config key" +
                                (f" (did you mean {', '.join(near)}?)" if near else ""),
                                "see torch._inductor.config for the names")
-        try:
-            out[key] = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            out[key] = text
+        out[key] = _as_type_of(known[key], text, spec)
     return out
+
+
+_BOOLS = {"true": True, "1": True, "false": False, "0": False}
+
+
+def _as_type_of(default: Any, text: str, spec: str) -> Any:
+    """`text` as a value of the setting's type: a typo such as combo_kernels=flase must not
+    pass as a (truthy) string."""
+    try:
+        if isinstance(default, bool):
+            return _BOOLS[text.lower()]
+        if isinstance(default, int | float):
+            return type(default)(text)
+        if (isinstance(default, str) or default is None) and text:
+            return None if default is None and text.lower() == "none" else text
+    except (KeyError, ValueError):
+        pass
+    raise PfreezeError(f"'{spec}': not a value for this {type(default).__name__} setting",
+                       f"give one like {default!r}")
 
 
 def resolve_compile_mode(mode: str, device: torch.device, accumulation: int) -> str:
@@ -159,7 +176,8 @@ def snapshot(loop: Loop) -> dict[str, Any]:
 
 def compiled_by_the_old_rule(loop: Loop) -> bool:
     """Whether `auto` compiled a run whose checkpoint does not say: one written before
-    82aa6f1, when auto compiled GPU runs from 200 steps."""
+    82aa6f1, when auto compiled GPU runs from 200 steps (the commits from 82aa6f1 to the one
+    that added the key landed together)."""
     t = loop.cfg.training
     if t.torch_compile != "auto":
         return bool(t.torch_compile)
@@ -192,14 +210,19 @@ def pin(loop: Loop, saved: dict[str, Any]) -> None:
     except PfreezeError as e:
         loop.warn(f"resumed with attention {loop.attention}, not {saved['attention']} as it "
                   f"started: {e.problem}")
-    if saved["compile_mode"] != loop.compile_mode:
-        loop.compile_mode = mode = saved["compile_mode"]
-        for arm in loop.arms:
-            if arm.step_fn is not None:  # compiled lazily: nothing has run in it yet
-                arm.step_fn = compile_step(arm.step_fn._orig_mod, mode)
-    if saved["compiled"] != loop.compile:
-        loop.compile = saved["compiled"]
+    mode, compiled = saved["compile_mode"], saved["compiled"]
+    if compiled and loop.device.type != "cuda" and loop.t.torch_compile == "auto":
+        loop.warn("resumed eager: the run compiled on a GPU, and compiling here (CPU) costs "
+                  "minutes for little")
+        compiled = False
+    if compiled and uses_graphs(True, mode) and loop.t.gradient_accumulation_steps > 1:
+        # Never valid (Loop refuses it at the start): graph replays share output buffers.
+        loop.warn(f"resumed with torch_compile_mode=default, not {mode}: CUDA graphs cannot "
+                  "run with gradient accumulation")
+        mode = "default"
+    if (mode, compiled) != (loop.compile_mode, loop.compile):
+        loop.compile_mode, loop.compile = mode, compiled
         for arm in loop.arms:  # as build_arms does: only single-plan arms compile
             trains = arm.model if arm.prefix is None else arm.prefix.upper
-            arm.step_fn = (compile_step(trains, loop.compile_mode)
-                           if loop.compile and len(arm.strategy.plans) == 1 else None)
+            arm.step_fn = (compile_step(trains, mode)
+                           if compiled and len(arm.strategy.plans) == 1 else None)
