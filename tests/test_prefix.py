@@ -157,7 +157,7 @@ def test_every_cached_arm_pays_its_own_misses_within_one_budget() -> None:
     """Step times are compared across arms: no arm may ride on another's cache fills."""
     lm, infos, trained = _trained("random:llama", "upper")  # f = 2
     width = lm.model.config.hidden_size
-    caches = Caches(4, 16, CPU, limit=2 * 4 * 16 * width * 4)  # room for two stores
+    caches = Caches(4, 16, CPU, limit=2 * 4 * 16 * width * 4)  # room for two caches
     a, _ = caches.for_arm(lm.model, lm.family, trained, infos, True)
     b, _ = caches.for_arm(lm.model, lm.family, trained, infos, True)
     assert a is not None and b is not None and a.have is not b.have

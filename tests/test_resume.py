@@ -157,7 +157,8 @@ def test_a_pinned_setting_that_cannot_run_here_falls_back_but_the_decoder_stays(
     monkeypatch.setattr(pfreeze.execution, "compile_step",
                         lambda m, mode: modes.append(mode) or compile_step(m, mode))
     before = [a.step_fn for a in loop.arms]
-    pin(loop, {"attention": "cudnn", "decoder": "pfreeze", "compile_mode": "max-autotune"})
+    pin(loop, {"attention": "cudnn", "decoder": "pfreeze", "compile_mode": "max-autotune",
+               "compiled": True})
     assert (loop.attention, loop.decoder, loop.compile_mode) == ("model", "pfreeze",
                                                                  "max-autotune")
     assert len(warned) == 1 and "not cudnn" in warned[0]
@@ -165,7 +166,8 @@ def test_a_pinned_setting_that_cannot_run_here_falls_back_but_the_decoder_stays(
     for arm, old in zip(loop.arms, before, strict=True):  # re-wrapped, same module inside
         assert arm.step_fn is not old and arm.step_fn._orig_mod is old._orig_mod
     runnable = built()  # a pinned kernel that can run here is kept
-    pin(runnable, {"attention": "sdpa", "decoder": "generate", "compile_mode": "default"})
+    pin(runnable, {"attention": "sdpa", "decoder": "generate", "compile_mode": "default",
+                   "compiled": True})
     assert runnable.attention == "sdpa"
 
 
@@ -223,8 +225,13 @@ def test_a_resumed_run_keeps_its_compilation_choice(corpus: Path) -> None:
     gpu_run = built("training.max_steps=500")
     assert compiled_by_the_old_rule(gpu_run)
     assert not resolve_compile("auto", torch.device("cuda"), 500)
-    pin(gpu_run, {k: v for k, v in snapshot(gpu_run).items() if k != "compiled"})
-    assert gpu_run.compile and full.step_fn is None and gpu_run.arms[0].step_fn is not None
+    old = {k: v for k, v in snapshot(gpu_run).items() if k != "compiled"}
+    old.setdefault("compiled", compiled_by_the_old_rule(gpu_run))  # as checkpoint.load does
+    pin(gpu_run, old)
+    g_full, g_cached, g_unfreeze = gpu_run.arms
+    assert gpu_run.compile and full.step_fn is None and g_full.step_fn is not None
+    assert g_full.step_fn._orig_mod is g_full.model and g_unfreeze.step_fn is None
+    assert g_cached.step_fn._orig_mod is g_cached.prefix.upper
 
     # CUDA graphs are never pinned onto gradient accumulation (Loop refuses them at start).
     acc = built("training.max_steps=500", "training.gradient_accumulation_steps=2")

@@ -72,6 +72,11 @@ class ArmStrategy:
     def first_plan(self) -> Plan | None:
         return self.plans.get(0)
 
+    @property
+    def single_plan(self) -> bool:
+        """One plan for the whole run: what the compiled step and the prefix cache need."""
+        return len(self.plans) == 1
+
     def ever_trainable(self) -> int:
         """Elements trainable at some step (the union over phases, element by element)."""
         return trainable_union(self.plans.values())

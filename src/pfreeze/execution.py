@@ -35,13 +35,14 @@ def pick_device(spec: str) -> torch.device:
 COMPILE_PAYS_AFTER = 1000
 
 
-def resolve_compile(setting: bool | str, device: torch.device, max_steps: int) -> bool:
+def resolve_compile(setting: bool | str, device: torch.device, max_steps: int,
+                    pays_after: int = COMPILE_PAYS_AFTER) -> bool:
     """auto: compile on a GPU for runs long enough to pay the compilation back, so a short run
     (the demo's 40 steps) is never slower than eager; never on the CPU, where inductor's C++
     compile takes minutes and gains little."""
     if setting != "auto":
         return bool(setting)
-    return device.type == "cuda" and max_steps >= COMPILE_PAYS_AFTER
+    return device.type == "cuda" and max_steps >= pays_after
 
 
 def inductor_settings(specs: list[str]) -> dict[str, Any]:
@@ -139,22 +140,13 @@ class Staging:
         # On the stream the copy was queued on: the target device's, which need not be the
         # current device (training.device=cuda:1).
         done.record(torch.cuda.current_stream(self.device))
-        out: list[torch.Tensor | None] = []
-        i = 0
-        for t in host:
-            if t is None:
-                out.append(None)
-                continue
-            out.append(flat[i : i + t.numel()].view(t.shape))
-            i += t.numel()
-        return out
+        parts = iter(flat.split([t.numel() for t in given]))
+        return [None if t is None else next(parts).view(t.shape) for t in host]
 
 
 def reported(loop: Loop) -> dict[str, Any]:
     """What the auto settings resolved to, as summary.json and the bench report it."""
-    return {"compiled": loop.compile,
-            "compile_mode": loop.compile_mode if loop.compile else None,
-            "attention": loop.attention, "decoder": loop.decoder}
+    return {**snapshot(loop), "compile_mode": loop.compile_mode if loop.compile else None}
 
 
 def release() -> None:
@@ -178,10 +170,7 @@ def compiled_by_the_old_rule(loop: Loop) -> bool:
     """Whether `auto` compiled a run whose checkpoint does not say: one written before
     82aa6f1, when auto compiled GPU runs from 200 steps (the commits from 82aa6f1 to the one
     that added the key landed together)."""
-    t = loop.cfg.training
-    if t.torch_compile != "auto":
-        return bool(t.torch_compile)
-    return loop.device.type == "cuda" and t.max_steps >= 200
+    return resolve_compile(loop.t.torch_compile, loop.device, loop.t.max_steps, pays_after=200)
 
 
 def legacy(loop: Loop) -> dict[str, Any]:
@@ -199,7 +188,6 @@ def pin(loop: Loop, saved: dict[str, Any]) -> None:
     """A resumed run keeps what `auto` resolved to when it started, even on another machine:
     the decoder sets which draws p is measured on, the attention kernel, compilation and
     graphs its step times."""
-    saved = {"compiled": compiled_by_the_old_rule(loop), **saved}
     if saved == snapshot(loop):
         return
     loop.decoder = saved["decoder"]  # the one that decides what is measured: kept as it was
@@ -222,7 +210,5 @@ def pin(loop: Loop, saved: dict[str, Any]) -> None:
         mode = "default"
     if (mode, compiled) != (loop.compile_mode, loop.compile):
         loop.compile_mode, loop.compile = mode, compiled
-        for arm in loop.arms:  # as build_arms does: only single-plan arms compile
-            trains = arm.model if arm.prefix is None else arm.prefix.upper
-            arm.step_fn = (compile_step(trains, mode)
-                           if compiled and len(arm.strategy.plans) == 1 else None)
+        for arm in loop.arms:
+            arm.step_fn = loop.compiled_step(arm)

@@ -147,7 +147,7 @@ def _memory_limit(device: torch.device) -> int:
 
 
 class Caches:
-    """The run's stores, one per cached arm, together within a quarter of memory."""
+    """The run's prefix caches, one per cached arm, together within a quarter of memory."""
 
     def __init__(self, n_chunks: int, block: int, device: torch.device,
                  limit: int | None = None) -> None:

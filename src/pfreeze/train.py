@@ -55,7 +55,7 @@ class Loop:
                  on_step: Callable[[int, dict[str, float]], None] | None = None) -> None:
         self.cfg, self.files, self.on_step = cfg, files, on_step
         self.command: str | None = None
-        self.caches: Caches | None = None  # the frozen-prefix stores, made with the first arm
+        self.caches: Caches | None = None  # the frozen-prefix caches, made with the first arm
         self.stream: BatchStream | None = None  # set by setup() (or by a benchmark)
         self.t = cfg.training
         self.device = execution.pick_device(self.t.device)
@@ -141,17 +141,9 @@ class Loop:
             tracker = Tracker(model, infos, tracked if strat.tracks_base_weights else [],
                               trained=strat.trained_names())
             prefix, note = self._prefix_cache(model, family, strat, infos)
-            # A separate compiled callable for training only: evaluation and generate() use
-            # the eager module, whose changing shapes would otherwise exhaust dynamo's
-            # recompile limit and silently send training back to eager.
-            # Dynamo guards on requires_grad: an arm whose plan changes would recompile at each
-            # change and fall back to eager after 8, so only single-plan arms are compiled.
-            single = len(strat.plans) == 1
-            trains = model if prefix is None else prefix.upper
-            step_fn = (execution.compile_step(trains, self.compile_mode)
-                       if self.compile and single else None)
-            self.arms.append(ArmRun(strat, model, freezer, opt, sched, tracker, h, step_fn,
-                                    prefix, note))
+            arm = ArmRun(strat, model, freezer, opt, sched, tracker, h, None, prefix, note)
+            arm.step_fn = self.compiled_step(arm)
+            self.arms.append(arm)
         if self.t.prefix_cache is True and not any(a.prefix for a in self.arms):
             why = "; ".join(f"{a.strategy.name}: {a.prefix_note}" for a in self.arms)
             raise PfreezeError(f"training.prefix_cache=true, but no arm can use it ({why})",
@@ -167,7 +159,19 @@ class Loop:
         if self.caches is None:
             self.caches = Caches(stream.n_chunks, stream.block, self.device)
         return self.caches.for_arm(model, family, strat.trained_names(), infos,
-                                   len(strat.plans) == 1)
+                                   strat.single_plan)
+
+    def compiled_step(self, arm: ArmRun) -> Any:
+        """The arm's compiled training callable (the model, or a cached arm's upper blocks), or
+        None: eager. Training only: evaluation and generate() use the eager module, whose
+        changing shapes would otherwise exhaust dynamo's recompile limit and silently send
+        training back to eager. Dynamo guards on requires_grad: an arm whose plan changes
+        would recompile at each change and fall back to eager after 8, so only single-plan
+        arms compile."""
+        if not (self.compile and arm.strategy.single_plan):
+            return None
+        trains = arm.model if arm.prefix is None else arm.prefix.upper
+        return execution.compile_step(trains, self.compile_mode)
 
     def calibration_batches(self, n: int) -> list[torch.Tensor]:
         """Batches for data-driven selection, from their own seeded stream (not the shared one)."""
@@ -203,9 +207,11 @@ class Loop:
         cached = arm.prefix is not None
         if cached and windows is None:  # step_fn runs the upper blocks only: never guess
             raise ValueError(f"arm '{arm.strategy.name}' caches its prefix: pass the chunk ids")
+        if cached and idx is None:  # a batch passed on the device without its chunk ids there
+            (idx,) = self.stage(windows)
         wins = windows.chunk(n) if windows is not None else [None] * len(micro)
         # The cache checks its contents on the host ids and gathers with the device ones.
-        idxs = idx.chunk(n) if cached and idx is not None else [None] * len(micro)
+        idxs = idx.chunk(n) if cached else [None] * len(micro)
         # Not `step_fn or model`: truth-testing a compiled module falls through to len().
         forward = arm.step_fn if arm.step_fn is not None else (
             arm.prefix.upper if cached else arm.model)
@@ -321,7 +327,8 @@ class Loop:
             batch = self.stream.next()
             self.batch_hashes.append(hashlib.sha1(batch.numpy().tobytes()).hexdigest()[:16])
             windows = self.stream.windows
-            batch, idx = self.stage(batch, windows)  # once, for every arm
+            # Once for every arm; chunk ids only where an arm caches its prefix.
+            batch, idx = self.stage(batch, windows if any(a.prefix for a in self.arms) else None)
             for arm in self.arms:
                 if arm.stopped is None:
                     self._guarded_step(arm, step, batch, windows, idx)
