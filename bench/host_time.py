@@ -17,11 +17,9 @@ import time
 
 import torch
 
-from pfreeze.bench import SHAPES
-from pfreeze.config import DataConfig, PlanArm, RunConfig, TrainingConfig
-from pfreeze.corpus import BatchStream
+from pfreeze.bench import SHAPES, pfreeze_loop
+from pfreeze.config import PlanArm
 from pfreeze.models import load_model
-from pfreeze.train import Loop
 
 
 def host_ms(fn, n: int) -> float:
@@ -45,14 +43,12 @@ def main() -> None:
     ids = torch.randint(0, lm.model.config.vocab_size, (330_000,),
                         generator=torch.Generator().manual_seed(0)).tolist()
     for cached in (False, True):
-        tc = TrainingConfig(per_device_train_batch_size=b, max_steps=10_000, bf16=True,
+        # A short corpus when cached: every chunk is seen (a miss) within the warm-up.
+        loop = pfreeze_loop(lm.model, lm.family, PlanArm(), b, t,
+                            ids[: 4 * b * t] if cached else ids,
+                            "epochs" if cached else "random", max_steps=10_000, bf16=True,
                             optim="adamw_fused", torch_compile=True, prefix_cache=cached,
                             attention_backend=a.attention)
-        data = DataConfig(block_size=t, sampling="epochs" if cached else "random")
-        loop = Loop(RunConfig(data=data, training=tc, arms=[PlanArm()]), None)  # type: ignore
-        # A short corpus when cached: every chunk is seen (a miss) within the warm-up.
-        loop.stream = BatchStream(ids[: 4 * b * t] if cached else ids, t, b, 0, data.sampling)
-        loop.build_arms(lm.model, lm.family)
         r = loop.arms[0]
         batches = [(loop.stream.next(), loop.stream.windows) for _ in range(4)]
         for i in range(8):

@@ -7,26 +7,23 @@ set_sync_debug_mode). With ~0.1 s of GPU work queued, times one fresh pinned all
 the host and whether CUDA's sync debug mode flags it, then the same for a cached block. On the
 H200 (docs/BENCHMARKS.md, session 6): 1.7 ms for the first block, 0.1 ms after, never the
 0.1 s a wait would take, never flagged. The "sync" was the debug mode's own notice that it is
-a prototype, which the bench counted until session 6 (bench.sync_sites).
+a prototype, which the bench counted until session 6 (bench_results.sync_sites).
 """
 
 import time
-import warnings
 
 import torch
+
+from pfreeze.bench_results import host_syncs
 
 
 def probe(what: str, n: int) -> None:
     torch.cuda.synchronize()
     torch.cuda._sleep(200_000_000)  # GPU busy for a while, host free
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
+    with host_syncs(True) as flagged:
         t0 = time.perf_counter()
         buf = torch.empty(n, dtype=torch.long, pin_memory=True)
         dt = time.perf_counter() - t0
-        torch.cuda.set_sync_debug_mode(0)
-    flagged = [str(c.message)[:60] for c in caught if "called a synchronizing" in str(c.message)]
     print(f"{what:28} {dt * 1e3:8.2f} ms on the host, flagged: {flagged or 'no'}")
     del buf
 

@@ -20,12 +20,10 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from pfreeze.bench import SHAPES
-from pfreeze.config import DataConfig, FullArm, GenerationConfig, PlanArm, RunConfig, TrainingConfig
-from pfreeze.corpus import BatchStream
+from pfreeze.bench import SHAPES, pfreeze_loop
+from pfreeze.config import FullArm, GenerationConfig, PlanArm
 from pfreeze.evaluate import generate_samples
 from pfreeze.models import load_model
-from pfreeze.train import Loop
 
 # First match wins: attention before matmul (cuDNN's SDPA kernels carry "sm90" too), Triton
 # before copies (inductor names fused kernels after their ops, "to_copy" included).
@@ -142,15 +140,11 @@ def main() -> None:
                         generator=torch.Generator().manual_seed(0)).tolist()
     for arm in a.arms.split(","):
         cached = arm == "cached"
-        tc = TrainingConfig(per_device_train_batch_size=b, max_steps=1000, bf16=cuda,
+        loop = pfreeze_loop(lm.model, lm.family, FullArm() if arm == "full" else PlanArm(), b, t,
+                            ids, "epochs" if cached else "random", max_steps=1000, bf16=cuda,
                             optim="adamw_fused" if cuda else "adamw", torch_compile=cuda,
                             torch_compile_mode=a.mode, prefix_cache=cached,
                             attention_backend=a.attention)
-        arm_cfg = FullArm() if arm == "full" else PlanArm()
-        data = DataConfig(block_size=t, sampling="epochs" if cached else "random")
-        loop = Loop(RunConfig(data=data, training=tc, arms=[arm_cfg]), None)  # type: ignore
-        loop.stream = BatchStream(ids, t, b, 0, data.sampling)
-        loop.build_arms(lm.model, lm.family)
         r = loop.arms[0]
 
         def step(r=r, loop=loop) -> None:

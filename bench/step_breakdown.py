@@ -17,11 +17,10 @@ import time
 import torch
 
 from pfreeze.attention import training_attention
-from pfreeze.bench import SHAPES
-from pfreeze.config import FullArm, PlanArm, RunConfig, TrainingConfig
+from pfreeze.bench import SHAPES, pfreeze_loop
+from pfreeze.config import FullArm, PlanArm
 from pfreeze.evaluate import autocast
 from pfreeze.models import load_model
-from pfreeze.train import Loop
 
 
 def main() -> None:
@@ -38,11 +37,9 @@ def main() -> None:
     b, t = map(int, a.batch.split("x"))
     lm = load_model(SHAPES[a.shape])
     for arm in (FullArm(), PlanArm()):
-        tc = TrainingConfig(per_device_train_batch_size=b, max_steps=1000, bf16=True,
+        loop = pfreeze_loop(lm.model, lm.family, arm, b, t, max_steps=1000, bf16=True,
                             optim="adamw_fused", torch_compile=a.compile,
                             torch_compile_mode=a.mode, attention_backend=a.attention)
-        loop = Loop(RunConfig(training=tc, arms=[arm]), None)  # type: ignore[arg-type]
-        loop.build_arms(lm.model, lm.family)
         r = loop.arms[0]
         fwd = r.model if r.step_fn is None else r.step_fn
         x = torch.randint(0, lm.model.config.vocab_size, (b, t), device="cuda")

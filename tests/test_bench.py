@@ -190,7 +190,7 @@ def test_resume_continues_a_file_of_an_older_version(tmp_path: Path) -> None:
         r.pop("process")
     out.write_text(json.dumps(data))
     again = _run(tmp_path, "--methods", "eager,pfreeze", "--resume")
-    assert [p["date"] for p in again["processes"]][:1] == [data["environment"]["date"]]
+    assert again["processes"][0] == data["environment"] and len(again["processes"]) == 2
     assert sorted(r["process"] for r in again["rows"]) == [0, 0, 1, 1]
 
 

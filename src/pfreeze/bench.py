@@ -38,6 +38,7 @@ from pfreeze.errors import PfreezeError
 from pfreeze.flops import model_flops, train_flops  # noqa: F401 (train_flops: public here)
 from pfreeze.models import load_model
 from pfreeze.plan import compile_plan
+from pfreeze.train import Loop
 
 SHAPES = {"smollm2": "random:smollm2-135m", "gpt2": "random:gpt2-124m", "tiny": "random:llama"}
 METHODS = ("pfreeze", "pfreeze_cached", "eager", "compiled", "trainer", "trainer_compiled")
@@ -45,6 +46,26 @@ ARMS = {"full": None, "frozen": "layers=50%: roles=q,k,v"}
 HOPPER_BF16 = 989e12  # dense bf16 FLOP/s of an H100/H200 SXM (datasheet)
 LR = 1e-4
 Batches = list[torch.Tensor]  # token ids on the host, rotated through the steps
+ROTATED = 4  # batches per case; a cached row's warm-up must see each once
+
+
+def pfreeze_loop(base: nn.Module, family: str, arm: Any, batch: int, seq: int,
+                 ids: list[int] | None = None, sampling: str = "random",
+                 **training: Any) -> Loop:
+    """A one-arm pfreeze Loop on `base` (arm: a FullArm or PlanArm config), built as the bench
+    and the scripts in bench/ time it: no corpus, no run files. `ids` becomes its batch stream
+    (with `sampling`; a cached arm needs epochs), `training` the TrainingConfig fields beyond
+    the batch size."""
+    from pfreeze.config import DataConfig, RunConfig, TrainingConfig
+    from pfreeze.corpus import BatchStream
+
+    t = TrainingConfig(per_device_train_batch_size=batch, **training)
+    data = DataConfig(block_size=seq, sampling=sampling)
+    loop = Loop(RunConfig(data=data, training=t, arms=[arm]), None)  # type: ignore[arg-type]
+    if ids is not None:
+        loop.stream = BatchStream(ids, seq, batch, 0, sampling)
+    loop.build_arms(base, family)
+    return loop
 
 
 class Bench:
@@ -58,14 +79,14 @@ class Bench:
         name = torch.cuda.get_device_name(self.dev) if self.cuda else "cpu"
         hopper = HOPPER_BF16 if "H100" in name or "H200" in name else None
         self.peak = args.peak_tflops * 1e12 if args.peak_tflops else hopper
-        env = results.run_environment(self.dev, argv, self.peak)
-        self.out: Row = {"environment": env, "processes": [env], "settings": vars(args),
+        self.env = results.run_environment(self.dev, argv, self.peak)
+        self.out: Row = {"environment": self.env, "processes": [], "settings": vars(args),
                          "generation": [], "rows": []}
-        old = results.resumed(args.out, vars(args), env) if args.resume else None
-        if old:
-            self.out.update(old, processes=[*old["processes"], env])
-        self.resuming, self.written = old is not None, 0
-        self.process = len(self.out["processes"]) - 1  # this one, in every row it measures
+        if args.resume and (old := results.resumed(args.out, vars(args), self.env)):
+            self.out.update(old)
+        # This process's index in every row it measures; listed once it has written one.
+        self.process = len(self.out["processes"])
+        self.out["ratios"] = results.ratios(self.out["rows"])
         done = [r for r in self.out["rows"] if r["status"] == "ok"]
         self.kept = {results.case_key(r) for r in done}
         self.kept_gen = {results.gen_key(r) for r in self.out["generation"]
@@ -122,23 +143,18 @@ class Bench:
 
     def m_pfreeze(self, base: nn.Module, family: str, arm: str, batches: Batches,
                   cached: bool = False) -> Row:
-        from pfreeze.config import DataConfig, FullArm, PlanArm, RunConfig, TrainingConfig
-        from pfreeze.corpus import BatchStream
-        from pfreeze.train import Loop
+        from pfreeze.config import FullArm, PlanArm
 
         b, seq = batches[0].shape
-        t = TrainingConfig(per_device_train_batch_size=b, learning_rate=LR,
-                           max_steps=self.a.warmup + self.a.steps, bf16=self.cuda,
-                           device=self.dev.type, torch_compile=self.pf_compile,
-                           torch_compile_mode=self.a.pfreeze_compile_mode,
-                           optim="adamw_fused" if self.cuda else "adamw",
-                           prefix_cache=cached, attention_backend=self.a.pfreeze_attention)
         arm_cfg = FullArm() if ARMS[arm] is None else PlanArm(select=ARMS[arm])
-        data = DataConfig(sampling="epochs" if cached else "random", block_size=seq)
-        loop = Loop(RunConfig(data=data, training=t, arms=[arm_cfg]), None)  # type: ignore
-        if cached:  # the batches' tokens as the corpus: one epoch = len(batches) steps
-            loop.stream = BatchStream(torch.cat(batches).flatten().tolist(), seq, b, 0, "epochs")
-        loop.build_arms(base, family)
+        # Cached: the batches' tokens as the corpus, so one epoch = len(batches) steps.
+        ids = torch.cat(batches).flatten().tolist() if cached else None
+        loop = pfreeze_loop(base, family, arm_cfg, b, seq, ids, "epochs" if cached else "random",
+                            learning_rate=LR, max_steps=self.a.warmup + self.a.steps,
+                            bf16=self.cuda, device=self.dev.type, torch_compile=self.pf_compile,
+                            torch_compile_mode=self.a.pfreeze_compile_mode,
+                            optim="adamw_fused" if self.cuda else "adamw", prefix_cache=cached,
+                            attention_backend=self.a.pfreeze_attention)
         r = loop.arms[0]
         if cached:
             m = self.drive(lambda i: loop.train_step(r, i, loop.stream.next(),
@@ -239,23 +255,26 @@ class Bench:
         secs = m["step_ms"] / 1e3
         # A cached step skips the prefix's forward: `mfu` counts the training the arm does
         # (comparable across methods), `mfu_executed` only the FLOPs the GPU ran.
-        done = model_flops(base, family, names, b, t, cached=method == "pfreeze_cached")
+        done = (model_flops(base, family, names, b, t, cached=True)
+                if method == "pfreeze_cached" else flops)
         return {"trainable_params": sum(base.get_parameter(n).numel() for n in names),
                 "tokens_per_s": b * t / secs, "flops_per_step": flops,
                 "flops_executed_per_step": done,
                 "mfu": flops / secs / self.peak if self.peak else None,
                 "mfu_executed": done / secs / self.peak if self.peak else None, **m}
 
-    def cases(self, shape: str) -> list[tuple[int, int, str, str]]:
-        """(batch, seq, method, arm) still to measure for `shape`, in order."""
+    def cases(self, shape: str) -> list[Row]:
+        """The rows still to measure for `shape`, in order."""
         out = []
         for b, t in (map(int, s.split("x")) for s in self.a.batches.split(",")):
             for method in self.a.methods:
                 for arm in self.a.arms:
                     if method == "pfreeze_cached" and ARMS[arm] is None:
                         continue  # the full arm trains block 0: nothing to cache
-                    if (shape, b, t, arm, method) not in self.kept:
-                        out.append((b, t, method, arm))
+                    row = {"shape": shape, "batch": b, "seq": t, "arm": arm, "method": method,
+                           "process": self.process}
+                    if results.case_key(row) not in self.kept:
+                        out.append(row)
         return out
 
     def run_shape(self, shape: str) -> None:
@@ -263,24 +282,28 @@ class Bench:
             return
         lm = load_model(SHAPES.get(shape, shape), seed=self.a.seed)
         size, batches = None, []
-        for b, t, method, arm in todo:
+        for row in todo:
+            b, t, method, arm = row["batch"], row["seq"], row["method"], row["arm"]
             if size != (b, t):
                 size, g = (b, t), torch.Generator().manual_seed(self.a.seed)
                 batches = [torch.randint(0, lm.model.config.vocab_size, (b, t), generator=g)
-                           for _ in range(4)]  # rotated; on the host, as pfreeze's BatchStream
+                           for _ in range(ROTATED)]  # the peers' input, pinned once up front
                 batches = [x.pin_memory() for x in batches] if self.cuda else batches
             pf = method.startswith("pfreeze") and self.pf_compile is True
             need = self.a.compile_reserve if pf or method.endswith("compiled") else 15
-            row = {"shape": shape, "model": lm.name, "batch": b, "seq": t, "arm": arm,
-                   "method": method, "process": self.process}
+            row["model"] = lm.name
             self.guarded(row, need, lambda m=method, a=arm: self.run_case(
                 m, a, lm.model, lm.family, batches))  # noqa: B023 (called at once)
             results.replace_row(self.out["rows"], row, results.case_key)
             print(results.line(row), flush=True)
             self.write()
 
+    def measured_nothing(self) -> bool:
+        return len(self.out["processes"]) == self.process
+
     def write(self) -> None:
-        self.written += 1
+        if self.measured_nothing():
+            self.out["processes"].append(self.env)
         self.out["ratios"] = results.ratios(self.out["rows"])
         write_json(self.a.out, self.out)
 
@@ -323,9 +346,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.inductor = execution.inductor_settings(args.inductor)
     except PfreezeError as e:
         p.error(str(e))
-    if "pfreeze_cached" in args.methods and args.warmup < 4:
-        p.error("pfreeze_cached needs --warmup 4 or more: the warm-up must see every one of "
-                "the 4 rotated batches once, so that the timed steps hit the cache")
+    if "pfreeze_cached" in args.methods and args.warmup < ROTATED:
+        p.error(f"pfreeze_cached needs --warmup {ROTATED} or more: the warm-up must see every "
+                f"one of the {ROTATED} rotated batches once, so that the timed steps hit the cache")
     for what, got, known in (("method", args.methods, METHODS), ("arm", args.arms, ARMS),
                              ("generation variant", args.gen_variants, GEN_VARIANTS)):
         if bad := set(got) - set(known):
@@ -350,11 +373,9 @@ def run(bench: Bench) -> Row:
         print(text, flush=True)
     for shape in bench.a.shapes.split(",") if bench.a.methods else []:
         bench.run_shape(shape)
-    if bench.resuming and not bench.written:  # the file stays as it was
+    if bench.measured_nothing() and bench.process:  # a resumed file stays as it was
         print(f"nothing left to measure in {bench.a.out}", flush=True)
-        bench.out["processes"].pop()
-        bench.out["ratios"] = results.ratios(bench.out["rows"])
-    elif not bench.written:
+    elif bench.measured_nothing():
         bench.write()  # an empty file rather than none: the command ran
     for r in bench.out["ratios"]:
         print(results.ratio_line(r), flush=True)

@@ -146,7 +146,7 @@ def ratios(rows: list[Row]) -> list[Row]:
     def pair(kind: str, case: Row, num: Row, den: Row) -> None:
         # The processes that measured the two rows: a resumed file can pair two runs.
         out.append({"kind": kind, **case, "step_time_ratio": num["step_ms"] / den["step_ms"],
-                    "processes": sorted({num.get("process", 0), den.get("process", 0)})})
+                    "processes": sorted({num["process"], den["process"]})})
 
     for (s, b, t, arm, meth), r in ok.items():
         case = {"shape": s, "batch": b, "seq": t, "method": meth}
@@ -177,15 +177,20 @@ def line(r: Row) -> str:
 
 
 def ratio_line(r: Row) -> str:
-    across = f"  (processes {r['processes']})" if len(r.get("processes", [])) > 1 else ""
+    across = f"  (processes {r['processes']})" if len(r["processes"]) > 1 else ""
     return (f"{r['kind']:20} {r['shape']:8} {r['batch']}x{r['seq']:<5} {r['arm']:6} "
             f"{r['method']:16} {r['step_time_ratio']:.3f}{across}")
 
 
 def kept_lines(out: Row, part: str) -> list[str]:
     """Table lines of the finished rows a resumed file brought (`part`: rows or generation)."""
-    done = [r for r in out[part] if r["status"] == "ok"]
-    if part == "rows":
-        return [f"{line(r)}  (kept: process {r['process']})" for r in done]
-    return [f"gen {r['shape']} {r['variant']:14} {r['new_tokens_per_s']:12,.0f} new tok/s"
-            f"  (kept: process {r['process']})" for r in done]
+    show = line if part == "rows" else gen_line
+    return [f"{show(r)}  (kept: process {r['process']})"
+            for r in out[part] if r["status"] == "ok"]
+
+
+def gen_line(r: Row) -> str:
+    """One line per sampling variant."""
+    done = (f"{r['new_tokens_per_s']:12,.0f} new tok/s  warm-up {r['warmup_s']:.1f} s"
+            if r["status"] == "ok" else r.get("error", ""))
+    return f"gen {r['shape']} {r['variant']:14} {r['status']:7} {done}"

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from pfreeze.bench_results import Row, gen_key, replace_row
+from pfreeze.bench_results import Row, gen_key, gen_line, replace_row
 from pfreeze.models import load_model
 
 if TYPE_CHECKING:
@@ -55,9 +55,7 @@ def run_generation(bench: Bench) -> None:
               (lambda n=name: sample_pfreeze(bench, lm, n)))
         bench.guarded(row, 15 if name == "pfreeze_eager" else a.compile_reserve, fn)
         replace_row(bench.out["generation"], row, gen_key)
-        done = (f"{row['new_tokens_per_s']:12,.0f} new tok/s  warm-up {row['warmup_s']:.1f} s"
-                if row["status"] == "ok" else row.get("error", ""))
-        print(f"gen {shape} {name:14} {row['status']:7} {done}", flush=True)
+        print(gen_line(row), flush=True)
         bench.write()
 
 
