@@ -35,25 +35,30 @@ KINDS = [("attention", r"flash|fmha|attention|sdpa"),
          ("other", r".")]
 
 
-def kernel_times(prof: profile) -> dict[str, float]:
-    """Self device time (ms) of every kernel name over the profiled region."""
+def kernel_times(prof: profile) -> tuple[dict[str, float], int]:
+    """Self device time (ms) of every kernel name over the profiled region, and the launches."""
     out: dict[str, float] = defaultdict(float)
+    launches = 0
     for e in prof.key_averages():
         t = getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
         if t and str(e.device_type).endswith("CUDA"):
             out[e.key] += t / 1e3
-    return out
+            launches += e.count
+    return out, launches
 
 
 def report(title: str, prof: profile, wall_ms: float, n: int, top: int) -> None:
-    k = kernel_times(prof)
+    k, launches = kernel_times(prof)
     busy = sum(k.values())
     by_kind: dict[str, float] = defaultdict(float)
     for name, ms in k.items():
         kind = next(kd for kd, rx in KINDS if re.search(rx, name, re.I))
         by_kind[kind] += ms
     print(f"\n== {title}: wall {wall_ms / n:.2f} ms/step, GPU busy {busy / n:.2f} ms/step "
-          f"({busy / max(wall_ms, 1e-9):.0%})")
+          f"({busy / max(wall_ms, 1e-9):.0%}); {launches / n:.0f} kernels/step, "
+          f"{1e3 * busy / max(launches, 1):.1f} us each on average")
+    # Many short kernels point at launch-bound time (each costs a few us even in a CUDA graph);
+    # few long ones at the kernels themselves.
     for kind, _ in KINDS:
         if by_kind[kind]:
             print(f"   {kind:42} {by_kind[kind] / n:8.2f} ms  {by_kind[kind] / busy:6.1%}")
