@@ -39,9 +39,13 @@ def kernel_times(prof: profile) -> tuple[dict[str, float], int]:
     """Self device time (ms) of every kernel name over the profiled region, and the launches."""
     out: dict[str, float] = defaultdict(float)
     launches = 0
+    # record_function ranges (e.g. "Optimizer.step#AdamW.step") also appear on the GPU's
+    # timeline, spanning the kernels they launched: counting them too double-counts that time
+    # (the profiles of session 7 did: about 1 ms of "optimizer" per step).
+    ranges = {e.name for e in prof.events() if getattr(e, "is_user_annotation", False)}
     for e in prof.key_averages():
         t = getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
-        if t and str(e.device_type).endswith("CUDA"):
+        if t and str(e.device_type).endswith("CUDA") and e.key not in ranges:
             out[e.key] += t / 1e3
             launches += e.count
     return out, launches
@@ -73,6 +77,34 @@ def report(title: str, prof: profile, wall_ms: float, n: int, top: int) -> None:
         print(f"   {ms / n:8.3f} ms  host  {name[:104]}")
 
 
+def launchers(prof: profile, names: list[str], n: int) -> None:
+    """For each kernel name, the host code that launched it (ms per step, most first).
+
+    A kernel is linked to the runtime call that queued it (cudaLaunchKernel, cudaMemcpyAsync,
+    cudaGraphLaunch); its parents name the op, and with_stack the Python line. Kernels replayed
+    from a CUDA graph point at the graph's launch only.
+    """
+    found: dict[str, dict[str, float]] = {n: defaultdict(float) for n in names}
+    for e in prof.events():
+        for k in getattr(e, "kernels", []) or []:
+            if k.name not in found:
+                continue
+            chain, p = [], e
+            while p is not None and len(chain) < 4:
+                chain.append(p.name[:40])
+                p = p.cpu_parent
+            frames = [f for q in (e, e.cpu_parent) if q is not None for f in (q.stack or [])]
+            ours = next((f for f in frames if "pfreeze" in f or "transformers" in f),
+                        frames[0] if frames else "")
+            where = " < ".join(chain) + (f" @ {ours}" if ours else "")
+            found[k.name][where] += k.duration / 1e3
+    for name, where in found.items():
+        if where:
+            print(f"   launched: {name[:70]}")
+            for w, ms in sorted(where.items(), key=lambda kv: -kv[1])[:3]:
+                print(f"      {ms / n:8.3f} ms  {w[:150]}")
+
+
 def first_sync(fn) -> None:
     """Run fn once with CUDA's sync debug mode raising: print where it first waits, if anywhere."""
     torch.cuda.synchronize()
@@ -91,13 +123,14 @@ def first_sync(fn) -> None:
         torch.cuda.set_sync_debug_mode("default")
 
 
-def profiled(fn, warmup: int, steps: int, cuda: bool) -> tuple[profile, float]:
+def profiled(fn, warmup: int, steps: int, cuda: bool, stack: bool = False
+             ) -> tuple[profile, float]:
     for _ in range(warmup):
         fn()
     if cuda:
         torch.cuda.synchronize()
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=acts) as prof:
+    with profile(activities=acts, with_stack=stack) as prof:
         t0 = time.perf_counter()
         for _ in range(steps):
             fn()
@@ -118,6 +151,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=6)
     ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--who", action="store_true",
+                    help="also name the host code that launched the top kernels (with_stack: "
+                         "slower host, so the wall time is not the step's)")
     ap.add_argument("--generate", action="store_true")
     ap.add_argument("--gen-batch", type=int, default=64)
     ap.add_argument("--gen-new", type=int, default=128)
@@ -157,9 +193,12 @@ def main() -> None:
             loop.train_step(r, 0, x, loop.stream.windows)
             r.pending.clear()
 
-        prof, wall = profiled(step, a.warmup, a.steps, cuda)
+        prof, wall = profiled(step, a.warmup, a.steps, cuda, a.who)
         report(f"{a.shape} {a.batch} {arm} ({a.mode}, attention {a.attention})", prof, wall,
                a.steps, a.top)
+        if a.who:
+            k, _ = kernel_times(prof)
+            launchers(prof, sorted(k, key=lambda n: -k[n])[:a.top], a.steps)
         if cuda:
             first_sync(step)
         del loop, r
