@@ -51,7 +51,8 @@ def kernel_times(prof: profile) -> tuple[dict[str, float], int]:
     return out, launches
 
 
-def report(title: str, prof: profile, wall_ms: float, n: int, top: int) -> None:
+def report(title: str, prof: profile, wall_ms: float, n: int, top: int) -> dict[str, float]:
+    """Print where the profiled steps' time went; return the kernel times it summed."""
     k, launches = kernel_times(prof)
     busy = sum(k.values())
     by_kind: dict[str, float] = defaultdict(float)
@@ -75,6 +76,7 @@ def report(title: str, prof: profile, wall_ms: float, n: int, top: int) -> None:
     print(f"   host, self time: {sum(ms for _, ms in host) / n:.2f} ms/step")
     for name, ms in host[:top]:
         print(f"   {ms / n:8.3f} ms  host  {name[:104]}")
+    return k
 
 
 def launchers(prof: profile, names: list[str], n: int) -> None:
@@ -84,7 +86,7 @@ def launchers(prof: profile, names: list[str], n: int) -> None:
     cudaGraphLaunch); its parents name the op, and with_stack the Python line. Kernels replayed
     from a CUDA graph point at the graph's launch only.
     """
-    found: dict[str, dict[str, float]] = {n: defaultdict(float) for n in names}
+    found: dict[str, dict[str, float]] = {name: defaultdict(float) for name in names}
     for e in prof.events():
         for k in getattr(e, "kernels", []) or []:
             if k.name not in found:
@@ -194,11 +196,10 @@ def main() -> None:
             r.pending.clear()
 
         prof, wall = profiled(step, a.warmup, a.steps, cuda, a.who)
-        report(f"{a.shape} {a.batch} {arm} ({a.mode}, attention {a.attention})", prof, wall,
-               a.steps, a.top)
+        k = report(f"{a.shape} {a.batch} {arm} ({a.mode}, attention {a.attention})", prof,
+                   wall, a.steps, a.top)
         if a.who:
-            k, _ = kernel_times(prof)
-            launchers(prof, sorted(k, key=lambda n: -k[n])[:a.top], a.steps)
+            launchers(prof, sorted(k, key=lambda name: -k[name])[:a.top], a.steps)
         if cuda:
             first_sync(step)
         del loop, r

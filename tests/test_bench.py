@@ -216,6 +216,14 @@ def test_resume_refuses_a_file_measured_otherwise(tmp_path: Path) -> None:
     assert data["processes"] == [data["environment"]]  # without --resume: a fresh file
 
 
+def test_the_sampling_batch_defaults_by_device_and_is_recorded_resolved(tmp_path: Path) -> None:
+    """512 on a GPU (the generation target's batch) would take minutes on the CPU: 64 there."""
+    argv = ["--methods", "none", "--device", "cpu", "--out", str(tmp_path / "b.json")]
+    assert bench.Bench(bench.parse_args(argv), argv).out["settings"]["gen_batch"] == 64
+    argv += ["--gen-batch", "8"]
+    assert bench.Bench(bench.parse_args(argv), argv).out["settings"]["gen_batch"] == 8
+
+
 def test_cached_rows_need_a_warm_up_that_fills_the_cache() -> None:
     with pytest.raises(SystemExit):
         bench.parse_args(["--methods", "pfreeze_cached", "--warmup", "3"])

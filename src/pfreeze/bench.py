@@ -76,6 +76,10 @@ class Bench:
         self.deadline = time.monotonic() + args.max_seconds
         pc = args.pfreeze_compile = args.pfreeze_compile or ("on" if self.cuda else "off")
         self.pf_compile: bool | str = {"on": True, "off": False}.get(pc, "auto")  # its setting
+        # 512 on a GPU: the generation target's batch (a decode step of 64 sequences leaves the
+        # H200 idle: 21.7k new tokens/s against 60k+, docs/BENCHMARKS.md session 7); the CPU's
+        # tiny model would take minutes at 512
+        args.gen_batch = args.gen_batch or (512 if self.cuda else 64)
         name = torch.cuda.get_device_name(self.dev) if self.cuda else "cpu"
         hopper = HOPPER_BF16 if "H100" in name or "H200" in name else None
         self.peak = args.peak_tflops * 1e12 if args.peak_tflops else hopper
@@ -328,9 +332,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--arms", default="full,frozen", help=f"of {', '.join(ARMS)}")
     p.add_argument("--gen-shape", help="default: smollm2 on CUDA, tiny on CPU")
     p.add_argument("--gen-variants", default=",".join(GEN_VARIANTS), help="comma list")
-    # batch 512: where the generation target (>= 60k new tokens/s) is measured; at 64 the
-    # decode step is too small to fill the GPU (21.7k, session 7)
-    for name, default in (("batch", 512), ("prompt", 8), ("new", 128), ("warmup", 2), ("reps", 3)):
+    p.add_argument("--gen-batch", type=int, help="default: 512 on CUDA, 64 on CPU")
+    for name, default in (("prompt", 8), ("new", 128), ("warmup", 2), ("reps", 3)):
         p.add_argument(f"--gen-{name}", type=int, default=default)
     p.add_argument("--max-seconds", type=float, default=540, help="then skip what is left")
     p.add_argument("--compile-reserve", type=float, default=100, help="to start a compile")
