@@ -96,9 +96,12 @@ def launchers(prof: profile, names: list[str], n: int) -> None:
                 chain.append(p.name[:40])
                 p = p.cpu_parent
             frames = [f for q in (e, e.cpu_parent) if q is not None for f in (q.stack or [])]
-            ours = next((f for f in frames if "pfreeze" in f or "transformers" in f),
-                        frames[0] if frames else "")
-            where = " < ".join(chain) + (f" @ {ours}" if ours else "")
+            # the innermost frame (torch's own, e.g. the CUDA-graph runner copying inputs)
+            # and the first in pfreeze or transformers (the line of the step that led there)
+            ours = next((f for f in frames if "pfreeze" in f or "transformers" in f), "")
+            inner = frames[0] if frames else ""
+            where = " < ".join(chain) + "".join(f" @ {f}" for f in dict.fromkeys((inner, ours))
+                                                if f)
             found[k.name][where] += k.duration / 1e3
     for name, where in found.items():
         if where:
