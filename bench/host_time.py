@@ -45,8 +45,7 @@ def main() -> None:
     for cached in (False, True):
         # A short corpus when cached: every chunk is seen (a miss) within the warm-up.
         loop = pfreeze_loop(lm.model, lm.family, PlanArm(), b, t,
-                            ids[: 4 * b * t] if cached else ids,
-                            "epochs" if cached else "random", max_steps=10_000, bf16=True,
+                            ids[: 4 * b * t] if cached else ids, max_steps=10_000, bf16=True,
                             optim="adamw_fused", torch_compile=True, prefix_cache=cached,
                             attention_backend=a.attention)
         r = loop.arms[0]

@@ -187,7 +187,7 @@ def main() -> None:
     for arm in a.arms.split(","):
         cached = arm == "cached"
         loop = pfreeze_loop(lm.model, lm.family, FullArm() if arm == "full" else PlanArm(), b, t,
-                            ids, "epochs" if cached else "random", max_steps=1000, bf16=cuda,
+                            ids, max_steps=1000, bf16=cuda,
                             optim="adamw_fused" if cuda else "adamw", torch_compile=cuda,
                             torch_compile_mode=a.mode, prefix_cache=cached,
                             attention_backend=a.attention)

@@ -217,7 +217,8 @@ def test_resume_refuses_a_file_measured_otherwise(tmp_path: Path) -> None:
 
 
 def test_the_sampling_batch_defaults_by_device_and_is_recorded_resolved(tmp_path: Path) -> None:
-    """512 on a GPU (the generation target's batch) would take minutes on the CPU: 64 there."""
+    """512 on a GPU (the generation target's batch) would take minutes on the CPU: 64 there.
+    Only the CPU's default is checked here (no GPU in CI)."""
     argv = ["--methods", "none", "--device", "cpu", "--out", str(tmp_path / "b.json")]
     assert bench.Bench(bench.parse_args(argv), argv).out["settings"]["gen_batch"] == 64
     argv += ["--gen-batch", "8"]
@@ -227,8 +228,12 @@ def test_the_sampling_batch_defaults_by_device_and_is_recorded_resolved(tmp_path
 def test_cached_rows_need_a_warm_up_that_fills_the_cache() -> None:
     with pytest.raises(SystemExit):
         bench.parse_args(["--methods", "pfreeze_cached", "--warmup", "3"])
-    assert bench.parse_args(["--methods", "eager,eager", "--shapes", "tiny,tiny"]).methods == [
-        "eager"]
+
+
+def test_a_repeated_method_or_shape_is_measured_once() -> None:
+    args = bench.parse_args(["--methods", "eager,eager", "--shapes", "tiny,tiny"])
+    assert args.methods == ["eager"]
+    assert args.shapes == "tiny"
 
 
 def test_inductor_settings_apply_for_the_run_and_refuse_typos(tmp_path: Path,

@@ -50,16 +50,16 @@ ROTATED = 4  # batches per case; a cached row's warm-up must see each once
 
 
 def pfreeze_loop(base: nn.Module, family: str, arm: Any, batch: int, seq: int,
-                 ids: list[int] | None = None, sampling: str = "random",
-                 **training: Any) -> Loop:
+                 ids: list[int] | None = None, **training: Any) -> Loop:
     """A one-arm pfreeze Loop on `base` (arm: a FullArm or PlanArm config), built as the bench
     and the scripts in bench/ time it: no corpus, no run files. `ids` becomes its batch stream
-    (with `sampling`; a cached arm needs epochs), `training` the TrainingConfig fields beyond
-    the batch size."""
+    (epochs sampling when the arm caches its prefix, which needs aligned chunks; else random),
+    `training` the TrainingConfig fields beyond the batch size."""
     from pfreeze.config import DataConfig, RunConfig, TrainingConfig
     from pfreeze.corpus import BatchStream
 
     t = TrainingConfig(per_device_train_batch_size=batch, **training)
+    sampling = "epochs" if t.prefix_cache is True else "random"
     data = DataConfig(block_size=seq, sampling=sampling)
     loop = Loop(RunConfig(data=data, training=t, arms=[arm]), None)  # type: ignore[arg-type]
     if ids is not None:
@@ -153,16 +153,16 @@ class Bench:
         arm_cfg = FullArm() if ARMS[arm] is None else PlanArm(select=ARMS[arm])
         # Cached: the batches' tokens as the corpus, so one epoch = len(batches) steps.
         ids = torch.cat(batches).flatten().tolist() if cached else None
-        loop = pfreeze_loop(base, family, arm_cfg, b, seq, ids, "epochs" if cached else "random",
-                            learning_rate=LR, max_steps=self.a.warmup + self.a.steps,
+        loop = pfreeze_loop(base, family, arm_cfg, b, seq, ids, learning_rate=LR,
+                            max_steps=self.a.warmup + self.a.steps,
                             bf16=self.cuda, device=self.dev.type, torch_compile=self.pf_compile,
                             torch_compile_mode=self.a.pfreeze_compile_mode,
                             optim="adamw_fused" if self.cuda else "adamw", prefix_cache=cached,
                             attention_backend=self.a.pfreeze_attention)
         r = loop.arms[0]
-        if cached:
-            m = self.drive(lambda i: loop.train_step(r, i, loop.stream.next(),
-                                                           loop.stream.windows))
+        if cached:  # one epoch drawn up front (every chunk once), as other rows' batches are
+            pairs = [(loop.stream.next(), loop.stream.windows) for _ in batches]
+            m = self.drive(lambda i: loop.train_step(r, i, *pairs[i % len(pairs)]))
             m["prefix_cache"] = r.prefix_summary()
         else:
             m = self.drive(lambda i: loop.train_step(r, i, batches[i % len(batches)]))

@@ -171,7 +171,8 @@ def line(r: Row) -> str:
                 for k in ("peak_mib", "reserved_mib"))
     syncs = f"  host syncs {r['host_syncs']}" if r.get("host_syncs") else ""
     ran = r.get("mfu_executed")
-    done = f"  MFU {ran:.1%} of FLOPs run" if ran is not None and ran != r["mfu"] else ""
+    skips = r.get("flops_executed_per_step") not in (None, r.get("flops_per_step"))
+    done = f"  MFU {ran:.1%} of FLOPs run" if ran is not None and skips else ""
     return (f"{head} {r['step_ms']:9.1f} {r['tokens_per_s']:10,.0f} {mfu:>6} {mem:>9}"
             f" {rsv:>8} {r['warmup_s']:7.1f}  ok{syncs}{done}")
 

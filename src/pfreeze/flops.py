@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from pfreeze.architectures import Geometry, describe_params
+from pfreeze.prefix import first_trained_block
 
 
 def train_flops(layers: int, width: int, seq: int, tokens: int, block_params: int,
@@ -43,9 +44,8 @@ def model_flops(model: nn.Module, family: str, trainable: set[str], batch: int, 
     blocks = sum(v for n, v in mats.items() if infos[n].layer is not None)
     head = model.get_output_embeddings().weight.numel()
     head_trains = any(infos[n].rule.role == "head" or infos[n].tied for n in trainable)
-    layers = [infos[n].layer for n in trainable if infos[n].layer is not None]
-    first = (0 if any(infos[n].rule.role == "embed" for n in trainable)
-             else min(layers) if layers else g.n_layers if trainable else None)
+    # the prefix cache's own rule: where backward stops is where a cached step starts
+    first = first_trained_block(trainable, infos, g.n_layers) if trainable else None
     train_mats = sum(v for n, v in mats.items() if n in trainable and infos[n].layer is not None)
     return train_flops(g.n_layers, g.n_heads * g.head_dim, seq, batch * seq,
                        blocks // g.n_layers, head, first, train_mats + head * head_trains,
