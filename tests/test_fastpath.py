@@ -68,8 +68,9 @@ def test_compiled_loop_matches_eager(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_compilation_is_paid_once_per_arm_shape(tmp_path: Path) -> None:
     """Arms that train the same tensors of the same model share one compiled step: the second
-    captures no graph and compiles nothing (its first step is as fast as any other); an arm
-    that trains other tensors compiles its own (dynamo guards on requires_grad)."""
+    captures no graph and compiles nothing; an arm that trains other tensors compiles its own
+    (dynamo guards on requires_grad). The sharing is dynamo's cache, which pfreeze relies on
+    by compiling each arm's model the same way: a per-arm closure or wrapper would break it."""
     from torch._dynamo.utils import counters
 
     corpus = tmp_path / "t.txt"

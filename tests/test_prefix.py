@@ -84,7 +84,7 @@ def test_cached_upper_blocks_give_the_full_models_loss_and_gradients(bound: bool
         full = lm.model(input_ids=x, labels=x).loss
         g_full = torch.autograd.grad(full, params)
         for _ in range(2):  # a miss (computes block 2's input), then a hit (reads it back)
-            h = cache.inputs(x, torch.arange(4))
+            h = cache.inputs(x, torch.arange(4), torch.arange(4))
             up = cache.upper(inputs_embeds=h, labels=x, use_cache=False).loss
             assert torch.allclose(up, full, rtol=0, atol=1e-6), name
             for a, b in zip(torch.autograd.grad(up, params), g_full, strict=True):
@@ -162,7 +162,8 @@ def test_every_cached_arm_pays_its_own_misses_within_one_budget() -> None:
     b, _ = caches.for_arm(lm.model, lm.family, trained, infos, True)
     assert a is not None and b is not None and a.have is not b.have
     x = torch.randint(0, 250, (4, 16), generator=torch.Generator().manual_seed(2))
-    h = a.inputs(x, torch.arange(4))
-    assert torch.equal(b.inputs(x, torch.arange(4)), h) and (b.hits, b.misses) == (0, 4)
+    ids = torch.arange(4)
+    h = a.inputs(x, ids, ids)
+    assert torch.equal(b.inputs(x, ids, ids), h) and (b.hits, b.misses) == (0, 4)
     c, why = caches.for_arm(lm.model, lm.family, trained, infos, True)
     assert c is None and "GiB left of a quarter of memory" in why

@@ -193,7 +193,13 @@ def test_a_resumed_run_keeps_its_compilation_choice(corpus: Path) -> None:
     CUDA graphs with gradient accumulation; not on a CPU when the choice was auto's."""
     from pfreeze.config import load_config
     from pfreeze.corpus import BatchStream
-    from pfreeze.execution import compiled_by_the_old_rule, pin, resolve_compile, snapshot
+    from pfreeze.execution import (
+        compiled_by_the_old_rule,
+        pin,
+        resolve_compile,
+        saved_settings,
+        snapshot,
+    )
     from pfreeze.models import load_model
     from pfreeze.train import Loop
 
@@ -226,9 +232,9 @@ def test_a_resumed_run_keeps_its_compilation_choice(corpus: Path) -> None:
     assert compiled_by_the_old_rule(gpu_run)
     assert not resolve_compile("auto", torch.device("cuda"), 500)
     old = {k: v for k, v in snapshot(gpu_run).items() if k != "compiled"}
-    old.setdefault("compiled", compiled_by_the_old_rule(gpu_run))  # as checkpoint.load does
-    pin(gpu_run, old)
+    pin(gpu_run, saved_settings(gpu_run, old))  # as checkpoint.load reads it
     g_full, g_cached, g_unfreeze = gpu_run.arms
+    # (the first loop's arms stay as its own pin left them)
     assert gpu_run.compile and full.step_fn is None and g_full.step_fn is not None
     assert g_full.step_fn._orig_mod is g_full.model and g_unfreeze.step_fn is None
     assert g_cached.step_fn._orig_mod is g_cached.prefix.upper

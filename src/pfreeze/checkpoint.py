@@ -140,9 +140,6 @@ def load(loop: Loop) -> dict[str, Any]:
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
     loop.batch_hashes = state["batch_hashes"]
-    saved = state.get("execution") or execution.legacy(loop)
-    # Checkpoints written before the key: compiled or not by the rule of their time.
-    saved.setdefault("compiled", execution.compiled_by_the_old_rule(loop))
-    execution.pin(loop, saved)
+    execution.pin(loop, execution.saved_settings(loop, state.get("execution")))
     loop.reserved_mb = max(loop.reserved_mb, state.get("reserved_mb", 0.0))
     return state

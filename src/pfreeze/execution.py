@@ -184,6 +184,13 @@ def legacy(loop: Loop) -> dict[str, Any]:
             "compiled": compiled_by_the_old_rule(loop)}
 
 
+def saved_settings(loop: Loop, recorded: dict[str, Any] | None) -> dict[str, Any]:
+    """A checkpoint's execution settings, with what an older checkpoint did not record filled
+    in by the rules of its time (no `execution` before e1ebc9a, no `compiled` before the
+    1,000-step rule)."""
+    return {**legacy(loop), **(recorded or {})}
+
+
 def pin(loop: Loop, saved: dict[str, Any]) -> None:
     """A resumed run keeps what `auto` resolved to when it started, even on another machine:
     the decoder sets which draws p is measured on, the attention kernel, compilation and

@@ -114,11 +114,9 @@ class PrefixCache:
         self.have = torch.zeros(n_chunks, dtype=torch.bool)  # on the host: no device sync
         self.hits = self.misses = 0  # since this process started (a resumed run starts empty)
 
-    def inputs(self, x: torch.Tensor, windows: torch.Tensor,
-               idx: torch.Tensor | None = None) -> torch.Tensor:
+    def inputs(self, x: torch.Tensor, windows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Block f's input for the windows `x` (chunk ids `windows` on the host, `idx` the same
-        on x's device where the caller has them there already)."""
-        idx = windows.to(x.device) if idx is None else idx
+        on x's device: the loop stages them with the batch, not with a blocking copy here)."""
         if self.h is not None and bool(self.have[windows].all()):
             self.hits += len(windows)
             return self.h[idx]

@@ -201,12 +201,12 @@ class Loop:
         trainable = arm.freezer.trainable()
         total = torch.zeros((), device=self.device)
         n = self.t.gradient_accumulation_steps
-        if batch.device.type != self.device.type:  # run() stages once for all arms; other
-            batch, idx = self.stage(batch, windows)  # callers may pass host tensors
-        micro = batch.chunk(n)
         cached = arm.prefix is not None
         if cached and windows is None:  # step_fn runs the upper blocks only: never guess
             raise ValueError(f"arm '{arm.strategy.name}' caches its prefix: pass the chunk ids")
+        if batch.device.type != self.device.type:  # run() stages once for all arms; other
+            batch, idx = self.stage(batch, windows)  # callers may pass host tensors
+        micro = batch.chunk(n)
         if cached and idx is None:  # a batch passed on the device without its chunk ids there
             (idx,) = self.stage(windows)
         wins = windows.chunk(n) if windows is not None else [None] * len(micro)
