@@ -35,10 +35,10 @@ KINDS = [("attention", r"flash|fmha|attention|sdpa"),
          ("other", r".")]
 
 
-def kernel_times(prof: profile) -> tuple[dict[str, float], int]:
-    """Self device time (ms) of every kernel name over the profiled region, and the launches."""
+def kernel_times(prof: profile) -> tuple[dict[str, float], dict[str, int]]:
+    """Self device time (ms) and launches of every kernel name over the profiled region."""
     out: dict[str, float] = defaultdict(float)
-    launches = 0
+    count: dict[str, int] = defaultdict(int)
     # record_function ranges (e.g. "Optimizer.step#AdamW.step") also appear on the GPU's
     # timeline, spanning the kernels they launched: counting them too double-counts that time
     # (the profiles of session 7 did: about 1 ms of "optimizer" per step).
@@ -47,13 +47,14 @@ def kernel_times(prof: profile) -> tuple[dict[str, float], int]:
         t = getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
         if t and str(e.device_type).endswith("CUDA") and e.key not in ranges:
             out[e.key] += t / 1e3
-            launches += e.count
-    return out, launches
+            count[e.key] += e.count
+    return out, count
 
 
 def report(title: str, prof: profile, wall_ms: float, n: int, top: int) -> dict[str, float]:
     """Print where the profiled steps' time went; return the kernel times it summed."""
-    k, launches = kernel_times(prof)
+    k, count = kernel_times(prof)
+    launches = sum(count.values())
     busy = sum(k.values())
     by_kind: dict[str, float] = defaultdict(float)
     for name, ms in k.items():
@@ -68,7 +69,8 @@ def report(title: str, prof: profile, wall_ms: float, n: int, top: int) -> dict[
         if by_kind[kind]:
             print(f"   {kind:42} {by_kind[kind] / n:8.2f} ms  {by_kind[kind] / busy:6.1%}")
     for name, ms in sorted(k.items(), key=lambda kv: -kv[1])[:top]:
-        print(f"   {ms / n:8.3f} ms  {name[:110]}")
+        # the count tells one large copy from many small ones of the same total
+        print(f"   {ms / n:8.3f} ms  {count[name] / n:5.0f}x  {name[:100]}")
     # The host's side: where a step's wall time goes when the GPU waits for it (CUDA runtime
     # calls appear here too; a long cudaMemcpyAsync or cudaStreamSynchronize is a wait).
     host = sorted(((e.key, e.self_cpu_time_total / 1e3) for e in prof.key_averages()),

@@ -20,6 +20,7 @@ from pfreeze.attention import training_attention
 from pfreeze.bench import SHAPES, pfreeze_loop
 from pfreeze.config import FullArm, PlanArm
 from pfreeze.evaluate import autocast
+from pfreeze.execution import LossOf
 from pfreeze.models import load_model
 
 
@@ -41,7 +42,7 @@ def main() -> None:
                             optim="adamw_fused", torch_compile=a.compile,
                             torch_compile_mode=a.mode, attention_backend=a.attention)
         r = loop.arms[0]
-        fwd = r.model if r.step_fn is None else r.step_fn
+        fwd = LossOf(r.model) if r.step_fn is None else r.step_fn
         x = torch.randint(0, lm.model.config.vocab_size, (b, t), device="cuda")
         params = r.freezer.trainable()
         phases: dict[str, list[float]] = {k: [] for k in ("fwd+bwd", "mask+clip", "optim",
@@ -52,7 +53,7 @@ def main() -> None:
             h0 = time.perf_counter()
             ev[0].record()
             with autocast(loop.device, True), training_attention(r.model, loop.attention):
-                loss = fwd(input_ids=x, labels=x, use_cache=False).loss
+                loss = fwd(input_ids=x, labels=x, use_cache=False)
             loss.backward()
             ev[1].record()
             r.freezer.mask_grads()

@@ -11,6 +11,7 @@ import torch
 from pfreeze.attention import causal_attention, training_attention
 from pfreeze.config import load_config
 from pfreeze.errors import PfreezeError
+from pfreeze.execution import step_module
 from pfreeze.models import load_model
 from pfreeze.train import Loop
 
@@ -319,3 +320,20 @@ def test_auto_compiles_only_gpu_runs_long_enough_to_pay_it_back() -> None:
     assert resolve_compile("auto", gpu, COMPILE_PAYS_AFTER)
     assert not resolve_compile("auto", CPU, 10**6)
     assert resolve_compile(True, CPU, 1) and not resolve_compile(False, gpu, 10**6)
+
+
+@pytest.mark.parametrize("name", ["random:gpt2", "random:llama", "random:gpt-neox"])
+def test_the_compiled_step_is_one_graph_whose_only_output_is_the_loss(name: str) -> None:
+    """What the training step compiles traces as one graph (GPT-2's loss does not split off
+    at transformers' logged fallback) and returns the loss alone: a returned B x T x V
+    logits tensor would get an all-zero gradient in the backward, filled and copied each
+    step."""
+    lm = load_model(name, seed=0)
+    x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    explained = torch._dynamo.explain(step_module(lm.model))(input_ids=x, labels=x,
+                                                              use_cache=False)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0)
+    (out,) = [n for n in explained.graphs[0].graph.nodes if n.op == "output"]
+    leaves = [v for v in torch.utils._pytree.tree_leaves(out.args)
+              if isinstance(v, torch.fx.Node)]
+    assert len(leaves) == 1 and leaves[0].meta["example_value"].shape == ()

@@ -164,7 +164,7 @@ def test_a_pinned_setting_that_cannot_run_here_falls_back_but_the_decoder_stays(
     assert len(warned) == 1 and "not cudnn" in warned[0]
     assert modes == ["max-autotune"] * len(loop.arms)
     for arm, old in zip(loop.arms, before, strict=True):  # re-wrapped, same module inside
-        assert arm.step_fn is not old and arm.step_fn._orig_mod is old._orig_mod
+        assert arm.step_fn is not old and arm.step_fn._orig_mod.module is old._orig_mod.module
     runnable = built()  # a pinned kernel that can run here is kept
     pin(runnable, {"attention": "sdpa", "decoder": "generate", "compile_mode": "default",
                    "compiled": True})
@@ -223,7 +223,8 @@ def test_a_resumed_run_keeps_its_compilation_choice(corpus: Path) -> None:
     assert not loop.compile and all(a.step_fn is None for a in loop.arms)
     pin(loop, {**snapshot(loop), "compiled": True})  # started where auto compiled
     assert loop.compile and unfreeze.step_fn is None
-    assert full.step_fn._orig_mod is full.model and cached.step_fn._orig_mod is cached.prefix.upper
+    assert full.step_fn._orig_mod.module is full.model
+    assert cached.step_fn._orig_mod.module is cached.prefix.upper
     pin(loop, {**snapshot(loop), "compiled": False})
     assert not loop.compile and all(a.step_fn is None for a in loop.arms)
 
@@ -236,8 +237,8 @@ def test_a_resumed_run_keeps_its_compilation_choice(corpus: Path) -> None:
     g_full, g_cached, g_unfreeze = gpu_run.arms
     # (the first loop's arms stay as its own pin left them)
     assert gpu_run.compile and full.step_fn is None and g_full.step_fn is not None
-    assert g_full.step_fn._orig_mod is g_full.model and g_unfreeze.step_fn is None
-    assert g_cached.step_fn._orig_mod is g_cached.prefix.upper
+    assert g_full.step_fn._orig_mod.module is g_full.model and g_unfreeze.step_fn is None
+    assert g_cached.step_fn._orig_mod.module is g_cached.prefix.upper
 
     # CUDA graphs are never pinned onto gradient accumulation (Loop refuses them at start).
     acc = built("training.max_steps=500", "training.gradient_accumulation_steps=2")

@@ -97,9 +97,41 @@ def uses_graphs(compiled: bool, mode: str) -> bool:
     return compiled and mode in ("reduce-overhead", "max-autotune")
 
 
+class LossOf(nn.Module):
+    """`module(**kwargs).loss` and nothing else: the training step's forward.
+
+    Why not the model itself: a compiled model also returns its logits (B x T x V, 1.6 GB of
+    bf16 at 32 x 512 with SmolLM2's 49k vocabulary). The step never uses them, so autograd
+    hands the backward graph an all-zero gradient for them, which AOTAutograd materialises
+    and the CUDA-graph runner copies into its static input: about 1.2 ms of fills and copies
+    in each 32 x 512 SmolLM2 step on an H200 (docs/BENCHMARKS.md, session 8). With the loss
+    the only output, that gradient does not exist.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, **kwargs: Any) -> torch.Tensor:
+        return self.module(**kwargs).loss
+
+
+def step_module(module: nn.Module) -> LossOf:
+    """What the training step compiles: the loss of `module`, traceable as one graph."""
+    if getattr(module, "loss_type", "") is None:
+        # transformers names the loss after the model class; for a class it does not know
+        # (GPT2LMHeadModel) it logs a warning and uses ForCausalLM's loss. Dynamo cannot trace
+        # the logging call, so the loss would compile as a graph of its own and the logits'
+        # gradient would cross between the two graphs (GPT-2: a 1.25 ms padded copy of it in
+        # every step, session 8). Naming the loss it uses anyway changes nothing else.
+        module.loss_type = "ForCausalLM"
+    return LossOf(module)
+
+
 def compile_step(module: nn.Module, mode: str) -> Any:
     """The training step's compiled callable (static shapes: training windows never change)."""
-    return torch.compile(module, dynamic=False, mode=None if mode == "default" else mode)
+    return torch.compile(step_module(module), dynamic=False,
+                         mode=None if mode == "default" else mode)
 
 
 class Staging:

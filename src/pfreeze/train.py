@@ -212,18 +212,18 @@ class Loop:
         wins = windows.chunk(n) if windows is not None else [None] * len(micro)
         # The cache checks its contents on the host ids and gathers with the device ones.
         idxs = idx.chunk(n) if cached else [None] * len(micro)
-        # Not `step_fn or model`: truth-testing a compiled module falls through to len().
-        forward = arm.step_fn if arm.step_fn is not None else (
-            arm.prefix.upper if cached else arm.model)
+        model = arm.prefix.upper if cached else arm.model
+        # Not `step_fn or ...`: truth-testing a compiled module falls through to len().
+        loss_of = arm.step_fn if arm.step_fn is not None else execution.LossOf(model)
         for x, w, i in zip(micro, wins, idxs, strict=True):
             # The attention kernel is chosen in the forward; the backward follows it.
             with (autocast(self.device, self.bf16), torch.set_grad_enabled(bool(trainable)),
                   training_attention(arm.model, self.attention)):
                 if cached:  # blocks f.. on block f's cached input
                     h = arm.prefix.inputs(x, w, i)
-                    loss = forward(inputs_embeds=h, labels=x, use_cache=False).loss / len(micro)
+                    loss = loss_of(inputs_embeds=h, labels=x, use_cache=False) / len(micro)
                 else:
-                    loss = forward(input_ids=x, labels=x, use_cache=False).loss / len(micro)
+                    loss = loss_of(input_ids=x, labels=x, use_cache=False) / len(micro)
             if trainable:
                 loss.backward()
             total += loss.detach()
