@@ -251,3 +251,37 @@ def test_a_resumed_run_keeps_its_compilation_choice(corpus: Path) -> None:
     pin(cpu, {**snapshot(cpu), "compiled": True})
     assert not cpu.compile and "resumed eager" in warned[-1]
     assert not compiled_by_the_old_rule(cpu)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled CUDA-graph steps need a GPU")
+def test_a_compiled_gpu_run_resumes_compiled_with_the_same_stream(corpus: Path,
+                                                                 tmp_path: Path) -> None:
+    """Killed and resumed on a GPU, a compiled run (CUDA graphs, a cached arm) compiles again,
+    replays the same batches and ends where the uninterrupted run ends (to bf16 tolerance:
+    GPU kernels need not be bit-reproducible)."""
+    extra = ("training.device=cuda", "training.torch_compile=true", "data.sampling=epochs",
+             "training.per_device_train_batch_size=16")
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert _run(corpus, straight, extra=extra) == 0
+    assert _run(corpus, killed, kill_at=6, extra=extra) == -9
+    assert _run(corpus, killed, resume=True, extra=extra) == 0
+    s1 = json.loads((straight / "summary.json").read_text())
+    s2 = json.loads((killed / "summary.json").read_text())
+    settings = ("attention", "decoder", "compile_mode", "compiled")  # not the memory peak
+    assert [s2["execution"][k] for k in settings] == [s1["execution"][k] for k in settings]
+    assert s2["execution"]["compiled"] and s2["execution"]["compile_mode"] == "reduce-overhead"
+    rows1, rows2 = _train_rows(straight), _train_rows(killed)
+    assert [(r[0], r[1], r[-1]) for r in rows1] == [(r[0], r[1], r[-1]) for r in rows2]
+    for r1, r2 in zip(rows1, rows2, strict=True):
+        if r1[2] is not None:
+            assert r2[2] == pytest.approx(r1[2], rel=2e-2), r1[:2]
+    for arm in ("full", "plan"):
+        assert s2["arms"][arm]["integrity"]["ok"] and s2["arms"][arm]["status"] == "finished"
+        a = load_file(str(straight / "arms" / arm / "trained.safetensors"))
+        b = load_file(str(killed / "arms" / arm / "trained.safetensors"))
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=2e-2, atol=2e-3)
+    # The straight run read its cache; the resumed one rebuilt it empty after step 4 and,
+    # one step into epoch 2, has had few whole batches it has seen since.
+    assert s1["arms"]["plan"]["prefix_cache"]["hits"] > 0
+    assert s2["arms"]["plan"]["prefix_cache"]["blocks_cached"] == 2
