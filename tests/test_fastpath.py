@@ -71,7 +71,9 @@ def test_compilation_is_paid_once_per_arm_shape(tmp_path: Path) -> None:
     """Arms that train the same tensors of the same model share one compiled step: the second
     captures no graph and compiles nothing; an arm that trains other tensors compiles its own
     (dynamo guards on requires_grad). The sharing is dynamo's cache, which pfreeze relies on
-    by compiling each arm's model the same way: a per-arm closure or wrapper would break it."""
+    by compiling each arm the same way: a module of one class (execution.LossOf) around the
+    arm's model keeps it, since dynamo caches on the class's forward; a per-arm closure
+    would not."""
     from torch._dynamo.utils import counters
 
     corpus = tmp_path / "t.txt"
@@ -322,16 +324,22 @@ def test_auto_compiles_only_gpu_runs_long_enough_to_pay_it_back() -> None:
     assert resolve_compile(True, CPU, 1) and not resolve_compile(False, gpu, 10**6)
 
 
-@pytest.mark.parametrize("name", ["random:gpt2", "random:llama", "random:gpt-neox"])
+@pytest.mark.parametrize("name", ["random:gpt2", "random:llama", "random:gpt-neox",
+                                  "lora:random:gpt2"])
 def test_the_compiled_step_is_one_graph_whose_only_output_is_the_loss(name: str) -> None:
     """What the training step compiles traces as one graph (GPT-2's loss does not split off
-    at transformers' logged fallback) and returns the loss alone: a returned B x T x V
-    logits tensor would get an all-zero gradient in the backward, filled and copied each
-    step."""
-    lm = load_model(name, seed=0)
+    at transformers' logged fallback, also inside a peft wrapper) and returns the loss alone:
+    a returned B x T x V logits tensor would get an all-zero gradient in the backward, filled
+    and copied each step."""
+    lora = name.startswith("lora:")
+    model = load_model(name.removeprefix("lora:"), seed=0).model
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=2, target_modules=["c_attn"]))
     x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
-    explained = torch._dynamo.explain(step_module(lm.model))(input_ids=x, labels=x,
-                                                              use_cache=False)
+    explained = torch._dynamo.explain(step_module(model))(input_ids=x, labels=x,
+                                                          use_cache=False)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0)
     (out,) = [n for n in explained.graphs[0].graph.nodes if n.op == "output"]
     leaves = [v for v in torch.utils._pytree.tree_leaves(out.args)

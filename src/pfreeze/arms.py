@@ -315,7 +315,7 @@ class ArmRun:
     scheduler: Any
     tracker: Tracker
     theta0_hash: str
-    step_fn: Any = None  # a compiled wrapper of `model` (same parameters), or None: eager
+    step_fn: Any = None  # compiled execution.LossOf (returns the loss tensor only), or None
     prefix: PrefixCache | None = None  # the frozen prefix's cache, when this arm has one
     prefix_note: str = ""  # "blocks 0-14 cached", or why there is no cache
     # (step, loss, ΔW norms, W−W₀ norms, timers, memory, lr), read back at the next flush

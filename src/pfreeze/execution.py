@@ -117,14 +117,20 @@ class LossOf(nn.Module):
 
 
 def step_module(module: nn.Module) -> LossOf:
-    """What the training step compiles: the loss of `module`, traceable as one graph."""
-    if getattr(module, "loss_type", "") is None:
+    """What the training step compiles: the loss of `module`, traceable as one graph. Names
+    the loss of the causal LM inside `module` in place where transformers left it unnamed."""
+    from transformers import PreTrainedModel
+
+    # The outermost transformers model computes the loss: `module` itself, or the model
+    # inside a peft wrapper (an attribute set on the wrapper would not reach it).
+    lm = next((m for m in module.modules() if isinstance(m, PreTrainedModel)), module)
+    if getattr(lm, "loss_type", "") is None:
         # transformers names the loss after the model class; for a class it does not know
         # (GPT2LMHeadModel) it logs a warning and uses ForCausalLM's loss. Dynamo cannot trace
         # the logging call, so the loss would compile as a graph of its own and the logits'
         # gradient would cross between the two graphs (GPT-2: a 1.25 ms padded copy of it in
         # every step, session 8). Naming the loss it uses anyway changes nothing else.
-        module.loss_type = "ForCausalLM"
+        lm.loss_type = "ForCausalLM"
     return LossOf(module)
 
 

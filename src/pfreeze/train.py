@@ -162,12 +162,12 @@ class Loop:
                                    strat.single_plan)
 
     def compiled_step(self, arm: ArmRun) -> Any:
-        """The arm's compiled training callable (the model, or a cached arm's upper blocks), or
-        None: eager. Training only: evaluation and generate() use the eager module, whose
-        changing shapes would otherwise exhaust dynamo's recompile limit and silently send
-        training back to eager. Dynamo guards on requires_grad: an arm whose plan changes
-        would recompile at each change and fall back to eager after 8, so only single-plan
-        arms compile."""
+        """The arm's compiled training callable, or None: eager. It returns the loss tensor
+        only (execution.LossOf) of the model, or of a cached arm's upper blocks. Training
+        only: evaluation and generate() use the eager module, whose changing shapes would
+        otherwise exhaust dynamo's recompile limit and silently send training back to eager.
+        Dynamo guards on requires_grad: an arm whose plan changes would recompile at each
+        change and fall back to eager after 8, so only single-plan arms compile."""
         if not (self.compile and arm.strategy.single_plan):
             return None
         trains = arm.model if arm.prefix is None else arm.prefix.upper
