@@ -159,3 +159,15 @@ def roles_in(info: ParamInfo) -> tuple[str, ...]:
     if info.tied:
         return (info.rule.role, "head")
     return (info.rule.role,)
+
+
+def first_trained_block(trained: set[str], infos: dict[str, ParamInfo], n_layers: int) -> int:
+    """Lowest block index with a trained tensor; 0 if the embedding trains, L if only the top."""
+    f = n_layers
+    for name in trained:
+        info = infos[name]
+        if info.layer is not None:
+            f = min(f, info.layer)
+        elif info.rule.role == "embed" or info.tied:
+            return 0  # the embedding (or a head tied to it) changes block 0's input
+    return f

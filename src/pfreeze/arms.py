@@ -320,6 +320,11 @@ class ArmRun:
     prefix_note: str = ""  # "blocks 0-14 cached", or why there is no cache
     # (step, loss, ΔW norms, W−W₀ norms, timers, memory, lr), read back at the next flush
     pending: list[tuple[Any, ...]] = field(default_factory=list)
+
+    @property
+    def step_model(self) -> nn.Module:
+        """What a training step runs: the model, or a cached arm's upper blocks."""
+        return self.model if self.prefix is None else self.prefix.upper
     losses: list[float] = field(default_factory=list)
     times: list[float] = field(default_factory=list)
     evals: list[tuple[int, float | None, float | None]] = field(default_factory=list)

@@ -214,7 +214,8 @@ def compiled_by_the_old_rule(loop: Loop) -> bool:
 def legacy(loop: Loop) -> dict[str, Any]:
     """What `auto` meant for a checkpoint written before it could resolve to anything else.
     state.json records `execution` since e1ebc9a; a GPU run checkpointed between 9801632 and
-    e1ebc9a resumes with these values, not the ones it started with."""
+    e1ebc9a resumes with these values, not the ones it started with. `compiled` fills in for
+    any checkpoint that lacks that key, later ones too (see saved_settings)."""
     t, g = loop.cfg.training, loop.cfg.generation
     return {"attention": "model" if t.attention_backend == "auto" else t.attention_backend,
             "decoder": "generate" if g.decoder == "auto" else g.decoder,
@@ -249,7 +250,9 @@ def pin(loop: Loop, saved: dict[str, Any]) -> None:
                   "minutes for little")
         compiled = False
     if compiled and uses_graphs(True, mode) and loop.t.gradient_accumulation_steps > 1:
-        # Never valid (Loop refuses it at the start): graph replays share output buffers.
+        # Graph replays share output buffers, so Loop refuses this at the start. The CLI's
+        # --resume reuses the run's own config, which cannot get here; run(cfg, resume=True)
+        # with a config that changed the accumulation can.
         loop.warn(f"resumed with torch_compile_mode=default, not {mode}: CUDA graphs cannot "
                   "run with gradient accumulation")
         mode = "default"

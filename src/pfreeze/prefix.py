@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from pfreeze.architectures import ParamInfo
+from pfreeze.architectures import ParamInfo, first_trained_block
 
 # family -> attributes of: the decoder inside the *ForCausalLM, its block list, its final
 # norm, its learned position embedding (added to inputs_embeds; None for rotary families)
@@ -50,18 +50,6 @@ def _shallow(module: nn.Module) -> nn.Module:
         if isinstance(value, types.MethodType) and value.__self__ is module:
             setattr(twin, name, types.MethodType(value.__func__, twin))
     return twin
-
-
-def first_trained_block(trained: set[str], infos: dict[str, ParamInfo], n_layers: int) -> int:
-    """Lowest block index with a trained tensor; 0 if the embedding trains, L if only the top."""
-    f = n_layers
-    for name in trained:
-        info = infos[name]
-        if info.layer is not None:
-            f = min(f, info.layer)
-        elif info.rule.role == "embed" or info.tied:
-            return 0  # the embedding (or a head tied to it) changes block 0's input
-    return f
 
 
 def not_deterministic(model: nn.Module) -> str | None:

@@ -170,8 +170,7 @@ class Loop:
         change and fall back to eager after 8, so only single-plan arms compile."""
         if not (self.compile and arm.strategy.single_plan):
             return None
-        trains = arm.model if arm.prefix is None else arm.prefix.upper
-        return execution.compile_step(trains, self.compile_mode)
+        return execution.compile_step(arm.step_model, self.compile_mode)
 
     def calibration_batches(self, n: int) -> list[torch.Tensor]:
         """Batches for data-driven selection, from their own seeded stream (not the shared one)."""
@@ -204,17 +203,19 @@ class Loop:
         cached = arm.prefix is not None
         if cached and windows is None:  # step_fn runs the upper blocks only: never guess
             raise ValueError(f"arm '{arm.strategy.name}' caches its prefix: pass the chunk ids")
-        if batch.device.type != self.device.type:  # run() stages once for all arms; other
-            batch, idx = self.stage(batch, windows)  # callers may pass host tensors
-        micro = batch.chunk(n)
-        if cached and idx is None:  # a batch passed on the device without its chunk ids there
+        # run() stages each step once for all arms; other callers may pass host tensors, or a
+        # batch on the device without its chunk ids there.
+        if batch.device.type != self.device.type:
+            batch, idx = self.stage(batch, windows if cached else None)
+        elif cached and idx is None:
             (idx,) = self.stage(windows)
-        wins = windows.chunk(n) if windows is not None else [None] * len(micro)
+        micro = batch.chunk(n)
         # The cache checks its contents on the host ids and gathers with the device ones.
+        wins = windows.chunk(n) if cached else [None] * len(micro)
         idxs = idx.chunk(n) if cached else [None] * len(micro)
-        model = arm.prefix.upper if cached else arm.model
         # Not `step_fn or ...`: truth-testing a compiled module falls through to len().
-        loss_of = arm.step_fn if arm.step_fn is not None else execution.LossOf(model)
+        loss_of = (arm.step_fn if arm.step_fn is not None
+                   else execution.LossOf(arm.step_model))
         for x, w, i in zip(micro, wins, idxs, strict=True):
             # The attention kernel is chosen in the forward; the backward follows it.
             with (autocast(self.device, self.bf16), torch.set_grad_enabled(bool(trainable)),
