@@ -17,8 +17,9 @@ import time
 
 import torch
 
-from pfreeze.bench import SHAPES, pfreeze_loop
+from pfreeze.bench import ROTATED, SHAPES, pfreeze_loop
 from pfreeze.config import PlanArm
+from pfreeze.execution import release
 from pfreeze.models import load_model
 
 
@@ -45,13 +46,13 @@ def main() -> None:
     for cached in (False, True):
         # A short corpus when cached: every chunk is seen (a miss) within the warm-up.
         loop = pfreeze_loop(lm.model, lm.family, PlanArm(), b, t,
-                            ids[: 4 * b * t] if cached else ids, max_steps=10_000, bf16=True,
+                            ids[: ROTATED * b * t] if cached else ids, max_steps=10_000, bf16=True,
                             optim="adamw_fused", torch_compile=True, prefix_cache=cached,
                             attention_backend=a.attention)
         r = loop.arms[0]
-        batches = [(loop.stream.next(), loop.stream.windows) for _ in range(4)]
+        batches = [(loop.stream.next(), loop.stream.windows) for _ in range(ROTATED)]
         for i in range(8):
-            loop.train_step(r, i, *batches[i % 4])
+            loop.train_step(r, i, *batches[i % ROTATED])
         torch.cuda.synchronize()
         nxt = host_ms(loop.stream.next, 200)
         x0, i0 = loop.stage(*batches[0])
@@ -64,7 +65,7 @@ def main() -> None:
             e.record()
             ev.append(e)
             t0 = time.perf_counter()
-            loop.train_step(r, 8 + i, *batches[i % 4])
+            loop.train_step(r, 8 + i, *batches[i % ROTATED])
             host.append(time.perf_counter() - t0)
         e = torch.cuda.Event(enable_timing=True)
         e.record()
@@ -77,7 +78,7 @@ def main() -> None:
               flush=True)
         r.pending.clear()
         del loop
-        torch._dynamo.reset()
+        release()
 
 
 if __name__ == "__main__":

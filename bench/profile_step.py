@@ -5,8 +5,12 @@
 
 Training: builds pfreeze's Loop for the full arm, the frozen arm (q,k,v of the upper half) and
 the frozen arm with its prefix cached (epochs sampling), compiled; after warm-up, profiles
---steps steps and prints per step: wall time, GPU busy time, and the kernel time by kind
-(matmul, attention, fused Triton, optimizer, copies), plus the largest kernels.
+--steps steps and prints per step: wall time, GPU busy time, kernel launches, and the kernel
+time by kind (matmul, attention, fused Triton, optimizer, copies), plus the largest kernels
+with their launches per step; --who adds the host code that launched each of those. Then it
+runs one step with CUDA's sync debug mode raising, to show any host sync. Each profiled step
+draws its batch (loop.stream.next()) inside the profiled region: that host work is in the
+wall time, though not in the GPU's.
 Generation: profiles one evaluate.generate_samples call the same way (per decode step).
 """
 
@@ -20,9 +24,10 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from pfreeze.bench import SHAPES, pfreeze_loop
+from pfreeze.bench import ROTATED, SHAPES, pfreeze_loop
 from pfreeze.config import FullArm, GenerationConfig, PlanArm
 from pfreeze.evaluate import generate_samples
+from pfreeze.execution import release
 from pfreeze.models import load_model
 
 # First match wins: attention before matmul (cuDNN's SDPA kernels carry "sm90" too), Triton
@@ -184,7 +189,7 @@ def main() -> None:
                    a.gen_new, a.top)
         return
     b, t = map(int, a.batch.split("x"))
-    ids = torch.randint(0, lm.model.config.vocab_size, (4 * b * t,),
+    ids = torch.randint(0, lm.model.config.vocab_size, (ROTATED * b * t,),
                         generator=torch.Generator().manual_seed(0)).tolist()
     for arm in a.arms.split(","):
         cached = arm == "cached"
@@ -208,7 +213,7 @@ def main() -> None:
         if cuda:
             first_sync(step)
         del loop, r
-        torch._dynamo.reset()
+        release()
 
 
 if __name__ == "__main__":

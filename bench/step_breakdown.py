@@ -2,7 +2,8 @@
 
     python bench/step_breakdown.py --shape smollm2 --batch 16x256 [--compile]
 
-Runs Loop.train_step's phases by hand (forward+backward, grad masking + clipping, optimizer,
+Runs Loop.train_step's phases by hand (forward+backward of the loss alone, as the loop's
+execution.LossOf returns it; grad masking + clipping; optimizer; restore of frozen elements;
 ΔW tracker) with CUDA events between them, after warm-up, and prints median milliseconds of
 each phase plus the host time of the whole step (how long Python takes to *enqueue* it): when
 host time ≥ GPU time the step is launch-bound and only fewer launches (CUDA graphs) help.
@@ -20,7 +21,7 @@ from pfreeze.attention import training_attention
 from pfreeze.bench import SHAPES, pfreeze_loop
 from pfreeze.config import FullArm, PlanArm
 from pfreeze.evaluate import autocast
-from pfreeze.execution import LossOf
+from pfreeze.execution import LossOf, release
 from pfreeze.models import load_model
 
 
@@ -42,7 +43,7 @@ def main() -> None:
                             optim="adamw_fused", torch_compile=a.compile,
                             torch_compile_mode=a.mode, attention_backend=a.attention)
         r = loop.arms[0]
-        fwd = LossOf(r.model) if r.step_fn is None else r.step_fn
+        fwd = LossOf(r.step_model) if r.step_fn is None else r.step_fn
         x = torch.randint(0, lm.model.config.vocab_size, (b, t), device="cuda")
         params = r.freezer.trainable()
         phases: dict[str, list[float]] = {k: [] for k in ("fwd+bwd", "mask+clip", "optim",
@@ -78,7 +79,7 @@ def main() -> None:
         print(f"{a.shape} {a.batch} {name:6s} compile={a.compile}  GPU ms: {cells}  "
               f"host enqueue ms {1000 * statistics.median(host[5:]):7.2f}", flush=True)
         del loop, r
-        torch.cuda.empty_cache()
+        release()
 
 
 if __name__ == "__main__":

@@ -225,9 +225,11 @@ def test_the_sampling_batch_defaults_by_device_and_is_recorded_resolved(tmp_path
     assert bench.Bench(bench.parse_args(argv), argv).out["settings"]["gen_batch"] == 8
 
 
-def test_cached_rows_need_a_warm_up_that_fills_the_cache() -> None:
+def test_cached_rows_need_a_warm_up_that_fills_the_cache(capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit):
         bench.parse_args(["--methods", "pfreeze_cached", "--warmup", "3"])
+    # refused for this reason, not by any argparse error
+    assert f"needs --warmup {bench.ROTATED} or more" in capsys.readouterr().err
 
 
 def test_a_repeated_method_or_shape_is_measured_once() -> None:

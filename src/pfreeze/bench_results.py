@@ -85,7 +85,7 @@ def gen_key(r: Row) -> tuple[Any, ...]:
 
 def run_environment(device: torch.device, argv: list[str], peak: float | None) -> Row:
     env = environment(device)  # the same probe every run's summary.json records
-    return {**env, "git": env.pop("git_hash"), "cuda": torch.version.cuda,
+    return {**env, "git": env["git_hash"], "cuda": torch.version.cuda,
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "command": " ".join(["python", "-m", "pfreeze.bench", *argv]), "peak_flops": peak}
 
