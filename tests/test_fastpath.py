@@ -11,7 +11,6 @@ import torch
 from pfreeze.attention import causal_attention, training_attention
 from pfreeze.config import load_config
 from pfreeze.errors import PfreezeError
-from pfreeze.execution import step_module
 from pfreeze.models import load_model
 from pfreeze.train import Loop
 
@@ -324,24 +323,41 @@ def test_auto_compiles_only_gpu_runs_long_enough_to_pay_it_back() -> None:
     assert resolve_compile(True, CPU, 1) and not resolve_compile(False, gpu, 10**6)
 
 
-@pytest.mark.parametrize("name", ["random:gpt2", "random:llama", "random:gpt-neox",
-                                  "lora:random:gpt2"])
-def test_the_compiled_step_is_one_graph_whose_only_output_is_the_loss(name: str) -> None:
-    """What the training step compiles traces as one graph (GPT-2's loss does not split off
-    at transformers' logged fallback, also inside a peft wrapper) and returns the loss alone:
-    a returned B x T x V logits tensor would get an all-zero gradient in the backward, filled
-    and copied each step."""
-    lora = name.startswith("lora:")
-    model = load_model(name.removeprefix("lora:"), seed=0).model
-    if lora:
-        from peft import LoraConfig, get_peft_model
+@pytest.mark.parametrize("name", ["random:gpt2", "random:llama", "random:gpt-neox"])
+def test_every_compiled_step_is_one_graph_whose_only_output_is_the_loss(
+        name: str, tmp_path: Path) -> None:
+    """What the loop compiles for each kind of arm (whole model, a cached arm's upper blocks,
+    a peft LoRA wrapper) traces as one graph (GPT-2's loss does not split off at
+    transformers' logged fallback) and returns the loss alone: a returned B x T x V logits
+    tensor would get an all-zero gradient in the backward, filled and copied each step."""
+    from pfreeze.corpus import BatchStream
 
-        model = get_peft_model(model, LoraConfig(r=2, target_modules=["c_attn"]))
+    corpus = tmp_path / "t.txt"
+    corpus.write_text("abc " * 100)
+    cfg = load_config(None, [
+        f"data.corpus={corpus}", f"model.name={name}", "data.block_size=16",
+        "data.sampling=epochs", "training.device=cpu", "training.torch_compile=true",
+        "arms=[{kind: full}, {kind: plan, select: 'layers=2: roles=q,k,v'},"
+        " {kind: lora, select: 'roles=q,k,v', r: 2}]",
+    ])
+    loop = Loop(cfg, files=None)  # type: ignore[arg-type]
+    loop.stream = BatchStream(list(range(400)), 16, 2, 0, "epochs")
+    lm = load_model(name, seed=0)
+    loop.build_arms(lm.model, lm.family)
     x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
-    explained = torch._dynamo.explain(step_module(model))(input_ids=x, labels=x,
-                                                          use_cache=False)
-    assert (explained.graph_count, explained.graph_break_count) == (1, 0)
-    (out,) = [n for n in explained.graphs[0].graph.nodes if n.op == "output"]
-    leaves = [v for v in torch.utils._pytree.tree_leaves(out.args)
-              if isinstance(v, torch.fx.Node)]
-    assert len(leaves) == 1 and leaves[0].meta["example_value"].shape == ()
+    full, cached, lora = loop.arms
+    assert cached.prefix is not None and lora.prefix is None
+    for arm in loop.arms:
+        if arm.prefix is None:
+            inputs = {"input_ids": x}
+        else:  # the upper blocks run on block f's input, as train_step feeds them
+            with torch.no_grad():
+                h = arm.prefix.lower(input_ids=x, use_cache=False).last_hidden_state
+            inputs = {"inputs_embeds": h}
+        explained = torch._dynamo.explain(arm.step_fn._orig_mod)(**inputs, labels=x,
+                                                                 use_cache=False)
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), arm.strategy.name
+        (out,) = [n for n in explained.graphs[0].graph.nodes if n.op == "output"]
+        leaves = [v for v in torch.utils._pytree.tree_leaves(out.args)
+                  if isinstance(v, torch.fx.Node)]
+        assert len(leaves) == 1 and leaves[0].meta["example_value"].shape == ()

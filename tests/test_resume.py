@@ -256,9 +256,12 @@ def test_a_resumed_run_keeps_its_compilation_choice(corpus: Path) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled CUDA-graph steps need a GPU")
 def test_a_compiled_gpu_run_resumes_compiled_with_the_same_stream(corpus: Path,
                                                                  tmp_path: Path) -> None:
-    """Killed and resumed on a GPU, a compiled run (CUDA graphs, a cached arm) compiles again,
-    replays the same batches and ends where the uninterrupted run ends (to bf16 tolerance:
-    GPU kernels need not be bit-reproducible)."""
+    """Killed and resumed on a GPU, a compiled run (CUDA graphs, a cached arm) records the same
+    compiled execution, replays the same batches, finishes with the integrity audit passing,
+    and its losses and weights agree with the uninterrupted run's to bf16 tolerance (GPU
+    kernels need not be bit-reproducible). At this run's learning rate those tolerances are
+    wider than ten steps move the weights, so they would not catch a resume that lost its
+    state: bit-exact resume is asserted on the CPU (test_sigkill_then_resume_...)."""
     extra = ("training.device=cuda", "training.torch_compile=true", "data.sampling=epochs",
              "training.per_device_train_batch_size=16")
     straight, killed = tmp_path / "straight", tmp_path / "killed"
