@@ -125,7 +125,8 @@ def test_cuda_graphs_with_gradient_accumulation_are_refused(corpus: Path, mode: 
 
 def test_resume_without_a_checkpoint_says_so(corpus: Path, tmp_path: Path) -> None:
     cfg = _cfg(corpus)
-    run(cfg, tmp_path / "out")  # save_steps=0: finished, but never checkpointed
+    run(cfg, tmp_path / "out")  # save_steps=0: never checkpointed
+    (tmp_path / "out" / "summary.json").unlink()  # as if killed before its summary
     with pytest.raises(PfreezeError, match="has no checkpoint yet") as e:
         run(cfg, tmp_path / "out", resume=True)
     assert "--overwrite" in str(e.value)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from pfreeze.architectures import describe_params
+from pfreeze.atomic import atomic_dir
 from pfreeze.config import TrainingConfig
 from pfreeze.errors import PfreezeError
 from pfreeze.models import state_hash
@@ -40,6 +41,11 @@ def register(kind: str) -> Callable[[type[ArmStrategy]], type[ArmStrategy]]:
 
 
 Calibration = Callable[[int], list[torch.Tensor]]  # n -> n batches of training text
+Export = tuple[str, int, Callable[[], Any]]  # (file or folder name, bytes, writer)
+
+
+def _bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
 class ArmStrategy:
@@ -84,12 +90,19 @@ class ArmStrategy:
     def describe(self) -> str:
         raise NotImplementedError
 
-    def export(self, model: nn.Module, folder: Path, pretrained: bool, tokenizer: Any) -> None:
-        """Extra files beside trained.safetensors: the full model, when asked."""
-        if pretrained:
-            model.save_pretrained(str(folder / "model"))
+    def exports(self, model: nn.Module, folder: Path, pretrained: bool, tokenizer: Any
+                ) -> list[Export]:
+        """Files beside trained.safetensors, as (name, bytes, writer): the full model in
+        transformers' format, when asked."""
+        if not pretrained:
+            return []
+
+        def write(tmp: Path) -> None:
+            model.save_pretrained(str(tmp))
             if hasattr(tokenizer, "tok"):
-                tokenizer.tok.save_pretrained(str(folder / "model"))
+                tokenizer.tok.save_pretrained(str(tmp))
+
+        return [("model", _bytes(model), lambda: atomic_dir(folder / "model", write))]
 
     def trained_names(self) -> set[str]:
         return {n for p in self.plans.values() if p is not None for n in p.tensors}
@@ -274,8 +287,13 @@ class Lora(ArmStrategy):
         self.targets = targets
         return model
 
-    def export(self, model: nn.Module, folder: Path, pretrained: bool, tokenizer: Any) -> None:
-        model.save_pretrained(str(folder / "adapter"))  # the PEFT adapter format, always
+    def exports(self, model: nn.Module, folder: Path, pretrained: bool, tokenizer: Any
+                ) -> list[Export]:
+        adapter = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        nbytes = sum(p.numel() * p.element_size() for p in adapter.values())
+        # The PEFT adapter format, always.
+        return [("adapter", nbytes,
+                 lambda: atomic_dir(folder / "adapter", lambda t: model.save_pretrained(str(t))))]
 
     def describe(self) -> str:
         return f"LoRA r={self.cfg.r}, alpha={self.cfg.alpha} on `{self.cfg.select}`"

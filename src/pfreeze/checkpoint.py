@@ -23,9 +23,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from pfreeze import execution
+from pfreeze import __version__, execution
 from pfreeze.atomic import write_json
+from pfreeze.config import config_hash
 from pfreeze.errors import PfreezeError
+from pfreeze.outputs import ensure_space
 
 if TYPE_CHECKING:
     from pfreeze.train import Loop
@@ -33,11 +35,46 @@ if TYPE_CHECKING:
 CKPT = "checkpoint"
 
 
+# The layout of state.json and the files beside it; a checkpoint of another format is refused.
+FORMAT = 2
+
+
+def _size(loop: Loop) -> int:
+    """Bytes a checkpoint takes: trained tensors, references, best tensors, optimizer state."""
+    total = 0
+    for arm in loop.arms:
+        params = arm.freezer.params
+        trained = [params[n] for n in arm.strategy.trained_names() if n in params]
+        total += sum(p.numel() * p.element_size() for p in trained) * (
+            2 if arm.best_state is not None else 1)
+        total += sum(t.numel() * t.element_size() for s in arm.optimizer.state.values()
+                     for t in s.values() if isinstance(t, torch.Tensor))
+        total += sum(part.ref.numel() * part.ref.element_size()
+                     for part in arm.freezer.partial.values())
+    return total
+
+
 def save(loop: Loop, step: int, extra: dict[str, Any]) -> Path:
     root = loop.files.root
     tmp, final, old = root / f".{CKPT}.tmp", root / CKPT, root / f".{CKPT}.old"
     shutil.rmtree(tmp, ignore_errors=True)
+    ensure_space(root, _size(loop), f"the checkpoint at step {step}")
     tmp.mkdir(parents=True)
+    try:
+        _write(loop, tmp, final, step, extra)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    # Swap in: the old checkpoint survives until the new one is complete.
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write(loop: Loop, tmp: Path, final: Path, step: int, extra: dict[str, Any]) -> None:
     arms_state = []
     for i, arm in enumerate(loop.arms):
         if arm.diverged and (final / f"arm{i}.safetensors").exists():
@@ -61,17 +98,15 @@ def save(loop: Loop, step: int, extra: dict[str, Any]) -> Path:
         rng.update({f"cuda{d}": s for d, s in enumerate(torch.cuda.get_rng_state_all())})
     save_file(rng, str(tmp / "rng.safetensors"))
     write_json(tmp / "state.json", {
+        "format": FORMAT, "pfreeze_version": __version__, "config_hash": config_hash(loop.cfg),
         "step": step, "theta0_hash": loop.theta0_hash, "batch_hashes": loop.batch_hashes,
         "arms": arms_state, "execution": execution.snapshot(loop), "reserved_mb": loop.reserved_mb,
+        # The run's files as they stood at `step`: a resume cuts metrics.jsonl back to this
+        # size (rows after it are redone) and restores the samples drawn so far.
+        "metrics_bytes": loop.files.metrics_bytes(), "samples": loop.files.samples,
+        "sample_records": loop.files.sample_records,
         **extra,
     })
-    # Swap in: the old checkpoint survives until the new one is complete.
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def _arm_state(arm: Any) -> dict[str, Any]:
@@ -98,6 +133,19 @@ def load(loop: Loop) -> dict[str, Any]:
     d = _folder(loop.files.root)
     assert d is not None, "load() is only called when exists() is true"
     state = json.loads((d / "state.json").read_text(encoding="utf-8"))
+    if state.get("format") != FORMAT:
+        raise PfreezeError(
+            f"the checkpoint in {loop.files.root} was written by pfreeze "
+            f"{state.get('pfreeze_version', 'before 0.1.0')} in another format "
+            f"({state.get('format', 1)}; this version reads {FORMAT})",
+            "start the run again with --overwrite",
+        )
+    if state["config_hash"] != config_hash(loop.cfg):
+        raise PfreezeError(
+            f"the checkpoint in {loop.files.root} belongs to another config than the one "
+            "resumed now (config.yaml changed since it was saved)",
+            "resume with the config the run was started with, or start again with --overwrite",
+        )
     if state["theta0_hash"] != loop.theta0_hash:
         raise PfreezeError(
             "the checkpoint was made from a different θ₀ than the model loaded now",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -21,12 +21,13 @@ if TYPE_CHECKING:
     from pfreeze.plan import Plan
 
 from pfreeze.errors import PfreezeError
+from pfreeze.interrupts import Interrupted
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Targeted fine-tuning with precision freezing, measured side by side.")
 console = Console(stderr=True, emoji=False)  # `random:llama:` must not become an emoji
 out = Console(emoji=False)
-_state = {"debug": False}
+_state: dict[str, Any] = {"debug": False}
 
 
 @app.callback()
@@ -72,7 +73,15 @@ def run(
     cfg = load_config(config, overrides)
     if output_dir is not None:
         cfg.output_dir = str(output_dir)
+    _state["output_dir"] = cfg.output_dir  # named by an interrupt's message
+    from pfreeze.outputs import finished
     from pfreeze.train import run as run_experiment
+
+    if resume is not None and (done := finished(resume)) is not None:
+        steps = max((a.get("steps") or 0 for a in done.get("arms", {}).values()), default=0)
+        console.print(f"{escape(str(resume))}: the run is finished ({steps} steps); nothing to "
+                      f"resume (`pfreeze report {escape(str(resume))}` re-renders its report)")
+        return
 
     arms = ", ".join(a.name or a.kind for a in cfg.arms)
     # User text (paths, names, selectors) is escaped: rich would eat `[x]` or choke on `[/x]`.
@@ -231,12 +240,19 @@ def main() -> None:
             raise
         console.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    except Interrupted as e:
+        console.print(f"[yellow]{escape(e.message(_state.get('output_dir', '.')))}[/]",
+                      highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        console.print("interrupted")
+        console.print("interrupted (SIGINT) before the run started; nothing was written")
         sys.exit(130)
     except Exception as e:  # click's usage errors arrive here in standalone_mode=False
         import click
 
+        if isinstance(e, click.exceptions.Abort):  # Ctrl-C that click caught first
+            console.print("interrupted (SIGINT) before the run started; nothing was written")
+            sys.exit(130)
         if isinstance(e, click.exceptions.Exit):
             sys.exit(e.exit_code)
         if isinstance(e, click.ClickException):

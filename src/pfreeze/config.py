@@ -16,7 +16,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from pfreeze.errors import PfreezeError
 
@@ -50,6 +58,9 @@ class TrainingConfig(_Strict):
     gradient_accumulation_steps: int = Field(1, ge=1)
     max_steps: int = Field(40, ge=1)
     warmup_steps: int = Field(0, ge=0)
+    # Extra arguments of the schedule, as in TrainingArguments (e.g. {min_lr_rate: 0.1} for
+    # cosine_with_min_lr, {num_decay_steps: 100} for warmup_stable_decay).
+    lr_scheduler_kwargs: dict[str, Any] = Field(default_factory=dict)
     lr_scheduler_type: str = "linear"
     optim: Literal["adamw", "adamw_fused", "sgd"] = "adamw"
     weight_decay: float = Field(0.0, ge=0)
@@ -69,7 +80,7 @@ class TrainingConfig(_Strict):
     keep_best: bool = Field(False, description="save each arm's tensors at its best eval")
     integrity_steps: int = Field(0, ge=0,
                                  description="audit frozen elements every N steps (0: end)")
-    device: str = "auto"
+    device: str = "auto"  # auto, cpu, cuda, cuda:N (mps, xpu where torch has them)
     # auto: compile on a GPU when max_steps >= 1000 (execution.COMPILE_PAYS_AFTER: then the
     # compilation is paid back even on a cold cache); never on CPU.
     torch_compile: bool | Literal["auto"] = "auto"
@@ -88,11 +99,58 @@ class TrainingConfig(_Strict):
     attention_backend: Literal["auto", "model", "flash", "sdpa", "cudnn", "efficient",
                                "math"] = "auto"
 
+    @field_validator("device")
+    @classmethod
+    def _a_device(cls, v: str) -> str:
+        if v == "auto":
+            return v
+        try:
+            import torch
+
+            torch.device(v)
+        except (RuntimeError, ValueError):
+            raise ValueError(f"{v!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+        return v
+
+    @field_validator("lr_scheduler_type")
+    @classmethod
+    def _a_schedule(cls, name: str, info: ValidationInfo) -> str:
+        """Build the schedule once on a dummy optimizer: a misspelt name or a schedule that
+        lacks its arguments is refused now, before any model is loaded."""
+        import torch
+        from transformers import SchedulerType, get_scheduler
+
+        names = [s.value for s in SchedulerType if s.value not in _NEEDS_A_METRIC]
+        kwargs = info.data.get("lr_scheduler_kwargs") or {}
+        if name in _NEEDS_A_METRIC:
+            raise ValueError(f"lr_scheduler_type={name} steps on a validation metric, not per "
+                             f"step: use one of {', '.join(names)}")
+        if name not in names:
+            raise ValueError(f"unknown lr_scheduler_type {name!r}: use one of {', '.join(names)}")
+        dummy = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        try:
+            get_scheduler(name, dummy, num_warmup_steps=info.data.get("warmup_steps", 0),
+                          num_training_steps=info.data.get("max_steps", 1),
+                          scheduler_specific_kwargs=kwargs or None)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"lr_scheduler_type={name} with lr_scheduler_kwargs={kwargs}: "
+                             f"{_one_line(e)}") from None
+        return name
+
+
+# Schedules that step on a metric (ReduceLROnPlateau-like): pfreeze steps schedules per step.
+_NEEDS_A_METRIC = ("reduce_lr_on_plateau", "greedy")
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
 
 class GenerationConfig(_Strict):
     # The same prompts and seeds are used for every arm, before and after training.
     prompts: list[str] = Field(
-        default_factory=lambda: ["Call me", "The whale", "It was a", "Upon the deck"]
+        default_factory=lambda: ["Call me", "The whale", "It was a", "Upon the deck"],
+        min_length=1,
     )
     samples_per_prompt: int = Field(2, ge=1)
     max_new_tokens: int = Field(48, ge=1)
@@ -392,3 +450,12 @@ def load_config(
 
 def dump_config(cfg: RunConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def config_hash(cfg: RunConfig) -> str:
+    """What a checkpoint belongs to: every setting but the folder the run sits in (a run may
+    be resumed under another spelling of its path, and each repeat has its own)."""
+    import hashlib
+
+    text = yaml.safe_dump(cfg.model_dump(mode="json", exclude={"output_dir"}), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()

@@ -22,10 +22,20 @@ if TYPE_CHECKING:
 def pick_device(spec: str) -> torch.device:
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if spec.startswith("cuda") and not torch.cuda.is_available():
+    device = torch.device(spec)  # the config has checked the spelling
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise PfreezeError(f"device '{spec}' requested but no CUDA GPU is visible",
                            "use --set training.device=cpu (or auto)")
-    return torch.device(spec)
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise PfreezeError(f"device '{spec}' requested but only {n} GPU(s) are visible",
+                           f"use cuda:0 to cuda:{n - 1}, or auto")
+    if device.type not in ("cpu", "cuda"):
+        backend = getattr(torch, device.type, None)
+        if backend is None or not backend.is_available():
+            raise PfreezeError(f"device '{spec}' is not available in this torch build",
+                               "use auto, cpu or cuda")
+    return device
 
 
 # Runs shorter than this stay eager under torch_compile=auto. On an H200 compiling one arm

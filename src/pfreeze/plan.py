@@ -112,19 +112,33 @@ def parse_layers(spec: str, n_layers: int) -> list[int]:
     return sorted(chosen)
 
 
-def _parse_index(expr: str, shape: tuple[int, ...], term: str) -> tuple[slice | int, ...]:
+def _parse_index(expr: str, shape: tuple[int, ...], term: str,
+                 name: str) -> tuple[slice | int, ...]:
+    """`0:64, 3` -> (slice(0, 64), 3), every bound checked against `shape`: Python would clamp
+    a slice past the end silently, and a plan must train exactly what it says."""
     parts = [p.strip() for p in expr.split(",")]  # callers skip tensors of lower rank
     idx: list[slice | int] = []
-    for p in parts:
+    for dim, p in enumerate(parts):
         try:
             if ":" in p:
                 nums = [int(x) if x.strip() else None for x in p.split(":")]
                 idx.append(slice(*nums))
             else:
                 idx.append(int(p))
-        except ValueError:
+        except (ValueError, TypeError):  # TypeError: more than three parts (a:b:c:d)
             raise PfreezeError(f"'{term}': cannot read index '{p}'",
                                "use integers and slices like [:, 0:64]") from None
+        n = shape[dim]
+        item = idx[-1]
+        bounds = [item] if isinstance(item, int) else [b for b in (item.start, item.stop)
+                                                       if b is not None]
+        limit = n - 1 if isinstance(item, int) else n
+        if any(not -n <= b <= limit for b in bounds) or (
+                isinstance(item, slice) and item.step is not None and item.step <= 0):
+            raise PfreezeError(
+                f"'{term}': [{expr}] does not fit {name} of shape {list(shape)} "
+                f"('{p}' on dim {dim} of size {n})",
+                f"use indices 0..{n - 1} on dim {dim} (a slice may end at {n})")
     return tuple(idx)
 
 
@@ -212,11 +226,7 @@ def _clause_masks(clause: str, params: dict[str, ParamInfo], g: Geometry,
             if index_expr.count(",") + 1 > len(info.shape):
                 continue  # a glob may also hit lower-rank tensors (norms, biases): skip them
             box = torch.zeros(info.shape, dtype=torch.bool)
-            try:
-                box[_parse_index(index_expr, info.shape, clause)] = True
-            except (IndexError, ValueError) as e:  # index past the end, zero step, ...
-                raise PfreezeError(f"'{clause}': [{index_expr}] does not fit {name} "
-                                   f"{list(info.shape)} ({e})", "correct the slice") from None
+            box[_parse_index(index_expr, info.shape, clause, name)] = True
             mask = box if mask is None else mask & box
         if mask is not None and bool(mask.all()):
             mask = None

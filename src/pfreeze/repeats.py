@@ -11,7 +11,6 @@ share, which is why the arms see identical batches in the first place.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from pfreeze import checkpoint, execution
 from pfreeze.atomic import write_json, write_text
 from pfreeze.config import RunConfig, dump_config
 from pfreeze.evaluate import mean_ci
-from pfreeze.outputs import RunFiles
+from pfreeze.outputs import RunFiles, finished
 
 # (label, getter) for each headline figure of an arm summary.
 HEADLINES: list[tuple[str, Callable[[dict[str, Any]], float | None]]] = [
@@ -97,10 +96,9 @@ def run_repeats(cfg: RunConfig, output_dir: Path, run_one: Callable[..., dict[st
     resume = kwargs.pop("resume", False)
     if not resume:
         # The top-level config makes the folder resumable with `pfreeze run --resume DIR`.
-        RunFiles(output_dir, overwrite=kwargs.get("overwrite", False)).check_free(
-            dump_config(cfg))
-        output_dir.mkdir(parents=True, exist_ok=True)
-        write_text(output_dir / "config.yaml", dump_config(cfg))
+        top = RunFiles(output_dir, overwrite=kwargs.get("overwrite", False))
+        top.check_target()
+        top.check_free(dump_config(cfg))
     summaries = []
     for r in range(cfg.repeats):
         rcfg = cfg.model_copy(deep=True)
@@ -109,11 +107,15 @@ def run_repeats(cfg: RunConfig, output_dir: Path, run_one: Callable[..., dict[st
         rcfg.repeats = 1
         rdir = output_dir / f"repeat-{r}"
         rcfg.output_dir = str(rdir)
-        if resume and (rdir / "summary.json").exists():  # finished before the interruption
-            summaries.append(json.loads((rdir / "summary.json").read_text(encoding="utf-8")))
+        if resume and (done := finished(rdir)) is not None:  # before the interruption
+            summaries.append(done)
             continue
         again = resume and checkpoint.exists(rdir)
         opts = {**kwargs, "overwrite": kwargs.get("overwrite", False) or (resume and not again)}
+        if r == 0 and not resume:
+            # Written once the first repeat has read its corpus and model, so bad input leaves
+            # nothing behind; clearing first removes every repeat of an overwritten run.
+            opts["before_start"] = lambda: top.start(dump_config(cfg))
         summaries.append(run_one(rcfg, rdir, resume=again, **opts))
         execution.release()  # each repeat's graphs and reserved-memory peak are its own
     agg = aggregate(summaries)

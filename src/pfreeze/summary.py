@@ -21,8 +21,10 @@ def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None  # JSON has no NaN
 
 
-def arm_summary(loop: Loop, arm: ArmRun, p_before: dict, p_after: dict, p_best: dict | None,
-                audit: dict) -> dict[str, Any]:
+def arm_summary(loop: Loop, arm: ArmRun, p_before: dict | None, p_after: dict | None,
+                p_best: dict | None, audit: dict | None) -> dict[str, Any]:
+    """One arm's figures; p_after and the audit are None for a run interrupted before its
+    end (and p_before too when it stopped during the first sampling)."""
     vals = [(s, v) for s, v, _ in arm.evals if v is not None]
     best = min(vals, key=lambda sv: sv[1]) if vals else (None, None)
     median = statistics.median(arm.times) if arm.times else None
@@ -43,23 +45,26 @@ def arm_summary(loop: Loop, arm: ArmRun, p_before: dict, p_after: dict, p_best: 
         "prefix_cache": arm.prefix_summary(),
         "mean_loss": _finite(statistics.fmean(arm.losses)) if arm.losses else None,
         "last_loss": _finite(arm.losses[-1]) if arm.losses else None,
-        "val_loss_before": arm.evals[0][1],
+        "val_loss_before": arm.evals[0][1] if arm.evals else None,
         "val_loss_best": best[1], "val_loss_best_step": best[0],
-        "val_loss_after": arm.evals[-1][1],
-        "train_loss_after": arm.evals[-1][2],
+        "val_loss_after": arm.evals[-1][1] if p_after is not None else None,
+        "train_loss_after": arm.evals[-1][2] if p_after is not None else None,
         "peak_mem_mb": arm.peak_mem_mb,
         "p_before": p_before, "p_after": p_after,
         "integrity": audit,
         "p_best": p_best,
+        # ‖ΔW‖ keys of matrices this arm never trains: exact zeros, not a measured 0.
+        "tracked_frozen": arm.tracker.frozen_keys,
     }
 
 
-def run_summary(loop: Loop, wall: float, arms: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def run_summary(loop: Loop, wall: float | None, arms: dict[str, dict[str, Any]],
+                status: str = "finished") -> dict[str, Any]:
     return {
         "pfreeze_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": loop.command,  # set by the CLI; None for runs from the Python API
-        "status": "finished",
+        "status": status,
         "environment": {**environment(loop.device), "bf16": loop.bf16},
         # What the auto settings resolved to on this device.
         "execution": {**execution.reported(loop),

@@ -38,10 +38,11 @@ from pfreeze.corpus import (
 )
 from pfreeze.errors import PfreezeError
 from pfreeze.evaluate import autocast, fixed_windows, release_twin
+from pfreeze.interrupts import Interrupted, Signals
 from pfreeze.masking import Freezer, Tracker, check_audit
-from pfreeze.models import LoadedModel, count_params, load_model, state_hash
+from pfreeze.models import LoadedModel, check_positions, count_params, load_model, state_hash
 from pfreeze.moments import evaluate_arms, sample_arms, sample_best
-from pfreeze.outputs import RunFiles
+from pfreeze.outputs import NoSpace, RunFiles, finished, is_no_space
 from pfreeze.plan import compile_plan
 from pfreeze.prefix import Caches, PrefixCache
 from pfreeze.sampler import resolve as resolve_decoder
@@ -55,6 +56,7 @@ class Loop:
                  on_step: Callable[[int, dict[str, float]], None] | None = None) -> None:
         self.cfg, self.files, self.on_step = cfg, files, on_step
         self.command: str | None = None
+        self.before_start: Callable[[], None] | None = None  # a repeat's parent directory
         self.caches: Caches | None = None  # the frozen-prefix caches, made with the first arm
         self.stream: BatchStream | None = None  # set by setup() (or by a benchmark)
         self.t = cfg.training
@@ -92,6 +94,7 @@ class Loop:
         if cfg.data.strip_gutenberg:
             text = strip_gutenberg(text)
         self.lm: LoadedModel = load_model(cfg.model.name, cfg.model.revision, seed=self.t.seed)
+        check_positions(self.lm, cfg.data.block_size, cfg.generation)
         # An impossible decoder is refused now, not after the first evaluation.
         self.decoder = resolve_decoder(cfg.generation.decoder, self.lm.model,
                                        cfg.generation.top_k, self.device)
@@ -137,7 +140,8 @@ class Loop:
             opt = build_optimizer(ever, self.t, self.device)
             sched = get_scheduler(self.t.lr_scheduler_type, opt,
                                   num_warmup_steps=self.t.warmup_steps,
-                                  num_training_steps=self.t.max_steps)
+                                  num_training_steps=self.t.max_steps,
+                                  scheduler_specific_kwargs=self.t.lr_scheduler_kwargs or None)
             tracker = Tracker(model, infos, tracked if strat.tracks_base_weights else [],
                               trained=strat.trained_names())
             prefix, note = self._prefix_cache(model, family, strat, infos)
@@ -299,6 +303,21 @@ class Loop:
 
     # ------------------------------------------------------------------ run
     def run(self, resume: bool = False) -> dict[str, Any]:
+        """The whole run: checks, setup, the before-measurements (or a checkpoint), the steps,
+        the after-measurements and the outputs. SIGINT/SIGTERM stop it at a step boundary with
+        a checkpoint (where save_steps is set) and a summary whose status says so."""
+        self.phase, self.done, self.p_before = "setup", 0, None
+        with Signals() as self.signals:
+            try:
+                self._begin(resume)
+                t_start = time.perf_counter()
+                self._train()
+                return self._finish(time.perf_counter() - t_start)
+            except Interrupted as e:
+                self._interrupted(e)
+                raise
+
+    def _begin(self, resume: bool) -> None:
         from pfreeze import checkpoint
 
         if resume and not checkpoint.exists(self.files.root):
@@ -307,48 +326,109 @@ class Loop:
                 f"(training.save_steps={self.t.save_steps})",
                 "rerun with --overwrite to start it again; set save_steps to checkpoint",
             )
+        self.files.check_target()
         if not resume:
             self.files.check_free(dump_config(self.cfg))
         # Read the corpus and load the model before writing anything: bad input must not
         # leave a half-started run directory that blocks the corrected retry.
         self.setup()
-        if not resume:
-            self.files.start(dump_config(self.cfg))
         self.batch_hashes: list[str] = []
-        start = 0
         if resume:
             state = checkpoint.load(self)
-            start, p_before = state["step"], state["p_before"]
-            self.files.resume(start, state["samples"])
-        else:
-            evaluate_arms(self, 0)
-            p_before = sample_arms(self, "before")
-        t_start = time.perf_counter()
-        for step in range(start, self.t.max_steps):
-            batch = self.stream.next()
-            self.batch_hashes.append(hashlib.sha1(batch.numpy().tobytes()).hexdigest()[:16])
-            windows = self.stream.windows
-            # Once for every arm; chunk ids only where an arm caches its prefix.
-            batch, idx = self.stage(batch, windows if any(a.prefix for a in self.arms) else None)
-            for arm in self.arms:
-                if arm.stopped is None:
-                    self._guarded_step(arm, step, batch, windows, idx)
-            done = step + 1
-            save = self.t.save_steps and done % self.t.save_steps == 0 and done < self.t.max_steps
-            last: dict[str, float] = {}
-            if done % self.t.logging_steps == 0 or done == self.t.max_steps or save:
-                last = self.flush()
-            if done % self.t.eval_steps == 0 and done < self.t.max_steps:
-                evaluate_arms(self, done)
-            if save:
-                checkpoint.save(self, done, {"p_before": p_before, "samples": self.files.samples})
-            if self.on_step:
-                self.on_step(done, last)
+            self.files.resume(state)
+            self.done, self.p_before = state["step"], state["p_before"]
+            self.saved_at = self.done
+            self.phase = "train"
+            return
+        if self.before_start:
+            self.before_start()
+        self.files.start(dump_config(self.cfg))
+        self.phase, self.saved_at = "before", None
+        evaluate_arms(self, 0)
+        self.p_before = sample_arms(self, "before")
+        self.phase = "train"
+
+    def _train(self) -> None:
+        """The steps from the last completed one; SIGINT/SIGTERM wait for the step boundary."""
+        for step in range(self.done, self.t.max_steps):
             if all(a.stopped for a in self.arms):
                 break
-        if any(a.pending for a in self.arms):  # an early end between logging steps
-            self.flush()
-        wall = time.perf_counter() - t_start
+            with self.signals.deferred():
+                last = self._step_all(step)
+                self.done = step + 1
+                if self.t.save_steps and self.done % self.t.save_steps == 0:
+                    self._checkpoint()
+            if self.on_step:
+                self.on_step(self.done, last)
+            self.signals.check()
+        with self.signals.deferred():
+            if any(a.pending for a in self.arms):  # an early end between logging steps
+                self.flush()
+            if self.t.save_steps:  # the trained state, before the outputs that depend on it
+                self._checkpoint()
+        self.signals.check()
+
+    def _step_all(self, step: int) -> dict[str, float]:
+        """Step `step` of every arm on one batch; metrics and evaluations when they are due."""
+        batch = self.stream.next()
+        self.batch_hashes.append(hashlib.sha1(batch.numpy().tobytes()).hexdigest()[:16])
+        windows = self.stream.windows
+        # Once for every arm; chunk ids only where an arm caches its prefix.
+        batch, idx = self.stage(batch, windows if any(a.prefix for a in self.arms) else None)
+        for arm in self.arms:
+            if arm.stopped is None:
+                self._guarded_step(arm, step, batch, windows, idx)
+        done = step + 1
+        save = self.t.save_steps and done % self.t.save_steps == 0
+        last: dict[str, float] = {}
+        if done % self.t.logging_steps == 0 or done == self.t.max_steps or save:
+            last = self.flush()
+        if done % self.t.eval_steps == 0 and done < self.t.max_steps:
+            evaluate_arms(self, done)
+        return last
+
+    def _checkpoint(self) -> None:
+        """Save at the last completed step (once); a save the disk cannot take is skipped with
+        a warning: training goes on, and the previous checkpoint stays whole."""
+        from pfreeze import checkpoint
+
+        if self.saved_at == self.done:
+            return
+        try:
+            checkpoint.save(self, self.done, {"p_before": self.p_before})
+            self.saved_at = self.done
+        except (OSError, NoSpace) as e:
+            if isinstance(e, OSError) and not is_no_space(e):
+                raise
+            kept = f"step {self.saved_at}" if self.saved_at else "none"
+            self.warn(f"checkpoint at step {self.done} skipped ({' '.join(str(e).split())}); "
+                      f"training goes on, the last checkpoint kept: {kept}")
+
+    def _interrupted(self, e: Interrupted) -> None:
+        """Keep what an interrupted run has: a checkpoint where the arms agree on the step, and
+        a summary whose status says where it stopped."""
+        e.step = self.done if self.phase != "setup" else None
+        if self.phase == "setup":
+            e.note = "nothing was written"
+            return
+        consistent = self.phase == "after" or (self.phase == "train" and e.at_boundary)
+        if consistent and self.t.save_steps:
+            if self.phase == "train":
+                self.flush()
+            self._checkpoint()
+        e.note = (f"checkpoint at step {self.saved_at} kept" if self.saved_at is not None
+                  else "no checkpoint (set training.save_steps to make runs resumable)")
+        arms = {a.strategy.name: arm_summary(self, a, (self.p_before or {}).get(a.strategy.name),
+                                             None, None, None) for a in self.arms}
+        summary = run_summary(self, None, arms, status="interrupted")
+        summary["interrupted_at_step"] = e.step
+        self.files.write_summary(summary)
+
+    def _finish(self, wall: float) -> dict[str, Any]:
+        """The after-measurements, the summary, then the arms' files. A file that cannot be
+        written (a full disk, a model that will not serialise) costs that file alone: the
+        summary says what is missing and the run ends with one line."""
+        self.phase = "after"
         evaluate_arms(self, self.t.max_steps)
         p_after = sample_arms(self, "after")
         p_best = sample_best(self) if self.t.keep_best else {}
@@ -356,22 +436,52 @@ class Loop:
         arms_summary = {}
         for arm in self.arms:
             name = arm.strategy.name
-            arms_summary[name] = arm_summary(self, arm, p_before[name], p_after[name],
-                                             p_best.get(name), arm.freezer.audit())
-            self.files.save_arm(arm.strategy, arm.model, self.lm.tokenizer,
-                                self.cfg.save_pretrained, arm.best_state)
+            arms_summary[name] = arm_summary(self, arm, (self.p_before or {}).get(name),
+                                             p_after[name], p_best.get(name),
+                                             arm.freezer.audit())
         summary = run_summary(self, wall, arms_summary)
-        self.files.write_summary(summary)
+        self._write_summary(summary)
+        missing = []
+        for arm in self.arms:
+            missing += self.files.save_arm(arm.strategy, arm.model, self.lm.tokenizer,
+                                           self.cfg.save_pretrained, arm.best_state)
+        if self.files.unwritten:
+            self.files.append_metrics([])  # one more try, now that the run is over
+        if self.files.unwritten:
+            missing.append({"file": "metrics.jsonl", "why": f"{len(self.files.unwritten)} "
+                            "rows could not be appended (the disk is full)"})
+        if missing:
+            summary["missing_outputs"] = missing
+            self._write_summary(summary)
+            self._missing(missing)
         for name, a in arms_summary.items():
             integ = a["integrity"]
             if integ and not integ["ok"]:
                 check_audit(name, integ)
         return summary
 
+    def _write_summary(self, summary: dict[str, Any]) -> None:
+        try:
+            self.files.write_summary(summary)
+        except OSError as e:
+            self._missing([{"file": "summary.json", "why": e.strerror or str(e)}])
+
+    def _missing(self, missing: list[dict[str, str]]) -> None:
+        first = missing[0]
+        more = f" and {len(missing) - 1} more (listed in summary.json)" if len(missing) > 1 else ""
+        fix = ("free disk space (or fix the cause), then `pfreeze run --resume "
+               f"{self.files.root}` writes the outputs again from the final checkpoint"
+               if self.saved_at == self.done else
+               "free disk space (or fix the cause) and run it again; with "
+               "training.save_steps set, a resume rewrites the outputs instead")
+        raise PfreezeError(f"training finished, but {first['file']} could not be written "
+                           f"({first['why']}){more}", fix)
+
 
 def run(cfg: RunConfig, output_dir: str | Path | None = None, overwrite: bool = False,
         on_step: Callable[[int, dict[str, float]], None] | None = None,
-        resume: bool = False, command: str | None = None) -> dict[str, Any]:
+        resume: bool = False, command: str | None = None,
+        before_start: Callable[[], None] | None = None) -> dict[str, Any]:
     """Run the experiment described by `cfg`; returns the summary (also in summary.json).
 
     With `resume`, continue from the output directory's last checkpoint (if it has one).
@@ -382,7 +492,9 @@ def run(cfg: RunConfig, output_dir: str | Path | None = None, overwrite: bool = 
 
         return run_repeats(cfg, out, run, overwrite=overwrite, on_step=on_step, resume=resume,
                            command=command)
+    if resume and (done := finished(out)) is not None:
+        return done  # nothing to redo: the CLI says so
     files = RunFiles(out, overwrite=overwrite)
     loop = Loop(cfg, files, on_step)
-    loop.command = command
+    loop.command, loop.before_start = command, before_start
     return loop.run(resume=resume)

@@ -1,0 +1,79 @@
+"""SIGINT and SIGTERM as an orderly stop: at a step boundary, with a checkpoint, and an exit
+code that says the run did not finish (130 and 143, as a shell reports a killed program).
+
+Inside `deferred()` (a training step and its bookkeeping, where the arms would otherwise end
+at different steps) a signal is only noted, and `check()` raises it at the next boundary.
+Elsewhere (loading, evaluation, the final outputs) it raises at once. A second signal while
+one is pending raises at once too: a user who presses Ctrl-C twice wants out now.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType, TracebackType
+
+NAMES = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
+
+
+class Interrupted(Exception):  # noqa: N818 - it is what happened, not an error
+    """The run was stopped by a signal; `exit_code` is 128 + the signal number."""
+
+    def __init__(self, signum: int, at_boundary: bool) -> None:
+        self.signum, self.at_boundary = signum, at_boundary
+        self.step: int | None = None  # the last completed step, filled in by the loop
+        self.note = ""  # what was kept, filled in by the loop
+        super().__init__(NAMES.get(signum, f"signal {signum}"))
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+    def message(self, root: str) -> str:
+        where = f" at step {self.step}" if self.step is not None else ""
+        return f"interrupted ({NAMES.get(self.signum, self.signum)}){where}; {self.note}" + (
+            f" (`pfreeze run --resume {root}` continues it)" if "checkpoint" in self.note else "")
+
+
+class Signals:
+    """Install the handlers for the duration of a run (main thread only: Python delivers
+    signals there, and a run started from another thread keeps the default behaviour)."""
+
+    def __init__(self) -> None:
+        self.pending: int | None = None
+        self.deferring = False
+        self._old: dict[int, object] = {}
+
+    def __enter__(self) -> Signals:
+        if threading.current_thread() is threading.main_thread():
+            for s in NAMES:
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        for s, old in self._old.items():
+            signal.signal(s, old)  # type: ignore[arg-type]
+        self._old.clear()
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.deferring and self.pending is None:
+            self.pending = signum
+            return
+        raise Interrupted(signum, at_boundary=False)
+
+    @contextmanager
+    def deferred(self) -> Iterator[None]:
+        self.deferring = True
+        try:
+            yield
+        finally:
+            self.deferring = False
+
+    def check(self) -> None:
+        """At a boundary: raise the signal that arrived inside the last deferred block."""
+        if self.pending is not None:
+            signum, self.pending = self.pending, None
+            raise Interrupted(signum, at_boundary=True)
