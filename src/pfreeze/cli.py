@@ -80,7 +80,8 @@ def run(
     if resume is not None and (done := finished(resume)) is not None:
         steps = max((a.get("steps") or 0 for a in done.get("arms", {}).values()), default=0)
         console.print(f"{escape(str(resume))}: the run is finished ({steps} steps); nothing to "
-                      f"resume (`pfreeze report {escape(str(resume))}` re-renders its report)")
+                      f"resume (`pfreeze report {escape(str(resume))}` re-renders its report)",
+                      soft_wrap=True)
         return
 
     arms = ", ".join(a.name or a.kind for a in cfg.arms)

@@ -21,8 +21,9 @@ NAMES = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
 class Interrupted(Exception):  # noqa: N818 - it is what happened, not an error
     """The run was stopped by a signal; `exit_code` is 128 + the signal number."""
 
-    def __init__(self, signum: int, at_boundary: bool) -> None:
-        self.signum, self.at_boundary = signum, at_boundary
+    def __init__(self, signum: int, forced: bool = False) -> None:
+        # forced: a second signal cut a deferred block short (a step may be half done)
+        self.signum, self.forced = signum, forced
         self.step: int | None = None  # the last completed step, filled in by the loop
         self.note = ""  # what was kept, filled in by the loop
         super().__init__(NAMES.get(signum, f"signal {signum}"))
@@ -62,7 +63,7 @@ class Signals:
         if self.deferring and self.pending is None:
             self.pending = signum
             return
-        raise Interrupted(signum, at_boundary=False)
+        raise Interrupted(signum, forced=self.deferring)
 
     @contextmanager
     def deferred(self) -> Iterator[None]:
@@ -76,4 +77,4 @@ class Signals:
         """At a boundary: raise the signal that arrived inside the last deferred block."""
         if self.pending is not None:
             signum, self.pending = self.pending, None
-            raise Interrupted(signum, at_boundary=True)
+            raise Interrupted(signum)

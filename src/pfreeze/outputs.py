@@ -42,7 +42,7 @@ WRITTEN = ("config.yaml", "metrics.jsonl", "samples.txt", "samples.jsonl", "summ
 
 
 def mib(n: float) -> str:
-    return f"{n / 2**20:,.0f} MiB" if n >= 2**20 else f"{n / 2**10:,.0f} KiB"
+    return f"{n / 2**20:,.1f} MiB" if n >= 2**20 else f"{n / 2**10:,.0f} KiB"
 
 
 def ensure_space(folder: Path, nbytes: int, what: str) -> None:
@@ -190,8 +190,9 @@ class RunFiles:
                 ensure_space(d, nbytes, f"arms/{strategy.name}/{name}")
                 write()
             except (OSError, PfreezeError, ValueError, RuntimeError) as e:
+                why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
                 missing.append({"file": f"arms/{strategy.name}/{name}",
-                                "why": " ".join(str(e).split())})
+                                "why": " ".join(why.split())})
 
         tensors = strategy.trained_tensors(model)
         attempt("trained.safetensors", tensors_bytes(tensors), lambda: atomic_write(

@@ -307,6 +307,8 @@ class Loop:
         the after-measurements and the outputs. SIGINT/SIGTERM stop it at a step boundary with
         a checkpoint (where save_steps is set) and a summary whose status says so."""
         self.phase, self.done, self.p_before = "setup", 0, None
+        self.saved_at: int | None = None  # the step of the last checkpoint written
+        self.tried_at: int | None = None  # the step of the last checkpoint attempted
         with Signals() as self.signals:
             try:
                 self._begin(resume)
@@ -343,7 +345,7 @@ class Loop:
         if self.before_start:
             self.before_start()
         self.files.start(dump_config(self.cfg))
-        self.phase, self.saved_at = "before", None
+        self.phase = "before"
         evaluate_arms(self, 0)
         self.p_before = sample_arms(self, "before")
         self.phase = "train"
@@ -392,8 +394,9 @@ class Loop:
         a warning: training goes on, and the previous checkpoint stays whole."""
         from pfreeze import checkpoint
 
-        if self.saved_at == self.done:
+        if self.done in (self.saved_at, self.tried_at):
             return
+        self.tried_at = self.done
         try:
             checkpoint.save(self, self.done, {"p_before": self.p_before})
             self.saved_at = self.done
@@ -411,10 +414,10 @@ class Loop:
         if self.phase == "setup":
             e.note = "nothing was written"
             return
-        consistent = self.phase == "after" or (self.phase == "train" and e.at_boundary)
+        consistent = self.phase in ("train", "after") and not e.forced
+        if consistent and any(a.pending for a in self.arms):
+            self.flush()
         if consistent and self.t.save_steps:
-            if self.phase == "train":
-                self.flush()
             self._checkpoint()
         e.note = (f"checkpoint at step {self.saved_at} kept" if self.saved_at is not None
                   else "no checkpoint (set training.save_steps to make runs resumable)")
