@@ -240,7 +240,10 @@ def _plot_p(rows: list[Row], summary: Summary, arms: list[str], path: Path) -> P
     ax.set(title="Share of top-100 corpus tokens in generations (95% CI)",
            ylabel="p (fraction of tokens)", xlabel="arm (light = before, dark = after)",
            xlim=(-0.5 - 0.5 / len(arms), len(arms) - 0.5 + 0.5 / len(arms)))  # narrow if 1 arm
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:  # a killed run has no p measured at all
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "not measured", ha="center", transform=ax.transAxes)
     return _save(fig, path)
 
 
