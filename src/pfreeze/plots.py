@@ -160,7 +160,7 @@ def _plot_dw(rows: list[Row], summary: Summary, arms: list[str], path: Path) -> 
             # below the smallest real update and logarithmic above it.
             thresh = 10 ** math.floor(math.log10(min(positive)))
             ax.set_yscale("symlog", linthresh=thresh, linscale=0.5)
-            ax.set_ylim(bottom=0)
+            ax.set_ylim(bottom=-0.15 * thresh)  # lifts a line at 0 off the bottom spine
         if not norms[arm]:
             ax.text(0.5, 0.5, "no tracked matrices", ha="center", transform=ax.transAxes)
         ax.set(title=f"{arm}: per-step update size", xlabel="step",

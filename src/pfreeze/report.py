@@ -244,10 +244,14 @@ def _html_code(text: Any) -> Markup:
     return Markup(_BACKTICKED.sub(r"<code>\1</code>", str(escape(text))))
 
 
+_STEP_BREAKS = re.compile(r"( → | (?=\())")  # before an arrow's "→", or a "(step 4)"
+
+
 def _html_steps(text: Any) -> Markup:
-    """A "a → b → c" cell may wrap at its arrows only, so each value stays on one line."""
-    parts = [f'<span class="nw">{escape(part)}</span>' for part in str(text).split(" → ")]
-    return Markup(" → ".join(parts))
+    """An "a → b (step k) → c" cell wraps only between values, each kept on one line."""
+    parts = _STEP_BREAKS.split(str(text))  # values at even indices, the breaks between them
+    return Markup("".join(str(escape(part)) if i % 2 else f'<span class="nw">{escape(part)}</span>'
+                          for i, part in enumerate(parts)))
 
 
 def _templates() -> jinja2.Environment:
