@@ -277,3 +277,18 @@ def test_a_killed_tiny_run_renders(tiny_run: Any, tmp_path: Path) -> None:
     assert f"Partial: the run was killed at step {last} of 5 (no summary.json)." in md
     for arm in tiny_run.summary["arms"]:
         assert f"| **{arm}** |" in md
+
+
+def test_a_summary_without_arms_needs_config_yaml(tmp_path: Path) -> None:
+    # summary.json of a run killed before it listed arms, and no config.yaml to name them
+    run = _make_run(tmp_path / "run", {"full": TOTAL})
+    summary = json.loads((run / "summary.json").read_text())
+    summary["arms"] = {}
+    (run / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(PfreezeError) as exc:
+        render_report(run)
+    assert exc.value.problem == (f"no pfreeze run in {run} "
+                                 "(summary.json lists no arms and config.yaml is missing)")
+    _write_config(run, [{"name": "full", "kind": "full"}], 5)
+    assert "killed at step 5 of 5 (summary.json lists no arms)" in \
+        render_report(run)["md"].read_text()
