@@ -12,7 +12,12 @@ OUT    ?= runs/moby-dick
 
 .PHONY: setup demo test lint bench clean
 
+# The browser test (tests/test_report_browser.py) drives Debian's chromium; checked on every
+# setup, apart from the venv's stamp, so a machine that lacks it gets it.
 setup: $(VENV)/.installed
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		 apt-get install -y -qq chromium chromium-driver)
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from pfreeze.errors import PfreezeError
 from pfreeze.report import render_report
@@ -182,3 +184,111 @@ def test_p_at_the_best_point_is_shown_when_measured(tmp_path: Path) -> None:
     md = (root / "report.md").read_text()
     assert "(best point: 0.432 ± 0.010)" in md
     assert md.count("best point:") == 1  # only the arm that has it
+
+
+def test_backticks_become_code_in_html_only(tmp_path: Path) -> None:
+    run = _make_run(tmp_path / "run", {"full": TOTAL, "plan": 1000})
+    summary = json.loads((run / "summary.json").read_text())
+    summary["arms"]["plan"]["description"] = \
+        "precision-frozen: only `layers=50%: roles=q,k,v` trains, `<b>x</b>` too"
+    (run / "summary.json").write_text(json.dumps(summary))
+    md, html = _check_outputs(run, render_report(run), PNGS)
+    assert "only `layers=50%: roles=q,k,v` trains, `<b>x</b>` too" in md
+    # escaped first, then converted: the text itself never becomes markup
+    assert ("only <code>layers=50%: roles=q,k,v</code> trains, "
+            "<code>&lt;b&gt;x&lt;/b&gt;</code> too") in html
+    assert "`" not in html.split("<h2>What was run</h2>")[1].split("</p>")[0]
+
+
+HEADLINE = ["Arm", "Trainable params", "p before → after",
+            "Val loss before → best (step) → after", "Median step"]
+
+
+def test_tables_scroll_inside_wrappers_key_columns_first(tmp_path: Path) -> None:
+    run = _make_run(tmp_path / "run", {"full": TOTAL, "plan": 1000})
+    md, html = _check_outputs(run, render_report(run), PNGS)
+    body = html.split("<body>")[1]
+    # every table sits in its own horizontal scroll box, so none can widen the page
+    assert body.count("<table>") == body.count('<div class="scroll">\n<table>') > 0
+    assert re.search(r"\.scroll\s*{[^}]*overflow-x:\s*auto", html)
+    assert re.search(r"[^}]*\bcode\b[^{]*{[^}]*overflow-wrap:\s*anywhere", html)
+    headline = body.split("<h2>Headline</h2>")[1].split("</tr>")[0]
+    assert re.findall(r"<th>([^<]*)</th>", headline)[:5] == HEADLINE
+    md_head = md.split("## Headline")[1].strip().splitlines()[0]
+    assert [c.strip() for c in md_head.strip("|").split("|")][:5] == HEADLINE
+    # the p cell (key result) wraps only between its values
+    assert '<span class="nw">0.500 ± 0.050</span> → <span class="nw">0.530 ± 0.050</span>' \
+        in html
+
+
+def test_an_interrupted_run_is_rendered_as_partial(tmp_path: Path) -> None:
+    run = _make_run(tmp_path / "run", {"full": TOTAL, "plan": 1000})
+    summary = json.loads((run / "summary.json").read_text())
+    summary.update(status="interrupted", interrupted_at_step=3)
+    for arm in summary["arms"].values():  # the end-of-run fields: null or missing
+        arm.update(p_after=None, val_loss_after=None, integrity=None)
+        for key in ("train_loss_after", "p_best"):
+            arm.pop(key, None)
+    (run / "summary.json").write_text(json.dumps(summary))
+    md, html = _check_outputs(run, render_report(run), PNGS)
+    for text in (md, html):
+        assert "Partial: interrupted at step 3 of 5." in text
+        assert "0.500 ± 0.050 → —" in text.replace('<span class="nw">', "").replace(
+            "</span>", "")
+    assert md.index("Partial:") < md.index("## What was run")
+    assert 'class="partial"' in html
+
+
+def _write_config(run: Path, arms: list[dict[str, Any]], max_steps: int) -> None:
+    (run / "config.yaml").write_text(yaml.safe_dump({
+        "model": {"name": "random:gpt2"}, "data": {"corpus": "small.txt", "block_size": 32},
+        "training": {"max_steps": max_steps, "learning_rate": 1e-3}, "arms": arms}))
+
+
+def test_a_killed_run_is_rendered_from_config_and_metrics(tmp_path: Path) -> None:
+    run = _make_run(tmp_path / "run", {"full": TOTAL, "plan": 1000})
+    (run / "summary.json").unlink()
+    _write_config(run, [{"name": "full", "kind": "full"}, {"name": "plan", "kind": "plan",
+                                                         "select": "layers=50%"}], 10)
+    md, html = _check_outputs(run, render_report(run), PNGS)
+    for text in (md, html):
+        assert "Partial: the run was killed at step 5 of 10 (no summary.json)." in text
+        assert "status <strong>killed</strong>" in text or "status **killed**" in text
+        assert "random:gpt2" in text and "Steps: 5 of 10 planned" in text
+        # held-out loss before → best (step) → latest, from the eval rows of each arm
+        assert "3.400 → 3.300 (step 5) → 3.300" in re.sub(r"</?span[^>]*>", "", text)
+        assert "3.400 → 3.200 (step 5) → 3.200" in re.sub(r"</?span[^>]*>", "", text)
+    assert "| **plan** |" in md
+    # what a killed run never measured is a dash, not a guess
+    assert "- **plan**: not checked" in md and "— s" not in md
+
+
+def test_a_killed_tiny_run_renders(tiny_run: Any, tmp_path: Path) -> None:
+    # the real files of a run, with summary.json gone and metrics cut after step 3
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("config.yaml", "samples.txt"):
+        shutil.copy(tiny_run.dir / name, run / name)
+    kept = [r for r in tiny_run.rows if r["step"] <= 3]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    out = render_report(run)
+    md = out["md"].read_text()
+    last = max(r["step"] for r in kept if r["kind"] == "train")
+    assert f"Partial: the run was killed at step {last} of 5 (no summary.json)." in md
+    for arm in tiny_run.summary["arms"]:
+        assert f"| **{arm}** |" in md
+
+
+def test_a_summary_without_arms_needs_config_yaml(tmp_path: Path) -> None:
+    # summary.json of a run killed before it listed arms, and no config.yaml to name them
+    run = _make_run(tmp_path / "run", {"full": TOTAL})
+    summary = json.loads((run / "summary.json").read_text())
+    summary["arms"] = {}
+    (run / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(PfreezeError) as exc:
+        render_report(run)
+    assert exc.value.problem == (f"no pfreeze run in {run} "
+                                 "(summary.json lists no arms and config.yaml is missing)")
+    _write_config(run, [{"name": "full", "kind": "full"}], 5)
+    assert "killed at step 5 of 5 (summary.json lists no arms)" in \
+        render_report(run)["md"].read_text()

@@ -18,6 +18,7 @@ matplotlib.use("Agg")  # headless: runs on servers and in CI without a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.patches import Patch, Rectangle  # noqa: E402
 
 from pfreeze.atomic import atomic_write  # noqa: E402
 
@@ -26,6 +27,8 @@ _KEY = re.compile(r"^L(\d+)\.(.+)$")  # tracked-matrix keys look like "L12.q"
 # one place for the shared look, applied with rc_context so callers' settings are untouched
 _STYLE = {"savefig.dpi": 110, "axes.grid": True, "grid.alpha": 0.3, "legend.fontsize": 8}
 _TAB10 = plt.get_cmap("tab10").colors  # arm i keeps colour i in every plot
+# A frozen matrix's cell in dw0.png: grey and hatched, unlike any colour of the drift scale
+_FROZEN = {"facecolor": "#d0d0d0", "edgecolor": "#7a7a7a", "hatch": "///", "linewidth": 0}
 Row = dict[str, Any]
 Summary = dict[str, Any]
 
@@ -129,24 +132,36 @@ def _grid(n: int, ncols: int, w: float, h: float) -> tuple[Figure, list[Any]]:
     return fig, list(axes.flat)[:n]
 
 
+def _layer_norms(rows: list[Row], arm: str) -> dict[int, list[tuple[float, float]]]:
+    """Per layer, (step, ‖ΔW‖) with the roles of a layer combined as one Frobenius norm."""
+    per_layer: dict[int, list[tuple[float, float]]] = {}
+    for r in _rows(rows, arm, "train"):
+        sq: dict[int, float] = {}
+        for k, v in (r.get("dw") or {}).items():
+            sq[_split_key(k)[0]] = sq.get(_split_key(k)[0], 0.0) + np.nan_to_num(num(v)) ** 2
+        for layer, s in sq.items():
+            per_layer.setdefault(layer, []).append((r["step"], math.sqrt(s)))
+    return per_layer
+
+
 def _plot_dw(rows: list[Row], summary: Summary, arms: list[str], path: Path) -> Path:
     fig, axes = _grid(len(arms), 2, 6.5, 4)
     layers = sorted({_split_key(k)[0] for r in rows for k in (r.get("dw") or {})} or {0})
     norm = matplotlib.colors.Normalize(min(layers), max(max(layers), min(layers) + 1))
     cmap = plt.get_cmap("viridis")
+    norms = {arm: _layer_norms(rows, arm) for arm in arms}
+    positive = [y for pl in norms.values() for pts in pl.values() for _, y in pts if y > 0]
     for ax, arm in zip(axes, arms, strict=True):
-        per_layer: dict[int, list[tuple[float, float]]] = {}
-        for r in _rows(rows, arm, "train"):
-            sq: dict[int, float] = {}
-            for k, v in (r.get("dw") or {}).items():  # roles combine as one Frobenius norm
-                sq[_split_key(k)[0]] = sq.get(_split_key(k)[0], 0.0) + np.nan_to_num(num(v)) ** 2
-            for layer, s in sq.items():
-                per_layer.setdefault(layer, []).append((r["step"], math.sqrt(s)))
-        for layer, pts in sorted(per_layer.items()):
+        for layer, pts in sorted(norms[arm].items()):
             ax.plot(*zip(*pts, strict=True), color=cmap(norm(layer)), lw=1)
-        if any(y > 0 for pts in per_layer.values() for _, y in pts):
-            ax.set_yscale("log")  # updates span orders of magnitude across layers
-        if not per_layer:
+        if positive:
+            # Updates span orders of magnitude, but a step can be exactly 0 (lr 0 at warm-up,
+            # a frozen layer): a log axis would drop those points, so the axis is linear
+            # below the smallest real update and logarithmic above it.
+            thresh = 10 ** math.floor(math.log10(min(positive)))
+            ax.set_yscale("symlog", linthresh=thresh, linscale=0.5)
+            ax.set_ylim(bottom=-0.15 * thresh)  # lifts a line at 0 off the bottom spine
+        if not norms[arm]:
             ax.text(0.5, 0.5, "no tracked matrices", ha="center", transform=ax.transAxes)
         ax.set(title=f"{arm}: per-step update size", xlabel="step",
                ylabel=r"$\|W_t - W_{t-1}\|_F$ per layer")
@@ -155,27 +170,55 @@ def _plot_dw(rows: list[Row], summary: Summary, arms: list[str], path: Path) -> 
     return _save(fig, path)
 
 
+def frozen_keys(rows: list[Row], summary: Summary, arm: str) -> set[str]:
+    """The tracked ‖ΔW‖ keys ("L3.q") of matrices that `arm` never trains.
+
+    summary.json says so when it lists them; for runs that do not (older or killed runs) a
+    matrix whose drift from θ₀ is exactly 0.0 in every logged step is taken as frozen.
+    """
+    listed = ((summary.get("arms") or {}).get(arm) or {}).get("tracked_frozen")
+    if isinstance(listed, list):
+        return {str(k) for k in listed}
+    drifts = [r.get("dw0") or {} for r in _rows(rows, arm, "train")]
+    keys = {k for d in drifts for k in d}
+    return {k for k in keys if all(num(d[k]) == 0.0 for d in drifts if k in d)}
+
+
+def _hatch_frozen(ax: Any, cells: list[tuple[int, int]]) -> None:
+    for i, j in cells:  # imshow centres cell (i, j) on (j, i)
+        ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, **_FROZEN))
+
+
 def _plot_dw0(rows: list[Row], summary: Summary, arms: list[str], path: Path) -> Path:
     last = {a: ([{}] + _rows(rows, a, "train"))[-1].get("dw0") or {} for a in arms}
     keys = [_split_key(k) for d in last.values() for k in d]
     layers = sorted({k[0] for k in keys}) or [0]
     roles = sorted({k[1] for k in keys}, key=lambda r: ("qkvo".find(r) % 10, r)) or [DASH]
     grids = {a: np.full((len(layers), len(roles)), np.nan) for a in arms}
+    frozen: dict[str, list[tuple[int, int]]] = {a: [] for a in arms}
     for a, d in last.items():
+        never = frozen_keys(rows, summary, a)
         for k, v in d.items():
-            layer, role = _split_key(k)
-            grids[a][layers.index(layer), roles.index(role)] = num(v)
+            cell = layers.index(_split_key(k)[0]), roles.index(_split_key(k)[1])
+            # a frozen matrix is left out of the colour map: drift 0 there is no result
+            grids[a][cell] = math.nan if k in never else num(v)
+            if k in never:
+                frozen[a].append(cell)
     vmax = max([np.nanmax(g) for g in grids.values() if np.isfinite(g).any()] + [1e-12])
     fig, axes = _grid(len(arms), 4, 3.2, max(3.0, 0.2 * len(layers) + 1.5))
     for ax, arm in zip(axes, arms, strict=True):
-        # one colour scale for all arms, so frozen (0) and trained blocks compare at a glance
+        # one colour scale for all arms, so trained blocks compare at a glance
         image = ax.imshow(grids[arm], aspect="auto", cmap="magma", vmin=0, vmax=vmax)
+        _hatch_frozen(ax, frozen[arm])
         ax.set_xticks(range(len(roles)), roles)
         ax.set_yticks(range(len(layers)), [f"L{x}" if x >= 0 else "other" for x in layers],
                       fontsize=7)
         ax.set(title=f"{arm}: final drift from θ₀", xlabel="role")
         ax.grid(False)
     fig.colorbar(image, ax=axes, label=r"$\|W_T - W_0\|_F$")
+    if any(frozen.values()):
+        fig.legend(handles=[Patch(label="frozen (never trains)", **_FROZEN)],
+                   loc="outside lower center")
     return _save(fig, path)
 
 
@@ -197,7 +240,10 @@ def _plot_p(rows: list[Row], summary: Summary, arms: list[str], path: Path) -> P
     ax.set(title="Share of top-100 corpus tokens in generations (95% CI)",
            ylabel="p (fraction of tokens)", xlabel="arm (light = before, dark = after)",
            xlim=(-0.5 - 0.5 / len(arms), len(arms) - 0.5 + 0.5 / len(arms)))  # narrow if 1 arm
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:  # a killed run has no p measured at all
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "not measured", ha="center", transform=ax.transAxes)
     return _save(fig, path)
 
 
@@ -205,8 +251,11 @@ PLOTS = [  # (file stem, plotter, caption) in report order
     ("loss", _plot_loss, "Training loss per step; markers are held-out loss from eval rows."),
     ("loss_scatter", _plot_scatter, "One point per step: first arm's loss (x), another's (y)."),
     ("step_time", _plot_step_time, "Time per optimiser step; dashed lines are medians."),
-    ("dw", _plot_dw, "Per-step update norm per layer (roles combined); zeros (frozen) not drawn."),
-    ("dw0", _plot_dw0, "Drift from θ₀ at the last step, per layer and role (blank: not tracked)."),
+    ("dw", _plot_dw, "Per-step update norm per layer (roles combined). The axis is logarithmic "
+     "above the smallest update and linear below it, so a zero update (a frozen layer, or "
+     "learning rate 0 at warm-up) is drawn on the bottom line, at 0."),
+    ("dw0", _plot_dw0, "Drift from θ₀ at the last step, per layer and role (hatched grey: a "
+     "matrix the arm never trains; blank: not tracked)."),
     ("p", _plot_p, "Top-100 corpus-token share in generations before and after training."),
 ]
 

@@ -10,30 +10,28 @@ from __future__ import annotations
 import base64
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
 import jinja2
+from markupsafe import Markup, escape
 
 from pfreeze.atomic import write_text
 from pfreeze.errors import PfreezeError
 from pfreeze.plots import DASH, Row, Summary, ci95, draw, num
+from pfreeze.report_partial import killed_summary, partial_note, read_config
 
 SAMPLE_LINES = 40
 TOP_TOKENS = 20
 
 
-def _load(run_dir: Path) -> tuple[Summary, list[Row]]:
-    summary_path, metrics_path = run_dir / "summary.json", run_dir / "metrics.jsonl"
-    for path in (summary_path, metrics_path):
-        if not path.is_file():
-            raise PfreezeError(f"no pfreeze run in {run_dir} ({path.name} missing)",
-                               "pass the output_dir of a finished or running `pfreeze run`")
-    try:
-        summary = json.loads(summary_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise PfreezeError(f"{summary_path} is not valid JSON ({exc})",
-                           "re-run `pfreeze run` for this directory") from exc
+def _refuse(run_dir: Path, why: str) -> PfreezeError:
+    return PfreezeError(f"no pfreeze run in {run_dir} ({why})",
+                        "pass the output_dir of a finished or running `pfreeze run`")
+
+
+def _rows(metrics_path: Path) -> list[Row]:
     rows: list[Row] = []
     for line in metrics_path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
@@ -43,7 +41,34 @@ def _load(run_dir: Path) -> tuple[Summary, list[Row]]:
         if isinstance(row, dict) and "arm" in row and isinstance(row.get("step"), int):
             rows.append(row)
     rows.sort(key=lambda r: r["step"])  # arms are interleaved; plots want step order
-    return summary, rows
+    return rows
+
+
+def _load(run_dir: Path) -> tuple[Summary, list[Row], bool]:
+    """The run's summary and metrics rows, and whether summary.json was there.
+
+    A killed run has no summary.json (or one without arms): its summary is rebuilt from
+    config.yaml and metrics.jsonl, which every run writes from the start.
+    """
+    summary_path, metrics_path = run_dir / "summary.json", run_dir / "metrics.jsonl"
+    config_path = run_dir / "config.yaml"
+    if not summary_path.is_file() and not config_path.is_file():
+        raise _refuse(run_dir, "summary.json missing")
+    if not metrics_path.is_file():
+        raise _refuse(run_dir, "metrics.jsonl missing")
+    summary: Summary = {}
+    if summary_path.is_file():
+        try:
+            summary = json.loads(summary_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise PfreezeError(f"{summary_path} is not valid JSON ({exc})",
+                               "re-run `pfreeze run` for this directory") from exc
+    rows = _rows(metrics_path)
+    if summary.get("arms"):
+        return summary, rows, True
+    if not config_path.is_file():
+        raise _refuse(run_dir, "summary.json lists no arms and config.yaml is missing")
+    return killed_summary(summary, read_config(config_path), rows), rows, summary_path.is_file()
 
 
 def _arm_names(summary: Summary, rows: list[Row]) -> list[str]:
@@ -59,6 +84,10 @@ def _f(x: Any, digits: int = 3) -> str:
 
 def _int(x: Any) -> str:
     return f"{round(num(x)):,}" if math.isfinite(num(x)) else DASH
+
+
+def _seconds(x: Any, digits: int) -> str:
+    return f"{_f(x, digits)} s" if math.isfinite(num(x)) else DASH
 
 
 def _p(p: Any) -> str:
@@ -93,8 +122,8 @@ def _arm_row(arm: str, a: dict[str, Any], total: Any, ref_median: float) -> dict
         "arm": arm,
         "trainable": _int(a.get("trainable_params"))
         + (f" ({pct:.3g}%)" if pct < 1 else f" ({pct:.1f}%)" if math.isfinite(pct) else ""),
-        "steps": _int(a.get("steps")), "time": f"{_f(a.get('total_time_s'), 1)} s",
-        "median": f"{_f(a.get('median_step_time_s'))} s",
+        "steps": _int(a.get("steps")), "time": _seconds(a.get("total_time_s"), 1),
+        "median": _seconds(a.get("median_step_time_s"), 3),
         "ratio": f"{ratio:.2f}×" if math.isfinite(ratio) else DASH,
         "tps": _int(a.get("tokens_per_s")), "gap": _f(gap),
         "mean_loss": _f(a.get("mean_loss")), "last_loss": _f(a.get("last_loss")),
@@ -134,7 +163,9 @@ def _sample_excerpt(lines: list[str]) -> str:
 def _integrity(arm: str, a: dict[str, Any]) -> dict[str, Any]:
     integ = a.get("integrity")
     if not integ:
-        full = a.get("kind") == "full" or a.get("trainable_params") == a.get("total_params")
+        # a killed run knows neither count: None == None is no evidence of a full arm
+        full = a.get("kind") == "full" or (a.get("trainable_params") is not None
+                                           and a.get("trainable_params") == a.get("total_params"))
         text = "all parameters trainable; nothing frozen to check" if full else "not checked"
         return {"arm": arm, "ok": None, "text": text}
     if integ.get("ok") and not integ.get("checked_elements"):
@@ -205,29 +236,58 @@ def _context(run_dir: Path, summary: Summary, arms: list[str]) -> dict[str, Any]
     }
 
 
-def render_report(run_dir: Path) -> dict[str, Path]:
-    """Write the plots, report.md and report.html into `run_dir`.
+_BACKTICKED = re.compile(r"`([^`\n]+)`")
 
-    Returns {kind: path}: one key per plot ("loss", "loss_scatter", "step_time", "dw", "dw0",
-    "p"; loss_scatter only with two or more arms), then "md" and "html". Raises PfreezeError
-    when `run_dir` holds no summary.json or metrics.jsonl.
-    """
-    run_dir = Path(run_dir)
-    summary, rows = _load(run_dir)
-    arms = _arm_names(summary, rows)
-    ctx = _context(run_dir, summary, arms)
-    written: dict[str, Path] = {}
-    ctx["figures"] = []
-    for name, path, caption in draw(rows, summary, arms, run_dir):
-        written[name] = path
-        uri = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
-        ctx["figures"].append({"file": path.name, "caption": caption, "uri": uri})
+
+def _html_code(text: Any) -> Markup:
+    """Markdown's `code` spans as <code> in HTML: the text is escaped first, never trusted."""
+    return Markup(_BACKTICKED.sub(r"<code>\1</code>", str(escape(text))))
+
+
+_STEP_BREAKS = re.compile(r"( → | (?=\())")  # before an arrow's "→", or a "(step 4)"
+
+
+def _html_steps(text: Any) -> Markup:
+    """An "a → b (step k) → c" cell wraps only between values, each kept on one line."""
+    parts = _STEP_BREAKS.split(str(text))  # values at even indices, the breaks between them
+    return Markup("".join(str(escape(part)) if i % 2 else f'<span class="nw">{escape(part)}</span>'
+                          for i, part in enumerate(parts)))
+
+
+def _templates() -> jinja2.Environment:
     env = jinja2.Environment(  # StrictUndefined: a template typo fails loudly, not blank
         loader=jinja2.PackageLoader("pfreeze", "templates"), undefined=jinja2.StrictUndefined,
         autoescape=lambda name: bool(name and name.endswith(".html.j2")),
         trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
     # a "|" inside a cell would split a Markdown table row
     env.filters["md"] = lambda v: str(v).replace("|", "\\|").replace("\n", " ")
+    env.filters["code"] = _html_code
+    env.filters["steps"] = _html_steps
+    return env
+
+
+def render_report(run_dir: Path) -> dict[str, Path]:
+    """Write the plots, report.md and report.html into `run_dir`.
+
+    Returns {kind: path}: one key per plot ("loss", "loss_scatter", "step_time", "dw", "dw0",
+    "p"; loss_scatter only with two or more arms), then "md" and "html". A run that was
+    interrupted or killed is rendered from what it wrote, marked as partial. Raises
+    PfreezeError when `run_dir` holds neither summary.json nor config.yaml, or no
+    metrics.jsonl.
+    """
+    run_dir = Path(run_dir)
+    summary, rows, had_summary = _load(run_dir)
+    arms = _arm_names(summary, rows)
+    ctx = _context(run_dir, summary, arms)
+    planned = _int(_find(summary.get("config") or {}, "max_steps", "steps"))
+    ctx["partial"] = partial_note(summary, rows, planned, had_summary)
+    written: dict[str, Path] = {}
+    ctx["figures"] = []
+    for name, path, caption in draw(rows, summary, arms, run_dir):
+        written[name] = path
+        uri = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+        ctx["figures"].append({"file": path.name, "caption": caption, "uri": uri})
+    env = _templates()
     for ext in ("md", "html"):
         text = env.get_template(f"report.{ext}.j2").render(**ctx)
         written[ext] = write_text(run_dir / f"report.{ext}", text)
