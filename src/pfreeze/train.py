@@ -428,7 +428,7 @@ class Loop:
         self.files.write_summary(summary)
 
     def _finish(self, wall: float) -> dict[str, Any]:
-        """The after-measurements, the summary, then the arms' files. A file that cannot be
+        """The after-measurements, the arms' files, then the summary. A file that cannot be
         written (a full disk, a model that will not serialise) costs that file alone: the
         summary says what is missing and the run ends with one line."""
         self.phase = "after"
@@ -443,7 +443,8 @@ class Loop:
                                              p_after[name], p_best.get(name),
                                              arm.freezer.audit())
         summary = run_summary(self, wall, arms_summary)
-        self._write_summary(summary)
+        # The arms' files first: a summary that says "finished" promises them (a kill between
+        # the two must leave a run to resume, not a finished one without its tensors).
         missing = []
         for arm in self.arms:
             missing += self.files.save_arm(arm.strategy, arm.model, self.lm.tokenizer,
@@ -455,7 +456,8 @@ class Loop:
                             "rows could not be appended (the disk is full)"})
         if missing:
             summary["missing_outputs"] = missing
-            self._write_summary(summary)
+        self._write_summary(summary)
+        if missing:
             self._missing(missing)
         for name, a in arms_summary.items():
             integ = a["integrity"]
