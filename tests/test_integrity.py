@@ -98,6 +98,10 @@ def test_sigterm_stops_at_the_step_with_a_checkpoint_and_an_interrupted_summary(
     assert summary["arms"]["full"]["steps"] == 3 and summary["arms"]["full"]["p_after"] is None
     state = json.loads((out / "checkpoint" / "state.json").read_text())
     assert state["step"] == 3  # saved at the interruption, not only every save_steps
+    from pfreeze.report import render_report
+
+    render_report(out)
+    assert "Partial: interrupted at step 3 of 6" in (out / "report.md").read_text()
     resumed = run(cfg, out, resume=True)
     for arm in ("full", "plan"):
         for key in ("last_loss", "mean_loss", "val_loss_after", "p_after"):
