@@ -196,8 +196,8 @@ def test_samples_jsonl_recomputes_p_exactly(corpus: Path, tmp_path: Path) -> Non
     out = tmp_path / "run"
     summary = run(_cfg(corpus, "generation.samples_per_prompt=3"), out)
     # The README's five lines:
-    top = {t["id"] for t in json.load(open(out / "summary.json"))["corpus"]["top"]}
-    rows = [json.loads(line) for line in open(out / "samples.jsonl")]
+    top = {t["id"] for t in json.load(open(out / "summary.json"))["corpus"]["top"]}  # noqa: SIM115
+    rows = [json.loads(line) for line in open(out / "samples.jsonl")]  # noqa: SIM115
     after = [r for r in rows if r["arm"] == "plan" and r["moment"] == "after"]
     p = sum(sum(i in top for i in r["ids"]) / len(r["ids"]) for r in after) / len(after)
     assert len(after) == 3 and p == pytest.approx(summary["arms"]["plan"]["p_after"]["mean"],
