@@ -67,22 +67,6 @@ def test_dump_then_load_round_trips(tmp_path: Path) -> None:
     assert [type(a) for a in again.arms] == [FullArm, LoraArm, ScheduleArm]
 
 
-def test_a_removed_key_is_dropped_when_inert_and_refused_otherwise(tmp_path: Path) -> None:
-    """Runs started with training.kernels (removed) still resume; asking for Liger says why."""
-    saved = dump_config(load_config(None, ["training.max_steps=7"]))
-    old = saved.replace("training:\n", "training:\n  kernels: none\n", 1)
-    assert old != saved
-    assert load_config(write(tmp_path, old)) == load_config(write(tmp_path, saved))
-    with pytest.raises(PfreezeError, match="training.kernels=liger: Liger-Kernel's kernels were "
-                                           "removed.*; delete training.kernels"):
-        load_config(write(tmp_path, old.replace("kernels: none", "kernels: liger")))
-    with pytest.raises(PfreezeError, match="training.kernels=liger: Liger"):
-        load_config(None, ["training.kernels=liger"])
-
-
-# --------------------------------------------------------------------------- --set
-
-
 def test_set_overrides_apply_with_yaml_types() -> None:
     cfg = load_config(None, ["training.learning_rate=3e-4", "training.max_steps=12",
                              "training.bf16=false", "generation.prompts=[Call me, The]",

@@ -256,3 +256,18 @@ def test_the_embedded_gguf_model_saves_as_a_plain_model(tmp_path: Path) -> None:
     x = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
         assert torch.equal(lm.model(x).logits, again(x).logits)
+
+
+def test_a_checkpoint_of_another_format_is_refused(corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cfg = _cfg(corpus, "training.save_steps=2")
+    with pytest.raises(Stop):
+        run(cfg, out, on_step=_die_at(3))
+    path = out / "checkpoint" / "state.json"
+    state = json.loads(path.read_text())
+    del state["format"], state["pfreeze_version"]  # as the checkpoints of earlier commits
+    path.write_text(json.dumps(state))
+    with pytest.raises(PfreezeError, match=r"written by pfreeze before 0.1.0 in another format "
+                                           r"\(1; this version reads 2\)") as e:
+        run(cfg, out, resume=True)
+    assert "--overwrite" in e.value.fix

@@ -171,35 +171,13 @@ def test_a_pinned_setting_that_cannot_run_here_falls_back_but_the_decoder_stays(
     assert runnable.attention == "sdpa"
 
 
-def test_a_checkpoint_from_before_auto_resumes_with_the_old_meaning(corpus: Path) -> None:
-    from pfreeze.config import load_config
-    from pfreeze.execution import legacy
-    from pfreeze.train import Loop
-
-    loop = Loop(load_config(None, [*OVERRIDES, f"data.corpus={corpus}"]), None)  # type: ignore
-    assert legacy(loop) == {"attention": "model", "decoder": "generate",
-                            "compile_mode": "default", "compiled": False}
-    flash = load_config(None, [*OVERRIDES, f"data.corpus={corpus}",
-                               "training.attention_backend=flash", "generation.decoder=pfreeze"])
-    assert legacy(Loop(flash, None)) == {  # type: ignore[arg-type]
-        "attention": "flash", "decoder": "pfreeze", "compile_mode": "default",
-        "compiled": False}
-
-
 def test_a_resumed_run_keeps_its_compilation_choice(corpus: Path) -> None:
-    """torch_compile=auto changed its threshold (200 -> 1,000 steps): a run keeps the choice it
-    started with, recorded in the checkpoint, or the old rule's for a checkpoint without it.
+    """A run keeps the compilation choice it started with, recorded in the checkpoint.
     Compiled as build_arms would: single-plan arms only, a cached arm's upper blocks; never
     CUDA graphs with gradient accumulation; not on a CPU when the choice was auto's."""
     from pfreeze.config import load_config
     from pfreeze.corpus import BatchStream
-    from pfreeze.execution import (
-        compiled_by_the_old_rule,
-        pin,
-        resolve_compile,
-        saved_settings,
-        snapshot,
-    )
+    from pfreeze.execution import pin, snapshot
     from pfreeze.models import load_model
     from pfreeze.train import Loop
 
@@ -228,18 +206,6 @@ def test_a_resumed_run_keeps_its_compilation_choice(corpus: Path) -> None:
     pin(loop, {**snapshot(loop), "compiled": False})
     assert not loop.compile and all(a.step_fn is None for a in loop.arms)
 
-    # A checkpoint without the key: on a GPU, 500 steps compiled under the old rule.
-    gpu_run = built("training.max_steps=500")
-    assert compiled_by_the_old_rule(gpu_run)
-    assert not resolve_compile("auto", torch.device("cuda"), 500)
-    old = {k: v for k, v in snapshot(gpu_run).items() if k != "compiled"}
-    pin(gpu_run, saved_settings(gpu_run, old))  # as checkpoint.load reads it
-    g_full, g_cached, g_unfreeze = gpu_run.arms
-    # (the first loop's arms stay as its own pin left them)
-    assert gpu_run.compile and full.step_fn is None and g_full.step_fn is not None
-    assert g_full.step_fn._orig_mod.module is g_full.model and g_unfreeze.step_fn is None
-    assert g_cached.step_fn._orig_mod.module is g_cached.prefix.upper
-
     # CUDA graphs are never pinned onto gradient accumulation (Loop refuses them at start).
     acc = built("training.max_steps=500", "training.gradient_accumulation_steps=2")
     pin(acc, {**snapshot(acc), "compiled": True, "compile_mode": "reduce-overhead"})
@@ -250,7 +216,6 @@ def test_a_resumed_run_keeps_its_compilation_choice(corpus: Path) -> None:
     cpu.device = torch.device("cpu")
     pin(cpu, {**snapshot(cpu), "compiled": True})
     assert not cpu.compile and "resumed eager" in warned[-1]
-    assert not compiled_by_the_old_rule(cpu)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled CUDA-graph steps need a GPU")

@@ -188,6 +188,6 @@ def load(loop: Loop) -> dict[str, Any]:
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
     loop.batch_hashes = state["batch_hashes"]
-    execution.pin(loop, execution.saved_settings(loop, state.get("execution")))
-    loop.reserved_mb = max(loop.reserved_mb, state.get("reserved_mb", 0.0))
+    execution.pin(loop, state["execution"])
+    loop.reserved_mb = max(loop.reserved_mb, state["reserved_mb"])
     return state

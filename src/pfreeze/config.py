@@ -390,23 +390,6 @@ def _apply(tree: dict[str, Any], path: list[str], value: Any,
         node[path[-1]] = value
 
 
-# Keys that were removed, with the value that did nothing: a run that saved it in its
-# config.yaml resumes; any other value is refused with why.
-REMOVED = {("training", "kernels"): ("none", "Liger-Kernel's kernels were removed: they do not "
-                                             "compile with torch.compile (docs/BENCHMARKS.md, "
-                                             "session 4)")}
-
-
-def _drop_removed(tree: dict[str, Any], source: str) -> None:
-    for (section, key), (inert, why) in REMOVED.items():
-        node = tree.get(section)
-        if isinstance(node, dict) and key in node:
-            if node[key] != inert:
-                raise PfreezeError(f"{source}: {section}.{key}={node[key]}: {why}",
-                                   f"delete {section}.{key}")
-            del node[key]
-
-
 def load_config(
     path: str | Path | None = None, overrides: list[str] | None = None
 ) -> RunConfig:
@@ -441,7 +424,6 @@ def load_config(
                                "check the key path") from None
     if overrides:
         source = f"{source} + --set"
-    _drop_removed(tree, source)
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as e:

@@ -45,14 +45,13 @@ def pick_device(spec: str) -> torch.device:
 COMPILE_PAYS_AFTER = 1000
 
 
-def resolve_compile(setting: bool | str, device: torch.device, max_steps: int,
-                    pays_after: int = COMPILE_PAYS_AFTER) -> bool:
+def resolve_compile(setting: bool | str, device: torch.device, max_steps: int) -> bool:
     """auto: compile on a GPU for runs long enough to pay the compilation back, so a short run
     (the demo's 40 steps) is never slower than eager; never on the CPU, where inductor's C++
     compile takes minutes and gains little."""
     if setting != "auto":
         return bool(setting)
-    return device.type == "cuda" and max_steps >= pays_after
+    return device.type == "cuda" and max_steps >= COMPILE_PAYS_AFTER
 
 
 def inductor_settings(specs: list[str]) -> dict[str, Any]:
@@ -212,32 +211,6 @@ def release() -> None:
 def snapshot(loop: Loop) -> dict[str, Any]:
     return {"attention": loop.attention, "decoder": loop.decoder,
             "compile_mode": loop.compile_mode, "compiled": loop.compile}
-
-
-def compiled_by_the_old_rule(loop: Loop) -> bool:
-    """Whether `auto` compiled a run whose checkpoint does not say: one written before
-    82aa6f1, when auto compiled GPU runs from 200 steps (the commits from 82aa6f1 to the one
-    that added the key landed together)."""
-    return resolve_compile(loop.t.torch_compile, loop.device, loop.t.max_steps, pays_after=200)
-
-
-def legacy(loop: Loop) -> dict[str, Any]:
-    """What `auto` meant for a checkpoint written before it could resolve to anything else.
-    state.json records `execution` since e1ebc9a; a GPU run checkpointed between 9801632 and
-    e1ebc9a resumes with these values, not the ones it started with. `compiled` fills in for
-    any checkpoint that lacks that key, later ones too (see saved_settings)."""
-    t, g = loop.cfg.training, loop.cfg.generation
-    return {"attention": "model" if t.attention_backend == "auto" else t.attention_backend,
-            "decoder": "generate" if g.decoder == "auto" else g.decoder,
-            "compile_mode": "default" if t.torch_compile_mode == "auto" else t.torch_compile_mode,
-            "compiled": compiled_by_the_old_rule(loop)}
-
-
-def saved_settings(loop: Loop, recorded: dict[str, Any] | None) -> dict[str, Any]:
-    """A checkpoint's execution settings, with what an older checkpoint did not record filled
-    in by the rules of its time (no `execution` before e1ebc9a, no `compiled` before the
-    1,000-step rule)."""
-    return {**legacy(loop), **(recorded or {})}
 
 
 def pin(loop: Loop, saved: dict[str, Any]) -> None:
