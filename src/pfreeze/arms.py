@@ -323,6 +323,26 @@ def build_optimizer(params: list[nn.Parameter], t: TrainingConfig, device: torch
 
 
 @dataclass
+class StepRecord:
+    """One optimizer step of one arm as the step leaves it: device tensors and timers, read
+    back all at once at the next flush (reading each would make the host wait per step)."""
+
+    step: int  # 1-based: the step just completed
+    loss: torch.Tensor  # the mean loss over the step's micro-batches, on the device
+    dw: torch.Tensor  # ‖W_t − W_{t−1}‖_F per tracked matrix, aligned with Tracker.keys
+    dw0: torch.Tensor  # ‖W_t − W₀‖_F, likewise
+    start: Any  # a CUDA event or a host time
+    end: Any
+    mem_mb: float | None  # peak memory allocated in the step (GPU)
+    lr: float  # the learning rate the step used
+
+    def seconds(self) -> float:
+        if hasattr(self.start, "elapsed_time"):  # CUDA events (after a synchronize)
+            return self.start.elapsed_time(self.end) / 1000
+        return self.end - self.start
+
+
+@dataclass
 class ArmRun:
     """One arm's live state inside the loop."""
 
@@ -336,8 +356,7 @@ class ArmRun:
     step_fn: Any = None  # compiled execution.LossOf (returns the loss tensor only), or None
     prefix: PrefixCache | None = None  # the frozen prefix's cache, when this arm has one
     prefix_note: str = ""  # "blocks 0-14 cached", or why there is no cache
-    # (step, loss, ΔW norms, W−W₀ norms, timers, memory, lr), read back at the next flush
-    pending: list[tuple[Any, ...]] = field(default_factory=list)
+    pending: list[StepRecord] = field(default_factory=list)  # read back at the next flush
 
     @property
     def step_model(self) -> nn.Module:

@@ -25,7 +25,7 @@ from torch import nn
 
 from pfreeze import execution
 from pfreeze.architectures import describe_params
-from pfreeze.arms import ArmRun, ArmStrategy, build_optimizer, make_arm
+from pfreeze.arms import ArmRun, ArmStrategy, StepRecord, build_optimizer, make_arm
 from pfreeze.attention import check_backend, resolve_backend, training_attention
 from pfreeze.config import RunConfig, dump_config
 from pfreeze.corpus import (
@@ -250,7 +250,7 @@ class Loop:
             self.reserved_mb = max(self.reserved_mb,
                                    torch.cuda.max_memory_reserved(self.device) / 2**20)
         dw, dw0 = arm.tracker.step()
-        arm.pending.append((step + 1, total, dw, dw0, (start, end), mem, lr))
+        arm.pending.append(StepRecord(step + 1, total, dw, dw0, start, end, mem, lr))
         if self.t.integrity_steps and (step + 1) % self.t.integrity_steps == 0:
             check_audit(arm.strategy.name, arm.freezer.audit())
 
@@ -277,9 +277,8 @@ class Loop:
         rows, last = [], {}
         tokens = self.stream.batch * self.stream.block
         for arm in self.arms:
-            for step, loss, dw, dw0, (a, b), mem, lr in arm.pending:
-                secs = a.elapsed_time(b) / 1000 if self.device.type == "cuda" else b - a
-                lv = float(loss)
+            for rec in arm.pending:
+                step, mem, secs, lv = rec.step, rec.mem_mb, rec.seconds(), float(rec.loss)
                 if not math.isfinite(lv) and not arm.diverged:
                     arm.stopped, arm.diverged = f"loss became {lv} at step {step}", True
                     self.warn(f"arm '{arm.strategy.name}' stopped: {arm.stopped}; the other "
@@ -289,11 +288,11 @@ class Loop:
                 keys = arm.tracker.keys
                 rows.append({"kind": "train", "step": step, "arm": arm.strategy.name,
                              "loss": lv if math.isfinite(lv) else None,  # JSON has no NaN
-                             "lr": lr, "step_time_s": secs,
+                             "lr": rec.lr, "step_time_s": secs,
                              "tokens_per_s": tokens / secs if secs > 0 else None,
                              "batch_hash": self.batch_hashes[step - 1], "mem_mb": mem,
-                             "dw": dict(zip(keys, dw.tolist(), strict=True)),
-                             "dw0": dict(zip(keys, dw0.tolist(), strict=True))})
+                             "dw": dict(zip(keys, rec.dw.tolist(), strict=True)),
+                             "dw0": dict(zip(keys, rec.dw0.tolist(), strict=True))})
                 last[arm.strategy.name] = lv
                 if mem is not None:
                     arm.peak_mem_mb = max(arm.peak_mem_mb or 0.0, mem)
