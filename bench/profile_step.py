@@ -1,7 +1,7 @@
 """Where the GPU time of one pfreeze training step (or one sampling call) goes, by kernel kind.
 
-    python bench/profile_step.py --shape smollm2 --batch 32x512 [--mode reduce-overhead]
-    python bench/profile_step.py --generate --gen-batch 64
+    python -m bench.profile_step --shape smollm2 --batch 32x512 [--mode reduce-overhead]
+    python -m bench.profile_step --generate --gen-batch 64
 
 Training: builds pfreeze's Loop for the full arm, the frozen arm (q,k,v of the upper half) and
 the frozen arm with its prefix cached (epochs sampling), compiled; after warm-up, profiles
@@ -24,11 +24,8 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from pfreeze.bench import ROTATED, SHAPES, pfreeze_loop
-from pfreeze.config import FullArm, GenerationConfig, PlanArm
-from pfreeze.evaluate import generate_samples
-from pfreeze.execution import release
-from pfreeze.models import load_model
+from bench.common import ROTATED, SHAPES, pfreeze_loop
+from pfreeze import FullArm, GenerationConfig, PlanArm, generate_samples, load_model, release
 
 # First match wins: attention before matmul (cuDNN's SDPA kernels carry "sm90" too), Triton
 # before copies (inductor names fused kernels after their ops, "to_copy" included).
