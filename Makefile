@@ -40,7 +40,7 @@ lint: setup
 	$(BIN)/ruff check src tests bench
 
 bench: setup
-	$(BIN)/python -m pfreeze.bench
+	$(BIN)/python -m bench
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,7 +1,7 @@
 """What dynamo traces for pfreeze's training forward, against a plain loop's, on the CPU.
 
-    python bench/graph_diff.py
-    PYTHONPATH=/path/to/transformers-5.17:$PYTHONPATH python bench/graph_diff.py   # the device's
+    python -m bench.graph_diff
+    PYTHONPATH=/path/to/transformers-5.17:$PYTHONPATH python -m bench.graph_diff   # the device's
 
 A 2-block Llama with grouped KV heads, bf16 autocast. Traced three ways with
 torch._dynamo.explain: pfreeze's causal flash route as the step ran it before it passed
@@ -12,18 +12,14 @@ the plain forward: where the two compiled steps can differ at all.
 
 from __future__ import annotations
 
-import sys
 from collections import Counter
-from pathlib import Path
 
 import torch
 import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from pfreeze.attention import training_attention
-
-sys.path.insert(0, str(Path(__file__).parent))
-from means_probe import attention_forward  # noqa: E402
+from bench.means_probe import attention_forward
+from pfreeze import training_attention
 
 
 def _model() -> LlamaForCausalLM:

@@ -1,6 +1,6 @@
 """Host time of one pfreeze training step, apart from its GPU time: is a step host-bound?
 
-    python bench/host_time.py --shape smollm2 --batch 16x256
+    python -m bench.host_time --shape smollm2 --batch 16x256
 
 For the frozen arm (q,k,v of the upper half) uncached and with its prefix cached, compiled
 in CUDA graphs, after warm-up: the median host time of BatchStream.next(), of the cache's
@@ -17,10 +17,8 @@ import time
 
 import torch
 
-from pfreeze.bench import ROTATED, SHAPES, pfreeze_loop
-from pfreeze.config import PlanArm
-from pfreeze.execution import release
-from pfreeze.models import load_model
+from bench.common import ROTATED, SHAPES, pfreeze_loop
+from pfreeze import PlanArm, load_model, release
 
 
 def host_ms(fn, n: int) -> float:

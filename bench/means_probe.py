@@ -1,6 +1,6 @@
 """What each remaining speed means would buy, measured before building it into pfreeze.
 
-    python bench/means_probe.py --variants base,fused,ce,fused+ce,bf16+fused+ce --arms full
+    python -m bench.means_probe --variants base,fused,ce,fused+ce,bf16+fused+ce --arms full
 
 A plain compiled step (CUDA graphs, fused AdamW, bf16 autocast, causal SDPA without a mask)
 on a random-init SmolLM2-shape model, with one attention forward for every variant so that
@@ -30,9 +30,8 @@ import torch.nn.functional as F  # noqa: N812
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from pfreeze.attention import training_attention
-from pfreeze.bench import SHAPES
-from pfreeze.models import load_model
+from bench.common import SHAPES
+from pfreeze import load_model, training_attention
 
 
 def attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None,

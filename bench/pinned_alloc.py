@@ -1,20 +1,20 @@
 """Does allocating page-locked memory make the host wait for the GPU?
 
-    python bench/pinned_alloc.py
+    python -m bench.pinned_alloc
 
 Asked in session 6 of the one "host sync" per bench run (the first row, at a frame in torch's
 set_sync_debug_mode). With ~0.1 s of GPU work queued, times one fresh pinned allocation on
 the host and whether CUDA's sync debug mode flags it, then the same for a cached block. On the
 H200 (docs/BENCHMARKS.md, session 6): 1.7 ms for the first block, 0.1 ms after, never the
 0.1 s a wait would take, never flagged. The "sync" was the debug mode's own notice that it is
-a prototype, which the bench counted until session 6 (bench_results.sync_sites).
+a prototype, which the bench counted until session 6 (results.sync_sites).
 """
 
 import time
 
 import torch
 
-from pfreeze.bench_results import host_syncs
+from bench.results import host_syncs
 
 
 def probe(what: str, n: int) -> None:

@@ -1,7 +1,7 @@
 """Where the GPU time of one pfreeze training step (or one sampling call) goes, by kernel kind.
 
-    python bench/profile_step.py --shape smollm2 --batch 32x512 [--mode reduce-overhead]
-    python bench/profile_step.py --generate --gen-batch 64
+    python -m bench.profile_step --shape smollm2 --batch 32x512 [--mode reduce-overhead]
+    python -m bench.profile_step --generate --gen-batch 64
 
 Training: builds pfreeze's Loop for the full arm, the frozen arm (q,k,v of the upper half) and
 the frozen arm with its prefix cached (epochs sampling), compiled; after warm-up, profiles
@@ -20,15 +20,13 @@ import argparse
 import re
 import time
 from collections import defaultdict
+from typing import Any
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from pfreeze.bench import ROTATED, SHAPES, pfreeze_loop
-from pfreeze.config import FullArm, GenerationConfig, PlanArm
-from pfreeze.evaluate import generate_samples
-from pfreeze.execution import release
-from pfreeze.models import load_model
+from bench.common import ROTATED, SHAPES, pfreeze_loop
+from pfreeze import FullArm, GenerationConfig, PlanArm, generate_samples, load_model, release
 
 # First match wins: attention before matmul (cuDNN's SDPA kernels carry "sm90" too), Triton
 # before copies (inductor names fused kernels after their ops, "to_copy" included).
@@ -152,7 +150,7 @@ def profiled(fn, warmup: int, steps: int, cuda: bool, stack: bool = False
     return prof, wall
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="smollm2", choices=SHAPES)
     ap.add_argument("--batch", default="32x512")
@@ -171,23 +169,37 @@ def main() -> None:
     ap.add_argument("--gen-new", type=int, default=128)
     ap.add_argument("--gen-cache", default="both", choices=("both", "eager", "static", "sampler"),
                     help="generate() with a dynamic or static cache, or pfreeze's sampler")
-    a = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    a = parse_args()
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda" if cuda else "cpu")
     lm = load_model(SHAPES[a.shape], seed=0)
     if a.generate:
-        cfg = GenerationConfig(prompts=[f"{i:08d}" for i in range(8)], decoder="generate",
-                               samples_per_prompt=a.gen_batch // 8, max_new_tokens=a.gen_new)
-        model = lm.model.to(dev)
-        cases = {"eager": [False], "static": [True], "sampler": ["sampler"]}
-        for static in cases.get(a.gen_cache, [False, True]):
-            c = cfg.model_copy(update={"decoder": "pfreeze"}) if static == "sampler" else cfg
-            prof, wall = profiled(lambda c=c, s=static: generate_samples(
-                model, lm.tokenizer, c, {0}, dev, cuda, s is True), 2, 1, cuda)
-            what = "pfreeze sampler" if static == "sampler" else f"static_cache={static}"
-            report(f"generate_samples {what} batch {a.gen_batch}, per decode step", prof, wall,
-                   a.gen_new, a.top)
-        return
+        profile_generation(a, lm, dev, cuda)
+    else:
+        profile_training(a, lm, cuda)
+
+
+def profile_generation(a: argparse.Namespace, lm: Any, dev: torch.device, cuda: bool) -> None:
+    """One generate_samples call per cache kind, per decode step."""
+    cfg = GenerationConfig(prompts=[f"{i:08d}" for i in range(8)], decoder="generate",
+                           samples_per_prompt=a.gen_batch // 8, max_new_tokens=a.gen_new)
+    model = lm.model.to(dev)
+    cases = {"eager": [False], "static": [True], "sampler": ["sampler"]}
+    for static in cases.get(a.gen_cache, [False, True]):
+        c = cfg.model_copy(update={"decoder": "pfreeze"}) if static == "sampler" else cfg
+        prof, wall = profiled(lambda c=c, s=static: generate_samples(
+            model, lm.tokenizer, c, {0}, dev, cuda, s is True), 2, 1, cuda)
+        what = "pfreeze sampler" if static == "sampler" else f"static_cache={static}"
+        report(f"generate_samples {what} batch {a.gen_batch}, per decode step", prof, wall,
+               a.gen_new, a.top)
+
+
+def profile_training(a: argparse.Namespace, lm: Any, cuda: bool) -> None:
+    """A few steps of each arm's Loop.train_step on the batch stream."""
     b, t = map(int, a.batch.split("x"))
     ids = torch.randint(0, lm.model.config.vocab_size, (ROTATED * b * t,),
                         generator=torch.Generator().manual_seed(0)).tolist()

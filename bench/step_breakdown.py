@@ -1,6 +1,6 @@
 """Where one pfreeze training step spends its time, phase by phase, on the GPU.
 
-    python bench/step_breakdown.py --shape smollm2 --batch 16x256 [--compile]
+    python -m bench.step_breakdown --shape smollm2 --batch 16x256 [--compile]
 
 Runs Loop.train_step's phases by hand (forward+backward of the loss alone, as the loop's
 execution.LossOf returns it; grad masking + clipping; optimizer; restore of frozen elements;
@@ -17,12 +17,8 @@ import time
 
 import torch
 
-from pfreeze.attention import training_attention
-from pfreeze.bench import SHAPES, pfreeze_loop
-from pfreeze.config import FullArm, PlanArm
-from pfreeze.evaluate import autocast
-from pfreeze.execution import LossOf, release
-from pfreeze.models import load_model
+from bench.common import SHAPES, pfreeze_loop
+from pfreeze import FullArm, LossOf, PlanArm, load_model, release, training_attention
 
 
 def main() -> None:
@@ -53,7 +49,8 @@ def main() -> None:
             ev = [torch.cuda.Event(enable_timing=True) for _ in range(6)]
             h0 = time.perf_counter()
             ev[0].record()
-            with autocast(loop.device, True), training_attention(r.model, loop.attention):
+            with (torch.autocast(loop.device.type, torch.bfloat16),
+                  training_attention(r.model, loop.attention)):
                 loss = fwd(input_ids=x, labels=x, use_cache=False)
             loss.backward()
             ev[1].record()

@@ -52,8 +52,10 @@ from pfreeze.summary import arm_summary, run_summary
 class Loop:
     """One run of the paired experiment; `run()` does it all, the parts are testable."""
 
-    def __init__(self, cfg: RunConfig, files: RunFiles,
+    def __init__(self, cfg: RunConfig, files: RunFiles | None = None,
                  on_step: Callable[[int, dict[str, float]], None] | None = None) -> None:
+        """`files` None: a loop built only to step arms (build_arms, train_step), as the
+        benchmark does; it writes no files, and run() needs them."""
         self.cfg, self.files, self.on_step = cfg, files, on_step
         self.command: str | None = None
         self.before_start: Callable[[], None] | None = None  # a repeat's parent directory

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from pfreeze.architectures import Geometry, describe_params, first_trained_block
+from pfreeze import Geometry, describe_params, first_trained_block
 
 
 def train_flops(layers: int, width: int, seq: int, tokens: int, block_params: int,

@@ -11,7 +11,7 @@ One row per shape x batch x arm (full; frozen = q,k,v of the upper half) x metho
 Step times are CUDA-event intervals between step boundaries (no host sync in the loop); the
 warm-up steps are reported apart (compilation lands in the first). Rows print as they finish
 and --out is rewritten atomically after each: a killed run keeps its rows, and `--resume`
-continues the file, measuring only what it lacks (bench_results.py).
+continues the file, measuring only what it lacks (results.py).
 """
 
 from __future__ import annotations
@@ -29,49 +29,31 @@ from typing import Any
 import torch
 from torch import nn
 
-from pfreeze import bench_results as results
-from pfreeze import execution
-from pfreeze.atomic import write_json
-from pfreeze.bench_results import Row
-from pfreeze.bench_sampling import GEN_VARIANTS, run_generation
-from pfreeze.errors import PfreezeError
-from pfreeze.flops import model_flops, train_flops  # noqa: F401 (train_flops: public here)
-from pfreeze.models import load_model
-from pfreeze.plan import compile_plan
-from pfreeze.train import Loop
+from bench import results
+from bench.common import ARMS, ROTATED, SHAPES, Batches, Row, pfreeze_loop
+from bench.flops import model_flops
+from bench.inductor import inductor_settings
+from bench.sampling import GEN_VARIANTS, run_generation
+from pfreeze import (
+    FullArm,
+    Loop,
+    PfreezeError,
+    PlanArm,
+    compile_plan,
+    load_model,
+    pick_device,
+    release,
+)
 
-SHAPES = {"smollm2": "random:smollm2-135m", "gpt2": "random:gpt2-124m", "tiny": "random:llama"}
 METHODS = ("pfreeze", "pfreeze_cached", "eager", "compiled", "trainer", "trainer_compiled")
-ARMS = {"full": None, "frozen": "layers=50%: roles=q,k,v"}
 HOPPER_BF16 = 989e12  # dense bf16 FLOP/s of an H100/H200 SXM (datasheet)
 LR = 1e-4
-Batches = list[torch.Tensor]  # token ids on the host, rotated through the steps
-ROTATED = 4  # batches per case; a cached row's warm-up must see each once
-
-
-def pfreeze_loop(base: nn.Module, family: str, arm: Any, batch: int, seq: int,
-                 ids: list[int] | None = None, **training: Any) -> Loop:
-    """A one-arm pfreeze Loop on `base` (arm: a FullArm or PlanArm config), built as the bench
-    and the scripts in bench/ time it: no corpus, no run files. `ids` becomes its batch stream
-    (epochs sampling when the arm caches its prefix, which needs aligned chunks; else random),
-    `training` the TrainingConfig fields beyond the batch size."""
-    from pfreeze.config import DataConfig, RunConfig, TrainingConfig
-    from pfreeze.corpus import BatchStream
-
-    t = TrainingConfig(per_device_train_batch_size=batch, **training)
-    sampling = "epochs" if t.prefix_cache is True else "random"
-    data = DataConfig(block_size=seq, sampling=sampling)
-    loop = Loop(RunConfig(data=data, training=t, arms=[arm]), None)  # type: ignore[arg-type]
-    if ids is not None:
-        loop.stream = BatchStream(ids, seq, batch, 0, sampling)
-    loop.build_arms(base, family)
-    return loop
 
 
 class Bench:
     def __init__(self, args: argparse.Namespace, argv: list[str]) -> None:
         self.a = args
-        self.dev = execution.pick_device(args.device)
+        self.dev = pick_device(args.device)
         self.cuda = self.dev.type == "cuda"
         self.deadline = time.monotonic() + args.max_seconds
         pc = args.pfreeze_compile = args.pfreeze_compile or ("on" if self.cuda else "off")
@@ -147,8 +129,6 @@ class Bench:
 
     def m_pfreeze(self, base: nn.Module, family: str, arm: str, batches: Batches,
                   cached: bool = False) -> Row:
-        from pfreeze.config import FullArm, PlanArm
-
         b, seq = batches[0].shape
         arm_cfg = FullArm() if ARMS[arm] is None else PlanArm(select=ARMS[arm])
         # Cached: the batches' tokens as the corpus, so one epoch = len(batches) steps.
@@ -167,10 +147,7 @@ class Bench:
         else:
             m = self.drive(lambda i: loop.train_step(r, i, batches[i % len(batches)]))
         r.pending.clear()  # queued losses, norms and events are not read here
-        # What auto resolved to, per row (the settings only say "auto").
-        got = execution.reported(loop)
-        m.update(attention=got["attention"], compile_mode=got["compile_mode"])
-        return m
+        return {**m, **resolved(loop)}
 
     def m_plain(self, model: nn.Module, batches: Batches, compiled: bool) -> Row:
         params = [p for p in model.parameters() if p.requires_grad]
@@ -235,7 +212,7 @@ class Bench:
             traceback.print_exc(limit=3, file=sys.stderr)
             row.update(status="error", error=f"{type(e).__name__}: {e}"[:600])
         finally:  # free this case's models; a fresh model must not meet dynamo's recompile limit
-            execution.release()
+            release()
 
     def run_case(self, method: str, arm: str, base: nn.Module, family: str, batches: Batches
                  ) -> Row:
@@ -309,11 +286,18 @@ class Bench:
         if self.measured_nothing():
             self.out["processes"].append(self.env)
         self.out["ratios"] = results.ratios(self.out["rows"])
-        write_json(self.a.out, self.out)
+        results.write_json(self.a.out, self.out)
+
+
+def resolved(loop: Loop) -> Row:
+    """What auto resolved to, per row (the settings only say "auto"), as summary.json reports
+    it: the attention kernel, and the compile mode of a compiled step (None: eager)."""
+    return {"attention": loop.attention,
+            "compile_mode": loop.compile_mode if loop.compile else None}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m pfreeze.bench", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="smollm2,gpt2", help=f"of {', '.join(SHAPES)}")
     p.add_argument("--batches", default="32x512,16x256", help="BATCHxSEQ,...")
@@ -348,7 +332,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.arms, args.gen_variants = once(args.arms), once(args.gen_variants)
     args.shapes, args.batches = ",".join(once(args.shapes)), ",".join(once(args.batches))
     try:  # resolved here: the file records (and --resume compares) the typed settings
-        args.inductor = execution.inductor_settings(args.inductor)
+        args.inductor = inductor_settings(args.inductor)
     except PfreezeError as e:
         p.error(str(e))
     if "pfreeze_cached" in args.methods and args.warmup < ROTATED:
@@ -386,9 +370,3 @@ def run(bench: Bench) -> Row:
         print(results.ratio_line(r), flush=True)
     return bench.out
 
-
-if __name__ == "__main__":
-    try:
-        main()
-    except PfreezeError as e:  # e.g. --device cuda without a GPU: one line, no traceback
-        raise SystemExit(f"error: {e.problem}") from None

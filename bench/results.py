@@ -11,7 +11,9 @@ are comparable only on the same device and software, which resuming checks.
 from __future__ import annotations
 
 import json
+import os
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Iterator
@@ -21,9 +23,8 @@ from typing import Any
 
 import torch
 
-from pfreeze.outputs import environment
-
-Row = dict[str, Any]  # one JSON row or result
+from bench.common import Row
+from pfreeze import environment
 
 # What a row's figure depends on besides its case (shape, batch, arm, method; generation's
 # variant, shape, batch, lengths): a file is continued only with the same. `pfreeze_compile`
@@ -87,7 +88,7 @@ def run_environment(device: torch.device, argv: list[str], peak: float | None) -
     env = environment(device)  # the same probe every run's summary.json records
     return {**env, "git": env["git_hash"], "cuda": torch.version.cuda,
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "command": " ".join(["python", "-m", "pfreeze.bench", *argv]), "peak_flops": peak}
+            "command": " ".join(["python", "-m", "bench", *argv]), "peak_flops": peak}
 
 
 def resumed(path: str | Path, settings: Row, env: Row) -> Row | None:
@@ -107,7 +108,7 @@ def resumed(path: str | Path, settings: Row, env: Row) -> Row | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise SystemExit(f"error: cannot resume {path}: not a pfreeze.bench results file "
+        raise SystemExit(f"error: cannot resume {path}: not a pfreeze bench results file "
                          f"({type(e).__name__}: {e}); pass another --out, or delete it") from None
     for k in SAME_ENVIRONMENT:
         if last.get(k) != env.get(k):
@@ -129,6 +130,21 @@ def resumed(path: str | Path, settings: Row, env: Row) -> Row | None:
     return {"processes": processes,
             "rows": [dict(r, process=r.get("process", 0)) for r in rows],
             "generation": [dict(r, process=r.get("process", 0)) for r in gens]}
+
+
+def write_json(path: str | Path, obj: Row) -> None:
+    """`obj` as JSON at `path`, atomically: a killed run leaves the previous file, not half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps(obj, indent=2, default=str) + "\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def replace_row(rows: list[Row], row: Row, key: Any) -> None:

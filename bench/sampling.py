@@ -1,31 +1,46 @@
 """The benchmark's generation rows: new tokens/s of the batched sampling behind the p metric.
 
-Run by `python -m pfreeze.bench` before the training rows (--gen, the default): short, and a
+Run by `python -m bench` before the training rows (--gen, the default): short, and a
 time-bounded call should not lose them. Functions take the Bench that owns the settings, the
-device and the output rows.
+device and the output rows (a Runner: what they use of it; this module does not import the
+driver, which imports it).
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import statistics
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from pfreeze.bench_results import Row, gen_key, gen_line, replace_row
-from pfreeze.models import load_model
-
-if TYPE_CHECKING:
-    from pfreeze.bench import Bench
+from bench.common import SHAPES, Row
+from bench.results import gen_key, gen_line, replace_row
+from pfreeze import GenerationConfig, generate_samples, load_model
 
 GEN_VARIANTS = ("pfreeze_eager", "pfreeze_static", "pfreeze_graph", "static_bf16")
 
 
-def run_generation(bench: Bench) -> None:
+class Runner(Protocol):
+    """What these functions use of the driver's Bench."""
+
+    a: argparse.Namespace
+    dev: torch.device
+    cuda: bool
+    process: int
+    kept_gen: set[tuple[Any, ...]]
+    out: Row
+
+    def sync(self) -> None: ...
+    def guarded(self, row: Row, need: float, fn: Callable[[], Row]) -> None: ...
+    def write(self) -> None: ...
+
+
+def run_generation(bench: Runner) -> None:
     """New tokens/s of batched top-k sampling, the p metric's generation.
 
     pfreeze_eager / pfreeze_static: evaluate.generate_samples itself (fp32 weights under
@@ -33,8 +48,6 @@ def run_generation(bench: Bench) -> None:
     decode step is compiled by transformers); pfreeze_graph: generation.decoder=pfreeze
     (pfreeze.sampler, the decode step in a CUDA graph). static_bf16: plain `generate` on
     bf16 weights with a static cache, for reference."""
-    from pfreeze.bench import SHAPES  # here: bench imports this module
-
     a = bench.a
     shape = a.gen_shape or ("smollm2" if bench.cuda else "tiny")
     rows = [{"variant": name, "shape": shape, "batch": a.gen_batch, "prompt_tokens": a.gen_prompt,
@@ -59,7 +72,7 @@ def run_generation(bench: Bench) -> None:
         bench.write()
 
 
-def timed_calls(bench: Bench, go: Callable[[], None]) -> Row:
+def timed_calls(bench: Runner, go: Callable[[], None]) -> Row:
     a = bench.a
     secs = []
     for _ in range(a.gen_warmup + a.gen_reps):
@@ -72,10 +85,7 @@ def timed_calls(bench: Bench, go: Callable[[], None]) -> Row:
             "seconds": timed, "new_tokens_per_s": a.gen_batch * a.gen_new / timed}
 
 
-def sample_pfreeze(bench: Bench, lm: Any, variant: str) -> Row:
-    from pfreeze.config import GenerationConfig  # needs pydantic
-    from pfreeze.evaluate import generate_samples
-
+def sample_pfreeze(bench: Runner, lm: Any, variant: str) -> Row:
     a = bench.a
     n_prompts = min(8, a.gen_batch)
     if a.gen_batch % n_prompts:
@@ -96,7 +106,7 @@ def sample_pfreeze(bench: Bench, lm: Any, variant: str) -> Row:
     return timed_calls(bench, go)
 
 
-def sample(bench: Bench, base: nn.Module, kw: Row) -> Row:
+def sample(bench: Runner, base: nn.Module, kw: Row) -> Row:
     model = copy.deepcopy(base).to(bench.dev).eval()
     model = model.to(torch.bfloat16) if bench.cuda else model
     want = (bench.a.gen_batch, bench.a.gen_prompt + bench.a.gen_new)

@@ -1,4 +1,4 @@
-"""pfreeze.bench on the CPU: every method and arm yields a timed row; the FLOP count is right."""
+"""The benchmark on the CPU: every method and arm yields a timed row; the FLOP count is right."""
 
 from __future__ import annotations
 
@@ -7,38 +7,39 @@ from pathlib import Path
 
 import pytest
 
-from pfreeze import bench, bench_results
-from pfreeze.models import load_model
-from pfreeze.plan import compile_plan
+from bench import driver as bench
+from bench import results as bench_results
+from bench.flops import model_flops, train_flops
+from pfreeze import compile_plan, load_model
 
 
 def test_train_flops_matches_a_hand_count() -> None:
     # L=4 blocks, d=8, T=16, N=32 tokens, 100 matrix elements per block, a 50-element head.
     attn = 2 * 16 * 8 * 32  # causal QK^T + AV of one block: 8192
     fwd = 2 * (4 * 100 + 50) * 32 + 4 * attn  # 28800 + 32768
-    assert bench.train_flops(4, 8, 16, 32, 100, 50, None, 0) == fwd == 61568
-    assert bench.train_flops(4, 8, 16, 32, 100, 50, 0, 4 * 100 + 50) == 3 * fwd
+    assert train_flops(4, 8, 16, 32, 100, 50, None, 0) == fwd == 61568
+    assert train_flops(4, 8, 16, 32, 100, 50, 0, 4 * 100 + 50) == 3 * fwd
     # Blocks 2 and 3 pass gradients back, 30 trainable matrix elements get weight gradients.
     frozen = fwd + (2 * (2 * 100 + 50) * 32 + 2 * 2 * attn) + 2 * 30 * 32
-    assert bench.train_flops(4, 8, 16, 32, 100, 50, 2, 30) == frozen == 112256
+    assert train_flops(4, 8, 16, 32, 100, 50, 2, 30) == frozen == 112256
     # With the prefix cache, blocks 0 and 1 run no forward: 2 x (2 * 100 * 32 + attn) fewer.
-    assert bench.train_flops(4, 8, 16, 32, 100, 50, 2, 30, cached=True) == 112256 - 29184
-    assert bench.train_flops(4, 8, 16, 32, 100, 50, 0, 450, cached=True) == 3 * fwd
+    assert train_flops(4, 8, 16, 32, 100, 50, 2, 30, cached=True) == 112256 - 29184
+    assert train_flops(4, 8, 16, 32, 100, 50, 0, 450, cached=True) == 3 * fwd
 
 
 def test_model_flops_of_the_tiny_llama() -> None:
     lm = load_model("random:llama")
     every = {n for n, _ in lm.model.named_parameters()}
-    full = bench.model_flops(lm.model, lm.family, every, 2, 32)
+    full = model_flops(lm.model, lm.family, every, 2, 32)
     # hidden 64, 4 blocks, 4 heads, 2 kv heads (32 wide), MLP 128, vocab 257 tied.
     block = 64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 128
     fwd = 2 * (4 * block + 257 * 64) * 64 + 4 * 2 * 32 * 64 * 64
     assert full == 3 * fwd
     qkv = set(compile_plan(lm.model, lm.family, bench.ARMS["frozen"]).tensors)
-    frozen = bench.model_flops(lm.model, lm.family, qkv, 2, 32)
+    frozen = model_flops(lm.model, lm.family, qkv, 2, 32)
     assert fwd < frozen < full
     # The frozen arm's lowest trainable block is 2 (upper half of 4): blocks 0, 1 are cached.
-    cached = bench.model_flops(lm.model, lm.family, qkv, 2, 32, cached=True)
+    cached = model_flops(lm.model, lm.family, qkv, 2, 32, cached=True)
     assert frozen - cached == 2 * (2 * block * 64 + 2 * 32 * 64 * 64)
 
 
@@ -66,7 +67,7 @@ def test_every_method_and_arm_gets_a_timed_row(tmp_path: Path) -> None:
         assert frozen["flops_per_step"] < full["flops_per_step"]
     kinds = {(r["kind"], r["arm"], r["method"]) for r in data["ratios"]}
     assert ("frozen/full", "", "trainer") in kinds and ("pfreeze/peer", "frozen", "eager") in kinds
-    assert data["environment"]["command"].startswith("python -m pfreeze.bench --shapes tiny")
+    assert data["environment"]["command"].startswith("python -m bench --shapes tiny")
 
 
 def test_a_failing_case_and_the_time_bound_are_recorded(tmp_path: Path,
@@ -236,34 +237,3 @@ def test_a_repeated_method_or_shape_is_measured_once() -> None:
     args = bench.parse_args(["--methods", "eager,eager", "--shapes", "tiny,tiny"])
     assert args.methods == ["eager"]
     assert args.shapes == "tiny"
-
-
-def test_inductor_settings_apply_for_the_run_and_refuse_typos(tmp_path: Path,
-                                                              monkeypatch: pytest.MonkeyPatch
-                                                              ) -> None:
-    """--inductor KEY=VALUE patches torch._inductor.config while the cases run (and only
-    then); a key inductor does not have is refused with the closest names."""
-    import torch._inductor.config as inductor
-
-    from pfreeze.errors import PfreezeError
-    from pfreeze.execution import inductor_settings
-
-    assert inductor_settings(["combo_kernels=True", "triton.cudagraph_trees=false",
-                              "max_autotune_gemm_backends=ATEN", "compile_threads=3"]) == {
-        "combo_kernels": True, "triton.cudagraph_trees": False,
-        "max_autotune_gemm_backends": "ATEN", "compile_threads": 3}
-    with pytest.raises(PfreezeError, match=r"did you mean combo_kernels"):
-        inductor_settings(["combo_kernel=True"])
-    with pytest.raises(PfreezeError, match=r"not KEY=VALUE"):
-        inductor_settings(["combo_kernels"])
-    for bad in ("combo_kernels=flase", "combo_kernels=", "compile_threads=two"):
-        with pytest.raises(PfreezeError, match=r"not a value for this (bool|int) setting"):
-            inductor_settings([bad])
-
-    seen = []
-    monkeypatch.setattr(bench.Bench, "run_shape", lambda self, shape: seen.append(
-        inductor.combo_kernels))
-    before = inductor.combo_kernels
-    data = _run(tmp_path, "--methods", "eager", "--inductor", f"combo_kernels={not before}")
-    assert seen == [not before] and inductor.combo_kernels == before
-    assert data["settings"]["inductor"] == {"combo_kernels": not before}
