@@ -292,8 +292,8 @@ class Bench:
 def resolved(loop: Loop) -> Row:
     """What auto resolved to, per row (the settings only say "auto"), as summary.json reports
     it: the attention kernel, and the compile mode of a compiled step (None: eager)."""
-    return {"attention": loop.attention,
-            "compile_mode": loop.compile_mode if loop.compile else None}
+    return {"attention": loop.rt.attention,
+            "compile_mode": loop.rt.compile_mode if loop.rt.compiled else None}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

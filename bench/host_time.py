@@ -71,7 +71,7 @@ def main() -> None:
         torch.cuda.synchronize()
         gpu = statistics.median(x.elapsed_time(y) for x, y in zip(ev, ev[1:], strict=False))
         print(f"{a.shape} {a.batch} frozen {'cached' if cached else 'uncached'} "
-              f"(attention {loop.attention}): step host {statistics.median(host) * 1e3:.2f} ms, "
+              f"(attention {loop.rt.attention}): step host {statistics.median(host) * 1e3:.2f} ms, "
               f"step interval {gpu:.2f} ms; next() {nxt:.3f} ms; cache lookup {look:.3f} ms",
               flush=True)
         r.pending.clear()

@@ -50,7 +50,7 @@ def main() -> None:
             h0 = time.perf_counter()
             ev[0].record()
             with (torch.autocast(loop.device.type, torch.bfloat16),
-                  training_attention(r.model, loop.attention)):
+                  training_attention(r.model, loop.rt.attention)):
                 loss = fwd(input_ids=x, labels=x, use_cache=False)
             loss.backward()
             ev[1].record()

@@ -120,7 +120,7 @@ class TinyRun:
     dir: Path
     summary: dict[str, Any]
     rows: list[dict[str, Any]]
-    loop: Any  # pfreeze.train.Loop after run(): its arms hold the trained models
+    loop: Any  # pfreeze.run.loop.Loop after run_loop(): its arms hold the trained models
 
 
 # The session run: 5 steps, metrics read every 2 steps, evaluation at 0, 2, 4 and 5 (the end).
@@ -130,13 +130,14 @@ TINY_RUN_STEPS = 5
 @pytest.fixture(scope="session")
 def tiny_run(make_config: Callable[..., RunConfig],
              tmp_path_factory: pytest.TempPathFactory) -> TinyRun:
-    from pfreeze.outputs import RunFiles
-    from pfreeze.train import Loop
+    from pfreeze.outputs.files import RunFiles
+    from pfreeze.run.loop import Loop
+    from pfreeze.run.session import run_loop
 
     cfg = make_config(f"training.max_steps={TINY_RUN_STEPS}", "training.logging_steps=2")
     out = tmp_path_factory.mktemp("tiny_run") / "run"
     loop = Loop(cfg, RunFiles(out))
-    summary = loop.run()
+    summary = run_loop(loop)
     return TinyRun(cfg, out, summary, read_rows(out), loop)
 
 
@@ -147,7 +148,7 @@ def lively() -> Callable[[str], Any]:
     Tiny random models at their default init repeat one token whatever the prompt, so a test
     of padding or caching could not fail with them; larger weights make every token count.
     """
-    from pfreeze.models import load_model
+    from pfreeze.models.load import load_model
 
     def make(name: str) -> Any:
         lm = load_model(name, seed=0)

@@ -11,13 +11,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pfreeze import moments
-from pfreeze.arms import make_arm
-from pfreeze.config import LisaArm, UnfreezeArm, load_config
-from pfreeze.models import load_model
-from pfreeze.outputs import RunFiles
-from pfreeze.rank import snr_score, snr_scores, top_selector
-from pfreeze.train import Loop, run
+from pfreeze.config import load_config
+from pfreeze.models.load import load_model
+from pfreeze.outputs.files import RunFiles
+from pfreeze.plan.rank import snr_score, snr_scores, top_selector
+from pfreeze.run import moments
+from pfreeze.run.arms.base import make_arm
+from pfreeze.run.arms.lisa import LisaArm
+from pfreeze.run.arms.unfreeze import UnfreezeArm
+from pfreeze.run.loop import Loop
+from pfreeze.run.session import run, run_loop
 
 # training.device=cpu: exact float32 values are asserted (a GPU would autocast to bf16).
 BASE = ["model.name=random:llama", "data.block_size=32", "training.logging_steps=1",
@@ -82,7 +85,7 @@ def test_lora_keeps_base_bit_identical_and_adapter_reloads(corpus: Path, tmp_pat
     cfg = _cfg(corpus, "training.max_steps=3", "training.eval_steps=3",
                "arms=[{kind: lora, select: 'roles=q,v', r: 4}]")
     loop = Loop(cfg, RunFiles(tmp_path / "out"))
-    summary = loop.run()
+    summary = run_loop(loop)
     arm = summary["arms"]["lora"]
     base_total = load_model("random:llama", seed=cfg.training.seed).model
     n_base = sum(p.numel() for p in base_total.parameters())
@@ -199,7 +202,7 @@ def test_impossible_schedules_are_refused(corpus: Path, tmp_path: Path, arms: st
 
 
 def test_grad_scores_match_a_hand_computation_and_leave_the_model_untouched() -> None:
-    from pfreeze.rank import grad_scores
+    from pfreeze.plan.rank import grad_scores
 
     lm = load_model("random:gpt2")
     model = lm.model

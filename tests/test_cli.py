@@ -216,8 +216,8 @@ def test_a_failed_start_does_not_block_the_corrected_retry(run_args, tmp_path: P
 
 
 def test_rank_prints_matrices_and_a_selector_that_compiles() -> None:
-    from pfreeze.models import load_model
-    from pfreeze.plan import compile_plan
+    from pfreeze.models.load import load_model
+    from pfreeze.plan.selectors import compile_plan
 
     result = CliRunner().invoke(app, ["rank", "--model", "random:gpt2", "--roles", "q,k,v,o",
                                       "--top", "25"])

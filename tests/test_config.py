@@ -6,17 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from pfreeze.config import (
-    FullArm,
-    LoraArm,
-    PlanArm,
-    RunConfig,
-    ScheduleArm,
-    dump_config,
-    load_config,
-    parse_override,
-)
+from pfreeze.config import RunConfig, dump_config, load_config, parse_override
 from pfreeze.errors import PfreezeError
+from pfreeze.run.arms.full import FullArm
+from pfreeze.run.arms.lora import LoraArm
+from pfreeze.run.arms.plan import PlanArm
+from pfreeze.run.arms.schedule import ScheduleArm
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""Tests for pfreeze.corpus: reading, Gutenberg stripping, tokenising and counting."""
+"""Tests for pfreeze.data.corpus: reading, Gutenberg stripping, tokenising and counting."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from pfreeze import corpus
-from pfreeze.corpus import (
+from pfreeze.data import corpus
+from pfreeze.data.corpus import (
     GUTENBERG_URL,
     CorpusStats,
     cache_dir,

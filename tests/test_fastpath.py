@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pfreeze.attention import causal_attention, training_attention
 from pfreeze.config import load_config
 from pfreeze.errors import PfreezeError
-from pfreeze.models import load_model
-from pfreeze.train import Loop
+from pfreeze.models.load import load_model
+from pfreeze.run.attention import causal_attention, training_attention
+from pfreeze.run.loop import Loop
 
 CPU = torch.device("cpu")
 
@@ -37,7 +37,7 @@ def _train(corpus: Path, compiled: bool) -> tuple[list[float], dict[str, torch.T
     for step in range(STEPS):
         batch = torch.randint(0, 256, (2, 16), generator=gen)
         loop.train_step(arm, step, batch)
-        losses.append(float(arm.pending[-1][1]))
+        losses.append(float(arm.pending[-1].loss))
     return losses, {n: p.detach().clone() for n, p in arm.model.named_parameters()}
 
 
@@ -194,7 +194,7 @@ def test_a_training_step_runs_the_causal_path_and_restores_the_models_attention(
 
     monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "pfreeze_causal", spy)
     loop.train_step(loop.arms[0], 0, torch.randint(0, 256, (2, 32)))
-    assert loop.attention == backend
+    assert loop.rt.attention == backend
     assert others == [backend == "sdpa"] * lm.model.config.num_hidden_layers
     assert loop.arms[0].model.config._attn_implementation == "sdpa"
     assert torch.backends.cuda.math_sdp_enabled()  # restored after the step
@@ -229,7 +229,7 @@ def test_flash_refuses_models_whose_attention_it_would_change(make_config, setti
 
 
 def test_auto_attention_is_causal_sdpa_on_a_gpu_where_it_computes_the_same() -> None:
-    from pfreeze.attention import resolve_backend
+    from pfreeze.run.attention import resolve_backend
 
     lm = load_model("random:llama", seed=0)
     gpu = torch.device("cuda")  # resolve_backend only reads the device's type here
@@ -256,7 +256,7 @@ def test_auto_attention_is_causal_sdpa_on_a_gpu_where_it_computes_the_same() -> 
 def test_flash_is_refused_where_it_cannot_reach_the_attention() -> None:
     """GPT-Neo's attention never calls transformers' attention functions: flash would be a
     silent no-op there, and auto must not report it."""
-    from pfreeze.attention import resolve_backend, routes_attention
+    from pfreeze.run.attention import resolve_backend, routes_attention
 
     neo = load_model("random:gpt-neo", seed=0).model
     for name in ("random:llama", "random:gpt2", "random:gpt-neox"):
@@ -270,7 +270,7 @@ def test_flash_is_refused_where_it_cannot_reach_the_attention() -> None:
 
 
 def test_auto_compile_mode_is_cuda_graphs_on_a_gpu_without_accumulation() -> None:
-    from pfreeze.execution import resolve_compile_mode
+    from pfreeze.run.runtime import resolve_compile_mode
 
     gpu = torch.device("cuda")
     assert resolve_compile_mode("auto", gpu, 1) == "reduce-overhead"
@@ -286,8 +286,8 @@ def test_training_and_held_out_forwards_build_no_kv_cache(make_config,
     every block's keys and values, handed back as outputs of the compiled graph."""
     from transformers import cache_utils
 
-    from pfreeze.evaluate import mean_loss
-    from pfreeze.rank import grad_scores
+    from pfreeze.measure.heldout import mean_loss
+    from pfreeze.plan.rank import grad_scores
 
     made: list[int] = []
     init = cache_utils.DynamicCache.__init__
@@ -312,7 +312,7 @@ def test_training_and_held_out_forwards_build_no_kv_cache(make_config,
 
 def test_auto_compiles_only_gpu_runs_long_enough_to_pay_it_back() -> None:
     """A short run (the demo's 40 steps) stays eager: compiling costs more than it saves."""
-    from pfreeze.execution import COMPILE_PAYS_AFTER, resolve_compile
+    from pfreeze.run.runtime import COMPILE_PAYS_AFTER, resolve_compile
 
     gpu = torch.device("cuda")
     assert COMPILE_PAYS_AFTER == 1000  # the break-even of docs/BENCHMARKS.md, session 6
@@ -330,7 +330,7 @@ def test_every_compiled_step_is_one_graph_whose_only_output_is_the_loss(
     a peft LoRA wrapper) traces as one graph (GPT-2's loss does not split off at
     transformers' logged fallback) and returns the loss alone: a returned B x T x V logits
     tensor would get an all-zero gradient in the backward, filled and copied each step."""
-    from pfreeze.corpus import BatchStream
+    from pfreeze.data.corpus import BatchStream
 
     corpus = tmp_path / "t.txt"
     corpus.write_text("abc " * 100)

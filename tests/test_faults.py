@@ -69,12 +69,12 @@ class Killer:
 
     def install(self, mp: pytest.MonkeyPatch) -> None:
         import pfreeze.atomic
-        import pfreeze.checkpoint
-        import pfreeze.outputs
-        import pfreeze.plots
+        import pfreeze.outputs.checkpoint
+        import pfreeze.outputs.files
+        import pfreeze.outputs.plots
 
-        real_replace, real_save = os.replace, pfreeze.checkpoint.save_file
-        real_plot = pfreeze.plots._save
+        real_replace, real_save = os.replace, pfreeze.outputs.checkpoint.save_file
+        real_plot = pfreeze.outputs.plots._save
 
         def replace(a: Any, b: Any) -> None:
             self.tick("replace")
@@ -89,15 +89,15 @@ class Killer:
             return real_plot(*args, **kwargs)
 
         mp.setattr(pfreeze.atomic.os, "replace", replace)
-        mp.setattr(pfreeze.checkpoint, "save_file", save)
-        mp.setattr(pfreeze.outputs, "save_file", save)
-        mp.setattr(pfreeze.plots, "_save", plot)
+        mp.setattr(pfreeze.outputs.checkpoint, "save_file", save)
+        mp.setattr(pfreeze.outputs.files, "save_file", save)
+        mp.setattr(pfreeze.outputs.plots, "_save", plot)
 
 
 def _run(cfg: Any, out: Path, killer: Killer, kill_step: int = 0, resume: bool = False,
          report: bool = True) -> None:
-    from pfreeze.report import render_report
-    from pfreeze.train import run
+    from pfreeze.outputs.report import render_report
+    from pfreeze.run.session import run
 
     def on_step(step: int, losses: dict) -> None:
         if step == kill_step:
@@ -186,7 +186,7 @@ def test_killed_at_any_point_the_directory_resumes_exactly_or_refuses(
                 (out / "summary.json").read_text())["config"]["training"]["learning_rate"] \
                 == new.training.learning_rate
             with pytest.raises(PfreezeError, match="has no checkpoint yet") as e:
-                from pfreeze.train import run
+                from pfreeze.run.session import run
 
                 run(new, out, resume=True)
             assert "\n" not in str(e.value)

@@ -18,8 +18,8 @@ import pytest
 
 from pfreeze.config import load_config
 from pfreeze.errors import PfreezeError
-from pfreeze.interrupts import Interrupted
-from pfreeze.train import run
+from pfreeze.run.interrupts import Interrupted
+from pfreeze.run.session import run
 
 
 @pytest.fixture
@@ -98,7 +98,7 @@ def test_sigterm_stops_at_the_step_with_a_checkpoint_and_an_interrupted_summary(
     assert summary["arms"]["full"]["steps"] == 3 and summary["arms"]["full"]["p_after"] is None
     state = json.loads((out / "checkpoint" / "state.json").read_text())
     assert state["step"] == 3  # saved at the interruption, not only every save_steps
-    from pfreeze.report import render_report
+    from pfreeze.outputs.report import render_report
 
     render_report(out)
     assert "Partial: interrupted at step 3 of 6" in (out / "report.md").read_text()
@@ -152,10 +152,10 @@ def _enospc(*args: object, **kwargs: object) -> None:
 
 def test_a_full_disk_at_the_end_keeps_summary_and_metrics(corpus: Path, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    import pfreeze.outputs
+    import pfreeze.outputs.files
 
     out = tmp_path / "run"
-    monkeypatch.setattr(pfreeze.outputs, "save_file", _enospc)  # the tensors' files
+    monkeypatch.setattr(pfreeze.outputs.files, "save_file", _enospc)  # the tensors' files
     with pytest.raises(PfreezeError) as e:
         run(_cfg(corpus), out)
     assert "training finished, but arms/full/trained.safetensors could not be written " \
@@ -173,12 +173,12 @@ def test_free_space_is_checked_before_large_writes(corpus: Path, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     import shutil
 
-    import pfreeze.outputs
+    import pfreeze.outputs.files
 
     real = shutil.disk_usage
     # 1.5 MiB free: a 1 MiB margin plus the plan arm's 16 KiB fit; the full arm's 0.6 MiB of
     # tensors, its saved model and a checkpoint (2 MiB with AdamW's moments) do not.
-    monkeypatch.setattr(pfreeze.outputs.shutil, "disk_usage",
+    monkeypatch.setattr(pfreeze.outputs.files.shutil, "disk_usage",
                         lambda p: real(p)._replace(free=3 * 2**19))
     out = tmp_path / "run"
     with pytest.raises(PfreezeError, match="not enough disk space for the|could not be written"):
@@ -248,7 +248,7 @@ def test_the_embedded_gguf_model_saves_as_a_plain_model(tmp_path: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from pfreeze.models import load_model
+    from pfreeze.models.load import load_model
 
     lm = load_model("smollm2-135m")
     lm.model.save_pretrained(str(tmp_path / "m"))  # refused as "quantized with gguf" before

@@ -13,14 +13,17 @@ import pytest
 import torch
 from torch import nn
 
-from pfreeze.architectures import describe_params
-from pfreeze.arms import ArmRun, Scheduled, build_optimizer
-from pfreeze.config import PhaseConfig, RunConfig, ScheduleArm, TrainingConfig
+from pfreeze.config import RunConfig
 from pfreeze.errors import PfreezeError
-from pfreeze.masking import Freezer, Tracker, check_audit, optimizer_state_bytes
-from pfreeze.models import load_model
-from pfreeze.plan import Plan, compile_plan
-from pfreeze.train import Loop
+from pfreeze.measure.drift import Tracker
+from pfreeze.models.families import describe_params
+from pfreeze.models.load import load_model
+from pfreeze.plan.masks import Freezer, check_audit, optimizer_state_bytes
+from pfreeze.plan.selectors import Plan, compile_plan
+from pfreeze.run.arm_run import ArmRun, build_optimizer
+from pfreeze.run.arms.schedule import PhaseConfig, ScheduleArm, Scheduled
+from pfreeze.run.loop import Loop
+from pfreeze.settings import TrainingConfig
 
 CPU = torch.device("cpu")
 FAMILIES = ("gpt2", "gpt-neo", "gpt-neox", "llama")

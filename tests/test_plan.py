@@ -14,11 +14,11 @@ import pytest
 import torch
 from torch import nn
 
-from pfreeze.architectures import ARCHITECTURES, Arch
 from pfreeze.errors import PfreezeError
-from pfreeze.models import load_model
-from pfreeze.plan import compile_plan, trainable_union
-from pfreeze.plan_table import plan_rows
+from pfreeze.models.families import ARCHITECTURES, Arch
+from pfreeze.models.load import load_model
+from pfreeze.plan.selectors import compile_plan, trainable_union
+from pfreeze.plan.table import plan_rows
 
 E, H, HD, L, KV = 64, 4, 16, 4, 2  # hidden size, heads, head dim, blocks, llama kv heads
 WHOLE = None  # the plan's marker for "every element of the tensor trains"

@@ -10,14 +10,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pfreeze.architectures import describe_params
 from pfreeze.config import load_config
-from pfreeze.corpus import BatchStream
+from pfreeze.data.corpus import BatchStream
 from pfreeze.errors import PfreezeError
-from pfreeze.models import load_model
-from pfreeze.prefix import Caches
-from pfreeze.report import render_report
-from pfreeze.train import Loop, run
+from pfreeze.models.families import describe_params
+from pfreeze.models.load import load_model
+from pfreeze.outputs.report import render_report
+from pfreeze.run.loop import Loop
+from pfreeze.run.prefix import Caches
+from pfreeze.run.session import run
 
 CPU = torch.device("cpu")
 

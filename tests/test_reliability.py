@@ -11,7 +11,8 @@ import torch
 
 from pfreeze.config import load_config
 from pfreeze.errors import PfreezeError
-from pfreeze.train import Loop, run
+from pfreeze.run.loop import Loop
+from pfreeze.run.session import run
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "pfreeze"
 
@@ -61,7 +62,7 @@ def test_out_of_memory_names_the_knob(corpus: Path, tmp_path: Path,
 
 
 def test_every_torch_load_is_weights_only() -> None:
-    calls = [(p.name, m) for p in SRC.glob("*.py")
+    calls = [(p.name, m) for p in SRC.rglob("*.py")
              for m in re.findall(r"torch\.load\([^)]*\)", p.read_text())]
     assert calls, "expected the checkpoint loader to use torch.load"
     for name, call in calls:
@@ -81,7 +82,7 @@ def test_zero_steps_is_a_config_error(corpus: Path) -> None:
 
 
 def test_unknown_model_offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from pfreeze.models import load_model
+    from pfreeze.models.load import load_model
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty cache: nothing to fall back on
@@ -93,7 +94,7 @@ def test_unknown_model_offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
 def test_unsupported_architecture_is_named() -> None:
     from types import SimpleNamespace
 
-    from pfreeze.models import family_of
+    from pfreeze.models.load import family_of
 
     fake = SimpleNamespace(config=SimpleNamespace(model_type="t5"))
     with pytest.raises(PfreezeError, match="architecture 't5' is not supported") as e:

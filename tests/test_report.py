@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from pfreeze.errors import PfreezeError
-from pfreeze.report import render_report
+from pfreeze.outputs.report import render_report
 
 PNGS = ["loss", "loss_scatter", "step_time", "dw", "dw0", "p"]
 TOTAL = 134_515_008

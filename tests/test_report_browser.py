@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from pfreeze.report import render_report
+from pfreeze.outputs.report import render_report
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 WIDTH = 1280

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
-from pfreeze import plots
+from pfreeze.outputs import plots
 
 KEYS = [f"L{layer}.{role}" for layer in range(2) for role in "qv"]
 

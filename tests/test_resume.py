@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -24,7 +25,7 @@ OVERRIDES = [
 DRIVER = """
 import os, signal, sys
 from pfreeze.config import load_config
-from pfreeze.train import run
+from pfreeze.run.session import run
 corpus, out, kill_at, resume = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
 overrides = sys.argv[5:] + [f"data.corpus={corpus}"]
 cfg = load_config(None, overrides)
@@ -133,13 +134,18 @@ def test_resume_keeps_what_auto_resolved_to_when_the_run_started(corpus: Path,
     assert _after(out) == _after(straight) and len(_after(out)) == 2
 
 
+def _pin(loop, saved: dict) -> None:  # noqa: ANN001
+    """As a resume does: keep the runtime the checkpoint recorded, where it can run here."""
+    loop.set_runtime(loop.rt.resumed(saved, loop.t, loop.arms[0].model,
+                                     loop.cfg.data.block_size, loop.warn))
+
+
 def test_a_pinned_setting_that_cannot_run_here_falls_back_but_the_decoder_stays(
         corpus: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import pfreeze.execution
+    import pfreeze.run.step
     from pfreeze.config import load_config
-    from pfreeze.execution import pin
-    from pfreeze.models import load_model
-    from pfreeze.train import Loop
+    from pfreeze.models.load import load_model
+    from pfreeze.run.loop import Loop
 
     def built() -> Loop:
         cfg = load_config(None, [*OVERRIDES, f"data.corpus={corpus}",
@@ -153,22 +159,22 @@ def test_a_pinned_setting_that_cannot_run_here_falls_back_but_the_decoder_stays(
     warned: list[str] = []
     loop.warn = warned.append  # type: ignore[method-assign]
     modes: list[str] = []
-    compile_step = pfreeze.execution.compile_step
-    monkeypatch.setattr(pfreeze.execution, "compile_step",
+    compile_step = pfreeze.run.step.compile_step
+    monkeypatch.setattr(pfreeze.run.step, "compile_step",
                         lambda m, mode: modes.append(mode) or compile_step(m, mode))
     before = [a.step_fn for a in loop.arms]
-    pin(loop, {"attention": "cudnn", "decoder": "pfreeze", "compile_mode": "max-autotune",
-               "compiled": True})
-    assert (loop.attention, loop.decoder, loop.compile_mode) == ("model", "pfreeze",
-                                                                 "max-autotune")
+    _pin(loop, {"attention": "cudnn", "decoder": "pfreeze", "compile_mode": "max-autotune",
+                "compiled": True})
+    assert (loop.rt.attention, loop.rt.decoder, loop.rt.compile_mode) == (
+        "model", "pfreeze", "max-autotune")
     assert len(warned) == 1 and "not cudnn" in warned[0]
     assert modes == ["max-autotune"] * len(loop.arms)
     for arm, old in zip(loop.arms, before, strict=True):  # re-wrapped, same module inside
         assert arm.step_fn is not old and arm.step_fn._orig_mod.module is old._orig_mod.module
     runnable = built()  # a pinned kernel that can run here is kept
-    pin(runnable, {"attention": "sdpa", "decoder": "generate", "compile_mode": "default",
-                   "compiled": True})
-    assert runnable.attention == "sdpa"
+    _pin(runnable, {"attention": "sdpa", "decoder": "generate", "compile_mode": "default",
+                    "compiled": True})
+    assert runnable.rt.attention == "sdpa"
 
 
 def test_a_resumed_run_keeps_its_compilation_choice(corpus: Path) -> None:
@@ -176,10 +182,9 @@ def test_a_resumed_run_keeps_its_compilation_choice(corpus: Path) -> None:
     Compiled as build_arms would: single-plan arms only, a cached arm's upper blocks; never
     CUDA graphs with gradient accumulation; not on a CPU when the choice was auto's."""
     from pfreeze.config import load_config
-    from pfreeze.corpus import BatchStream
-    from pfreeze.execution import pin, snapshot
-    from pfreeze.models import load_model
-    from pfreeze.train import Loop
+    from pfreeze.data.corpus import BatchStream
+    from pfreeze.models.load import load_model
+    from pfreeze.run.loop import Loop
 
     warned: list[str] = []
 
@@ -192,30 +197,32 @@ def test_a_resumed_run_keeps_its_compilation_choice(corpus: Path) -> None:
         loop.stream = BatchStream(list(range(400)), 32, 2, 0, "epochs")
         lm = load_model("random:llama", seed=0)
         loop.build_arms(lm.model, lm.family)
-        loop.device, loop.warn = torch.device("cuda"), warned.append  # as if on a GPU
+        loop.rt = dataclasses.replace(loop.rt, device=torch.device("cuda"))  # as if on a GPU
+        loop.warn = warned.append
         return loop
 
     loop = built()
     full, cached, unfreeze = loop.arms
     assert cached.prefix is not None and len(unfreeze.strategy.plans) > 1
-    assert not loop.compile and all(a.step_fn is None for a in loop.arms)
-    pin(loop, {**snapshot(loop), "compiled": True})  # started where auto compiled
-    assert loop.compile and unfreeze.step_fn is None
+    assert not loop.rt.compiled and all(a.step_fn is None for a in loop.arms)
+    _pin(loop, {**loop.rt.settings(), "compiled": True})  # started where auto compiled
+    assert loop.rt.compiled and unfreeze.step_fn is None
     assert full.step_fn._orig_mod.module is full.model
     assert cached.step_fn._orig_mod.module is cached.prefix.upper
-    pin(loop, {**snapshot(loop), "compiled": False})
-    assert not loop.compile and all(a.step_fn is None for a in loop.arms)
+    _pin(loop, {**loop.rt.settings(), "compiled": False})
+    assert not loop.rt.compiled and all(a.step_fn is None for a in loop.arms)
 
     # CUDA graphs are never pinned onto gradient accumulation (Loop refuses them at start).
     acc = built("training.max_steps=500", "training.gradient_accumulation_steps=2")
-    pin(acc, {**snapshot(acc), "compiled": True, "compile_mode": "reduce-overhead"})
-    assert acc.compile and acc.compile_mode == "default" and "gradient accumulation" in warned[-1]
+    _pin(acc, {**acc.rt.settings(), "compiled": True, "compile_mode": "reduce-overhead"})
+    assert acc.rt.compiled and acc.rt.compile_mode == "default"
+    assert "gradient accumulation" in warned[-1]
 
     # Resumed on a CPU, auto's choice to compile is not kept (minutes of C++ for little).
     cpu = built()
-    cpu.device = torch.device("cpu")
-    pin(cpu, {**snapshot(cpu), "compiled": True})
-    assert not cpu.compile and "resumed eager" in warned[-1]
+    cpu.rt = dataclasses.replace(cpu.rt, device=torch.device("cpu"))
+    _pin(cpu, {**cpu.rt.settings(), "compiled": True})
+    assert not cpu.rt.compiled and "resumed eager" in warned[-1]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled CUDA-graph steps need a GPU")

@@ -1,4 +1,4 @@
-"""pfreeze.sampler: its own KV cache decodes what transformers decodes, and samples top-k."""
+"""pfreeze.measure.sampler: its own KV cache decodes what transformers decodes, and samples top-k."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import collections
 import pytest
 import torch
 
-from pfreeze.config import GenerationConfig
 from pfreeze.errors import PfreezeError
-from pfreeze.evaluate import _left_padded, generate_samples
-from pfreeze.models import load_model
-from pfreeze.sampler import sample
+from pfreeze.measure.generation import _left_padded, generate_samples
+from pfreeze.measure.sampler import sample
+from pfreeze.models.load import load_model
+from pfreeze.settings import GenerationConfig
 
 CPU = torch.device("cpu")
 ROWS = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [20, 21, 22, 23]]  # unequal: left padding
@@ -89,7 +89,7 @@ def test_generation_decoder_setting_and_its_limits() -> None:
 
 
 def test_auto_decoder_is_pfreeze_on_a_gpu_where_it_serves_the_model() -> None:
-    from pfreeze.sampler import resolve
+    from pfreeze.measure.sampler import resolve
 
     llama, neo = (load_model(n, seed=0).model for n in ("random:llama", "random:gpt-neo"))
     gpu = torch.device("cuda")  # resolve() only reads the device's type

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from pfreeze.config import load_config
-from pfreeze.models import smollm2_dir
-from pfreeze.train import run
+from pfreeze.models.load import smollm2_dir
+from pfreeze.run.session import run
 
 MOBY = Path(__file__).resolve().parents[2] / "shared" / "data" / "moby-dick" / "pg2701.txt"
 

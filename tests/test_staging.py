@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pfreeze.execution import Staging
+from pfreeze.run.step import Staging
 
 
 def test_staging_on_the_cpu_passes_tensors_through_with_their_shapes() -> None:
@@ -52,7 +52,7 @@ def test_a_gpu_run_stages_each_step_once_and_trains_every_arm(tmp_path: Path) ->
     as they are (a batch on cuda:0 while the loop's device is plain `cuda`), with gradient
     accumulation and a cached arm, and no arm may stop."""
     from pfreeze.config import load_config
-    from pfreeze.train import run
+    from pfreeze.run.session import run
 
     calls = []
     real = Staging.__call__

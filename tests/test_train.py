@@ -17,12 +17,15 @@ import torch
 from conftest import TINY_RUN_STEPS, TinyRun, read_rows, rows_of
 from safetensors.torch import load_file
 
-from pfreeze.config import GenerationConfig, dump_config
-from pfreeze.corpus import read_corpus, strip_gutenberg, tokenize_corpus
-from pfreeze.evaluate import fixed_windows, generate_samples, mean_ci, p_stats, t_quantile
-from pfreeze.models import ByteTokenizer, count_params, load_model, state_hash
-from pfreeze.outputs import RunFiles
-from pfreeze.train import BatchStream, Loop
+from pfreeze.config import dump_config
+from pfreeze.data.corpus import BatchStream, read_corpus, strip_gutenberg, tokenize_corpus
+from pfreeze.measure.generation import generate_samples, p_stats
+from pfreeze.measure.heldout import fixed_windows
+from pfreeze.measure.stats import mean_ci, t_quantile
+from pfreeze.models.load import ByteTokenizer, count_params, load_model, state_hash
+from pfreeze.outputs.files import RunFiles
+from pfreeze.run.loop import Loop
+from pfreeze.settings import GenerationConfig
 
 ARMS = ("full", "plan")
 N_LAYERS, E = 4, 64  # random:gpt2
@@ -412,7 +415,7 @@ def test_static_cache_samples_what_the_dynamic_cache_samples() -> None:
 
 
 def test_the_bf16_twin_is_reused_and_refilled_with_the_current_weights() -> None:
-    from pfreeze.evaluate import _bf16_twin, release_twin
+    from pfreeze.measure.generation import _bf16_twin, release_twin
 
     try:  # the twin is process-global: never leave it to the next test
         a, b = load_model("random:llama", seed=0).model, load_model("random:llama", seed=1).model

@@ -15,30 +15,33 @@ from pfreeze.errors import PfreezeError
 __version__ = "0.1.0"
 
 _PUBLIC = {
-    # configs: a run's settings, and the arm kinds the benchmark builds
+    # running an experiment: the config tree and the one call that runs it
     "RunConfig": "pfreeze.config",
-    "DataConfig": "pfreeze.config",
-    "TrainingConfig": "pfreeze.config",
-    "GenerationConfig": "pfreeze.config",
-    "FullArm": "pfreeze.config",
-    "PlanArm": "pfreeze.config",
+    "load_config": "pfreeze.config",
+    "run": "pfreeze.run.session",
+    # settings of each part, and the arm kinds the benchmark builds
+    "DataConfig": "pfreeze.settings",
+    "TrainingConfig": "pfreeze.settings",
+    "GenerationConfig": "pfreeze.settings",
+    "FullArm": "pfreeze.run.arms.full",
+    "PlanArm": "pfreeze.run.arms.plan",
     # models and plans: load a model (or a random shape), select the tensors that train
-    "load_model": "pfreeze.models",
-    "compile_plan": "pfreeze.plan",
-    "describe_params": "pfreeze.architectures",
-    "Geometry": "pfreeze.architectures",
-    "first_trained_block": "pfreeze.architectures",
+    "load_model": "pfreeze.models.load",
+    "compile_plan": "pfreeze.plan.selectors",
+    "describe_params": "pfreeze.models.families",
+    "Geometry": "pfreeze.models.families",
+    "first_trained_block": "pfreeze.models.families",
     # training: the loop (built without run files to step arms), its batch stream and step
-    "Loop": "pfreeze.train",
-    "BatchStream": "pfreeze.corpus",
-    "LossOf": "pfreeze.execution",
-    "training_attention": "pfreeze.attention",
+    "Loop": "pfreeze.run.loop",
+    "BatchStream": "pfreeze.data.corpus",
+    "LossOf": "pfreeze.run.step",
+    "training_attention": "pfreeze.run.attention",
     # execution: device choice, freeing compiled graphs between runs, the environment probe
-    "pick_device": "pfreeze.execution",
-    "release": "pfreeze.execution",
-    "environment": "pfreeze.outputs",
+    "pick_device": "pfreeze.run.runtime",
+    "release": "pfreeze.run.runtime",
+    "environment": "pfreeze.outputs.files",
     # generation: the batched sampling behind the p metric
-    "generate_samples": "pfreeze.evaluate",
+    "generate_samples": "pfreeze.measure.generation",
 }
 
 __all__ = ["PfreezeError", "__version__", *_PUBLIC]

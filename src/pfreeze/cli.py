@@ -18,10 +18,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from pfreeze.plan import Plan
+    from pfreeze.plan.selectors import Plan
 
 from pfreeze.errors import PfreezeError
-from pfreeze.interrupts import Interrupted
+from pfreeze.run.interrupts import Interrupted
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Targeted fine-tuning with precision freezing, measured side by side.")
@@ -74,8 +74,8 @@ def run(
     if output_dir is not None:
         cfg.output_dir = str(output_dir)
     _state["output_dir"] = cfg.output_dir  # named by an interrupt's message
-    from pfreeze.outputs import finished
-    from pfreeze.train import run as run_experiment
+    from pfreeze.outputs.files import finished
+    from pfreeze.run.session import run as run_experiment
 
     if resume is not None and (done := finished(resume)) is not None:
         steps = max((a.get("steps") or 0 for a in done.get("arms", {}).values()), default=0)
@@ -102,14 +102,14 @@ def run(
                                  resume=resume is not None,
                                  command=" ".join(["pfreeze", *sys.argv[1:]]))
     if cfg.repeats > 1:
-        from pfreeze.repeats import render_markdown
+        from pfreeze.outputs.repeats import render_markdown
 
         out.print(render_markdown(summary))
         console.print(f"repeats: {escape(str(Path(cfg.output_dir) / 'repeats.md'))}")
         return
     _print_summary(summary)
     if not no_report:
-        from pfreeze.report import render_report
+        from pfreeze.outputs.report import render_report
 
         written = render_report(Path(cfg.output_dir))
         html = written.get("html", Path(cfg.output_dir) / "report.html")
@@ -143,8 +143,8 @@ def plan(
     all_rows: Annotated[bool, typer.Option("--all", help="List frozen tensors too.")] = False,
 ) -> None:
     """Print what a selector (or every arm of a config) trains: per tensor, and totals."""
-    from pfreeze.models import load_model
-    from pfreeze.plan import compile_plan
+    from pfreeze.models.load import load_model
+    from pfreeze.plan.selectors import compile_plan
 
     if config is None:
         name = model or "random:gpt2"
@@ -156,17 +156,18 @@ def plan(
     if select:
         raise PfreezeError("--select and --config both say what trains",
                            "pass one of them")
-    from pfreeze.arms import make_arm
     from pfreeze.config import load_config
+    from pfreeze.run.arms import make_arm
 
     cfg = load_config(config)
     name = model or cfg.model.name
     lm = load_model(name, seed=cfg.training.seed)
     for acfg in cfg.arms:
-        if acfg.kind == "grad":
-            out.print(f"[bold]{escape(str(acfg.name))}[/]: chosen from gradients at run time")
-            continue
         strat = make_arm(acfg, lm.family, cfg.training.max_steps)
+        if not strat.plans_before_training:
+            out.print(f"[bold]{escape(str(acfg.name))}[/]: {escape(strat.describe())}; "
+                      "chosen from the training data at run time")
+            continue
         strat.build(lm.model)
         out.print(f"[bold]{escape(str(acfg.name))}[/]: {escape(strat.describe())}")
         for step, p in sorted(strat.plans.items()):
@@ -177,8 +178,8 @@ def plan(
 
 
 def _print_plan(title: str, p: Plan, all_rows: bool) -> None:
-    from pfreeze.masking import optimizer_state_bytes
-    from pfreeze.plan_table import plan_rows
+    from pfreeze.plan.masks import optimizer_state_bytes
+    from pfreeze.plan.table import plan_rows
 
     table = Table(title=escape(title))
     for col in ("tensor", "shape", "trainable / total", "how"):
@@ -204,8 +205,8 @@ def rank(
     limit: Annotated[int, typer.Option(help="Rows to print (0: all).")] = 40,
 ) -> None:
     """Rank weight matrices by SNR score (data-free, Spectrum-style); print a selector."""
-    from pfreeze.models import load_model
-    from pfreeze.rank import snr_scores, top_selector
+    from pfreeze.models.load import load_model
+    from pfreeze.plan.rank import snr_scores, top_selector
 
     lm = load_model(model)
     scores = snr_scores(lm.model, lm.family, set(roles.split(",")) if roles else None)
@@ -223,7 +224,7 @@ def rank(
 @app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="A pfreeze run's output_dir.")]) -> None:
     """Re-render plots, report.md and report.html from a run directory's files."""
-    from pfreeze.report import render_report
+    from pfreeze.outputs.report import render_report
 
     written = render_report(run_dir)
     for kind, path in written.items():

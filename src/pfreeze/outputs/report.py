@@ -19,8 +19,8 @@ from markupsafe import Markup, escape
 
 from pfreeze.atomic import write_text
 from pfreeze.errors import PfreezeError
-from pfreeze.plots import DASH, Row, Summary, ci95, draw, num
-from pfreeze.report_partial import killed_summary, partial_note, read_config
+from pfreeze.outputs.plots import DASH, Row, Summary, ci95, draw, num
+from pfreeze.outputs.report_partial import killed_summary, partial_note, read_config
 
 SAMPLE_LINES = 40
 TOP_TOKENS = 20
@@ -256,7 +256,8 @@ def _html_steps(text: Any) -> Markup:
 
 def _templates() -> jinja2.Environment:
     env = jinja2.Environment(  # StrictUndefined: a template typo fails loudly, not blank
-        loader=jinja2.PackageLoader("pfreeze", "templates"), undefined=jinja2.StrictUndefined,
+        loader=jinja2.PackageLoader("pfreeze.outputs", "templates"),
+        undefined=jinja2.StrictUndefined,
         autoescape=lambda name: bool(name and name.endswith(".html.j2")),
         trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
     # a "|" inside a cell would split a Markdown table row

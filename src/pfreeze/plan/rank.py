@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pfreeze.architectures import Geometry, describe_params, role_index
+from pfreeze.models.families import Geometry, describe_params, role_index
 
 
 @dataclass

@@ -1,82 +1,24 @@
-"""Evaluation: held-out loss and the top-k share p of generated text.
+"""Generated text and its top-k share p: fixed prompts and seeds, one batch per moment.
 
-Both are computed on fixed inputs, so every arm and every moment (before, during, after
-training) is measured on exactly the same windows, prompts and sampling seeds.
+Every arm and every moment (before, during, after training) samples the same prompts with the
+same seeds, and every sample has exactly `max_new_tokens` tokens, so p compares like with like.
 """
 
 from __future__ import annotations
 
 import copy
-import math
-import statistics
 from collections.abc import Collection, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from pfreeze.config import GenerationConfig
-from pfreeze.corpus import top_share
-from pfreeze.sampler import resolve as resolve_decoder
-from pfreeze.sampler import sample
-
-# Two-sided 97.5% Student-t quantiles for small samples; normal beyond the table.
-_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
-         9: 2.262, 10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042}
-
-
-def t_quantile(df: int) -> float:
-    if df <= 0:
-        return float("nan")
-    keys = [k for k in sorted(_T975) if k <= df]
-    return _T975[keys[-1]] if df <= 30 else 1.96
-
-
-def mean_ci(values: Sequence[float]) -> dict[str, object]:
-    """Mean, sample std and a 95% t-interval over `values`."""
-    n = len(values)
-    mean = statistics.fmean(values) if n else float("nan")
-    std = statistics.stdev(values) if n > 1 else 0.0
-    half = t_quantile(n - 1) * std / math.sqrt(n) if n > 1 else float("nan")
-    ci = [mean - half, mean + half] if n > 1 else [None, None]
-    return {"mean": mean, "std": std, "ci95": ci, "n": n, "values": list(values)}
-
-
-def fixed_windows(ids: Sequence[int], block: int, count: int) -> torch.Tensor:
-    """`count` windows of `block` tokens spread evenly over `ids` (deterministic)."""
-    span = block
-    n_fit = len(ids) // span
-    k = min(count, n_fit)
-    if k <= 0:
-        return torch.zeros(0, span, dtype=torch.long)
-    # Window i of k sits at round(i * (n_fit - 1) / (k - 1)), in integers: k <= n_fit makes the
-    # spacing >= 1, so the k picks are distinct (asking for more than fit returns all of them).
-    picks = [(2 * i * (n_fit - 1) + (k - 1)) // (2 * (k - 1)) if k > 1 else 0 for i in range(k)]
-    t = torch.tensor(ids[: n_fit * span], dtype=torch.long).view(n_fit, span)
-    return t[picks]
-
-
-def autocast(device: torch.device, bf16: bool):  # noqa: ANN201 - context manager
-    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-
-
-@torch.no_grad()
-def mean_loss(model: nn.Module, windows: torch.Tensor, batch_size: int, device: torch.device,
-              bf16: bool) -> float | None:
-    """Token-weighted mean next-token loss over fixed windows; None if there are none."""
-    if len(windows) == 0:
-        return None
-    was_training = model.training
-    model.eval()
-    total = torch.zeros((), device=device, dtype=torch.float64)
-    for i in range(0, len(windows), batch_size):
-        x = windows[i : i + batch_size].to(device)
-        with autocast(device, bf16):
-            loss = model(input_ids=x, labels=x, use_cache=False).loss
-        total += loss.double() * len(x)
-    model.train(was_training)
-    return float(total / len(windows))
+from pfreeze.data.corpus import top_share
+from pfreeze.measure.heldout import autocast
+from pfreeze.measure.sampler import resolve as resolve_decoder
+from pfreeze.measure.sampler import sample
+from pfreeze.measure.stats import mean_ci
+from pfreeze.settings import GenerationConfig
 
 
 @dataclass

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from pfreeze.plots import Row, Summary, num
+from pfreeze.outputs.plots import Row, Summary, num
 
 KILLED = "killed"
 

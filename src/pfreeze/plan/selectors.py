@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from pfreeze.architectures import (
+from pfreeze.errors import PfreezeError
+from pfreeze.models.families import (
     ROLES,
     Geometry,
     ParamInfo,
@@ -32,7 +33,6 @@ from pfreeze.architectures import (
     role_index,
     roles_in,
 )
-from pfreeze.errors import PfreezeError
 
 ROLE_ALIASES = {"attn": ("q", "k", "v", "o"), "qkv": ("q", "k", "v")}
 

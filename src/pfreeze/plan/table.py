@@ -10,8 +10,8 @@ import math
 
 import torch
 
-from pfreeze.architectures import Geometry, ParamInfo, role_index
-from pfreeze.plan import Plan
+from pfreeze.models.families import Geometry, ParamInfo, role_index
+from pfreeze.plan.selectors import Plan
 
 
 def _along(mask: torch.Tensor, dim: int) -> torch.Tensor:

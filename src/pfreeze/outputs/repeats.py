@@ -1,4 +1,4 @@
-"""Repeats: the whole paired experiment over n seeds, and statistics across them.
+"""Statistics across repeats of the paired experiment (run by pfreeze.run.repeats).
 
 Repeat r runs every arm with seed `training.seed + r` (random init, batch stream) and
 generation seed `generation.seed + r`, shared by all arms of that repeat, into
@@ -12,14 +12,9 @@ share, which is why the arms see identical batches in the first place.
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from pfreeze import checkpoint, execution
-from pfreeze.atomic import write_json, write_text
-from pfreeze.config import RunConfig, dump_config
-from pfreeze.evaluate import mean_ci
-from pfreeze.outputs import RunFiles, finished
+from pfreeze.measure.stats import mean_ci
 
 # (label, getter) for each headline figure of an arm summary.
 HEADLINES: list[tuple[str, Callable[[dict[str, Any]], float | None]]] = [
@@ -90,35 +85,3 @@ def render_markdown(agg: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_repeats(cfg: RunConfig, output_dir: Path, run_one: Callable[..., dict[str, Any]],
-                **kwargs: Any) -> dict[str, Any]:
-    """Run (or, with resume=True, finish) every repeat, then aggregate them."""
-    resume = kwargs.pop("resume", False)
-    if not resume:
-        # The top-level config makes the folder resumable with `pfreeze run --resume DIR`.
-        top = RunFiles(output_dir, overwrite=kwargs.get("overwrite", False))
-        top.check_target()
-        top.check_free(dump_config(cfg))
-    summaries = []
-    for r in range(cfg.repeats):
-        rcfg = cfg.model_copy(deep=True)
-        rcfg.training.seed = cfg.training.seed + r
-        rcfg.generation.seed = cfg.generation.seed + r
-        rcfg.repeats = 1
-        rdir = output_dir / f"repeat-{r}"
-        rcfg.output_dir = str(rdir)
-        if resume and (done := finished(rdir)) is not None:  # before the interruption
-            summaries.append(done)
-            continue
-        again = resume and checkpoint.exists(rdir)
-        opts = {**kwargs, "overwrite": kwargs.get("overwrite", False) or (resume and not again)}
-        if r == 0 and not resume:
-            # Written once the first repeat has read its corpus and model, so bad input leaves
-            # nothing behind; clearing first removes every repeat of an overwritten run.
-            opts["before_start"] = lambda: top.start(dump_config(cfg))
-        summaries.append(run_one(rcfg, rdir, resume=again, **opts))
-        execution.release()  # each repeat's graphs and reserved-memory peak are its own
-    agg = aggregate(summaries)
-    write_json(output_dir / "repeats.json", agg)
-    write_text(output_dir / "repeats.md", render_markdown(agg))
-    return agg

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from pfreeze.architectures import ParamInfo, first_trained_block
+from pfreeze.models.families import ParamInfo, first_trained_block
 
 # family -> attributes of: the decoder inside the *ForCausalLM, its block list, its final
 # norm, its learned position embedding (added to inputs_embeds; None for rotary families)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pfreeze.attention import attention_function, sdpa_heads
+from pfreeze.models.attention import attention_function, sdpa_heads
 
 DECODE = "pfreeze_decode"
 MODEL_TYPES = ("llama", "gpt2", "gpt_neox")  # attention through AttentionInterface, layer_idx

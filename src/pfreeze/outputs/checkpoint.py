@@ -1,0 +1,113 @@
+"""Checkpoint files: everything a run needs to continue exactly where it was killed.
+
+    checkpoint/state.json         format, config hash, step, per-arm metrics so far and
+                                  scheduler states, samples, θ₀ hash, batch hashes, runtime
+    checkpoint/arm<i>.safetensors every tensor the arm ever trains, the Freezer's references
+                                  for partly frozen tensors, its best-point tensors
+    checkpoint/rng.safetensors    the batch stream's and torch's random states
+    checkpoint/arm<i>.optim.pt    the optimizer state (tensors and plain values only: it is
+                                  loaded with weights_only=True, never unpickling code)
+
+The folder is written under a temporary name and swapped in with renames, so a kill during a
+save leaves the previous checkpoint intact. Weights are restored on top of a freshly loaded θ₀,
+so frozen tensors never need to be stored. What goes in is the run's to gather
+(pfreeze.run.session); this module only writes and reads it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pfreeze.atomic import write_json
+from pfreeze.errors import PfreezeError
+from pfreeze.outputs.files import ensure_space
+
+CKPT = "checkpoint"
+# The layout of state.json and the files beside it; a checkpoint of another format is refused.
+FORMAT = 2
+
+
+@dataclass
+class ArmCheckpoint:
+    tensors: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]  # optimizer.state_dict()
+    # A diverged arm keeps its last good files rather than its non-finite ones; its metrics
+    # and status (in state.json) are current, so a resumed run knows it stopped.
+    keep_previous: bool = False
+
+
+def _nbytes(arms: list[ArmCheckpoint]) -> int:
+    tensors = [t for a in arms for t in a.tensors.values()]
+    tensors += [t for a in arms for s in a.optimizer.get("state", {}).values()
+                for t in s.values() if isinstance(t, torch.Tensor)]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def save(root: Path, arms: list[ArmCheckpoint], rng: dict[str, torch.Tensor],
+         state: dict[str, Any]) -> Path:
+    """Write a complete checkpoint of `state` (with "step") next to the run in `root`."""
+    tmp, final, old = root / f".{CKPT}.tmp", root / CKPT, root / f".{CKPT}.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    ensure_space(root, _nbytes(arms), f"the checkpoint at step {state['step']}")
+    tmp.mkdir(parents=True)
+    try:
+        for i, arm in enumerate(arms):
+            if arm.keep_previous and (final / f"arm{i}.safetensors").exists():
+                for suffix in (".safetensors", ".optim.pt"):
+                    shutil.copy2(final / f"arm{i}{suffix}", tmp / f"arm{i}{suffix}")
+                continue
+            save_file(arm.tensors, str(tmp / f"arm{i}.safetensors"))
+            torch.save(arm.optimizer, tmp / f"arm{i}.optim.pt")
+        save_file(rng, str(tmp / "rng.safetensors"))
+        write_json(tmp / "state.json", {"format": FORMAT, **state})
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    # Swap in: the old checkpoint survives until the new one is complete.
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _folder(root: Path) -> Path | None:
+    """The complete checkpoint: normally checkpoint/, or the old one if a kill hit the swap."""
+    for d in (root / CKPT, root / f".{CKPT}.old"):
+        if (d / "state.json").exists():
+            return d
+    return None
+
+
+def exists(root: Path) -> bool:
+    return _folder(root) is not None
+
+
+def load(root: Path, n_arms: int, device: torch.device
+         ) -> tuple[dict[str, Any], list[tuple[dict[str, torch.Tensor], dict[str, Any]]],
+                    dict[str, torch.Tensor]]:
+    """state.json, each arm's (tensors, optimizer state) and the random states; a checkpoint
+    of another format is refused with the fix."""
+    d = _folder(root)
+    if d is None:
+        raise PfreezeError(f"{root} has no checkpoint", "start the run with --overwrite")
+    state = json.loads((d / "state.json").read_text(encoding="utf-8"))
+    if state.get("format") != FORMAT:
+        raise PfreezeError(
+            f"the checkpoint in {root} was written by pfreeze "
+            f"{state.get('pfreeze_version', 'before 0.1.0')} in another format "
+            f"({state.get('format', 1)}; this version reads {FORMAT})",
+            "start the run again with --overwrite",
+        )
+    arms = [(load_file(str(d / f"arm{i}.safetensors")),
+             torch.load(d / f"arm{i}.optim.pt", map_location=device, weights_only=True))
+            for i in range(n_arms)]
+    return state, arms, load_file(str(d / "rng.safetensors"))

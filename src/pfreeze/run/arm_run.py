@@ -1,0 +1,173 @@
+"""One arm's live state inside the loop: its model, freezer, optimizer, schedule, ‖ΔW‖ tracker,
+prefix cache, the steps queued for the next metrics flush, and what it measured so far."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from pfreeze.errors import PfreezeError
+from pfreeze.measure.drift import Tracker
+from pfreeze.models.load import count_params
+from pfreeze.plan.masks import Freezer
+from pfreeze.run.arms.base import ArmStrategy
+from pfreeze.run.prefix import PrefixCache
+from pfreeze.settings import TrainingConfig
+
+
+def build_optimizer(params: list[nn.Parameter], t: TrainingConfig, device: torch.device
+                    ) -> torch.optim.Optimizer:
+    # Norms and biases are not decayed (as in HF Trainer); the Freezer keeps masked elements.
+    decay = [p for p in params if p.ndim >= 2]
+    rest = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": t.weight_decay},
+              {"params": rest, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if t.optim == "sgd":
+        return torch.optim.SGD(groups, lr=t.learning_rate, momentum=t.momentum)
+    fused = device.type == "cuda"
+    if t.optim == "adamw_fused" and not fused:
+        raise PfreezeError("optim=adamw_fused needs a CUDA GPU", "use optim=adamw on CPU")
+    return torch.optim.AdamW(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
+                             eps=t.adam_epsilon, fused=fused)
+
+
+@dataclass
+class StepRecord:
+    """One optimizer step of one arm as the step leaves it: device tensors and timers, read
+    back all at once at the next flush (reading each would make the host wait per step)."""
+
+    step: int  # 1-based: the step just completed
+    loss: torch.Tensor  # the mean loss over the step's micro-batches, on the device
+    dw: torch.Tensor  # ‖W_t − W_{t−1}‖_F per tracked matrix, aligned with Tracker.keys
+    dw0: torch.Tensor  # ‖W_t − W₀‖_F, likewise
+    start: Any  # a CUDA event or a host time
+    end: Any
+    mem_mb: float | None  # peak memory allocated in the step (GPU)
+    lr: float  # the learning rate the step used
+
+    def seconds(self) -> float:
+        if hasattr(self.start, "elapsed_time"):  # CUDA events (after a synchronize)
+            return self.start.elapsed_time(self.end) / 1000
+        return self.end - self.start
+
+
+@dataclass
+class ArmRun:
+    """One arm's live state inside the loop."""
+
+    strategy: ArmStrategy
+    model: nn.Module
+    freezer: Freezer
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    tracker: Tracker
+    theta0_hash: str
+    step_fn: Any = None  # compiled step.LossOf (returns the loss tensor only), or None
+    prefix: PrefixCache | None = None  # the frozen prefix's cache, when this arm has one
+    prefix_note: str = ""  # "blocks 0-14 cached", or why there is no cache
+    pending: list[StepRecord] = field(default_factory=list)  # read back at the next flush
+    losses: list[float] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)
+    evals: list[tuple[int, float | None, float | None]] = field(default_factory=list)
+    peak_mem_mb: float | None = None
+    stopped: str | None = None  # why this arm stopped early, if it did
+    diverged: bool = False  # non-finite loss: no evaluation or sampling is possible
+    best: tuple[int, float] | None = None  # (step, held-out loss) of the best evaluation
+    best_state: dict[str, torch.Tensor] | None = None  # trained tensors at `best`
+    bad_evals: int = 0
+
+    def prefix_summary(self) -> dict[str, Any]:
+        """What the frozen-prefix cache did, or why this arm has none."""
+        return self.prefix.summary() if self.prefix else {"off": self.prefix_note}
+
+
+    @property
+    def step_model(self) -> nn.Module:
+        """What a training step runs: the model, or a cached arm's upper blocks."""
+        return self.model if self.prefix is None else self.prefix.upper
+
+    def summary(self, tokens_per_step: int, compiled: bool, p_before: dict | None,
+                p_after: dict | None, p_best: dict | None, audit: dict | None
+                ) -> dict[str, Any]:
+        """This arm's figures for summary.json; p_after and the audit are None for a run
+        interrupted before its end (and p_before too when it stopped during the first
+        sampling)."""
+        vals = [(s, v) for s, v, _ in self.evals if v is not None]
+        best = min(vals, key=lambda sv: sv[1]) if vals else (None, None)
+        median = statistics.median(self.times) if self.times else None
+        return {
+            "kind": self.strategy.cfg.kind, "description": self.strategy.describe(),
+            "status": f"stopped: {self.stopped}" if self.stopped else "finished",
+            "trainable_params": self.strategy.ever_trainable(),
+            "total_params": count_params(self.model), "theta0_hash": self.theta0_hash,
+            "steps": len(self.losses), "total_time_s": sum(self.times),
+            "median_step_time_s": median,
+            # Steady state: compilation and warm-up land in the first step, reported apart.
+            "tokens_per_s": tokens_per_step / median if median else None,
+            "first_step_time_s": self.times[0] if self.times else None,
+            "compiled": compiled, "prefix_cache": self.prefix_summary(),
+            "mean_loss": _finite(statistics.fmean(self.losses)) if self.losses else None,
+            "last_loss": _finite(self.losses[-1]) if self.losses else None,
+            "val_loss_before": self.evals[0][1] if self.evals else None,
+            "val_loss_best": best[1], "val_loss_best_step": best[0],
+            "val_loss_after": self.evals[-1][1] if p_after is not None else None,
+            "train_loss_after": self.evals[-1][2] if p_after is not None else None,
+            "peak_mem_mb": self.peak_mem_mb, "p_before": p_before, "p_after": p_after,
+            "integrity": audit, "p_best": p_best,
+            # ‖ΔW‖ keys of matrices this arm never trains: exact zeros, not a measured 0.
+            "tracked_frozen": self.tracker.frozen_keys,
+        }
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        """Host copies of what a resume needs beyond θ₀: the tensors this arm trains, the
+        reference values of its partly frozen tensors, its best-point tensors."""
+        tensors = {f"param.{n}": t for n, t in self.strategy.trained_tensors(self.model).items()}
+        tensors.update({f"ref.{n}": part.ref.detach().cpu().clone()
+                        for n, part in self.freezer.partial.items()})
+        tensors.update({f"best.{n}": t for n, t in (self.best_state or {}).items()})
+        return tensors
+
+    def state(self) -> dict[str, Any]:
+        """What a resume needs of this arm besides tensors and the optimizer (JSON)."""
+        return {"name": self.strategy.name, "losses": self.losses, "times": self.times,
+                "evals": self.evals, "peak_mem_mb": self.peak_mem_mb,
+                "scheduler": self.scheduler.state_dict(), "best": self.best,
+                "bad_evals": self.bad_evals, "stopped": self.stopped, "diverged": self.diverged}
+
+    @torch.no_grad()
+    def restore(self, step: int, tensors: dict[str, torch.Tensor], optimizer: dict[str, Any],
+                saved: dict[str, Any]) -> None:
+        """Back to where the checkpoint at `step` left this arm (on top of a fresh θ₀)."""
+        # Replay plan changes up to `step`, so the Freezer knows what was ever trainable.
+        for s in sorted(self.strategy.plans):
+            if 0 < s < step:
+                self.freezer.apply(self.strategy.plans[s])
+        for key, t in tensors.items():
+            kind, _, name = key.partition(".")
+            if kind == "param":
+                self.freezer.params[name].copy_(t)
+            elif kind == "ref" and name in self.freezer.partial:
+                self.freezer.partial[name].ref.copy_(t)
+            elif kind == "best":
+                self.best_state = {**(self.best_state or {}), name: t}
+        self.optimizer.load_state_dict(optimizer)
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.losses, self.times = saved["losses"], saved["times"]
+        self.evals = [tuple(e) for e in saved["evals"]]
+        self.peak_mem_mb = saved["peak_mem_mb"]
+        self.best = tuple(saved["best"]) if saved["best"] else None  # type: ignore[assignment]
+        self.bad_evals, self.stopped = saved["bad_evals"], saved["stopped"]
+        self.diverged = saved["diverged"]
+        # ‖ΔW_t‖ of the next step is measured from these weights.
+        for prev, p in zip(self.tracker.prev, self.tracker.params, strict=True):
+            prev.copy_(p)
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None  # JSON has no NaN

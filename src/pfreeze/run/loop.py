@@ -1,0 +1,229 @@
+"""The training loop: every arm, one identical batch stream.
+
+    setup        load θ₀ once, copy it into each arm, prove the copies equal (hash), resolve
+                 the runtime (device, compile, attention kernel, sampler) once
+    train_step   one optimizer step of one arm (pfreeze.run.step)
+    flush        read the queued device values of every arm, append them to metrics.jsonl
+
+The phases of a whole run (measurements before and after, checkpoints, interrupts, outputs)
+are pfreeze.run.session's; a benchmark builds a Loop alone and steps its arms.
+
+Hot-path rule: nothing in the step reads a device value back to the host. Losses, ‖ΔW‖ norms
+and CUDA timing events are queued on the device and read every `logging_steps`.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from pfreeze.data.corpus import (
+    BatchStream,
+    CorpusStats,
+    describe,
+    read_corpus,
+    strip_gutenberg,
+    tokenize_corpus,
+)
+from pfreeze.errors import PfreezeError
+from pfreeze.measure.drift import Tracker
+from pfreeze.measure.heldout import fixed_windows
+from pfreeze.models.families import describe_params
+from pfreeze.models.load import LoadedModel, check_positions, count_params, load_model, state_hash
+from pfreeze.outputs.files import RunFiles
+from pfreeze.plan.masks import Freezer
+from pfreeze.plan.selectors import compile_plan
+from pfreeze.run import step as steps
+from pfreeze.run.arm_run import ArmRun, build_optimizer
+from pfreeze.run.arms import ArmStrategy, make_arm
+from pfreeze.run.moments import Moments
+from pfreeze.run.prefix import Caches, PrefixCache
+from pfreeze.run.runtime import Runtime
+from pfreeze.settings import RunSpec
+
+
+class Loop:
+    """One run of the paired experiment; `run()` does it all, the parts are testable."""
+
+    def __init__(self, cfg: RunSpec, files: RunFiles | None = None,
+                 on_step: Callable[[int, dict[str, float]], None] | None = None) -> None:
+        """`files` None: a loop built only to step arms (build_arms, train_step), as the
+        benchmark does; it writes no files, and run() needs them."""
+        self.cfg, self.files, self.on_step = cfg, files, on_step
+        self.command: str | None = None
+        self.before_start: Callable[[], None] | None = None  # a repeat's parent directory
+        self.caches: Caches | None = None  # the frozen-prefix caches, made with the first arm
+        self.stream: BatchStream | None = None  # set by setup() (or by a benchmark)
+        self.t = cfg.training
+        # Settings that cannot run here fail now, before any loading; build_arms resolves the
+        # rest against the model.
+        self.rt = Runtime.without_model(self.t, cfg.generation)
+        self.device = self.rt.device
+        self.moments: Moments | None = None  # the measurements (setup)
+        self.stage = steps.Staging(self.device)  # host ids -> device, once per step
+        self.reserved_mb = 0.0  # GPU memory reserved by this process (all arms), at its peak
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        cfg = self.cfg
+        text, source = read_corpus(cfg.data.corpus, cfg.data.encoding)
+        if cfg.data.strip_gutenberg:
+            text = strip_gutenberg(text)
+        self.lm: LoadedModel = load_model(cfg.model.name, cfg.model.revision, seed=self.t.seed)
+        check_positions(self.lm, cfg.data.block_size, cfg.generation)
+        self.stats: CorpusStats = tokenize_corpus(
+            text, self.lm.tokenizer, cfg.data.validation_fraction, cfg.data.top_k,
+            min_tokens=cfg.data.block_size)
+        self.corpus = {"source": source, **describe(self.stats, self.lm.tokenizer.decode)}
+        batch = self.t.per_device_train_batch_size * self.t.gradient_accumulation_steps
+        self.stream = BatchStream(self.stats.train_ids, cfg.data.block_size, batch, self.t.seed,
+                                  cfg.data.sampling)
+        n_eval = self.t.eval_batches * self.t.per_device_train_batch_size
+        self.val_windows = fixed_windows(self.stats.val_ids, cfg.data.block_size, n_eval)
+        self.train_windows = fixed_windows(self.stats.train_ids, cfg.data.block_size, n_eval)
+        self.theta0_hash = state_hash(self.lm.model)
+        # Adapter initialisation and any dropout draw from the global generator: seed it.
+        torch.manual_seed(self.t.seed)
+        self.build_arms(self.lm.model, self.lm.family)
+        del self.lm.model  # each arm holds its own copy now
+        self.moments = Moments(self.arms, self.rt, self.val_windows, self.train_windows,
+                               self.t, cfg.generation, self.lm.tokenizer, self.stats.top_set,
+                               self.files)
+
+    def build_arms(self, base: nn.Module, family: str) -> None:
+        """Copy θ₀ into every arm, apply its first plan, build its optimizer and tracker."""
+        from transformers import get_scheduler
+
+        self.rt = Runtime.resolve(self.t, self.cfg.generation, base, self.cfg.data.block_size)
+        infos = describe_params(base, family)
+        self.base_info = {"n_layers": base.config.num_hidden_layers,
+                          "total_params": count_params(base),
+                          "tied_embeddings": any(i.tied for i in infos.values())}
+        tracked = list(compile_plan(base, family, self.cfg.track).tensors)
+        self.arms = []
+        for acfg in self.cfg.arms:
+            strat = make_arm(acfg, family, self.t.max_steps, self.calibration_batches)
+            model = strat.build(base)
+            # Hash each copy where it was made (host memory): the proof that all arms share θ₀.
+            h = getattr(strat, "theta0_hash", None) or state_hash(model)
+            model = model.to(self.device).train()
+            freezer = Freezer(model)
+            freezer.apply(strat.first_plan())
+            # Every tensor that trains at some step is registered now: flipping requires_grad
+            # later does nothing for a tensor the optimizer has never seen.
+            ever = [p for n, p in freezer.params.items() if n in strat.trained_names()]
+            opt = build_optimizer(ever, self.t, self.device)
+            sched = get_scheduler(self.t.lr_scheduler_type, opt,
+                                  num_warmup_steps=self.t.warmup_steps,
+                                  num_training_steps=self.t.max_steps,
+                                  scheduler_specific_kwargs=self.t.lr_scheduler_kwargs or None)
+            tracker = Tracker(model, infos, tracked if strat.tracks_base_weights else [],
+                              trained=strat.trained_names())
+            prefix, note = self._prefix_cache(model, family, strat, infos)
+            arm = ArmRun(strat, model, freezer, opt, sched, tracker, h, None, prefix, note)
+            arm.step_fn = self.compiled_step(arm)
+            self.arms.append(arm)
+        if self.t.prefix_cache is True and not any(a.prefix for a in self.arms):
+            why = "; ".join(f"{a.strategy.name}: {a.prefix_note}" for a in self.arms)
+            raise PfreezeError(f"training.prefix_cache=true, but no arm can use it ({why})",
+                               "set training.prefix_cache=auto (or false)")
+
+    def _prefix_cache(self, model: nn.Module, family: str, strat: ArmStrategy,
+                      infos: dict) -> tuple[PrefixCache | None, str]:
+        stream = self.stream
+        if not self.t.prefix_cache:
+            return None, "off (training.prefix_cache=false)"
+        if stream is None or stream.sampling != "epochs":
+            return None, "off: windows never repeat with data.sampling=random"
+        if self.caches is None:
+            self.caches = Caches(stream.n_chunks, stream.block, self.device)
+        return self.caches.for_arm(model, family, strat.trained_names(), infos,
+                                   strat.single_plan)
+
+    def compiled_step(self, arm: ArmRun) -> Any:
+        """The arm's compiled training callable, or None: eager. It returns the loss tensor
+        only (step.LossOf) of the model, or of a cached arm's upper blocks. Training
+        only: evaluation and generate() use the eager module, whose changing shapes would
+        otherwise exhaust dynamo's recompile limit and silently send training back to eager.
+        Dynamo guards on requires_grad: an arm whose plan changes would recompile at each
+        change and fall back to eager after 8, so only single-plan arms compile."""
+        if not (self.rt.compiled and arm.strategy.single_plan):
+            return None
+        return steps.compile_step(arm.step_model, self.rt.compile_mode)
+
+    def set_runtime(self, rt: Runtime) -> None:
+        """Run on `rt` from now on (a resume keeps the runtime the run started with)."""
+        recompile = (rt.compiled, rt.compile_mode) != (self.rt.compiled, self.rt.compile_mode)
+        self.rt = rt
+        if self.moments is not None:
+            self.moments.rt = rt
+        if recompile:
+            for arm in self.arms:
+                arm.step_fn = self.compiled_step(arm)
+
+    def calibration_batches(self, n: int) -> list[torch.Tensor]:
+        """Batches for data-driven selection, from their own seeded stream (not the shared one)."""
+        stream = BatchStream(self.stats.train_ids, self.stream.block,
+                             self.t.per_device_train_batch_size, self.t.seed + 7919)
+        return [stream.next() for _ in range(n)]
+
+    # ------------------------------------------------------------------ steps
+    def train_step(self, arm: ArmRun, step: int, batch: torch.Tensor,
+                   windows: torch.Tensor | None = None, idx: torch.Tensor | None = None) -> None:
+        """One optimizer step of `arm` on `batch` (chunk ids `windows` with epochs sampling,
+        on the host; `idx`: the same on the device, where the caller staged them with the
+        batch). A host batch is staged here."""
+        reserved = steps.train_step(arm, step, batch, windows, idx, self.rt, self.t, self.stage)
+        if reserved is not None:
+            self.reserved_mb = max(self.reserved_mb, reserved)
+
+    def guarded_step(self, arm: ArmRun, step: int, batch: torch.Tensor,
+                      windows: torch.Tensor | None, idx: torch.Tensor | None) -> None:
+        try:
+            self.train_step(arm, step, batch, windows, idx)
+        except torch.OutOfMemoryError:
+            raise PfreezeError(
+                f"out of memory in arm '{arm.strategy.name}' at step {step + 1} "
+                f"(batch {self.t.per_device_train_batch_size} x {self.stream.block} tokens)",
+                "lower training.per_device_train_batch_size (raise gradient_accumulation_steps "
+                "to keep the effective batch) or data.block_size; CUDA graphs reserve memory "
+                "of their own: training.torch_compile_mode=default frees it",
+            ) from None
+
+    def warn(self, message: str) -> None:
+        print(f"warning: {message}", file=sys.stderr)
+
+    def flush(self) -> dict[str, float]:
+        """Read queued device values (one sync) and append them to metrics.jsonl."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        rows, last = [], {}
+        tokens = self.stream.batch * self.stream.block
+        for arm in self.arms:
+            for rec in arm.pending:
+                step, mem, secs, lv = rec.step, rec.mem_mb, rec.seconds(), float(rec.loss)
+                if not math.isfinite(lv) and not arm.diverged:
+                    arm.stopped, arm.diverged = f"loss became {lv} at step {step}", True
+                    self.warn(f"arm '{arm.strategy.name}' stopped: {arm.stopped}; the other "
+                              "arms go on (lower learning_rate or set max_grad_norm)")
+                arm.losses.append(lv)
+                arm.times.append(secs)
+                keys = arm.tracker.keys
+                rows.append({"kind": "train", "step": step, "arm": arm.strategy.name,
+                             "loss": lv if math.isfinite(lv) else None,  # JSON has no NaN
+                             "lr": rec.lr, "step_time_s": secs,
+                             "tokens_per_s": tokens / secs if secs > 0 else None,
+                             "batch_hash": self.batch_hashes[step - 1], "mem_mb": mem,
+                             "dw": dict(zip(keys, rec.dw.tolist(), strict=True)),
+                             "dw0": dict(zip(keys, rec.dw0.tolist(), strict=True))})
+                last[arm.strategy.name] = lv
+                if mem is not None:
+                    arm.peak_mem_mb = max(arm.peak_mem_mb or 0.0, mem)
+            arm.pending.clear()
+        self.files.append_metrics(rows)
+        return last
