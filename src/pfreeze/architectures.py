@@ -232,12 +232,12 @@ class ParamInfo:
 
 
 def describe_params(model: nn.Module, family: str) -> dict[str, ParamInfo]:
-    arch = FAMILIES[family]
+    fam = FAMILIES[family]
     out: dict[str, ParamInfo] = {}
     for name, p in model.named_parameters():
-        m = re.match(arch.block, name)
+        m = re.match(fam.block, name)
         layer = int(m.group(1)) if m else None
-        rule = next((r for r in arch.rules if re.fullmatch(r.pattern, name)), Rule(".*", "other"))
+        rule = next((r for r in fam.rules if re.fullmatch(r.pattern, name)), Rule(".*", "other"))
         out[name] = ParamInfo(name, tuple(p.shape), layer, rule)
     out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
     if out_emb is not None and in_emb is not None and out_emb.weight is in_emb.weight:

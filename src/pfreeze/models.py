@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pfreeze.architectures import family_for
 from pfreeze.errors import PfreezeError
 
 SMOLLM2 = "smollm2-135m"
@@ -105,8 +106,6 @@ RANDOM_FAMILIES = ("gpt2", "gpt-neo", "gpt-neox", "llama", "gpt2-124m", "smollm2
 
 def family_of(model: nn.Module) -> str:
     """The name of the registered family (architectures.FAMILIES) that covers the model."""
-    from pfreeze.architectures import family_for
-
     mtype = getattr(getattr(model, "config", None), "model_type", None)
     family = family_for(mtype)
     if family is None:

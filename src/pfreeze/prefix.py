@@ -142,7 +142,7 @@ class Caches:
                 infos: dict[str, ParamInfo], single_plan: bool
                 ) -> tuple[PrefixCache | None, str]:
         """A cache for this arm, or None and the reason it cannot have one."""
-        if FAMILIES[family].split is None:
+        if family not in FAMILIES or FAMILIES[family].split is None:
             split = [name for name, fam in FAMILIES.items() if fam.split is not None]
             return None, (f"not for the {family} architecture (pfreeze splits "
                           f"{', '.join(split)} models only)")
