@@ -37,7 +37,7 @@ def _train(corpus: Path, compiled: bool) -> tuple[list[float], dict[str, torch.T
     for step in range(STEPS):
         batch = torch.randint(0, 256, (2, 16), generator=gen)
         loop.train_step(arm, step, batch)
-        losses.append(float(arm.pending[-1][1]))
+        losses.append(float(arm.pending[-1].loss))
     return losses, {n: p.detach().clone() for n, p in arm.model.named_parameters()}
 
 
