@@ -2,20 +2,21 @@
 
 Every expected mask below is written out with explicit index arithmetic for the tiny random
 models (hidden 64, 4 heads of 16, 4 blocks; llama has 2 key/value heads), never derived from
-architectures.role_index, so a wrong layout in architectures.ARCHITECTURES cannot agree with itself.
+architectures.role_index, so a wrong layout in architectures.FAMILIES cannot agree with itself.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 import torch
 from torch import nn
 
 from pfreeze.errors import PfreezeError
-from pfreeze.models.families import ARCHITECTURES, Arch
+from pfreeze.models.families import FAMILIES
 from pfreeze.models.load import load_model
 from pfreeze.plan.selectors import compile_plan, trainable_union
 from pfreeze.plan.table import plan_rows
@@ -242,9 +243,9 @@ def test_selector_errors(family: str, selector: str, phrase: str) -> None:
 
 def test_role_the_architecture_lacks(monkeypatch: pytest.MonkeyPatch) -> None:
     # No shipped family lacks a role, so describe one whose table has no output head.
-    arch = ARCHITECTURES["gpt-neox"]
-    rules = tuple(r for r in arch.rules if r.role != "head")
-    monkeypatch.setitem(ARCHITECTURES, "gpt-neox", Arch(arch.block, rules))
+    fam = FAMILIES["gpt-neox"]
+    rules = tuple(r for r in fam.rules if r.role != "head")
+    monkeypatch.setitem(FAMILIES, "gpt-neox", replace(fam, rules=rules))
     with pytest.raises(PfreezeError, match=r"has no parameters with role \['head'\]"):
         compile_plan(model("gpt-neox"), "gpt-neox", "roles=head")
 

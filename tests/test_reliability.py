@@ -100,7 +100,7 @@ def test_unsupported_architecture_is_named() -> None:
     with pytest.raises(PfreezeError, match="architecture 't5' is not supported") as e:
         family_of(fake)  # type: ignore[arg-type]
     assert "Llama-family" in str(e.value)
-    assert "add it to pfreeze.architectures.ARCHITECTURES" in str(e.value)  # the fix
+    assert "add an entry to pfreeze.models.families.FAMILIES" in str(e.value)  # the fix
 
 
 def test_resume_refuses_other_options(tmp_path: Path) -> None:

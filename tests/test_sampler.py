@@ -1,4 +1,4 @@
-"""pfreeze.measure.sampler: its own KV cache decodes what transformers decodes, and samples top-k."""
+"""pfreeze.measure.sampler: its KV cache decodes what transformers decodes; top-k sampling."""
 
 from __future__ import annotations
 

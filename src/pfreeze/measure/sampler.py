@@ -6,9 +6,10 @@ step. The p metric needs none of that: every sample has exactly `max_new_tokens`
 EOS is suppressed. This sampler keeps each layer's keys and values in static buffers of its
 own, filled by an attention function registered with transformers' AttentionInterface (so
 it works for any model whose attention goes through that interface and whose blocks know
-their `layer_idx`: Llama, GPT-2, GPT-NeoX), and runs the decode step — forward, EOS
-suppression, temperature, top-k, Gumbel-max draw — with static shapes, so on a GPU it is
-captured once in a CUDA graph and replayed per token.
+their `layer_idx`; it serves the model_types listed in the registry's `sampler_model_types`:
+Llama, GPT-2, GPT-NeoX), and runs the decode step — forward, EOS suppression, temperature,
+top-k, Gumbel-max draw — with static shapes, so on a GPU it is captured once in a CUDA graph
+and replayed per token.
 
 Sampling is exact: Gumbel-max over the top-k logits draws from softmax(top-k logits / T),
 which is what top-k sampling is. The noise is drawn up front from a seeded generator.
@@ -22,9 +23,9 @@ import torch
 from torch import nn
 
 from pfreeze.models.attention import attention_function, sdpa_heads
+from pfreeze.models.families import sampler_model_types
 
 DECODE = "pfreeze_decode"
-MODEL_TYPES = ("llama", "gpt2", "gpt_neox")  # attention through AttentionInterface, layer_idx
 
 
 class KVState:
@@ -80,10 +81,11 @@ def check(model: nn.Module, top_k: int | None) -> None:
     from pfreeze.errors import PfreezeError
 
     kind = getattr(model.config, "model_type", None)
-    if kind not in MODEL_TYPES or top_k is None:
+    served = sampler_model_types()  # the families' sampler_model_types, from the registry
+    if kind not in served or top_k is None:
         raise PfreezeError(
             f"generation.decoder=pfreeze needs generation.top_k and a model of type "
-            f"{', '.join(MODEL_TYPES)} (this one: {kind})", "use generation.decoder=generate")
+            f"{', '.join(served)} (this one: {kind})", "use generation.decoder=generate")
 
 
 def resolve(decoder: str, model: nn.Module, top_k: int | None, device: torch.device) -> str:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from pfreeze.errors import PfreezeError
+from pfreeze.models.families import family_for
 
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -56,7 +57,7 @@ class LoadedModel:
     model: nn.Module
     tokenizer: ByteTokenizer | HFTokenizer
     name: str
-    family: str  # key into architectures.ARCHITECTURES
+    family: str  # key into pfreeze.models.families.FAMILIES
 
 
 # Tiny shapes keep the CPU test-suite fast; the `-124m`/`-135m` shapes are for benchmarks.
@@ -104,18 +105,16 @@ RANDOM_FAMILIES = ("gpt2", "gpt-neo", "gpt-neox", "llama", "gpt2-124m", "smollm2
 
 
 def family_of(model: nn.Module) -> str:
-    """Map a transformers model to its key in architectures.ARCHITECTURES."""
+    """The name of the registered family (models.families.FAMILIES) that covers the model."""
     mtype = getattr(getattr(model, "config", None), "model_type", None)
-    families = {"gpt2": "gpt2", "gpt_neo": "gpt-neo", "gpt_neox": "gpt-neox", "llama": "llama",
-                "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "gemma": "llama",
-                "gemma2": "llama", "phi3": "llama", "olmo": "llama", "olmo2": "llama"}
-    if mtype not in families:
+    family = family_for(mtype)
+    if family is None:
         raise PfreezeError(
             f"architecture '{mtype}' is not supported by pfreeze's freeze plans",
-            "use a Llama-family, GPT-2, GPT-Neo or GPT-NeoX model, or add it to "
-            "pfreeze.architectures.ARCHITECTURES",
+            "use a Llama-family, GPT-2, GPT-Neo or GPT-NeoX model, or add an entry to "
+            "pfreeze.models.families.FAMILIES",
         )
-    return families[mtype]
+    return family.name
 
 
 def max_positions(model: nn.Module) -> int | None:

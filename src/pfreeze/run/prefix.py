@@ -27,13 +27,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from pfreeze.models.families import ParamInfo, first_trained_block
+from pfreeze.models.families import FAMILIES, ParamInfo, first_trained_block
 
-# family -> attributes of: the decoder inside the *ForCausalLM, its block list, its final
-# norm, its learned position embedding (added to inputs_embeds; None for rotary families)
-SPLITS = {"llama": ("model", "layers", "norm", None),
-          "gpt-neox": ("gpt_neox", "layers", "final_layer_norm", None),
-          "gpt2": ("transformer", "h", "ln_f", "wpe")}
 # Dropout applied functionally (not as nn.Dropout modules), read from the config; a
 # classification head's dropout does not touch a causal LM.
 _DROPOUT_KEYS = ("attention_dropout", "hidden_dropout", "dropout", "attn_pdrop", "resid_pdrop",
@@ -85,7 +80,10 @@ class PrefixCache:
     """
 
     def __init__(self, model: nn.Module, family: str, f: int, n_chunks: int) -> None:
-        base_attr, layers_attr, norm_attr, positions_attr = SPLITS[family]
+        split = FAMILIES[family].split
+        assert split is not None  # Caches.for_arm gives no cache to a family without one
+        base_attr, layers_attr, norm_attr = split.decoder, split.blocks, split.norm
+        positions_attr = split.positions
         base = getattr(model, base_attr)
         layers = list(getattr(base, layers_attr))
         self.f, self.n_layers = f, len(layers)
@@ -144,9 +142,10 @@ class Caches:
                 infos: dict[str, ParamInfo], single_plan: bool
                 ) -> tuple[PrefixCache | None, str]:
         """A cache for this arm, or None and the reason it cannot have one."""
-        if family not in SPLITS:
-            return None, (f"not for the {family} architecture (pfreeze splits Llama, "
-                          "GPT-NeoX and GPT-2 models only)")
+        if family not in FAMILIES or FAMILIES[family].split is None:
+            split = [name for name, fam in FAMILIES.items() if fam.split is not None]
+            return None, (f"not for the {family} architecture (pfreeze splits "
+                          f"{', '.join(split)} models only)")
         if not isinstance(model, PreTrainedModel):
             return None, "the arm's model is wrapped (an adapter)"
         if not single_plan:
