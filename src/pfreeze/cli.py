@@ -53,9 +53,38 @@ def run(
     no_report: Annotated[bool, typer.Option("--no-report", help="Skip the report.")] = False,
 ) -> None:
     """Train every arm of the config side by side and write metrics, summary and report."""
+    from pfreeze.outputs.files import finished
+
+    cfg = _run_config(config, list(set_ or []), output_dir, corpus, model, encoding, resume)
+    _state["output_dir"] = cfg.output_dir  # named by an interrupt's message
+    if resume is not None and (done := finished(resume)) is not None:
+        steps = max((a.get("steps") or 0 for a in done.get("arms", {}).values()), default=0)
+        console.print(f"{escape(str(resume))}: the run is finished ({steps} steps); nothing to "
+                      f"resume (`pfreeze report {escape(str(resume))}` re-renders its report)",
+                      soft_wrap=True)
+        return
+    summary = _train(cfg, overwrite, resume is not None)
+    if cfg.repeats > 1:
+        from pfreeze.outputs.repeats import render_markdown
+
+        out.print(render_markdown(summary))
+        console.print(f"repeats: {escape(str(Path(cfg.output_dir) / 'repeats.md'))}")
+        return
+    _print_summary(summary)
+    if not no_report:
+        from pfreeze.outputs.report import render_report
+
+        written = render_report(Path(cfg.output_dir))
+        html = written.get("html", Path(cfg.output_dir) / "report.html")
+        console.print(f"report: {escape(str(html))}")
+
+
+def _run_config(config: Path | None, overrides: list[str], output_dir: Path | None,
+                corpus: str | None, model: str | None, encoding: str | None,
+                resume: Path | None) -> Any:
+    """The run's config from the command line's options (or, resuming, the run's own)."""
     from pfreeze.config import load_config
 
-    overrides = list(set_ or [])
     if resume is not None:
         if config is not None or overrides or corpus or model or encoding or output_dir:
             raise PfreezeError("--resume takes the run's own config.yaml",
@@ -64,25 +93,19 @@ def run(
         if not config.exists():
             raise PfreezeError(f"{resume} holds no pfreeze run (config.yaml missing)",
                                "pass the output_dir of a run started with `pfreeze run`")
-    if corpus:
-        overrides.append(f"data.corpus={corpus}")
-    if model:
-        overrides.append(f"model.name={model}")
-    if encoding:
-        overrides.append(f"data.encoding={encoding}")
+    for key, value in (("data.corpus", corpus), ("model.name", model),
+                       ("data.encoding", encoding)):
+        if value:
+            overrides.append(f"{key}={value}")
     cfg = load_config(config, overrides)
     if output_dir is not None:
         cfg.output_dir = str(output_dir)
-    _state["output_dir"] = cfg.output_dir  # named by an interrupt's message
-    from pfreeze.outputs.files import finished
-    from pfreeze.run.session import run as run_experiment
+    return cfg
 
-    if resume is not None and (done := finished(resume)) is not None:
-        steps = max((a.get("steps") or 0 for a in done.get("arms", {}).values()), default=0)
-        console.print(f"{escape(str(resume))}: the run is finished ({steps} steps); nothing to "
-                      f"resume (`pfreeze report {escape(str(resume))}` re-renders its report)",
-                      soft_wrap=True)
-        return
+
+def _train(cfg: Any, overwrite: bool, resume: bool) -> dict[str, Any]:
+    """The run itself, with a progress bar and the latest losses."""
+    from pfreeze.run.session import run as run_experiment
 
     arms = ", ".join(a.name or a.kind for a in cfg.arms)
     # User text (paths, names, selectors) is escaped: rich would eat `[x]` or choke on `[/x]`.
@@ -98,22 +121,8 @@ def run(
             shown = "  ".join(f"{k}={v:.3f}" for k, v in losses.items())
             progress.update(task, completed=step, **({"losses": shown} if shown else {}))
 
-        summary = run_experiment(cfg, cfg.output_dir, overwrite=overwrite, on_step=on_step,
-                                 resume=resume is not None,
-                                 command=" ".join(["pfreeze", *sys.argv[1:]]))
-    if cfg.repeats > 1:
-        from pfreeze.outputs.repeats import render_markdown
-
-        out.print(render_markdown(summary))
-        console.print(f"repeats: {escape(str(Path(cfg.output_dir) / 'repeats.md'))}")
-        return
-    _print_summary(summary)
-    if not no_report:
-        from pfreeze.outputs.report import render_report
-
-        written = render_report(Path(cfg.output_dir))
-        html = written.get("html", Path(cfg.output_dir) / "report.html")
-        console.print(f"report: {escape(str(html))}")
+        return run_experiment(cfg, cfg.output_dir, overwrite=overwrite, on_step=on_step,
+                              resume=resume, command=" ".join(["pfreeze", *sys.argv[1:]]))
 
 
 def _print_summary(summary: dict) -> None:

@@ -145,94 +145,116 @@ def _parse_index(expr: str, shape: tuple[int, ...], term: str,
 # --------------------------------------------------------------------------- compiling
 
 
-def _clause_masks(clause: str, params: dict[str, ParamInfo], g: Geometry,
-                  family: str) -> dict[str, torch.Tensor | None]:
+@dataclass
+class _Clause:
+    """One clause, read: every term must hold for a parameter (or its elements) to train."""
+
+    text: str
     layers: list[int] | None = None
     roles: set[str] | None = None
     heads: list[int] | None = None
-    name_filters: list[tuple[str, str, str | None]] = []  # (kind, pattern, index expr)
+    filters: list[tuple[str, str, str | None]] = field(default_factory=list)  # kind, pat, idx
+
+
+def _read_clause(clause: str, g: Geometry) -> _Clause:
+    c = _Clause(clause)
     for term in _split_terms(clause):
         key, eq, val = term.partition("=")
         if eq and key == "layers":
-            layers = parse_layers(val, g.n_layers)
+            c.layers = parse_layers(val, g.n_layers)
         elif eq and key == "roles":
-            roles = set()
+            c.roles = set()
             for r in val.split(","):
                 if r not in ROLES and r not in ROLE_ALIASES:
                     raise PfreezeError(f"unknown role '{r}' in '{clause}'",
                                        f"roles are {', '.join(ROLES + tuple(ROLE_ALIASES))}")
-                roles.update(ROLE_ALIASES.get(r, (r,)))
+                c.roles.update(ROLE_ALIASES.get(r, (r,)))
         elif eq and key == "heads":
             items = val.split(",")
             if not all(h.strip().isdigit() for h in items):  # -1 too: it would wrap around
                 raise PfreezeError(f"heads={val}: not a list of head indices (0, 1, ...)",
                                    "write e.g. heads=0,3")
-            heads = sorted({int(h) for h in items})
+            c.heads = sorted({int(h) for h in items})
         elif eq and key == "re":
-            name_filters.append(("re", val, None))
+            c.filters.append(("re", val, None))
         elif not eq or "[" in key:
             m = re.fullmatch(r"([^\[]+)(?:\[(.*)\])?", term)
             if not m:
                 raise PfreezeError(f"cannot read term '{term}'", "see `pfreeze plan --help`")
-            name_filters.append(("glob", m.group(1), m.group(2)))
+            c.filters.append(("glob", m.group(1), m.group(2)))
         else:
             raise PfreezeError(f"unknown selector key '{key}' in '{clause}'",
                                "keys are layers=, roles=, heads=, re=, or a name glob")
-    if heads is not None and roles is None:
-        raise PfreezeError(f"'{clause}': heads= needs roles=",
-                           "write e.g. roles=q heads=0,3")
-    wanted = set(roles) if roles else None
-    if wanted is not None:
-        have = {r for p in params.values() for r in roles_in(p)}
-        if missing := wanted - have:
+    if c.heads is not None and c.roles is None:
+        raise PfreezeError(f"'{clause}': heads= needs roles=", "write e.g. roles=q heads=0,3")
+    return c
+
+
+def _check_roles(c: _Clause, params: dict[str, ParamInfo], g: Geometry, family: str) -> None:
+    """Roles the family has, and head indices each role has (fewer k/v heads under GQA)."""
+    if not c.roles:
+        return
+    have = {r for p in params.values() for r in roles_in(p)}
+    if missing := c.roles - have:
+        raise PfreezeError(
+            f"the {family} architecture has no parameters with role {sorted(missing)}",
+            f"roles present: {', '.join(sorted(have - {'other'}))}",
+        )
+    for r in sorted(c.roles & {"q", "k", "v", "o"}) if c.heads else ():
+        n = g.heads_of(r)
+        if c.heads and c.heads[-1] >= n:
             raise PfreezeError(
-                f"the {family} architecture has no parameters with role {sorted(missing)}",
-                f"roles present: {', '.join(sorted(have - {'other'}))}",
-            )
-    for r in sorted(wanted & {"q", "k", "v", "o"}) if wanted and heads else ():
-        n = g.heads_of(r)  # k and v have fewer heads under grouped-query attention
-        if heads and heads[-1] >= n:
-            raise PfreezeError(
-                f"heads={','.join(map(str, heads))}: role {r} has only {n} heads",
+                f"heads={','.join(map(str, c.heads))}: role {r} has only {n} heads",
                 f"use head indices 0..{n - 1}"
                 + (" (k and v are grouped-query heads)" if n < g.n_heads else ""))
+
+
+_NO_MATCH = object()
+
+
+def _mask(c: _Clause, name: str, info: ParamInfo, g: Geometry) -> torch.Tensor | None | object:
+    """The elements of one parameter the clause trains: None (all of it), a bool mask, or
+    _NO_MATCH."""
+    if c.layers is not None and info.layer not in c.layers:
+        return _NO_MATCH
+    index_expr = None
+    for kind, pat, idx in c.filters:
+        hit = re.fullmatch(pat, name) if kind == "re" else fnmatch.fnmatchcase(name, pat)
+        if not hit:
+            return _NO_MATCH
+        index_expr = idx if idx is not None else index_expr
+    mask: torch.Tensor | None = None
+    if c.roles:
+        present = [r for r in roles_in(info) if r in c.roles]
+        if not present:
+            return _NO_MATCH
+        idxs = [role_index(info, r, c.heads, g) for r in present]
+        if all(i is not None for i in idxs):
+            sel = torch.cat([i for i in idxs if i is not None])
+            if sel.numel() == 0:
+                return _NO_MATCH
+            mask = torch.zeros(info.shape, dtype=torch.bool)
+            mask.index_fill_(info.rule.dim, sel, True)
+    if index_expr is not None:
+        if index_expr.count(",") + 1 > len(info.shape):
+            return _NO_MATCH  # a glob may also hit lower-rank tensors (norms, biases)
+        box = torch.zeros(info.shape, dtype=torch.bool)
+        box[_parse_index(index_expr, info.shape, c.text, name)] = True
+        mask = box if mask is None else mask & box
+    if mask is not None and bool(mask.all()):
+        return None
+    return _NO_MATCH if mask is not None and not bool(mask.any()) else mask
+
+
+def _clause_masks(clause: str, params: dict[str, ParamInfo], g: Geometry,
+                  family: str) -> dict[str, torch.Tensor | None]:
+    c = _read_clause(clause, g)
+    _check_roles(c, params, g, family)
     out: dict[str, torch.Tensor | None] = {}
     for name, info in params.items():
-        if layers is not None and info.layer not in layers:
-            continue
-        index_expr = None
-        ok = True
-        for kind, pat, idx in name_filters:
-            hit = re.fullmatch(pat, name) if kind == "re" else fnmatch.fnmatchcase(name, pat)
-            ok &= bool(hit)
-            index_expr = idx if idx is not None else index_expr
-        if not ok:
-            continue
-        mask: torch.Tensor | None = None
-        if wanted is not None:
-            present = [r for r in roles_in(info) if r in wanted]
-            if not present:
-                continue
-            idxs = [role_index(info, r, heads, g) for r in present]
-            if any(i is None for i in idxs):
-                mask = None
-            else:
-                sel = torch.cat([i for i in idxs if i is not None])
-                if sel.numel() == 0:
-                    continue
-                mask = torch.zeros(info.shape, dtype=torch.bool)
-                mask.index_fill_(info.rule.dim, sel, True)
-        if index_expr is not None:
-            if index_expr.count(",") + 1 > len(info.shape):
-                continue  # a glob may also hit lower-rank tensors (norms, biases): skip them
-            box = torch.zeros(info.shape, dtype=torch.bool)
-            box[_parse_index(index_expr, info.shape, clause, name)] = True
-            mask = box if mask is None else mask & box
-        if mask is not None and bool(mask.all()):
-            mask = None
-        if mask is not None and not bool(mask.any()):
-            continue
-        out[name] = mask
+        mask = _mask(c, name, info, g)
+        if mask is not _NO_MATCH:
+            out[name] = mask  # type: ignore[assignment]
     if not out:
         raise PfreezeError(
             f"selector clause '{clause}' matches no parameter",
