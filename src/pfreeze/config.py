@@ -272,4 +272,5 @@ def refresh_arm_kinds() -> None:
     """Take in arm kinds registered after this module was imported (a plugin's, a test's)."""
     global Arm
     Arm = _arm_union()
-    RunConfig.model_rebuild(force=True, _types_namespace={"Arm": Arm})
+    RunConfig.model_fields["arms"].annotation = list[Arm]  # type: ignore[valid-type]
+    RunConfig.model_rebuild(force=True)

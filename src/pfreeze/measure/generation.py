@@ -31,8 +31,8 @@ class Sample:
     p: float
 
 
-# Static KV cache + transformers' compiled decode step: ~8x the eager tokens/s on an H200,
-# after a compile of ~30 s. Worth it only for many tokens; the p metric's default is 384.
+# Static KV cache + transformers' compiled decode step: many times the eager tokens/s, after
+# a compile of tens of seconds. Worth it only for many tokens; the p metric's default is 384.
 STATIC_CACHE_MIN_TOKENS = 32_768
 
 

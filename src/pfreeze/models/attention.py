@@ -19,9 +19,9 @@ def sdpa_heads(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                native_gqa: bool = False, **kw: Any) -> torch.Tensor:
     """SDPA on transformers' [B, heads, T, D] layout, returned as the [B, T, heads, D] an
     attention function hands back. Grouped KV heads (each serving n query heads) go to the
-    kernel as they are with `native_gqa` (flash reads them in place: on an H200 no faster
-    than copies, but the SmolLM2 step reserved 0.4-0.7 GiB less), else repeated (the masked
-    kernels the sampler gets take no grouped heads)."""
+    kernel as they are with `native_gqa` (flash reads them in place: no faster than copies,
+    but less memory reserved), else repeated (the masked kernels the sampler gets take no
+    grouped heads)."""
     if key.shape[1] != query.shape[1]:
         if native_gqa:
             kw["enable_gqa"] = True

@@ -2,8 +2,8 @@
 
 Why the causal path: while torch.compile traces a step, transformers (with torch < 2.14)
 always builds an explicit [B, 1, T, T] boolean causal mask, and SDPA's flash kernel refuses
-explicit masks. The compiled step then runs cuDNN's masked kernel (on an H200 at 32 x 512,
-18% of the step's GPU time). Training windows have no padding and as many keys as queries,
+explicit masks. The compiled step then runs cuDNN's masked kernel, a large share of the
+step's GPU time. Training windows have no padding and as many keys as queries,
 so `is_causal=True` is exact there: the step swaps in an attention function that passes it,
 registered with transformers' AttentionInterface, only for the duration of the training
 forward. Evaluation and sampling (padding, KV caches) keep the model's own attention.
@@ -23,7 +23,7 @@ from pfreeze.models.attention import attention_function, sdpa_heads
 
 CAUSAL, PROBE = "pfreeze_causal", "pfreeze_probe"
 # The mask-free causal path: flash restricts SDPA to FlashAttention, sdpa lets SDPA pick the
-# kernel (in pfreeze's step on an H200, SmolLM2 32 x 512: 48.1 ms against flash's 50.6).
+# kernel (faster in pfreeze's step: docs/BENCHMARKS.md).
 CAUSAL_BACKENDS = ("flash", "sdpa")
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
@@ -104,8 +104,8 @@ def resolve_backend(backend: str, device: torch.device, bf16: bool, model: nn.Mo
     """The kernel training steps use: `backend` once checked. auto: sdpa (the mask-free causal
     path, SDPA picking the kernel) where it is exact, runs and pays (a GPU, bf16, a model whose
     attention it reaches, no sliding window or soft-capping, and the step in CUDA graphs:
-    without them, the path's extra host time made the frozen arm slower on an H200), else
-    model. sdpa, not flash: 5% faster per step on an H200 (docs/BENCHMARKS.md, session 5)."""
+    without them, the path's extra host time made the frozen arm slower), else model. sdpa,
+    not flash: faster per step (docs/BENCHMARKS.md)."""
     from pfreeze.errors import PfreezeError
 
     if backend != "auto":

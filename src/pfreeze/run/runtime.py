@@ -39,10 +39,9 @@ def pick_device(spec: str) -> torch.device:
     return device
 
 
-# Runs shorter than this stay eager under torch_compile=auto. On an H200 compiling one arm
-# costs 23-56 s on a cold inductor cache and saves 47-100 ms a step, so it pays back after
-# 325-905 steps (SmolLM2 at 32 x 512 and 16 x 256, GPT-2 at 32 x 512; docs/BENCHMARKS.md,
-# session 6).
+# Runs shorter than this stay eager under torch_compile=auto: compiling an arm costs tens of
+# seconds on a cold inductor cache and is paid back only after several hundred steps
+# (docs/BENCHMARKS.md, "Why the defaults are what they are").
 COMPILE_PAYS_AFTER = 1000
 
 
@@ -56,8 +55,9 @@ def resolve_compile(setting: bool | str, device: torch.device, max_steps: int) -
 
 
 def resolve_compile_mode(mode: str, device: torch.device, accumulation: int) -> str:
-    """auto: CUDA graphs on a GPU (on an H200 1.0-1.4x at 32 x 512, up to 3x at 16 x 256),
-    except with gradient accumulation, whose micro-steps would share the graphs' outputs."""
+    """auto: CUDA graphs on a GPU (no per-kernel launch cost; the gain is largest for short
+    steps), except with gradient accumulation, whose micro-steps would share the graphs'
+    outputs."""
     if mode != "auto":
         return mode
     return "reduce-overhead" if device.type == "cuda" and accumulation == 1 else "default"

@@ -28,9 +28,8 @@ class LossOf(nn.Module):
     Why not the model itself: a compiled model also returns its logits (B x T x V, 1.6 GB of
     bf16 at 32 x 512 with SmolLM2's 49k vocabulary). The step never uses them, so autograd
     hands the backward graph an all-zero gradient for them, which AOTAutograd materialises
-    and the CUDA-graph runner copies into its static input: about 1.2 ms of fills and copies
-    in each 32 x 512 SmolLM2 step on an H200 (docs/BENCHMARKS.md, session 8). With the loss
-    the only output, that gradient does not exist.
+    and the CUDA-graph runner copies into its static input, every step. With the loss the
+    only output, that gradient does not exist (docs/BENCHMARKS.md has the cost it saves).
     """
 
     def __init__(self, module: nn.Module) -> None:
@@ -53,8 +52,8 @@ def step_module(module: nn.Module) -> LossOf:
         # transformers names the loss after the model class; for a class it does not know
         # (GPT2LMHeadModel) it logs a warning and uses ForCausalLM's loss. Dynamo cannot trace
         # the logging call, so the loss would compile as a graph of its own and the logits'
-        # gradient would cross between the two graphs (GPT-2: a 1.25 ms padded copy of it in
-        # every step, session 8). Naming the loss it uses anyway changes nothing else.
+        # gradient would cross between the two graphs (for GPT-2, a padded copy of it in every
+        # step). Naming the loss it uses anyway changes nothing else.
         lm.loss_type = "ForCausalLM"
     return LossOf(module)
 
@@ -71,8 +70,8 @@ class Staging:
 
     Why not `Tensor.pin_memory()` per step: the host runs steps ahead of the GPU, so the
     pinned blocks of earlier steps are still in flight and every step allocates page-locked
-    memory anew; on an H200 that held a cached-prefix step at 16 x 256 to 12.3 ms, 7.1 ms
-    with this ring (docs/BENCHMARKS.md, session 5). A buffer is refilled only once the copy
+    memory anew, which dominated short steps (docs/BENCHMARKS.md). A buffer is refilled only
+    once the copy
     that last read it has finished (`depth` transfers ago, normally long done: the wait also
     bounds how far the host runs ahead). On the CPU, tensors pass through unchanged.
     """
