@@ -271,3 +271,49 @@ def test_a_checkpoint_of_another_format_is_refused(corpus: Path, tmp_path: Path)
                                            r"\(1; this version reads 2\)") as e:
         run(cfg, out, resume=True)
     assert "--overwrite" in e.value.fix
+
+
+def test_every_metric_sink_gets_the_rows_metrics_jsonl_gets(corpus: Path, tmp_path: Path) -> None:
+    from pfreeze.outputs.files import RunFiles
+    from pfreeze.run.loop import Loop
+    from pfreeze.run.session import run_loop
+
+    class Collect:  # a tracker, as far as the loop can tell
+        def __init__(self) -> None:
+            self.rows: list[dict] = []
+            self.closed = False
+
+        def log(self, rows: list[dict]) -> None:
+            self.rows += rows
+
+        def close(self) -> None:
+            self.closed = True
+
+    files = RunFiles(tmp_path / "run")
+    sink = Collect()
+    files.loggers.append(sink)
+    run_loop(Loop(_cfg(corpus), files))
+    written = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert sink.rows == written and sink.closed
+    assert {r["kind"] for r in written} == {"train", "eval"}
+
+
+def test_metrics_rows_a_full_disk_refused_are_kept_and_reported(
+        corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import builtins
+
+    real_open = builtins.open
+    full = {"on": True}
+
+    def open_(file, mode="r", *args, **kwargs):  # noqa: ANN001, ANN202
+        if str(file).endswith("metrics.jsonl") and "a" in mode and full["on"]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", open_)
+    with pytest.raises(PfreezeError, match="metrics.jsonl could not be written"):
+        run(_cfg(corpus), tmp_path / "run")  # training itself went on to the end
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["arms"]["full"]["steps"] == 6
+    assert summary["missing_outputs"][0]["why"].endswith("rows could not be appended (the "
+                                                         "disk is full)")

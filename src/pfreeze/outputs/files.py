@@ -34,6 +34,7 @@ from torch import nn
 
 from pfreeze.atomic import atomic_write, write_json, write_text
 from pfreeze.errors import PfreezeError
+from pfreeze.outputs.loggers import JsonlLogger, MetricLogger
 
 # Everything a run (and its report and repeats) writes into its directory, as globs.
 WRITTEN = ("config.yaml", "metrics.jsonl", "samples.txt", "samples.jsonl", "summary.json",
@@ -76,7 +77,8 @@ class RunFiles:
         self.overwrite = overwrite
         self.samples: list[str] = []  # samples.txt, block by block
         self.sample_records: list[dict[str, Any]] = []  # samples.jsonl, row by row
-        self.unwritten: list[dict[str, Any]] = []  # metrics rows a failed append kept
+        self.jsonl = JsonlLogger(self.root / "metrics.jsonl")
+        self.loggers: list[MetricLogger] = [self.jsonl]  # trackers are appended here
 
     def check_target(self) -> None:
         """Refuse, before anything is loaded or written, an output path that cannot hold a run:
@@ -146,19 +148,17 @@ class RunFiles:
         self._write_samples()
 
     def append_metrics(self, rows: list[dict[str, Any]]) -> None:
-        """Append rows; a failed append (a full disk) keeps them for the next one, so training
-        goes on and what could not be written is reported at the end."""
-        rows = self.unwritten + rows
-        if not rows:
-            return
-        try:
-            with open(self.root / "metrics.jsonl", "a", encoding="utf-8") as f:
-                f.write("".join(json.dumps(r) + "\n" for r in rows))
-            self.unwritten = []
-        except OSError as e:
-            if not is_no_space(e):
-                raise
-            self.unwritten = rows
+        """Hand rows to every metric sink (metrics.jsonl first)."""
+        for logger in self.loggers:
+            logger.log(rows)
+
+    def close_metrics(self) -> list[dict[str, str]]:
+        """End every sink; what metrics.jsonl could still not take, as a missing output."""
+        for logger in self.loggers:
+            logger.close()
+        n = len(self.jsonl.unwritten)
+        return [{"file": "metrics.jsonl", "why": f"{n} rows could not be appended (the disk "
+                 "is full)"}] if n else []
 
     def add_samples(self, arm: str, moment: str, samples: list[Any]) -> None:
         for s in samples:

@@ -194,11 +194,7 @@ class Session:
         for arm in loop.arms:
             missing += self.files.save_arm(arm.strategy, arm.model, loop.lm.tokenizer,
                                            loop.cfg.save_pretrained, arm.best_state)
-        if self.files.unwritten:
-            self.files.append_metrics([])  # one more try, now that the run is over
-        if self.files.unwritten:
-            missing.append({"file": "metrics.jsonl", "why": f"{len(self.files.unwritten)} "
-                            "rows could not be appended (the disk is full)"})
+        missing += self.files.close_metrics()
         if missing:
             summary["missing_outputs"] = missing
         self._write_summary(summary)

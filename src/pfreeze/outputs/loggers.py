@@ -1,0 +1,47 @@
+"""Metric sinks: where each step's and each evaluation's rows go, one small interface for all.
+
+metrics.jsonl is the run's own record (the report and a resume read it) and is always written;
+an experiment tracker is another sink with the same two methods, receiving the same rows.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+from pathlib import Path
+from typing import Any, Protocol
+
+Row = dict[str, Any]  # {"kind": "train" | "eval", "step": k, "arm": name, ...figures}
+
+
+class MetricLogger(Protocol):
+    def log(self, rows: list[Row]) -> None:
+        """Take the rows of one flush (every arm's steps since the last one, or an evaluation)."""
+
+    def close(self) -> None:
+        """The run is over: write what is still held."""
+
+
+class JsonlLogger:
+    """One JSON object per line, appended. A failed append (a full disk) keeps its rows for
+    the next one, so training goes on and what could not be written is reported at the end."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.unwritten: list[Row] = []
+
+    def log(self, rows: list[Row]) -> None:
+        rows = self.unwritten + rows
+        if not rows:
+            return
+        try:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write("".join(json.dumps(r) + "\n" for r in rows))
+            self.unwritten = []
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            self.unwritten = rows
+
+    def close(self) -> None:
+        self.log([])  # one more try, now that the run is over
