@@ -10,11 +10,13 @@ SHARED_MOBY := ../shared/data/moby-dick/pg2701.txt
 CORPUS ?= $(if $(wildcard $(SHARED_MOBY)),$(SHARED_MOBY),gutenberg:2701)
 OUT    ?= runs/moby-dick
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup browser demo test lint bench clean
 
-# The browser test (tests/test_report_browser.py) drives Debian's chromium; checked on every
-# setup, apart from the venv's stamp, so a machine that lacks it gets it.
 setup: $(VENV)/.installed
+
+# The browser test (tests/test_report_browser.py) drives Debian's chromium; checked before every
+# test run, apart from the venv's stamp, so a machine that lacks it gets it (the demo needs none).
+browser:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 		 apt-get install -y -qq chromium chromium-driver)
@@ -33,7 +35,7 @@ demo: setup
 		--output-dir $(OUT) --overwrite
 	@echo "open $(OUT)/report.html (or read $(OUT)/report.md)"
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest
 
 lint: setup
