@@ -317,3 +317,110 @@ def test_metrics_rows_a_full_disk_refused_are_kept_and_reported(
     assert summary["arms"]["full"]["steps"] == 6
     assert summary["missing_outputs"][0]["why"].endswith("rows could not be appended (the "
                                                          "disk is full)")
+
+
+def test_a_directory_without_a_run_keeps_every_file(corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    mine = {"holiday.png": "a", "loss.png": "b", "arms/mine.txt": "c", "repeat-notes/a.txt": "d",
+            ".secret.tmp": "e"}
+    for name, text in mine.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(text)
+    run(_cfg(corpus), out)  # no run lived here: nothing of the user's goes, not even loss.png
+    assert (out / "summary.json").exists()
+    for name, text in mine.items():
+        if name != "loss.png":  # the run writes its own loss.png only when a report is drawn
+            assert (out / name).read_text() == text, name
+    run(_cfg(corpus), out, overwrite=True)  # a run lives here now: its files go, not the user's
+    for name in ("holiday.png", "repeat-notes/a.txt", ".secret.tmp"):
+        assert (out / name).exists(), name
+    assert not (out / "arms" / "mine.txt").exists()  # arms/ of a run directory is pfreeze's
+
+
+def test_a_signal_inside_a_step_waits_for_its_end(corpus: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from pfreeze.run.loop import Loop
+
+    flush = Loop.flush
+
+    def flush_then_signal(self: Loop) -> dict:
+        rows = flush(self)
+        if self.arms[0].losses and len(self.arms[0].losses) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # mid-step: inside the deferred block
+        return rows
+
+    monkeypatch.setattr(Loop, "flush", flush_then_signal)
+    out = tmp_path / "run"
+    with pytest.raises(Interrupted) as e:
+        run(_cfg(corpus, "training.save_steps=5", "training.logging_steps=1"), out)
+    assert e.value.step == 2 and not e.value.forced  # the step finished, then it stopped
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 2
+    summary = json.loads((out / "summary.json").read_text())
+    assert [summary["arms"][a]["steps"] for a in ("full", "plan")] == [2, 2]
+
+
+def test_a_second_signal_does_not_cost_the_summary(corpus: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from pfreeze.outputs.files import RunFiles
+
+    write = RunFiles.write_summary
+
+    def signal_then_write(self: RunFiles, summary: dict) -> None:
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C again while the first one is handled
+        write(self, summary)
+
+    monkeypatch.setattr(RunFiles, "write_summary", signal_then_write)
+    out = tmp_path / "run"
+    with pytest.raises(Interrupted) as e:
+        run(_cfg(corpus, "training.save_steps=2"), out, on_step=_sigterm_at(3))
+    assert e.value.signum == signal.SIGTERM and e.value.step == 3
+    assert "checkpoint at step 3 kept" in e.value.note
+    assert json.loads((out / "summary.json").read_text())["interrupted_at_step"] == 3
+
+
+def test_a_resume_refuses_metrics_shorter_than_its_checkpoint(corpus: Path,
+                                                              tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cfg = _cfg(corpus, "training.save_steps=2")
+    with pytest.raises(Stop):
+        run(cfg, out, on_step=_die_at(3))
+    metrics = out / "metrics.jsonl"
+    metrics.write_text(metrics.read_text()[:100])  # rows lost after the checkpoint was made
+    with pytest.raises(PfreezeError, match=r"shorter than at its checkpoint \(100 of \d+ bytes\)"):
+        run(cfg, out, resume=True)
+
+
+def test_a_torn_metrics_append_is_cut_back_and_written_once(tmp_path: Path) -> None:
+    from pfreeze.outputs.loggers import JsonlLogger
+
+    log = JsonlLogger(tmp_path / "metrics.jsonl")
+    log.log([{"step": 1}])
+    real_open = open
+
+    class Torn:  # writes half of what it is given, then the disk is full
+        def __init__(self, f) -> None:  # noqa: ANN001
+            self.f = f
+
+        def __enter__(self):  # noqa: ANN204
+            return self
+
+        def __exit__(self, *a: object) -> None:
+            self.f.close()
+
+        def write(self, text: str) -> None:
+            self.f.write(text[: len(text) // 2])
+            self.f.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    import builtins
+
+    builtins.open = lambda p, m="r", *a, **k: (Torn(real_open(p, m, *a, **k)) if "a" in m  # type: ignore[assignment]
+                                               else real_open(p, m, *a, **k))
+    try:
+        log.log([{"step": 2}, {"step": 3}])
+    finally:
+        builtins.open = real_open
+    assert log.unwritten == [{"step": 2}, {"step": 3}]
+    log.close()  # space again
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [{"step": 1}, {"step": 2}, {"step": 3}]

@@ -240,6 +240,15 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A pfreeze run's output_
         console.print(f"{kind}: {escape(str(path))}")
 
 
+def _outside_a_run() -> str:
+    """Ctrl-C where no run handles it (before one starts, between repeats, in the report)."""
+    root = _state.get("output_dir")
+    if root and (Path(root) / "config.yaml").exists():
+        return (f"interrupted (SIGINT); {escape(root)} keeps what was written "
+                f"(`pfreeze report {escape(root)}` renders it)")
+    return "interrupted (SIGINT) before the run started; nothing was written"
+
+
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # transformers' GGUF loader draws tqdm bars per tensor; the CLI has its own progress.
@@ -256,13 +265,13 @@ def main() -> None:
                       highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        console.print("interrupted (SIGINT) before the run started; nothing was written")
+        console.print(_outside_a_run(), soft_wrap=True)
         sys.exit(130)
     except Exception as e:  # click's usage errors arrive here in standalone_mode=False
         import click
 
         if isinstance(e, click.exceptions.Abort):  # Ctrl-C that click caught first
-            console.print("interrupted (SIGINT) before the run started; nothing was written")
+            console.print(_outside_a_run(), soft_wrap=True)
             sys.exit(130)
         if isinstance(e, click.exceptions.Exit):
             sys.exit(e.exit_code)

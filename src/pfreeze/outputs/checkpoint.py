@@ -57,11 +57,12 @@ def save(root: Path, arms: list[ArmCheckpoint], rng: dict[str, torch.Tensor],
     shutil.rmtree(tmp, ignore_errors=True)
     ensure_space(root, _nbytes(arms), f"the checkpoint at step {state['step']}")
     tmp.mkdir(parents=True)
+    previous = _folder(root)  # after a kill mid-swap, the complete one may be .old
     try:
         for i, arm in enumerate(arms):
-            if arm.keep_previous and (final / f"arm{i}.safetensors").exists():
+            if arm.keep_previous and previous and (previous / f"arm{i}.safetensors").exists():
                 for suffix in (".safetensors", ".optim.pt"):
-                    shutil.copy2(final / f"arm{i}{suffix}", tmp / f"arm{i}{suffix}")
+                    shutil.copy2(previous / f"arm{i}{suffix}", tmp / f"arm{i}{suffix}")
                 continue
             save_file(arm.tensors, str(tmp / f"arm{i}.safetensors"))
             torch.save(arm.optimizer, tmp / f"arm{i}.optim.pt")
@@ -70,9 +71,10 @@ def save(root: Path, arms: list[ArmCheckpoint], rng: dict[str, torch.Tensor],
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    # Swap in: the old checkpoint survives until the new one is complete.
-    shutil.rmtree(old, ignore_errors=True)
+    # Swap in: a complete checkpoint exists at every moment (final, or old while the new one
+    # is renamed into place; .old alone is removed only once final is there).
     if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
         final.rename(old)
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)

@@ -36,10 +36,14 @@ from pfreeze.atomic import atomic_write, write_json, write_text
 from pfreeze.errors import PfreezeError
 from pfreeze.outputs.loggers import JsonlLogger, MetricLogger
 
-# Everything a run (and its report and repeats) writes into its directory, as globs.
-WRITTEN = ("config.yaml", "metrics.jsonl", "samples.txt", "samples.jsonl", "summary.json",
-           "report.md", "report.html", "*.png", "arms", "checkpoint", ".checkpoint.*",
-           "repeat-*", "repeats.json", "repeats.md", ".*.tmp")
+# Everything a run (and its report and repeats) writes into its directory, by exact name:
+# a user's own files beside them are never touched. The folders are pfreeze's own.
+FILES = ("summary.json", "config.yaml", "metrics.jsonl", "samples.txt", "samples.jsonl",
+         "report.md", "report.html", "loss.png", "loss_scatter.png", "step_time.png", "dw.png",
+         "dw0.png", "p.png", "repeats.json", "repeats.md")
+FOLDERS = ("checkpoint", ".checkpoint.old", ".checkpoint.tmp", "arms")
+# What marks a directory as a run's (so that its folders above are pfreeze's).
+MARKS = ("config.yaml", "summary.json", "metrics.jsonl", "checkpoint", ".checkpoint.old")
 
 
 def mib(n: float) -> str:
@@ -110,20 +114,30 @@ class RunFiles:
         old = self.root / "config.yaml"
         if old.exists() and not self.overwrite:
             same = old.read_text(encoding="utf-8") == config_yaml
+            resumable = same and any((self.root / d / "state.json").exists()
+                                     for d in ("checkpoint", ".checkpoint.old"))
             raise PfreezeError(
                 f"{self.root} already holds {'this' if same else 'a different'} run",
                 "pass another --output-dir, --overwrite to replace it"
-                + (", or --resume to continue it" if same else ""),
+                + (", or --resume to continue it" if resumable else ""),
             )
 
+    def holds_a_run(self) -> bool:
+        return any((self.root / m).exists() for m in MARKS)
+
     def clear(self) -> None:
-        """Remove everything a run writes here (files of the user's own are left alone)."""
-        for pattern in WRITTEN:
-            for p in self.root.glob(pattern):
-                if p.is_dir() and not p.is_symlink():
-                    shutil.rmtree(p)
-                else:
-                    p.unlink(missing_ok=True)
+        """Remove what a run wrote here: its files by name, its folders and repeats, and the
+        temporary siblings of its atomic writes. A directory that holds no run is left alone."""
+        if not self.holds_a_run():
+            return
+        repeats = [p for p in self.root.glob("repeat-*") if p.name[7:].isdigit()]
+        for p in [self.root / f for f in FOLDERS] + repeats:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+        for name in FILES:
+            (self.root / name).unlink(missing_ok=True)
+            for tmp in self.root.glob(f".{name}.*.tmp"):  # atomic_write's temporaries
+                tmp.unlink(missing_ok=True)
 
     def start(self, config_yaml: str) -> None:
         self.check_free(config_yaml)
@@ -138,10 +152,14 @@ class RunFiles:
     def resume(self, state: dict[str, Any]) -> None:
         """Back to the checkpoint: metrics rows written after it are cut (they will be redone),
         the samples are the checkpoint's, the summary of the interrupted attempt goes."""
-        path = self.root / "metrics.jsonl"
-        if path.exists():
-            with open(path, "r+b") as f:
-                f.truncate(state["metrics_bytes"])
+        path, keep = self.root / "metrics.jsonl", state["metrics_bytes"]
+        size = path.stat().st_size if path.exists() else 0
+        if size < keep:  # truncate() would pad with zeros: rows were lost or edited
+            raise PfreezeError(
+                f"{path} is shorter than at its checkpoint ({size} of {keep} bytes): it was "
+                "changed or lost", "start the run again with --overwrite")
+        with open(path, "r+b") as f:
+            f.truncate(keep)
         (self.root / "summary.json").unlink(missing_ok=True)
         self.samples = list(state["samples"])
         self.sample_records = list(state["sample_records"])

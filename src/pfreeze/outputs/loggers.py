@@ -34,6 +34,7 @@ class JsonlLogger:
         rows = self.unwritten + rows
         if not rows:
             return
+        size = self.path.stat().st_size if self.path.exists() else 0
         try:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write("".join(json.dumps(r) + "\n" for r in rows))
@@ -42,6 +43,11 @@ class JsonlLogger:
             if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
             self.unwritten = rows
+            # A write cut short leaves part of the rows (a torn line): back to where it began,
+            # so the retry writes each row once (truncating needs no free space).
+            if self.path.exists():
+                with open(self.path, "r+b") as f:
+                    f.truncate(size)
 
     def close(self) -> None:
         self.log([])  # one more try, now that the run is over

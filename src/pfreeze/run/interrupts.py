@@ -44,7 +44,7 @@ class Signals:
 
     def __init__(self) -> None:
         self.pending: int | None = None
-        self.deferring = False
+        self.deferring = self.ignoring = False
         self._old: dict[int, object] = {}
 
     def __enter__(self) -> Signals:
@@ -60,10 +60,22 @@ class Signals:
         self._old.clear()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.ignoring:
+            return
         if self.deferring and self.pending is None:
             self.pending = signum
             return
         raise Interrupted(signum, forced=self.deferring)
+
+    @contextmanager
+    def ignored(self) -> Iterator[None]:
+        """Signals do nothing inside: keeping what an interrupted run has must not itself be
+        cut short by the next Ctrl-C."""
+        self.ignoring = True
+        try:
+            yield
+        finally:
+            self.ignoring = False
 
     @contextmanager
     def deferred(self) -> Iterator[None]:

@@ -48,15 +48,14 @@ from pfreeze.settings import RunSpec
 
 
 class Loop:
-    """One run of the paired experiment; `run()` does it all, the parts are testable."""
+    """Every arm of one run, built from θ₀ and stepped on one batch stream (the phases of a
+    whole run: pfreeze.run.session)."""
 
     def __init__(self, cfg: RunSpec, files: RunFiles | None = None,
                  on_step: Callable[[int, dict[str, float]], None] | None = None) -> None:
         """`files` None: a loop built only to step arms (build_arms, train_step), as the
         benchmark does; it writes no files, and run() needs them."""
         self.cfg, self.files, self.on_step = cfg, files, on_step
-        self.command: str | None = None
-        self.before_start: Callable[[], None] | None = None  # a repeat's parent directory
         self.caches: Caches | None = None  # the frozen-prefix caches, made with the first arm
         self.stream: BatchStream | None = None  # set by setup() (or by a benchmark)
         self.t = cfg.training

@@ -86,16 +86,20 @@ class Session:
         loop.setup()
         loop.batch_hashes = []
         if resume:
-            state = self._restore()
-            files.resume(state)
-            self.done, self.p_before = state["step"], state["p_before"]
-            self.saved_at = self.done
-            self.phase = "train"
+            with self.signals.deferred():  # the run's files go back to the checkpoint whole
+                state = self._restore()
+                files.resume(state)
+                self.done, self.p_before = state["step"], state["p_before"]
+                self.saved_at = self.done
+                self.phase = "train"
+            self.signals.check()
             return
-        if self.before_start:
-            self.before_start()
-        files.start(dump(loop.cfg))
-        self.phase = "before"
+        with self.signals.deferred():  # the old run goes and config.yaml comes as one step
+            if self.before_start:
+                self.before_start()
+            files.start(dump(loop.cfg))
+            self.phase = "before"
+        self.signals.check()
         loop.moments.evaluate(0)
         self.p_before = loop.moments.sample("before")
         self.phase = "train"
@@ -158,22 +162,23 @@ class Session:
 
     def _interrupted(self, e: Interrupted) -> None:
         """Keep what an interrupted run has: a checkpoint where the arms agree on the step, and
-        a summary whose status says where it stopped."""
+        a summary whose status says where it stopped. Further signals are ignored meanwhile."""
         e.step = self.done if self.phase != "setup" else None
         if self.phase == "setup":
             e.note = "nothing was written"
             return
-        consistent = self.phase in ("train", "after") and not e.forced
-        if consistent and any(a.pending for a in self.loop.arms):
-            self.loop.flush()
-        if consistent and self.t.save_steps:
-            self._checkpoint()
-        e.note = (f"checkpoint at step {self.saved_at} kept" if self.saved_at is not None
-                  else "no checkpoint (set training.save_steps to make runs resumable)")
-        arms = {a.strategy.name: self._arm(a, None, None, None) for a in self.loop.arms}
-        summary = self._summary(None, arms, status="interrupted")
-        summary["interrupted_at_step"] = e.step
-        self.files.write_summary(summary)
+        with self.signals.ignored():
+            consistent = self.phase in ("train", "after") and not e.forced
+            if consistent and any(a.pending for a in self.loop.arms):
+                self.loop.flush()
+            if consistent and self.t.save_steps:
+                self._checkpoint()
+            e.note = (f"checkpoint at step {self.saved_at} kept" if self.saved_at is not None
+                      else "no checkpoint (set training.save_steps to make runs resumable)")
+            arms = {a.strategy.name: self._arm(a, None, None, None) for a in self.loop.arms}
+            summary = self._summary(None, arms, status="interrupted")
+            summary["interrupted_at_step"] = e.step
+            self.files.write_summary(summary)
 
     def _finish(self, wall: float) -> dict[str, Any]:
         """The after-measurements, the arms' files, then the summary. A file that cannot be
@@ -228,6 +233,9 @@ class Session:
     # ------------------------------------------------------------------ checkpoints
     def _save(self) -> None:
         loop = self.loop
+        if self.files.jsonl.unwritten:  # the checkpoint records metrics.jsonl's size
+            raise NoSpace("metrics.jsonl is behind (rows the full disk refused are held)",
+                          "free disk space")
         arms = [ArmCheckpoint(a.checkpoint_tensors(), a.optimizer.state_dict(), a.diverged)
                 for a in loop.arms]
         # Random states on their own: the batch stream, and the global generators that
@@ -253,7 +261,8 @@ class Session:
         if state["config_hash"] != config_hash(loop.cfg):
             raise PfreezeError(
                 f"the checkpoint in {root} belongs to another config than the one resumed now "
-                "(config.yaml changed since it was saved)",
+                "(config.yaml changed since it was saved, or another pfreeze version with other "
+                "settings wrote it)",
                 "resume with the config the run was started with, or start again with "
                 "--overwrite")
         if state["theta0_hash"] != loop.theta0_hash:
