@@ -18,6 +18,7 @@ from torch import nn
 
 from pfreeze.errors import PfreezeError
 from pfreeze.models.families import family_for
+from pfreeze.models.tiny import TINY, tiny_config
 
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -95,13 +96,15 @@ def _random_config(family: str) -> Any:
                               num_attention_heads=9, num_key_value_heads=3,
                               intermediate_size=1536, max_position_embeddings=8192,
                               rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
+    if (cfg := tiny_config(family)) is not None:
+        return cfg
     raise PfreezeError(
         f"unknown random model family '{family}'",
         f"use one of random:{', random:'.join(RANDOM_FAMILIES)}",
     )
 
 
-RANDOM_FAMILIES = ("gpt2", "gpt-neo", "gpt-neox", "llama", "gpt2-124m", "smollm2-135m")
+RANDOM_FAMILIES = ("gpt2", "gpt-neo", "gpt-neox", "llama", *TINY, "gpt2-124m", "smollm2-135m")
 
 
 def family_of(model: nn.Module) -> str:
