@@ -91,8 +91,10 @@ def test_a_family_added_as_one_entry_is_served_everywhere(
         monkeypatch: pytest.MonkeyPatch) -> None:
     model = load_model("random:llama", seed=0).model
     model.config.model_type = "toy_llama"  # a model_type no shipped family covers
+    gpt2 = load_model("random:gpt2", seed=0).model
+    gpt2.config.model_type = "toy_gpt2"  # and names no rule can be inferred from
     with pytest.raises(PfreezeError, match="add an entry to pfreeze.models.families.FAMILIES"):
-        family_of(model)
+        family_of(gpt2)
     with pytest.raises(PfreezeError, match="this one: toy_llama"):
         check(model, 50)
 

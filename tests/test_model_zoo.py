@@ -155,3 +155,48 @@ def test_single_experts_are_exactly_their_slabs(name: str, inter: int) -> None:
     assert torch.equal(got[gu], want)
     router = _plan_masks(lm.model, lm.family, "layers=1 roles=router")
     assert set(router) == {"model.layers.1.mlp.gate.weight"}
+
+
+def test_family_errors_say_what_to_do() -> None:
+    from pfreeze.errors import PfreezeError
+    from pfreeze.run.arms import make_arm
+    from pfreeze.run.arms.lora import LoraArm
+
+    llama = load_model("random:llama")
+    with pytest.raises(PfreezeError, match=r"no parameters with role \['router'\]"):
+        compile_plan(llama.model, llama.family, "roles=router")
+    with pytest.raises(PfreezeError, match="experts= but this llama model has no experts"):
+        compile_plan(llama.model, llama.family, "roles=mlp experts=0")
+    moe = load_model("random:mixtral")
+    with pytest.raises(PfreezeError, match="only 4 experts per layer"):
+        compile_plan(moe.model, moe.family, "roles=experts experts=4")
+    phi = load_model("random:phi3")
+    arm = make_arm(LoraArm(select="roles=q"), phi.family)
+    with pytest.raises(PfreezeError, match="part of the fused .*qkv_proj.weight.*roles=q,k,v"):
+        arm.build(phi.model)
+    arm = make_arm(LoraArm(select="roles=experts"), moe.family)
+    with pytest.raises(PfreezeError, match="selects MoE experts"):
+        arm.build(moe.model)
+
+
+def test_an_unknown_model_type_with_llama_names_is_inferred() -> None:
+    from pfreeze.errors import PfreezeError
+    from pfreeze.models.families import FAMILIES
+    from pfreeze.models.load import family_of
+
+    model = load_model("random:qwen2").model
+    model.config.model_type = "mylm"  # no entry covers it; its names follow the conventions
+    try:
+        assert family_of(model) == "inferred:mylm"
+        mine, qwen = describe_params(model, "inferred:mylm"), describe_params(model, "llama")
+        assert {n: i.rule.role for n, i in mine.items()} == {
+            n: i.rule.role for n, i in qwen.items()}
+        plan = compile_plan(model, "inferred:mylm", "layers=50%: roles=q,k,v")
+        assert plan.trainable == compile_plan(model, "llama", "layers=50%: roles=q,k,v").trainable
+    finally:
+        FAMILIES.pop("inferred:mylm", None)
+    gpt2 = load_model("random:gpt2").model
+    gpt2.config.model_type = "mygpt"  # transformer.h.N.attn.c_attn: nothing to infer from
+    with pytest.raises(PfreezeError, match="do not follow the Llama conventions"):
+        family_of(gpt2)
+    assert "inferred:mygpt" not in FAMILIES

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from pfreeze.errors import PfreezeError
-from pfreeze.models.families import family_for
+from pfreeze.models.families import FAMILIES, family_for
+from pfreeze.models.infer import infer_family
 from pfreeze.models.tiny import TINY, tiny_config
 
 SMOLLM2 = "smollm2-135m"
@@ -111,10 +112,15 @@ def family_of(model: nn.Module) -> str:
     """The name of the registered family (models.families.FAMILIES) that covers the model."""
     mtype = getattr(getattr(model, "config", None), "model_type", None)
     family = family_for(mtype)
+    if family is None and (family := infer_family(model)) is not None:
+        # Registered like any entry, so that every table reads the inferred rules.
+        FAMILIES[family.name] = family
     if family is None:
         raise PfreezeError(
-            f"architecture '{mtype}' is not supported by pfreeze's freeze plans",
-            "use a Llama-family, GPT-2, GPT-Neo or GPT-NeoX model, or add an entry to "
+            f"architecture '{mtype}' is not supported by pfreeze's freeze plans, and its "
+            "parameter names do not follow the Llama conventions (layers.N.self_attn.q_proj, "
+            "mlp.gate_proj, ...)",
+            "use a family listed by `pfreeze families`, or add an entry to "
             "pfreeze.models.families.FAMILIES",
         )
     return family.name
