@@ -21,7 +21,9 @@ Llama-shaped family whose attention projections are named `wq`, `wk`, `wv`, `wo`
                   Rule(r".*mlp\..*", "mlp")),
            split=Split("model", "layers", "norm"), sampler_model_types=("mylm",))
 
-ARCHITECTURES is the same registry seen as name -> Arch (block regex and rules only).
+ARCHITECTURES is the same registry seen as name -> Arch (block regex and rules only). The
+layouts a rule can name (fused q/k/v, gate/up, 3-D experts) live in `models.layouts`; a model
+no entry covers may still get a family inferred from its names (`models.infer`).
 """
 
 from __future__ import annotations
