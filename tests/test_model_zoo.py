@@ -200,3 +200,25 @@ def test_an_unknown_model_type_with_llama_names_is_inferred() -> None:
     with pytest.raises(PfreezeError, match="do not follow the Llama conventions"):
         family_of(gpt2)
     assert "inferred:mygpt" not in FAMILIES
+
+
+@pytest.mark.parametrize(("name", "keys"), [
+    ("phi3", ["L0.q", "L0.k", "L0.v", "L0.o", "L0.gate", "L0.up", "L0.down"]),
+    ("mixtral", ["L0.q", "L0.k", "L0.v", "L0.o", "L0.router", "L0.gate", "L0.up", "L0.down"]),
+    ("falcon", ["L0.q", "L0.k", "L0.v", "L0.o", "L0.up", "L0.down"]),
+])
+def test_drift_splits_every_fused_matrix_per_role(name: str, keys: list[str]) -> None:
+    from pfreeze.measure.drift import Tracker
+
+    lm = load_model(f"random:{name}")
+    infos = describe_params(lm.model, lm.family)
+    tracker = Tracker(lm.model, infos, list(infos))
+    assert sorted(k for k in tracker.keys if k.startswith("L0.")) == sorted(keys)
+    params = dict(lm.model.named_parameters())
+    with torch.no_grad():  # move k head 1's rows of block 0 (by hand): only L0.k may change
+        for n, mask in _expected(lm.model, ZOO[name][2]).items():
+            rows = mask.any(1) if mask.ndim == 2 else mask
+            params[n][rows if n.endswith("weight") else mask] += 1.0
+    _, d0 = tracker.step()
+    moved = {k for k, v in zip(tracker.keys, d0.tolist(), strict=True) if v > 0}
+    assert moved == {"L0.k"}
