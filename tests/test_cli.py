@@ -273,3 +273,15 @@ def test_plan_with_a_config_shows_every_arm_and_phase(tmp_path: Path) -> None:
     assert totals == [f"{2 * (64 * 192 + 192):,}", f"{block:,}", f"{2 * block:,}",
                       f"{3 * block:,}"]
     assert "thaw, from step 16" in result.output.replace("\n", " ")
+
+
+def test_families_lists_every_family_and_its_fused_layouts() -> None:
+    from typer.testing import CliRunner
+
+    from pfreeze.cli import app
+
+    out = CliRunner().invoke(app, ["families"], env={"COLUMNS": "200"})
+    assert out.exit_code == 0, out.output
+    for text in ("phi3", "qkv_concat", "falcon", "qkv_grouped", "mixtral", "router experts",
+                 "gemma3_text", "gptj"):
+        assert text in out.output, text

@@ -40,10 +40,13 @@ def test_every_model_type_belongs_to_exactly_one_family() -> None:
 def test_the_registry_keeps_the_supported_model_types() -> None:
     # Widening the sampler to a model_type is a decision (and a test) of its own.
     assert sampler_model_types() == ("llama", "gpt2", "gpt_neox")
-    assert FAMILIES["llama"].model_types == ("llama", "mistral", "qwen2", "qwen3", "gemma",
-                                            "gemma2", "phi3", "olmo", "olmo2")
+    assert FAMILIES["llama"].model_types == (
+        "llama", "mistral", "granite", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo",
+        "olmo2", "stablelm")
+    assert FAMILIES["phi3"].model_types == ("phi3",)  # fused qkv_proj: not the llama rules
     assert {n: f.split is not None for n, f in FAMILIES.items()} == {
-        "llama": True, "gpt2": True, "gpt-neo": False, "gpt-neox": True}
+        "llama": True, "moe": True, "phi3": True, "falcon": False, "gpt2": True,
+        "gpt-neo": False, "gptj": False, "gpt-neox": True}
     assert ARCHITECTURES["gpt2"] == FAMILIES["gpt2"].arch
     assert list(ARCHITECTURES) == list(FAMILIES)
 
@@ -88,8 +91,10 @@ def test_a_family_added_as_one_entry_is_served_everywhere(
         monkeypatch: pytest.MonkeyPatch) -> None:
     model = load_model("random:llama", seed=0).model
     model.config.model_type = "toy_llama"  # a model_type no shipped family covers
+    gpt2 = load_model("random:gpt2", seed=0).model
+    gpt2.config.model_type = "toy_gpt2"  # and names no rule can be inferred from
     with pytest.raises(PfreezeError, match="add an entry to pfreeze.models.families.FAMILIES"):
-        family_of(model)
+        family_of(gpt2)
     with pytest.raises(PfreezeError, match="this one: toy_llama"):
         check(model, 50)
 

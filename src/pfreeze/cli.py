@@ -159,6 +159,7 @@ def plan(
         name = model or "random:gpt2"
         lm = load_model(name)
         selector = select or "layers=50%: roles=q,k,v"
+        _print_inferred(lm.family)
         _print_plan(f"{name} ({lm.family}): {selector}",
                     compile_plan(lm.model, lm.family, selector), all_rows)
         return
@@ -184,6 +185,33 @@ def plan(
                 out.print(f"  from step {step}: nothing trains")
             else:
                 _print_plan(f"{acfg.name}, from step {step}: {p.selector}", p, all_rows)
+
+
+def _print_inferred(family: str) -> None:
+    from pfreeze.models.families import FAMILIES
+    from pfreeze.models.infer import describe_rules
+
+    if family.startswith("inferred:"):
+        console.print(f"no family entry covers this model; pfreeze inferred {family} from its "
+                      "parameter names, with these rules:")
+        for line in describe_rules(FAMILIES[family]):
+            console.print(f"  {escape(line)}")
+
+
+@app.command()
+def families() -> None:
+    """List the supported model families: their model_types, roles and fused layouts."""
+    from pfreeze.models.families import FAMILIES
+    from pfreeze.models.layouts import FUSED
+
+    table = Table("family", "model_types", "roles", "fused layouts")
+    for fam in FAMILIES.values():
+        roles = dict.fromkeys(r for rule in fam.rules for r in
+                              FUSED.get(rule.layout, (rule.role,)) + ("experts",) * rule.experts)
+        fused = sorted({f"{rule.role}: {rule.layout}" + " per expert" * rule.experts
+                        for rule in fam.rules if rule.layout in FUSED})
+        table.add_row(fam.name, ", ".join(fam.model_types), " ".join(roles), ", ".join(fused))
+    console.print(table)
 
 
 def _print_plan(title: str, p: Plan, all_rows: bool) -> None:

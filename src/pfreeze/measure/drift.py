@@ -5,16 +5,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pfreeze.models.families import Geometry, ParamInfo, role_index
+from pfreeze.models.layouts import Geometry, ParamInfo, pieces
 
 
 class Tracker:
     """Per step: ‖W_t − W_{t−1}‖_F and ‖W_t − W₀‖_F of every tracked matrix, on the device.
 
-    Fused matrices are split into their q/k/v pieces so every entry names one projection of
-    one block. Matrices the arm never trains are reported as exact zeros without being read
-    (the integrity audit proves they did not move). Whole matrices go through one foreach
-    norm; norms stay on the device and the loop reads them every log interval.
+    Fused matrices are split into their roles' pieces (q/k/v, gate/up) so every entry names
+    one projection of one block. Matrices the arm never trains are reported as exact zeros
+    without being read (the integrity audit proves they did not move). Whole matrices go
+    through one foreach norm; norms stay on the device and the loop reads them every log
+    interval.
     """
 
     def __init__(self, model: nn.Module, infos: dict[str, ParamInfo], names: list[str],
@@ -34,19 +35,17 @@ class Tracker:
             info = infos[n]
             prefix = f"L{info.layer}." if info.layer is not None else f"{n}:"
             i = live.index(n) if n in live else None
-            roles = "qkv" if info.rule.role == "qkv" else (info.rule.role,)
-            for r in roles:
+            for r, idx in pieces(info, g):
                 pos = len(self.keys)
                 self.keys.append(prefix + r)
                 if i is None:
                     self.frozen_keys.append(prefix + r)
                     continue
-                if info.rule.role != "qkv":
+                if idx is None:
                     self.whole.append((pos, i))
                     continue
-                idx = role_index(info, r, None, g)
                 lo = int(idx[0])
-                # GPT-2's q/k/v are contiguous column blocks: a view, no gather needed.
+                # Contiguous pieces (GPT-2, Phi-3, gate/up halves) are views: no gather needed.
                 contiguous = torch.equal(idx, torch.arange(lo, lo + len(idx)))
                 sel = slice(lo, lo + len(idx)) if contiguous else idx.to(self.params[i].device)
                 self.parts.append((pos, i, info.rule.dim, sel))

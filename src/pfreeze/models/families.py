@@ -21,7 +21,9 @@ Llama-shaped family whose attention projections are named `wq`, `wk`, `wv`, `wo`
                   Rule(r".*mlp\..*", "mlp")),
            split=Split("model", "layers", "norm"), sampler_model_types=("mylm",))
 
-ARCHITECTURES is the same registry seen as name -> Arch (block regex and rules only).
+ARCHITECTURES is the same registry seen as name -> Arch (block regex and rules only). The
+layouts a rule can name (fused q/k/v, gate/up, 3-D experts) live in `models.layouts`; a model
+no entry covers may still get a family inferred from its names (`models.infer`).
 """
 
 from __future__ import annotations
@@ -30,25 +32,13 @@ import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
-ROLES = ("q", "k", "v", "o", "mlp", "embed", "norm", "head")
+from pfreeze.models.layouts import ROLES, Geometry, ParamInfo, Rule, role_index, roles_in
 
-
-@dataclass(frozen=True)
-class Rule:
-    """How one family of parameter names maps to roles.
-
-    layout: "whole" (one role, whole tensor), "out"/"in" (one role; heads index that dim),
-    "qkv_blocks" (GPT-2: [q|k|v] blocks along `dim`), "qkv_heads" (NeoX: [head][q,k,v][hd]).
-    """
-
-    pattern: str
-    role: str
-    layout: str = "whole"
-    dim: int = 0
-
+__all__ = ["ARCHITECTURES", "FAMILIES", "ROLES", "Arch", "Family", "Geometry", "ParamInfo",
+           "Rule", "Split", "describe_params", "family_for", "first_trained_block",
+           "role_index", "roles_in", "sampler_model_types"]
 
 @dataclass(frozen=True)
 class Arch:
@@ -98,25 +88,69 @@ class Family:
         return Arch(self.block, self.rules)
 
 
+# The decoder most families share: `model.layers.N`, `self_attn.{q,k,v,o}_proj`, a gated MLP
+# `mlp.{gate,up,down}_proj`. Norms cover LayerNorm biases and per-head q/k norms (StableLM's
+# `q_layernorm.norms.H`); OLMo has no norm parameters at all, which the rules allow.
+_DECODER = (
+    Rule(r"model\.embed_tokens\.weight", "embed"),
+    Rule(r"lm_head\.weight", "head"),
+    Rule(r".*(norm|layernorm|norms\.\d+)\.(weight|bias)", "norm"),
+    Rule(r".*self_attn\.q_proj\.(weight|bias)", "q", "out", 0),
+    Rule(r".*self_attn\.k_proj\.(weight|bias)", "k", "out", 0),
+    Rule(r".*self_attn\.v_proj\.(weight|bias)", "v", "out", 0),
+    Rule(r".*self_attn\.o_proj\.weight", "o", "in", 1),
+    Rule(r".*self_attn\.o_proj\.bias", "o"),
+    Rule(r".*mlp\.gate_proj\.(weight|bias)", "gate"),
+    Rule(r".*mlp\.up_proj\.(weight|bias)", "up"),
+    Rule(r".*mlp\.down_proj\.(weight|bias)", "down"),
+)
+_MLP_REST = (Rule(r".*mlp\..*", "mlp"),)  # anything else in an MLP: roles=mlp trains it too
+# transformers stores each layer's experts as two 3-D parameters, (E, 2I, H) and (E, H, I),
+# applied as F.linear(x, W[e]): per expert (out, in), the gate half first.
+_MOE = (
+    Rule(r".*mlp\.(gate|router)\.weight", "router"),
+    Rule(r".*mlp\.experts\.gate_up_proj", "gate_up", "gate_up", 1, experts=True),
+    Rule(r".*mlp\.experts\.down_proj", "down", experts=True),
+)
+_MODEL_LAYERS = Split("model", "layers", "norm")
+
 _FAMILIES = (
+    Family("llama", model_types=("llama", "mistral", "granite", "qwen2", "qwen3", "gemma",
+                                 "gemma2", "gemma3_text", "olmo", "olmo2", "stablelm"),
+           block=r"model\.layers\.(\d+)\.", rules=_DECODER + _MLP_REST, split=_MODEL_LAYERS,
+           sampler_model_types=("llama",)),
+    Family("moe", model_types=("mixtral", "qwen3_moe", "olmoe"), block=r"model\.layers\.(\d+)\.",
+           rules=_DECODER + _MOE + _MLP_REST, split=_MODEL_LAYERS),
     Family(
-        "llama",
-        model_types=("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo",
-                     "olmo2"),
+        "phi3",
+        model_types=("phi3",),  # Phi-3, Phi-3.5 and Phi-4 all load as phi3
         block=r"model\.layers\.(\d+)\.",
         rules=(
-            Rule(r"model\.embed_tokens\.weight", "embed"),
-            Rule(r"lm_head\.weight", "head"),
-            Rule(r".*norm\.weight", "norm"),
-            Rule(r".*self_attn\.q_proj\.(weight|bias)", "q", "out", 0),
-            Rule(r".*self_attn\.k_proj\.(weight|bias)", "k", "out", 0),
-            Rule(r".*self_attn\.v_proj\.(weight|bias)", "v", "out", 0),
-            Rule(r".*self_attn\.o_proj\.weight", "o", "in", 1),
-            Rule(r".*self_attn\.o_proj\.bias", "o"),
-            Rule(r".*mlp\..*", "mlp"),
+            *_DECODER[:3],
+            Rule(r".*self_attn\.qkv_proj\.weight", "qkv", "qkv_concat", 0),
+            *_DECODER[6:8],
+            Rule(r".*mlp\.gate_up_proj\.weight", "gate_up", "gate_up", 0),
+            *_DECODER[10:],
+            *_MLP_REST,
         ),
-        split=Split("model", "layers", "norm"),
-        sampler_model_types=("llama",),
+        split=_MODEL_LAYERS,
+    ),
+    Family(
+        "falcon",
+        model_types=("falcon",),
+        block=r"transformer\.h\.(\d+)\.",
+        rules=(
+            Rule(r"transformer\.word_embeddings\.weight", "embed"),
+            Rule(r"lm_head\.weight", "head"),
+            Rule(r".*(ln_attn|ln_mlp|ln_f|layernorm)\.(weight|bias)", "norm"),
+            # One layout for all three configurations, told apart by the KV head count:
+            # grouped (new_decoder_architecture), multi-query (1 group), multi-head (1 per head).
+            Rule(r".*self_attention\.query_key_value\.(weight|bias)", "qkv", "qkv_grouped", 0),
+            Rule(r".*self_attention\.dense\.weight", "o", "in", 1),
+            Rule(r".*self_attention\.dense\.bias", "o"),
+            Rule(r".*mlp\.dense_h_to_4h\..*", "up"),
+            Rule(r".*mlp\.dense_4h_to_h\..*", "down"),
+        ),
     ),
     Family(
         "gpt2",
@@ -132,7 +166,8 @@ _FAMILIES = (
             Rule(r".*attn\.c_attn\.bias", "qkv", "qkv_blocks", 0),
             Rule(r".*attn\.c_proj\.weight", "o", "in", 0),
             Rule(r".*attn\.c_proj\.bias", "o"),
-            Rule(r".*mlp\..*", "mlp"),
+            Rule(r".*mlp\.c_fc\..*", "up"),
+            Rule(r".*mlp\.c_proj\..*", "down"),
         ),
         split=Split("transformer", "h", "ln_f", positions="wpe"),
         sampler_model_types=("gpt2",),
@@ -150,9 +185,26 @@ _FAMILIES = (
             Rule(r".*attention\.v_proj\.weight", "v", "out", 0),
             Rule(r".*attention\.out_proj\.weight", "o", "in", 1),
             Rule(r".*attention\.out_proj\.bias", "o"),
-            Rule(r".*mlp\..*", "mlp"),
+            Rule(r".*mlp\.c_fc\..*", "up"),
+            Rule(r".*mlp\.c_proj\..*", "down"),
         ),
         # No split and no sampler model_type: it trains uncached and samples with generate.
+    ),
+    Family(
+        "gptj",
+        model_types=("gptj",),
+        block=r"transformer\.h\.(\d+)\.",
+        rules=(
+            Rule(r"transformer\.wte\.weight", "embed"),
+            Rule(r"lm_head\.(weight|bias)", "head"),
+            Rule(r".*ln_(1|f)\.(weight|bias)", "norm"),
+            Rule(r".*attn\.q_proj\.weight", "q", "out", 0),
+            Rule(r".*attn\.k_proj\.weight", "k", "out", 0),
+            Rule(r".*attn\.v_proj\.weight", "v", "out", 0),
+            Rule(r".*attn\.out_proj\.weight", "o", "in", 1),
+            Rule(r".*mlp\.fc_in\..*", "up"),
+            Rule(r".*mlp\.fc_out\..*", "down"),
+        ),
     ),
     Family(
         "gpt-neox",
@@ -166,7 +218,8 @@ _FAMILIES = (
             Rule(r".*attention\.query_key_value\.(weight|bias)", "qkv", "qkv_heads", 0),
             Rule(r".*attention\.dense\.weight", "o", "in", 1),
             Rule(r".*attention\.dense\.bias", "o"),
-            Rule(r".*mlp\..*", "mlp"),
+            Rule(r".*mlp\.dense_h_to_4h\..*", "up"),
+            Rule(r".*mlp\.dense_4h_to_h\..*", "down"),
         ),
         split=Split("gpt_neox", "layers", "final_layer_norm"),
         sampler_model_types=("gpt_neox",),
@@ -203,34 +256,6 @@ class _ArchitectureView(Mapping[str, Arch]):
 ARCHITECTURES: Mapping[str, Arch] = _ArchitectureView()
 
 
-@dataclass
-class Geometry:
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-
-    @classmethod
-    def of(cls, model: nn.Module) -> Geometry:
-        c = model.config
-        heads = c.num_attention_heads
-        kv = getattr(c, "num_key_value_heads", None) or heads
-        hd = getattr(c, "head_dim", None) or c.hidden_size // heads
-        return cls(c.num_hidden_layers, heads, kv, hd)
-
-    def heads_of(self, role: str) -> int:
-        return self.n_kv_heads if role in ("k", "v") else self.n_heads
-
-
-@dataclass
-class ParamInfo:
-    name: str
-    shape: tuple[int, ...]
-    layer: int | None
-    rule: Rule
-    tied: str | None = None  # name of the parameter that shares this storage
-
-
 def describe_params(model: nn.Module, family: str) -> dict[str, ParamInfo]:
     fam = FAMILIES[family]
     out: dict[str, ParamInfo] = {}
@@ -245,36 +270,6 @@ def describe_params(model: nn.Module, family: str) -> dict[str, ParamInfo]:
         emb = next(n for n, p in model.named_parameters() if p is in_emb.weight)
         out[emb].tied = "lm_head"
     return out
-
-
-def role_index(info: ParamInfo, role: str, heads: list[int] | None,
-               g: Geometry) -> torch.Tensor | None:
-    """Indices along info.rule.dim that belong to `role` (and `heads`); None = whole tensor."""
-    rule, size = info.rule, info.shape[info.rule.dim] if info.shape else 0
-    if rule.layout == "whole":
-        return None if heads is None else torch.empty(0, dtype=torch.long)
-    if rule.layout in ("out", "in"):
-        if heads is None:
-            return None
-        hd = size // g.heads_of(role)
-        return torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in heads])
-    hs = heads if heads is not None else list(range(g.n_heads))
-    r = "qkv".index(role)
-    if rule.layout == "qkv_blocks":
-        width = size // 3
-        hd = width // g.n_heads
-        return torch.cat([torch.arange(r * width + h * hd, r * width + (h + 1) * hd) for h in hs])
-    hd = size // (3 * g.n_heads)  # qkv_heads
-    return torch.cat([torch.arange(h * 3 * hd + r * hd, h * 3 * hd + (r + 1) * hd) for h in hs])
-
-
-def roles_in(info: ParamInfo) -> tuple[str, ...]:
-    """The roles a parameter holds: q, k, v for a fused matrix, embed and head when tied."""
-    if info.rule.role == "qkv":
-        return ("q", "k", "v")
-    if info.tied:
-        return (info.rule.role, "head")
-    return (info.rule.role,)
 
 
 def first_trained_block(trained: set[str], infos: dict[str, ParamInfo], n_layers: int) -> int:

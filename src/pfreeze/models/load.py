@@ -17,7 +17,9 @@ import torch
 from torch import nn
 
 from pfreeze.errors import PfreezeError
-from pfreeze.models.families import family_for
+from pfreeze.models.families import FAMILIES, family_for
+from pfreeze.models.infer import infer_family
+from pfreeze.models.tiny import TINY, tiny_config
 
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -95,23 +97,30 @@ def _random_config(family: str) -> Any:
                               num_attention_heads=9, num_key_value_heads=3,
                               intermediate_size=1536, max_position_embeddings=8192,
                               rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
+    if (cfg := tiny_config(family)) is not None:
+        return cfg
     raise PfreezeError(
         f"unknown random model family '{family}'",
         f"use one of random:{', random:'.join(RANDOM_FAMILIES)}",
     )
 
 
-RANDOM_FAMILIES = ("gpt2", "gpt-neo", "gpt-neox", "llama", "gpt2-124m", "smollm2-135m")
+RANDOM_FAMILIES = ("gpt2", "gpt-neo", "gpt-neox", "llama", *TINY, "gpt2-124m", "smollm2-135m")
 
 
 def family_of(model: nn.Module) -> str:
     """The name of the registered family (models.families.FAMILIES) that covers the model."""
     mtype = getattr(getattr(model, "config", None), "model_type", None)
     family = family_for(mtype)
+    if family is None and (family := infer_family(model)) is not None:
+        # Registered like any entry, so that every table reads the inferred rules.
+        FAMILIES[family.name] = family
     if family is None:
         raise PfreezeError(
-            f"architecture '{mtype}' is not supported by pfreeze's freeze plans",
-            "use a Llama-family, GPT-2, GPT-Neo or GPT-NeoX model, or add an entry to "
+            f"architecture '{mtype}' is not supported by pfreeze's freeze plans, and its "
+            "parameter names do not follow the Llama conventions (layers.N.self_attn.q_proj, "
+            "mlp.gate_proj, ...)",
+            "use a family listed by `pfreeze families`, or add an entry to "
             "pfreeze.models.families.FAMILIES",
         )
     return family.name

@@ -7,7 +7,8 @@ noise (Marchenko–Pastur):
     SNR           = Σ σᵢ>τ σᵢ  /  Σ σᵢ≤τ σᵢ    (∞ when nothing falls below τ)
     score         = SNR / σ₁                   (so large-norm matrices do not win by scale)
 Matrices with a high score carry more structure than noise; Spectrum trains the top share of
-each matrix type. Fused Q/K/V matrices are scored per role slice, like every other report.
+each matrix type. Fused matrices (Q/K/V, gate/up) are scored per role slice, like every
+other report.
 The data-driven alternative, `grad_scores`, ranks by the mean gradient norm over a few batches.
 """
 
@@ -20,13 +21,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pfreeze.models.families import Geometry, describe_params, role_index
+from pfreeze.models.families import describe_params
+from pfreeze.models.layouts import Geometry
+from pfreeze.models.layouts import pieces as role_pieces
+from pfreeze.plan.selectors import ROLE_ALIASES
 
 
 @dataclass
 class MatrixScore:
     name: str
-    role: str  # q, k, v, o, or the mlp module (mlp.up_proj, …)
+    role: str  # q, k, v, o, gate, up, down, or the mlp module of other MLP parts
     layer: int | None
     shape: tuple[int, int]
     snr: float
@@ -53,17 +57,16 @@ def _matrix_type(name: str, role: str) -> str:
 
 def matrix_pieces(model: nn.Module, family: str, roles: set[str] | None = None
                   ) -> list[tuple[str, str, int | None, int, torch.Tensor | None]]:
-    """(name, type, layer, dim, index) of every 2-D block matrix; fused ones per q/k/v."""
+    """(name, type, layer, dim, index) of every 2-D block matrix; fused ones per role."""
     infos = describe_params(model, family)
     g = Geometry.of(model)
+    wanted = {r for a in roles or () for r in ROLE_ALIASES.get(a, (a,))}
     out = []
     for name, info in infos.items():
         if info.layer is None or len(info.shape) != 2:
             continue
-        pieces = ([(r, role_index(info, r, None, g)) for r in "qkv"]
-                  if info.rule.role == "qkv" else [(info.rule.role, None)])
-        for role, idx in pieces:
-            if roles is None or role in roles:
+        for role, idx in role_pieces(info, g):
+            if roles is None or role in wanted:
                 out.append((name, _matrix_type(name, role), info.layer, info.rule.dim, idx))
     return out
 
@@ -123,7 +126,7 @@ def top_selector(scores: list[MatrixScore], percent: float) -> str:
         keep = max(1, math.ceil(len(ms) * percent / 100))
         for m in sorted(ms, key=lambda m: -m.score)[:keep]:
             clause = f"re={re.escape(m.name)}"
-            if kind in ("q", "k", "v"):
+            if kind in ("q", "k", "v", "gate", "up"):
                 clause += f" roles={kind}"  # a fused matrix trains only this role's slice
             clauses.append(clause)
     return "; ".join(clauses)

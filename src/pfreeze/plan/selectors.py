@@ -8,9 +8,12 @@ hold (AND); clauses add up (OR); a clause starting with `!` removes what it matc
     re=model\\.norm\\..*             anchored regex over parameter names
     *.q_proj.weight[:, 0:64]        glob over names, then an element slice
     roles=attn; !layers=0           all attention, except block 0
+    roles=experts experts=0,3       experts 0 and 3 of every MoE layer (also roles=gate ...)
 
-Roles: q k v o attn(=q,k,v,o) mlp embed norm head. Q, K and V are exact even inside fused
-matrices (GPT-2 `c_attn` column blocks, GPT-NeoX `query_key_value` per-head interleaving).
+Roles: q k v o attn(=q,k,v,o) gate up down router experts mlp(=the whole MLP) embed norm
+head. Each is exact even inside fused matrices (GPT-2 `c_attn` column blocks, GPT-NeoX and
+Falcon `query_key_value`, Phi-3 `qkv_proj` and `gate_up_proj`, MoE expert tensors): see
+`pfreeze.models.layouts`.
 """
 
 from __future__ import annotations
@@ -25,16 +28,12 @@ import torch
 from torch import nn
 
 from pfreeze.errors import PfreezeError
-from pfreeze.models.families import (
-    ROLES,
-    Geometry,
-    ParamInfo,
-    describe_params,
-    role_index,
-    roles_in,
-)
+from pfreeze.models.families import describe_params
+from pfreeze.models.layouts import ROLES, Geometry, ParamInfo, role_index, roles_in
 
-ROLE_ALIASES = {"attn": ("q", "k", "v", "o"), "qkv": ("q", "k", "v")}
+ROLE_ALIASES = {"attn": ("q", "k", "v", "o"), "qkv": ("q", "k", "v"),
+                "mlp": ("gate", "up", "down", "router", "experts", "mlp")}
+_ROLE_WORDS = ", ".join(dict.fromkeys(ROLES + tuple(ROLE_ALIASES)))
 
 
 @dataclass
@@ -152,7 +151,9 @@ class _Clause:
     text: str
     layers: list[int] | None = None
     roles: set[str] | None = None
+    asked: list[str] = field(default_factory=list)  # the roles as written (aliases unexpanded)
     heads: list[int] | None = None
+    experts: list[int] | None = None
     filters: list[tuple[str, str, str | None]] = field(default_factory=list)  # kind, pat, idx
 
 
@@ -167,14 +168,15 @@ def _read_clause(clause: str, g: Geometry) -> _Clause:
             for r in val.split(","):
                 if r not in ROLES and r not in ROLE_ALIASES:
                     raise PfreezeError(f"unknown role '{r}' in '{clause}'",
-                                       f"roles are {', '.join(ROLES + tuple(ROLE_ALIASES))}")
+                                       f"roles are {_ROLE_WORDS}")
                 c.roles.update(ROLE_ALIASES.get(r, (r,)))
-        elif eq and key == "heads":
+                c.asked.append(r)
+        elif eq and key in ("heads", "experts"):
             items = val.split(",")
             if not all(h.strip().isdigit() for h in items):  # -1 too: it would wrap around
-                raise PfreezeError(f"heads={val}: not a list of head indices (0, 1, ...)",
-                                   "write e.g. heads=0,3")
-            c.heads = sorted({int(h) for h in items})
+                raise PfreezeError(f"{key}={val}: not a list of {key[:-1]} indices (0, 1, ...)",
+                                   f"write e.g. {key}=0,3")
+            setattr(c, key, sorted({int(h) for h in items}))
         elif eq and key == "re":
             c.filters.append(("re", val, None))
         elif not eq or "[" in key:
@@ -184,21 +186,37 @@ def _read_clause(clause: str, g: Geometry) -> _Clause:
             c.filters.append(("glob", m.group(1), m.group(2)))
         else:
             raise PfreezeError(f"unknown selector key '{key}' in '{clause}'",
-                               "keys are layers=, roles=, heads=, re=, or a name glob")
+                               "keys are layers=, roles=, heads=, experts=, re=, or a name glob")
     if c.heads is not None and c.roles is None:
         raise PfreezeError(f"'{clause}': heads= needs roles=", "write e.g. roles=q heads=0,3")
     return c
 
 
+def _check_experts(c: _Clause, params: dict[str, ParamInfo], family: str) -> None:
+    """experts= needs expert tensors, and indices below their expert count."""
+    counts = {p.shape[0] for p in params.values() if p.rule.experts}
+    if c.experts is None:
+        return
+    if not counts:
+        raise PfreezeError(f"'{c.text}': experts= but this {family} model has no experts",
+                           "drop experts=, or select MLP parts with roles=gate,up,down")
+    if c.experts[-1] >= min(counts):
+        raise PfreezeError(f"experts={','.join(map(str, c.experts))}: the model has only "
+                           f"{min(counts)} experts per layer",
+                           f"use expert indices 0..{min(counts) - 1}")
+
+
 def _check_roles(c: _Clause, params: dict[str, ParamInfo], g: Geometry, family: str) -> None:
     """Roles the family has, and head indices each role has (fewer k/v heads under GQA)."""
+    _check_experts(c, params, family)
     if not c.roles:
         return
     have = {r for p in params.values() for r in roles_in(p)}
-    if missing := c.roles - have:
+    # An alias needs one of its roles (a dense model's mlp has no router): a role, itself.
+    if missing := [r for r in c.asked if not set(ROLE_ALIASES.get(r, (r,))) & have]:
         raise PfreezeError(
             f"the {family} architecture has no parameters with role {sorted(missing)}",
-            f"roles present: {', '.join(sorted(have - {'other'}))}",
+            f"roles present: {', '.join(r for r in ROLES if r in have)}",
         )
     for r in sorted(c.roles & {"q", "k", "v", "o"}) if c.heads else ():
         n = g.heads_of(r)
@@ -216,6 +234,8 @@ def _mask(c: _Clause, name: str, info: ParamInfo, g: Geometry) -> torch.Tensor |
     """The elements of one parameter the clause trains: None (all of it), a bool mask, or
     _NO_MATCH."""
     if c.layers is not None and info.layer not in c.layers:
+        return _NO_MATCH
+    if c.experts is not None and not info.rule.experts:
         return _NO_MATCH
     index_expr = None
     for kind, pat, idx in c.filters:
@@ -235,6 +255,10 @@ def _mask(c: _Clause, name: str, info: ParamInfo, g: Geometry) -> torch.Tensor |
                 return _NO_MATCH
             mask = torch.zeros(info.shape, dtype=torch.bool)
             mask.index_fill_(info.rule.dim, sel, True)
+    if c.experts is not None:  # dim 0 of an expert tensor is the expert
+        chosen = torch.zeros(info.shape, dtype=torch.bool)
+        chosen[c.experts] = True
+        mask = chosen if mask is None else mask & chosen
     if index_expr is not None:
         if index_expr.count(",") + 1 > len(info.shape):
             return _NO_MATCH  # a glob may also hit lower-rank tensors (norms, biases)

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from pfreeze.models.families import Geometry, ParamInfo, role_index
+from pfreeze.models.layouts import Geometry, ParamInfo, pieces, role_index
 from pfreeze.plan.selectors import Plan
 
 
@@ -51,7 +51,13 @@ def _describe_heads(info: ParamInfo, mask: torch.Tensor, g: Geometry) -> str | N
     if not torch.equal(_broadcast(along, mask.ndim, dim).expand_as(mask), mask):
         return None  # the mask also cuts the other dimension
     parts = []
-    for r in ("q", "k", "v") if info.rule.role == "qkv" else (info.rule.role,):
+    for r, idx in pieces(info, g):
+        if r not in ("q", "k", "v", "o"):  # gate/up halves: whole or not at all
+            f = along if idx is None else along[idx]
+            if bool(f.any()) and not bool(f.all()):
+                return None
+            parts += [r] if bool(f.all()) else []
+            continue
         n = g.heads_of(r)
         per_head = [along[role_index(info, r, [h], g)] for h in range(n)]  # type: ignore[index]
         if any(bool(f.any()) and not bool(f.all()) for f in per_head):

@@ -11,7 +11,8 @@ from torch import nn
 
 from pfreeze.atomic import atomic_dir
 from pfreeze.errors import PfreezeError
-from pfreeze.models.families import describe_params
+from pfreeze.models.families import ParamInfo, describe_params
+from pfreeze.models.layouts import FUSED
 from pfreeze.models.load import state_hash
 from pfreeze.plan.selectors import Plan, compile_plan
 from pfreeze.run.arms.base import ArmStrategy, Export, register
@@ -25,6 +26,24 @@ class LoraArm(ArmConfig):
     alpha: float = 16.0
     dropout: float = Field(0.0, ge=0, lt=1)
 
+
+
+def _refuse_fused_parts(arm: str, select: str, plan: Plan, infos: dict[str, ParamInfo]
+                        ) -> None:
+    """LoRA adapts whole Linear modules: not one role of a fused matrix, nor 3-D experts."""
+    for name, tp in plan.tensors.items():
+        info = infos[name]
+        if info.rule.experts:
+            raise PfreezeError(f"LoRA arm '{arm}': '{select}' selects MoE experts ({name})",
+                               "experts are 3-D parameters, not Linear modules: train them "
+                               "with a plan arm (e.g. roles=experts experts=0,3)")
+        fused = FUSED.get(info.rule.layout)
+        if fused and tp.mask is not None:
+            raise PfreezeError(
+                f"LoRA arm '{arm}': '{select}' selects part of the fused {name}, which holds "
+                f"{', '.join(fused)} in one matrix",
+                f"adapt the whole module (roles={','.join(fused)}), or train the part alone "
+                "with a plan arm")
 
 
 @register(LoraArm)
@@ -45,6 +64,7 @@ class Lora(ArmStrategy):
         if not targets:
             raise PfreezeError(f"LoRA arm '{self.name}': '{self.cfg.select}' selects no matrix",
                                "select weight matrices, e.g. roles=q,k,v")
+        _refuse_fused_parts(self.name, self.cfg.select, plan, infos)
         partial = [n for n, t in plan.tensors.items() if t.mask is not None]
         if partial:
             raise PfreezeError(
@@ -55,7 +75,7 @@ class Lora(ArmStrategy):
                           target_modules=targets, fan_in_fan_out=self.family == "gpt2")
         model = get_peft_model(model, lcfg)
         adapter = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        from pfreeze.models.families import ParamInfo, Rule
+        from pfreeze.models.families import Rule
         from pfreeze.plan.selectors import TensorPlan
 
         infos_all = {n: ParamInfo(n, tuple(p.shape), None, Rule(".*", "lora"))
