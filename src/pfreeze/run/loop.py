@@ -36,7 +36,7 @@ from pfreeze.measure.heldout import fixed_windows
 from pfreeze.models.families import describe_params
 from pfreeze.models.load import LoadedModel, check_positions, count_params, load_model, state_hash
 from pfreeze.outputs.files import RunFiles
-from pfreeze.plan.masks import Freezer
+from pfreeze.plan.masks import Freezer, promote
 from pfreeze.plan.selectors import compile_plan
 from pfreeze.run import step as steps
 from pfreeze.run.arm_run import ArmRun, build_optimizer
@@ -74,7 +74,8 @@ class Loop:
         text, source = read_corpus(cfg.data.corpus, cfg.data.encoding)
         if cfg.data.strip_gutenberg:
             text = strip_gutenberg(text)
-        self.lm: LoadedModel = load_model(cfg.model.name, cfg.model.revision, seed=self.t.seed)
+        self.lm: LoadedModel = load_model(cfg.model.name, cfg.model.revision, seed=self.t.seed,
+                                               dtype=cfg.model.dtype)
         check_positions(self.lm, cfg.data.block_size, cfg.generation)
         self.stats: CorpusStats = tokenize_corpus(
             text, self.lm.tokenizer, cfg.data.validation_fraction, cfg.data.top_k,
@@ -112,6 +113,8 @@ class Loop:
             # Hash each copy where it was made (host memory): the proof that all arms share θ₀.
             h = getattr(strat, "theta0_hash", None) or state_hash(model)
             model = model.to(self.device).train()
+            if self.t.master_weights == "fp32":  # frozen tensors keep their storage dtype
+                promote(model, strat.trained_names())
             freezer = Freezer(model)
             freezer.apply(strat.first_plan())
             # Every tensor that trains at some step is registered now: flipping requires_grad
