@@ -37,7 +37,9 @@ from pfreeze.models.families import describe_params
 from pfreeze.models.load import LoadedModel, check_positions, count_params, load_model, state_hash
 from pfreeze.outputs.files import RunFiles
 from pfreeze.plan.masks import Freezer, promote
+from pfreeze.plan.memory import MemoryPlan
 from pfreeze.plan.selectors import compile_plan
+from pfreeze.run import activations, fit
 from pfreeze.run import step as steps
 from pfreeze.run.arm_run import ArmRun, build_optimizer
 from pfreeze.run.arms import ArmStrategy, make_arm
@@ -65,12 +67,16 @@ class Loop:
         self.rt = Runtime.without_model(self.t, cfg.generation)
         self.device = self.rt.device
         self.moments: Moments | None = None  # the measurements (setup)
+        self.memory: MemoryPlan | None = None  # what the arms need, by plan (setup)
         self.stage = steps.Staging(self.device)  # host ids -> device, once per step
         self.reserved_mb = 0.0  # GPU memory reserved by this process (all arms), at its peak
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         cfg = self.cfg
+        # Before anything loads: stop here if the arms cannot fit on the device together.
+        self.memory = fit.memory_plan(cfg, self.device, self.rt.bf16)
+        fit.check(self.memory)
         text, source = read_corpus(cfg.data.corpus, cfg.data.encoding)
         if cfg.data.strip_gutenberg:
             text = strip_gutenberg(text)
@@ -115,6 +121,9 @@ class Loop:
             model = model.to(self.device).train()
             if self.t.master_weights == "fp32":  # frozen tensors keep their storage dtype
                 promote(model, strat.trained_names())
+            if self.t.gradient_checkpointing:
+                activations.enable(model, activations.lowest_trained_block(
+                    strat.trained_names(), family))
             freezer = Freezer(model)
             freezer.apply(strat.first_plan())
             # Every tensor that trains at some step is registered now: flipping requires_grad

@@ -303,6 +303,7 @@ class Session:
             "config": loop.cfg.model_dump(mode="json"),
             "corpus": loop.corpus,
             "theta0_hash": loop.theta0_hash,
+            "memory_plan": loop.memory.summary() if loop.memory else None,
             # Identical θ₀ hashes mean identical models: the before-measurements ran once.
             "before_measured_once": loop.moments.shared_theta0(0),
             "wall_time_s": wall,

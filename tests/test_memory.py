@@ -1,0 +1,91 @@
+"""The memory plan (pfreeze.plan.memory): byte counts against a hand computation, and a run
+that cannot fit stops before it loads anything, with one line naming the knobs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from pfreeze.config import RunConfig
+from pfreeze.errors import PfreezeError
+from pfreeze.models.load import meta_model, model_config
+from pfreeze.outputs.files import RunFiles
+from pfreeze.plan import memory
+from pfreeze.run.fit import memory_plan
+from pfreeze.run.loop import Loop
+
+QKV = "arms=[{kind: plan, name: qkv, select: 'layers=2: roles=q,k,v'}, {kind: full}]"
+CPU = torch.device("cpu")
+
+# random:llama by hand: hidden 64, 4 heads of 16, 2 kv heads, MLP 128, 4 blocks, vocab 257.
+H, MLP, V, TOKENS = 64, 128, 257, 2 * 32  # per_device_train_batch_size 2 × block_size 32
+Q, K_OR_V = H * H, 2 * 16 * H  # q_proj 64×64; k_proj, v_proj 32×64
+BLOCK = 4 * (Q + 2 * K_OR_V + H * H + 3 * H * MLP + 2 * H)  # attention, MLP, two norms
+TOTAL = V * H + BLOCK + H  # tied embedding, blocks, final norm
+QKV_UPPER = 2 * (Q + 2 * K_OR_V)  # blocks 2 and 3
+
+
+def _buffers() -> int:
+    model = meta_model(model_config("random:llama")[0])
+    return sum(b.numel() * b.element_size() for b in model.buffers())
+
+
+@pytest.mark.parametrize(("dtype", "master", "optim", "slots"), [
+    ("bfloat16", "fp32", "adamw", 2), ("bfloat16", "storage", "adamw", 2),
+    ("float32", "fp32", "sgd", 1)])
+def test_byte_counts_match_a_hand_computation(make_config: Callable[..., RunConfig],
+                                              dtype: str, master: str, optim: str,
+                                              slots: int) -> None:
+    cfg = make_config("model.name=random:llama", QKV, f"model.dtype={dtype}",
+                      f"training.master_weights={master}", f"training.optim={optim}")
+    plan = memory_plan(cfg, CPU, bf16=False)
+    qkv, full = plan.arms
+    store = 2 if dtype == "bfloat16" else 4
+    keep = 4 if master == "fp32" else store
+    assert TOTAL == 164_480 and QKV_UPPER == 16_384
+    assert qkv.weights == (TOTAL - QKV_UPPER) * store + QKV_UPPER * keep + _buffers()
+    assert qkv.grads == QKV_UPPER * keep
+    assert qkv.optimizer == slots * QKV_UPPER * keep
+    assert full.weights == TOTAL * keep + _buffers()
+    assert full.optimizer == slots * TOTAL * keep
+    # Activations: blocks 2-3 for qkv, all 4 for full; bf16 autocast where stored in bf16.
+    b = 2 if dtype == "bfloat16" else 4
+    per_block, logits = TOKENS * (10 * H + 3 * MLP) * b, TOKENS * V * (b + 8)
+    assert qkv.activations == 2 * per_block + logits
+    assert full.activations == 4 * per_block + logits
+    assert plan.base == TOTAL * store  # θ₀ beside the arms on the CPU
+    assert plan.together == (plan.base + qkv.weights + qkv.optimizer + full.weights
+                             + full.optimizer + full.grads + full.activations)
+
+
+def test_checkpointing_keeps_block_inputs_only(make_config: Callable[..., RunConfig]) -> None:
+    cfg = make_config("model.name=random:llama", QKV, "training.gradient_checkpointing=true")
+    qkv = memory_plan(cfg, CPU, bf16=False).arms[0]
+    per_block = TOKENS * (10 * H + 3 * MLP) * 4
+    assert qkv.activations == 2 * TOKENS * H * 4 + per_block + TOKENS * V * 12
+
+
+def test_a_run_that_cannot_fit_stops_before_loading(
+        make_config: Callable[..., RunConfig], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = make_config("model.name=random:llama", QKV)
+    need = memory_plan(cfg, CPU, bf16=False).together
+    monkeypatch.setattr(memory, "free_bytes", lambda device: need - 1)  # a small device
+
+    def loaded(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("pfreeze.run.loop.load_model", loaded)
+    monkeypatch.setattr("pfreeze.run.loop.read_corpus", loaded)
+    with pytest.raises(PfreezeError) as info:
+        Loop(cfg, RunFiles(tmp_path / "run")).setup()
+    line = str(info.value)
+    assert "\n" not in line and "MiB free" in line
+    for knob in ("per_device_train_batch_size", "gradient_checkpointing", "model.dtype"):
+        assert knob in info.value.fix
+    monkeypatch.setattr(memory, "free_bytes", lambda device: need)  # just fits: goes on
+    with pytest.raises(AssertionError, match="loaded"):
+        Loop(cfg, RunFiles(tmp_path / "run")).setup()
