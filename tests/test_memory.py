@@ -3,8 +3,10 @@ that cannot fit stops before it loads anything, with one line naming the knobs."
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ from pfreeze.errors import PfreezeError
 from pfreeze.models.load import meta_model, model_config
 from pfreeze.outputs.files import RunFiles
 from pfreeze.plan import memory
+from pfreeze.run.arm_run import StepRecord
 from pfreeze.run.fit import memory_plan
 from pfreeze.run.loop import Loop
 
@@ -89,3 +92,16 @@ def test_a_run_that_cannot_fit_stops_before_loading(
     monkeypatch.setattr(memory, "free_bytes", lambda device: need)  # just fits: goes on
     with pytest.raises(AssertionError, match="loaded"):
         Loop(cfg, RunFiles(tmp_path / "run")).setup()
+
+
+def test_peak_memory_is_the_runs_not_the_last_steps(tiny_run: Any) -> None:
+    arm = dataclasses.replace(tiny_run.loop.arms[0], peak_mem_mb=None, peak_reserved_mb=None)
+    for mem, reserved in ((30.0, 100.0), (50.0, 80.0), (20.0, None)):
+        arm.note_memory(StepRecord(1, torch.zeros(()), torch.zeros(0), torch.zeros(0), 0.0,
+                                   0.0, mem, 1e-3, reserved))
+    assert (arm.peak_mem_mb, arm.peak_reserved_mb) == (50.0, 100.0)
+    figures = arm.summary(64, False, None, None, None, None)
+    assert (figures["peak_mem_mb"], figures["peak_reserved_mb"]) == (50.0, 100.0)
+    summary = tiny_run.summary
+    assert all("peak_reserved_mb" in a for a in summary["arms"].values())
+    assert summary["memory_plan"]["arms"][0]["total_mib"] > 0

@@ -234,8 +234,7 @@ class Loop:
                              "dw": dict(zip(keys, rec.dw.tolist(), strict=True)),
                              "dw0": dict(zip(keys, rec.dw0.tolist(), strict=True))})
                 last[arm.strategy.name] = lv
-                if mem is not None:
-                    arm.peak_mem_mb = max(arm.peak_mem_mb or 0.0, mem)
+                arm.note_memory(rec)
             arm.pending.clear()
         self.files.append_metrics(rows)
         return last

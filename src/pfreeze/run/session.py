@@ -295,9 +295,10 @@ class Session:
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "command": self.command, "status": status,
             "environment": {**environment(loop.rt.device), "bf16": loop.rt.bf16},
-            # What the auto settings resolved to on this device. Per arm, peak_mem_mb counts
-            # what a step allocates; CUDA-graph pools are reserved apart, for all arms
-            # together (after a resume, the larger of the two processes' peaks).
+            # What the auto settings resolved to on this device. Per arm, peak_mem_mb is the
+            # most any of its steps allocated and peak_reserved_mb the most the process held
+            # reserved during one; gpu_reserved_peak_mb is the run's, all arms together (after
+            # a resume, the larger of the two processes' peaks).
             "execution": {**loop.rt.reported(), "gpu_reserved_peak_mb": loop.reserved_mb or None},
             "model": {"name": loop.lm.name, "architecture": loop.lm.family, **loop.base_info},
             "config": loop.cfg.model_dump(mode="json"),
