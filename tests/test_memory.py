@@ -105,3 +105,18 @@ def test_peak_memory_is_the_runs_not_the_last_steps(tiny_run: Any) -> None:
     summary = tiny_run.summary
     assert all("peak_reserved_mb" in a for a in summary["arms"].values())
     assert summary["memory_plan"]["arms"][0]["total_mib"] > 0
+
+
+def test_auto_dtype_is_the_checkpoints_own(make_config: Callable[..., RunConfig],
+                                           tmp_path: Path) -> None:
+    config, own = model_config("random:llama")
+    assert not own and memory.Shape.of(config).layers == 4
+    config.dtype = "bfloat16"  # what a checkpoint saved in bf16 says
+    config.save_pretrained(tmp_path / "ckpt")
+    cfg = make_config(f"model.name={tmp_path / 'ckpt'}", "arms=[{kind: plan, select: 'layers=3'}]")
+    arm = memory_plan(cfg, CPU, bf16=False).arms[0]
+    trained = BLOCK // 4
+    assert arm.weights == (TOTAL - trained) * 2 + trained * 4 + _buffers()
+    cfg = make_config(f"model.name={tmp_path / 'ckpt'}", "model.dtype=float32",
+                      "arms=[{kind: plan, select: 'layers=3'}]")
+    assert memory_plan(cfg, CPU, bf16=False).arms[0].weights == TOTAL * 4 + _buffers()
