@@ -198,6 +198,7 @@ class RunSpec(Protocol):
     training: TrainingConfig
     generation: GenerationConfig
     arms: Sequence[ArmConfig]
+    arms_placement: str
     track: str
     output_dir: str
     save_pretrained: bool

@@ -21,6 +21,8 @@ loads anything and stops there if its arms cannot fit together.
 Gradients and activations live for one step of one arm (arms step one after the other and
 gradients are freed after each step), so arms together need Σ(weights + optimizer) + the
 largest (gradients + activations); on the CPU, θ₀ itself is held too while the arms are made.
+Placed one after the other (arms_placement: sequential), the largest arm's total is what
+counts.
 """
 
 from __future__ import annotations
@@ -90,8 +92,17 @@ class MemoryPlan:
                 + max((a.step for a in self.arms), default=0))
 
     @property
+    def alone(self) -> int:
+        """Bytes the largest arm needs on its own (arms placed one after the other)."""
+        return self.base + max((a.total for a in self.arms), default=0)
+
+    @property
     def fits(self) -> bool:
         return self.free is None or self.together <= self.free
+
+    @property
+    def fits_alone(self) -> bool:
+        return self.free is None or self.alone <= self.free
 
     def rows(self) -> list[dict[str, Any]]:
         """One row per arm, in MiB (for a table and summary.json)."""

@@ -58,14 +58,29 @@ def _arm_plans(strat: ArmStrategy, model: nn.Module, family: str
     return arm_model, plans, "", lowest_trained_block(names, family) if names else None
 
 
-def check(plan: memory.MemoryPlan) -> None:
-    """Stop, with one line, when the arms cannot fit together on the device."""
-    if plan.fits:
+def placement(plan: memory.MemoryPlan, wanted: str, save_steps: int) -> str:
+    """Where the arms go (together or sequential), or a one-line stop when they cannot fit
+    that way: `wanted` is arms_placement (auto picks together wherever it fits)."""
+    if wanted == "sequential" and save_steps:
+        raise PfreezeError("arms_placement=sequential does not checkpoint mid-run",
+                           "set training.save_steps=0, or arms_placement=together")
+    if wanted == "together" or (wanted == "auto" and (plan.fits or save_steps)):
+        _stop_unless(plan.fits, plan, plan.together, "together", plan.fits_alone)
+        return "together"
+    _stop_unless(plan.fits_alone, plan, plan.alone, "one at a time", False)
+    return "sequential"
+
+
+def _stop_unless(fits: bool, plan: memory.MemoryPlan, need: int, how: str,
+                 could_sequence: bool) -> None:
+    if fits:
         return
     big = max(plan.arms, key=lambda a: a.total)
     raise PfreezeError(
-        f"the arms need about {memory.mib(plan.together):,.0f} MiB together but {plan.device} "
+        f"the arms need about {memory.mib(need):,.0f} MiB {how} but {plan.device} "
         f"has {memory.mib(plan.free or 0):,.0f} MiB free (largest: '{big.name}', "
         f"{memory.mib(big.total):,.0f} MiB; `pfreeze plan --config` shows each arm)",
         "lower training.per_device_train_batch_size, set training.gradient_checkpointing=true "
-        "or model.dtype=bfloat16, or run fewer arms")
+        "or model.dtype=bfloat16, " + ("set arms_placement=sequential (with "
+                                       "training.save_steps=0), " if could_sequence else
+                                       "") + "or run fewer arms")
