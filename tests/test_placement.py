@@ -14,6 +14,7 @@ from conftest import read_rows, rows_of
 from pfreeze.config import RunConfig
 from pfreeze.errors import PfreezeError
 from pfreeze.outputs.files import RunFiles
+from pfreeze.outputs.report import render_report
 from pfreeze.plan import memory
 from pfreeze.run.fit import memory_plan
 from pfreeze.run.loop import Loop
@@ -59,6 +60,12 @@ def test_sequential_equals_together_on_the_cpu(make_config: Callable[..., RunCon
     assert _train_rows(tmp_path / "s") == _train_rows(tmp_path / "t")
     assert _eval_rows(tmp_path / "s") == _eval_rows(tmp_path / "t")
     assert len(loop.arms) == 1  # one arm held at a time
+    # The report has the same form either way.
+    forms = []
+    for out in (tmp_path / "t", tmp_path / "s"):
+        md = render_report(out)["md"].read_text(encoding="utf-8")
+        forms.append([line for line in md.splitlines() if line.startswith("#")])
+    assert forms[0] == forms[1] and len(forms[0]) > 3
 
 
 def test_auto_goes_sequential_when_the_arms_do_not_fit_together(
