@@ -185,7 +185,7 @@ class Session:
         loop, hashes, missing = self.loop, None, []
         self.p_before = {}
         for i in range(len(loop.cfg.arms)):
-            arm = loop.turn(i)
+            name = loop.turn(i).strategy.name  # no reference kept: the next turn frees it
             self.phase, self.done = "before", 0
             loop.moments.evaluate(0)
             self.p_before.update(loop.moments.sample("before"))
@@ -194,7 +194,7 @@ class Session:
             # The same batches as the first arm saw (an arm that stopped early saw fewer).
             hashes = hashes or loop.batch_hashes
             if loop.batch_hashes != hashes[:len(loop.batch_hashes)]:
-                raise PfreezeError(f"arm '{arm.strategy.name}' saw other batches than the first",
+                raise PfreezeError(f"arm '{name}' saw other batches than the first",
                                    "this is a pfreeze bug; please report it with the config")
             self.phase = "after"
             done, lost = self._after()
