@@ -273,3 +273,7 @@ def test_plan_with_a_config_shows_every_arm_and_phase(tmp_path: Path) -> None:
     assert totals == [f"{2 * (64 * 192 + 192):,}", f"{block:,}", f"{2 * block:,}",
                       f"{3 * block:,}"]
     assert "thaw, from step 16" in result.output.replace("\n", " ")
+    # The memory plan per arm (pfreeze.plan.memory), in MiB.
+    assert "memory plan" in result.output and "arms together:" in result.output
+    rows = re.findall(r"│ (qkv|thaw)\s+│ ([\d.]+)", result.output)
+    assert [r[0] for r in rows] == ["qkv", "thaw"] and float(rows[0][1]) > 0

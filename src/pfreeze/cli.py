@@ -201,7 +201,9 @@ def _print_memory(cfg: Any) -> None:
     for r in plan.rows():
         table.add_row(*(escape(str(r[c])) for c in (*cols, "note")))
     out.print(table)
-    out.print(plan.headline() + ("" if plan.fits else ": they do not fit"))
+    fits = ("" if plan.fits else ": they fit one at a time only" if plan.fits_alone
+            else ": they do not fit")
+    out.print(plan.headline() + fits)
 
 
 def _print_plan(title: str, p: Plan, all_rows: bool) -> None:

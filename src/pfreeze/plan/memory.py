@@ -112,11 +112,13 @@ class MemoryPlan:
 
     def summary(self) -> dict[str, Any]:
         return {"arms": self.rows(), "together_mib": mib(self.together),
+                "one_at_a_time_mib": mib(self.alone),
                 "free_mib": None if self.free is None else mib(self.free), "device": self.device}
 
     def headline(self) -> str:
         free = "unknown" if self.free is None else f"{mib(self.free):,.0f} MiB"
-        return (f"arms together: {mib(self.together):,.0f} MiB of {free} free on "
+        return (f"arms together: {mib(self.together):,.0f} MiB, one at a time "
+                f"(arms_placement: sequential): {mib(self.alone):,.0f} MiB, of {free} free on "
                 f"{self.device}")
 
 
