@@ -80,3 +80,15 @@ def test_auto_goes_sequential_when_the_arms_do_not_fit_together(
         _run(make_config, tmp_path / "b", "arms_placement=together")
     with pytest.raises(PfreezeError, match="save_steps"):
         _run(make_config, tmp_path / "c", "arms_placement=sequential", "training.save_steps=2")
+
+
+def test_sequential_with_early_stopping_matches_together(
+        make_config: Callable[..., RunConfig], tmp_path: Path) -> None:
+    # A high rate and patience 1: some arm stops before the others (fewer batches seen).
+    extra = ("training.early_stopping_patience=1", "training.eval_steps=1",
+             "training.learning_rate=0.05", "training.max_steps=6")
+    _, together = _run(make_config, tmp_path / "t", "arms_placement=together", *extra)
+    _, sequential = _run(make_config, tmp_path / "s", "arms_placement=sequential", *extra)
+    assert {n: (a["status"], a["steps"]) for n, a in sequential["arms"].items()} == \
+        {n: (a["status"], a["steps"]) for n, a in together["arms"].items()}
+    assert _train_rows(tmp_path / "s") == _train_rows(tmp_path / "t")

@@ -191,11 +191,12 @@ class Session:
             self.p_before.update(loop.moments.sample("before"))
             self.phase = "train"
             self._train()
-            # The same batches as the first arm saw (an arm that stopped early saw fewer).
-            hashes = hashes or loop.batch_hashes
-            if loop.batch_hashes != hashes[:len(loop.batch_hashes)]:
+            # The same batches as the arms before saw (one that stopped early saw fewer).
+            n = min(len(hashes or []), len(loop.batch_hashes))
+            if hashes is not None and loop.batch_hashes[:n] != hashes[:n]:
                 raise PfreezeError(f"arm '{name}' saw other batches than the first",
                                    "this is a pfreeze bug; please report it with the config")
+            hashes = max(hashes or [], loop.batch_hashes, key=len)
             self.phase = "after"
             done, lost = self._after()
             self.finished.update(done)
