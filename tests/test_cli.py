@@ -77,7 +77,8 @@ def test_cli_run_writes_the_run_directory(cli_run) -> None:
     # The auto settings as they resolved on the CPU (a GPU gets graphs, flash, pfreeze).
     assert summary["execution"] == {"compiled": False, "compile_mode": None,
                                     "attention": "model", "decoder": "generate",
-                                    "gpu_reserved_peak_mb": None}
+                                    "gpu_reserved_peak_mb": None,
+                                    "arms_placement": "together"}
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     for arm in summary["arms"]:
         assert [r["step"] for r in rows if r["kind"] == "train" and r["arm"] == arm] == [1, 2, 3, 4]
@@ -273,6 +274,10 @@ def test_plan_with_a_config_shows_every_arm_and_phase(tmp_path: Path) -> None:
     assert totals == [f"{2 * (64 * 192 + 192):,}", f"{block:,}", f"{2 * block:,}",
                       f"{3 * block:,}"]
     assert "thaw, from step 16" in result.output.replace("\n", " ")
+    # The memory plan per arm (pfreeze.plan.memory), in MiB.
+    assert "memory plan" in result.output and "arms together:" in result.output
+    rows = re.findall(r"│ (qkv|thaw)\s+│ ([\d.]+)", result.output)
+    assert [r[0] for r in rows] == ["qkv", "thaw"] and float(rows[0][1]) > 0
 
 
 def test_families_lists_every_family_and_its_fused_layouts() -> None:

@@ -185,6 +185,26 @@ def plan(
                 out.print(f"  from step {step}: nothing trains")
             else:
                 _print_plan(f"{acfg.name}, from step {step}: {p.selector}", p, all_rows)
+    _print_memory(cfg)
+
+
+def _print_memory(cfg: Any) -> None:
+    """Per arm, what it needs on the run's device (pfreeze.plan.memory)."""
+    from pfreeze.run.fit import memory_plan
+    from pfreeze.run.runtime import Runtime
+
+    rt = Runtime.without_model(cfg.training, cfg.generation)
+    plan = memory_plan(cfg, rt.device, rt.bf16)
+    table = Table(title="memory plan (MiB; an estimate: see pfreeze.plan.memory)")
+    cols = ("arm", "weights_mib", "grads_mib", "optimizer_mib", "activations_mib", "total_mib")
+    for col in (*cols, "note"):
+        table.add_column(col.removesuffix("_mib"), overflow="fold")
+    for r in plan.rows():
+        table.add_row(*(escape(str(r[c])) for c in (*cols, "note")))
+    out.print(table)
+    fits = ("" if plan.fits else ": they fit one at a time only" if plan.fits_alone
+            else ": they do not fit")
+    out.print(plan.headline() + fits)
 
 
 def _print_inferred(family: str) -> None:

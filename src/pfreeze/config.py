@@ -13,7 +13,7 @@ import difflib
 import types
 import typing
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -90,6 +90,10 @@ class RunConfig(Strict):
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     arms: list[Arm] = Field(default_factory=lambda: [{"kind": "full"}, {"kind": "plan"}],
                             min_length=1, validate_default=True)
+    # Where the arms live. together: all on the device, stepped side by side. sequential:
+    # one after the other on the identical batch stream, one arm on the device at a time.
+    # auto: together where the memory plan says they fit, else sequential.
+    arms_placement: Literal["auto", "together", "sequential"] = "auto"
     # Which matrices get per-step ‖ΔW‖ (selector language; tracked in every arm).
     track: str = "roles=q,k,v,o"
     output_dir: str = "runs/latest"

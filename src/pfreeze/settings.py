@@ -31,6 +31,10 @@ class ModelConfig(Strict):
     # `smollm2-135m` (embedded GGUF), an HF hub id, a local directory, or `random:<family>`.
     name: str = "smollm2-135m"
     revision: str | None = None
+    # How the weights are stored. auto: the checkpoint's own dtype (its config's dtype);
+    # float32 for random:<family> models and the embedded GGUF. Frozen tensors stay in it,
+    # bit for bit; trained tensors follow training.master_weights.
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
 
 
 class DataConfig(Strict):
@@ -65,6 +69,13 @@ class TrainingConfig(Strict):
     max_grad_norm: float | None = Field(1.0, gt=0)
     seed: int = 0
     bf16: bool | Literal["auto"] = "auto"
+    # Trained tensors of a model stored in bf16: fp32 copies (master weights, fp32 gradients
+    # and optimizer state), or trained in the storage dtype itself. Frozen tensors are never
+    # copied either way.
+    master_weights: Literal["fp32", "storage"] = "fp32"
+    # Recompute each block's activations in the backward (non-reentrant), from the lowest
+    # trained block up: less memory, about one more forward per step.
+    gradient_checkpointing: bool = False
     logging_steps: int = Field(10, ge=1, description="how often the host reads device metrics")
     eval_steps: int = Field(10, ge=1)
     eval_batches: int = Field(4, ge=1, description="held-out batches per evaluation")
@@ -187,6 +198,7 @@ class RunSpec(Protocol):
     training: TrainingConfig
     generation: GenerationConfig
     arms: Sequence[ArmConfig]
+    arms_placement: str
     track: str
     output_dir: str
     save_pretrained: bool

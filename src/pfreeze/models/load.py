@@ -1,7 +1,8 @@
 """Loading models: the embedded SmolLM2, any HF id or directory, and tiny random-init models.
 
-Every loader returns a plain `transformers` causal LM in float32 plus a tokenizer with a
-minimal interface, so the rest of pfreeze never branches on where a model came from.
+Every loader returns a plain `transformers` causal LM in its storage dtype (model.dtype) plus
+a tokenizer with a minimal interface, so the rest of pfreeze never branches on where a model
+came from.
 """
 
 from __future__ import annotations
@@ -162,8 +163,51 @@ def smollm2_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def load_model(name: str, revision: str | None = None, seed: int = 0) -> LoadedModel:
-    """Load `name` in float32 (training precision is chosen later, by autocast)."""
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def storage_dtype(dtype: str, config: Any = None) -> torch.dtype:
+    """model.dtype as a torch dtype; auto: the dtype `config` names (a checkpoint's own), or
+    float32 where it names none (random:<family> models, the embedded GGUF: pass None)."""
+    if dtype != "auto":
+        return DTYPES[dtype]
+    named = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(named, str):
+        named = getattr(torch, named, None)
+    return named if isinstance(named, torch.dtype) and named.is_floating_point else torch.float32
+
+
+def model_config(name: str, revision: str | None = None) -> tuple[Any, bool]:
+    """The transformers config of `name` without its weights, and whether its dtype is its
+    own (False: random:<family> and the embedded GGUF, whose auto dtype is float32)."""
+    import transformers as tf
+
+    tf.logging.set_verbosity_error()
+    if name.startswith("random:"):
+        return _random_config(name.split(":", 1)[1]), False
+    if name == SMOLLM2:  # the embedded GGUF is SmolLM2-135M: the same shape
+        return _random_config("smollm2-135m"), False
+    kw = {"revision": revision} if revision else {}
+    try:
+        return tf.AutoConfig.from_pretrained(name, **kw), True
+    except OSError:
+        raise PfreezeError(f"cannot load the config of model '{name}'",
+                           "pass a local model directory, `smollm2-135m`, or `random:<family>`"
+                           ) from None
+
+
+def meta_model(config: Any) -> nn.Module:
+    """The model of `config` on the meta device: names and shapes, no memory."""
+    import transformers as tf
+
+    with torch.device("meta"):
+        return tf.AutoModelForCausalLM.from_config(config)
+
+
+def load_model(name: str, revision: str | None = None, seed: int = 0,
+               dtype: str = "auto") -> LoadedModel:
+    """Load `name` with its weights stored in `dtype` (auto: the checkpoint's own, float32 for
+    random and GGUF models); training precision is chosen later, by autocast."""
     import transformers as tf
 
     tf.logging.set_verbosity_error()
@@ -175,16 +219,20 @@ def load_model(name: str, revision: str | None = None, seed: int = 0) -> LoadedM
         tok: ByteTokenizer | HFTokenizer = ByteTokenizer()
         if cfg.vocab_size != ByteTokenizer.vocab_size:
             tok = _ShapeOnlyTokenizer(cfg.vocab_size)
-        return LoadedModel(model.float().eval(), tok, name, family_of(model))
+        # Initialised in float32, then rounded: the same θ₀ in either storage.
+        model = model.float().to(storage_dtype(dtype))
+        return LoadedModel(model.eval(), tok, name, family_of(model))
     if name == SMOLLM2:
         d = smollm2_dir()
         kw: dict[str, Any] = {"gguf_file": SMOLLM2_GGUF}
         source = str(d)
+        want: Any = storage_dtype(dtype)
     else:
         kw = {"revision": revision} if revision else {}
         source = name
+        want = "auto" if dtype == "auto" else DTYPES[dtype]
     try:
-        model = tf.AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kw)
+        model = tf.AutoModelForCausalLM.from_pretrained(source, dtype=want, **kw)
         hf_tok = tf.AutoTokenizer.from_pretrained(source, **kw)
     except OSError as e:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "connect" in str(e).lower()

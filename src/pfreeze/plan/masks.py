@@ -144,6 +144,23 @@ def check_audit(arm: str, result: dict[str, object]) -> None:
         )
 
 
+@torch.no_grad()
+def promote(model: nn.Module, names: Iterable[str], dtype: torch.dtype = torch.float32) -> int:
+    """Give the named parameters fp32 master values (in place, before any Freezer or optimizer
+    sees them): gradients and optimizer state then follow in fp32, while every other tensor
+    keeps its storage dtype. Exact: bf16 values are fp32 values, so a partly trainable tensor's
+    frozen elements keep their bits. Tied weights are one Parameter: promoted once. Returns
+    the number of tensors promoted."""
+    params = dict(model.named_parameters())
+    n = 0
+    for name in names:
+        p = params.get(name)
+        if p is not None and p.dtype != dtype and p.is_floating_point():
+            p.data = p.data.to(dtype)
+            n += 1
+    return n
+
+
 # Per-element state slots: AdamW keeps exp_avg and exp_avg_sq, SGD one momentum buffer.
 STATE_SLOTS = {"adamw": 2, "adamw_fused": 2, "sgd": 1}
 

@@ -50,6 +50,7 @@ class StepRecord:
     end: Any
     mem_mb: float | None  # peak memory allocated in the step (GPU)
     lr: float  # the learning rate the step used
+    reserved_mb: float | None = None  # peak memory reserved by the process in the step (GPU)
 
     def seconds(self) -> float:
         if hasattr(self.start, "elapsed_time"):  # CUDA events (after a synchronize)
@@ -75,7 +76,10 @@ class ArmRun:
     losses: list[float] = field(default_factory=list)
     times: list[float] = field(default_factory=list)
     evals: list[tuple[int, float | None, float | None]] = field(default_factory=list)
+    # Over every step of the run (not the last one's): allocated by the step, and reserved by
+    # the process during it (CUDA-graph pools and the other arms' memory included).
     peak_mem_mb: float | None = None
+    peak_reserved_mb: float | None = None
     stopped: str | None = None  # why this arm stopped early, if it did
     diverged: bool = False  # non-finite loss: no evaluation or sampling is possible
     best: tuple[int, float] | None = None  # (step, held-out loss) of the best evaluation
@@ -86,6 +90,13 @@ class ArmRun:
         """What the frozen-prefix cache did, or why this arm has none."""
         return self.prefix.summary() if self.prefix else {"off": self.prefix_note}
 
+
+    def note_memory(self, rec: StepRecord) -> None:
+        """Fold one step's peaks into the run's."""
+        if rec.mem_mb is not None:
+            self.peak_mem_mb = max(self.peak_mem_mb or 0.0, rec.mem_mb)
+        if rec.reserved_mb is not None:
+            self.peak_reserved_mb = max(self.peak_reserved_mb or 0.0, rec.reserved_mb)
 
     @property
     def step_model(self) -> nn.Module:
@@ -118,7 +129,8 @@ class ArmRun:
             "val_loss_best": best[1], "val_loss_best_step": best[0],
             "val_loss_after": self.evals[-1][1] if p_after is not None else None,
             "train_loss_after": self.evals[-1][2] if p_after is not None else None,
-            "peak_mem_mb": self.peak_mem_mb, "p_before": p_before, "p_after": p_after,
+            "peak_mem_mb": self.peak_mem_mb, "peak_reserved_mb": self.peak_reserved_mb,
+            "p_before": p_before, "p_after": p_after,
             "integrity": audit, "p_best": p_best,
             # ‖ΔW‖ keys of matrices this arm never trains: exact zeros, not a measured 0.
             "tracked_frozen": self.tracker.frozen_keys,
@@ -137,6 +149,7 @@ class ArmRun:
         """What a resume needs of this arm besides tensors and the optimizer (JSON)."""
         return {"name": self.strategy.name, "losses": self.losses, "times": self.times,
                 "evals": self.evals, "peak_mem_mb": self.peak_mem_mb,
+                "peak_reserved_mb": self.peak_reserved_mb,
                 "scheduler": self.scheduler.state_dict(), "best": self.best,
                 "bad_evals": self.bad_evals, "stopped": self.stopped, "diverged": self.diverged}
 
@@ -161,6 +174,7 @@ class ArmRun:
         self.losses, self.times = saved["losses"], saved["times"]
         self.evals = [tuple(e) for e in saved["evals"]]
         self.peak_mem_mb = saved["peak_mem_mb"]
+        self.peak_reserved_mb = saved.get("peak_reserved_mb")  # older checkpoints lack it
         self.best = tuple(saved["best"]) if saved["best"] else None  # type: ignore[assignment]
         self.bad_evals, self.stopped = saved["bad_evals"], saved["stopped"]
         self.diverged = saved["diverged"]

@@ -36,15 +36,17 @@ from pfreeze.measure.heldout import fixed_windows
 from pfreeze.models.families import describe_params
 from pfreeze.models.load import LoadedModel, check_positions, count_params, load_model, state_hash
 from pfreeze.outputs.files import RunFiles
-from pfreeze.plan.masks import Freezer
+from pfreeze.plan.masks import Freezer, promote
+from pfreeze.plan.memory import MemoryPlan
 from pfreeze.plan.selectors import compile_plan
+from pfreeze.run import activations, fit
 from pfreeze.run import step as steps
 from pfreeze.run.arm_run import ArmRun, build_optimizer
 from pfreeze.run.arms import ArmStrategy, make_arm
 from pfreeze.run.moments import Moments
 from pfreeze.run.prefix import Caches, PrefixCache
-from pfreeze.run.runtime import Runtime
-from pfreeze.settings import RunSpec
+from pfreeze.run.runtime import Runtime, release
+from pfreeze.settings import ArmConfig, RunSpec
 
 
 class Loop:
@@ -64,73 +66,111 @@ class Loop:
         self.rt = Runtime.without_model(self.t, cfg.generation)
         self.device = self.rt.device
         self.moments: Moments | None = None  # the measurements (setup)
+        self.memory: MemoryPlan | None = None  # what the arms need, by plan (setup)
+        self.placement = "together"  # or sequential: one arm on the device at a time (setup)
+        self.theta0: tuple | None = None  # (θ₀, family, its params, tracked names): builds arms
         self.stage = steps.Staging(self.device)  # host ids -> device, once per step
         self.reserved_mb = 0.0  # GPU memory reserved by this process (all arms), at its peak
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         cfg = self.cfg
+        # Before anything loads: stop here if the arms cannot fit on the device (together,
+        # or one at a time where arms_placement allows).
+        self.memory = fit.memory_plan(cfg, self.device, self.rt.bf16)
+        self.placement = fit.placement(self.memory, cfg.arms_placement, self.t.save_steps)
         text, source = read_corpus(cfg.data.corpus, cfg.data.encoding)
         if cfg.data.strip_gutenberg:
             text = strip_gutenberg(text)
-        self.lm: LoadedModel = load_model(cfg.model.name, cfg.model.revision, seed=self.t.seed)
+        self.lm: LoadedModel = load_model(cfg.model.name, cfg.model.revision, seed=self.t.seed,
+                                               dtype=cfg.model.dtype)
         check_positions(self.lm, cfg.data.block_size, cfg.generation)
         self.stats: CorpusStats = tokenize_corpus(
             text, self.lm.tokenizer, cfg.data.validation_fraction, cfg.data.top_k,
             min_tokens=cfg.data.block_size)
         self.corpus = {"source": source, **describe(self.stats, self.lm.tokenizer.decode)}
-        batch = self.t.per_device_train_batch_size * self.t.gradient_accumulation_steps
-        self.stream = BatchStream(self.stats.train_ids, cfg.data.block_size, batch, self.t.seed,
-                                  cfg.data.sampling)
+        self.stream = self.new_stream()
         n_eval = self.t.eval_batches * self.t.per_device_train_batch_size
         self.val_windows = fixed_windows(self.stats.val_ids, cfg.data.block_size, n_eval)
         self.train_windows = fixed_windows(self.stats.train_ids, cfg.data.block_size, n_eval)
         self.theta0_hash = state_hash(self.lm.model)
         # Adapter initialisation and any dropout draw from the global generator: seed it.
         torch.manual_seed(self.t.seed)
-        self.build_arms(self.lm.model, self.lm.family)
-        del self.lm.model  # each arm holds its own copy now
+        if self.placement == "sequential":  # θ₀ stays on the host; arms are built in turn
+            self.build_arms(self.lm.model, self.lm.family, [])
+        else:
+            self.build_arms(self.lm.model, self.lm.family)
+            self.theta0 = None
+            del self.lm.model  # each arm holds its own copy now
         self.moments = Moments(self.arms, self.rt, self.val_windows, self.train_windows,
                                self.t, cfg.generation, self.lm.tokenizer, self.stats.top_set,
                                self.files)
 
-    def build_arms(self, base: nn.Module, family: str) -> None:
-        """Copy θ₀ into every arm, apply its first plan, build its optimizer and tracker."""
-        from transformers import get_scheduler
+    def new_stream(self) -> BatchStream:
+        """The run's batch stream from its start (every arm sees the same batches)."""
+        batch = self.t.per_device_train_batch_size * self.t.gradient_accumulation_steps
+        return BatchStream(self.stats.train_ids, self.cfg.data.block_size, batch, self.t.seed,
+                           self.cfg.data.sampling)
 
+    def build_arms(self, base: nn.Module, family: str, which: list[int] | None = None) -> None:
+        """Copy θ₀ into every arm (or the arms `which`), apply its first plan, build its
+        optimizer and tracker."""
         self.rt = Runtime.resolve(self.t, self.cfg.generation, base, self.cfg.data.block_size)
         infos = describe_params(base, family)
         self.base_info = {"n_layers": base.config.num_hidden_layers,
                           "total_params": count_params(base),
                           "tied_embeddings": any(i.tied for i in infos.values())}
         tracked = list(compile_plan(base, family, self.cfg.track).tensors)
-        self.arms = []
-        for acfg in self.cfg.arms:
-            strat = make_arm(acfg, family, self.t.max_steps, self.calibration_batches)
-            model = strat.build(base)
-            # Hash each copy where it was made (host memory): the proof that all arms share θ₀.
-            h = getattr(strat, "theta0_hash", None) or state_hash(model)
-            model = model.to(self.device).train()
-            freezer = Freezer(model)
-            freezer.apply(strat.first_plan())
-            # Every tensor that trains at some step is registered now: flipping requires_grad
-            # later does nothing for a tensor the optimizer has never seen.
-            ever = [p for n, p in freezer.params.items() if n in strat.trained_names()]
-            opt = build_optimizer(ever, self.t, self.device)
-            sched = get_scheduler(self.t.lr_scheduler_type, opt,
-                                  num_warmup_steps=self.t.warmup_steps,
-                                  num_training_steps=self.t.max_steps,
-                                  scheduler_specific_kwargs=self.t.lr_scheduler_kwargs or None)
-            tracker = Tracker(model, infos, tracked if strat.tracks_base_weights else [],
-                              trained=strat.trained_names())
-            prefix, note = self._prefix_cache(model, family, strat, infos)
-            arm = ArmRun(strat, model, freezer, opt, sched, tracker, h, None, prefix, note)
-            arm.step_fn = self.compiled_step(arm)
-            self.arms.append(arm)
-        if self.t.prefix_cache is True and not any(a.prefix for a in self.arms):
+        self.theta0 = (base, family, infos, tracked)
+        arms = self.cfg.arms if which is None else [self.cfg.arms[i] for i in which]
+        self.arms = [self._build(acfg) for acfg in arms]
+        if which is None and self.t.prefix_cache is True and not any(a.prefix for a in self.arms):
             why = "; ".join(f"{a.strategy.name}: {a.prefix_note}" for a in self.arms)
             raise PfreezeError(f"training.prefix_cache=true, but no arm can use it ({why})",
                                "set training.prefix_cache=auto (or false)")
+
+    def turn(self, i: int) -> ArmRun:
+        """arms_placement=sequential: arm `i` alone on the device, on the stream from its
+        start; the previous arm's memory is given back first."""
+        self.arms = []
+        if self.moments is not None:
+            self.moments.arms = self.arms
+        release()
+        self.caches, self.stream, self.batch_hashes = None, self.new_stream(), []
+        torch.manual_seed(self.t.seed)
+        self.arms.append(self._build(self.cfg.arms[i]))
+        return self.arms[0]
+
+    def _build(self, acfg: ArmConfig) -> ArmRun:
+        from transformers import get_scheduler
+
+        base, family, infos, tracked = self.theta0
+        strat = make_arm(acfg, family, self.t.max_steps, self.calibration_batches)
+        model = strat.build(base)
+        # Hash each copy where it was made (host memory): the proof that all arms share θ₀.
+        h = getattr(strat, "theta0_hash", None) or state_hash(model)
+        model = model.to(self.device).train()
+        if self.t.master_weights == "fp32":  # frozen tensors keep their storage dtype
+            promote(model, strat.trained_names())
+        if self.t.gradient_checkpointing:
+            activations.enable(model, activations.lowest_trained_block(
+                strat.trained_names(), family))
+        freezer = Freezer(model)
+        freezer.apply(strat.first_plan())
+        # Every tensor that trains at some step is registered now: flipping requires_grad
+        # later does nothing for a tensor the optimizer has never seen.
+        ever = [p for n, p in freezer.params.items() if n in strat.trained_names()]
+        opt = build_optimizer(ever, self.t, self.device)
+        sched = get_scheduler(self.t.lr_scheduler_type, opt,
+                              num_warmup_steps=self.t.warmup_steps,
+                              num_training_steps=self.t.max_steps,
+                              scheduler_specific_kwargs=self.t.lr_scheduler_kwargs or None)
+        tracker = Tracker(model, infos, tracked if strat.tracks_base_weights else [],
+                          trained=strat.trained_names())
+        prefix, note = self._prefix_cache(model, family, strat, infos)
+        arm = ArmRun(strat, model, freezer, opt, sched, tracker, h, None, prefix, note)
+        arm.step_fn = self.compiled_step(arm)
+        return arm
 
     def _prefix_cache(self, model: nn.Module, family: str, strat: ArmStrategy,
                       infos: dict) -> tuple[PrefixCache | None, str]:
@@ -221,8 +261,7 @@ class Loop:
                              "dw": dict(zip(keys, rec.dw.tolist(), strict=True)),
                              "dw0": dict(zip(keys, rec.dw0.tolist(), strict=True))})
                 last[arm.strategy.name] = lv
-                if mem is not None:
-                    arm.peak_mem_mb = max(arm.peak_mem_mb or 0.0, mem)
+                arm.note_memory(rec)
             arm.pending.clear()
         self.files.append_metrics(rows)
         return last

@@ -102,6 +102,16 @@ def _bf16(t: TrainingConfig, device: torch.device) -> bool:
     return bool(t.bf16)
 
 
+def _stored_below_fp32(t: TrainingConfig, model: nn.Module) -> bool:
+    """A model stored in bf16 runs under bf16 autocast on any device (CPU included): fp32
+    master weights sit beside bf16 frozen tensors, and only autocast multiplies the two."""
+    low = next((p.dtype for p in model.parameters() if p.dtype != torch.float32), None)
+    if low is not None and t.bf16 is False:
+        raise PfreezeError(f"the model is stored in {str(low).removeprefix('torch.')}, but "
+                           "training.bf16=false", "set training.bf16=auto, or model.dtype=float32")
+    return low is not None
+
+
 @dataclass(frozen=True)
 class Runtime:
     """What `auto` resolved to for this run (and the explicit settings, checked)."""
@@ -122,7 +132,7 @@ class Runtime:
     def resolve(cls, t: TrainingConfig, g: GenerationConfig, model: nn.Module,
                 block: int) -> Runtime:
         device = check(t)
-        bf16 = _bf16(t, device)
+        bf16 = _bf16(t, device) or _stored_below_fp32(t, model)
         compiled = resolve_compile(t.torch_compile, device, t.max_steps)
         mode = resolve_compile_mode(t.torch_compile_mode, device, t.gradient_accumulation_steps)
         attention = resolve_backend(t.attention_backend, device, bf16, model, block,

@@ -53,6 +53,7 @@ class Session:
         self.command = command  # the CLI's; None for runs from the Python API
         self.before_start = before_start  # a repeat's parent directory, written once setup passed
         self.phase, self.done, self.p_before = "setup", 0, None
+        self.finished: dict[str, Any] = {}  # arms_placement=sequential: arms done, summaries
         self.saved_at: int | None = None  # the step of the last checkpoint written
         self.tried_at: int | None = None  # the step of the last checkpoint attempted
 
@@ -64,6 +65,8 @@ class Session:
             try:
                 self._begin(resume)
                 t_start = time.perf_counter()
+                if self.loop.placement == "sequential":
+                    return self._sequential(t_start)
                 self._train()
                 return self._finish(time.perf_counter() - t_start)
             except Interrupted as e:
@@ -175,16 +178,46 @@ class Session:
                 self._checkpoint()
             e.note = (f"checkpoint at step {self.saved_at} kept" if self.saved_at is not None
                       else "no checkpoint (set training.save_steps to make runs resumable)")
-            arms = {a.strategy.name: self._arm(a, None, None, None) for a in self.loop.arms}
+            arms = {**self.finished,
+                    **{a.strategy.name: self._arm(a, None, None, None) for a in self.loop.arms}}
             summary = self._summary(None, arms, status="interrupted")
             summary["interrupted_at_step"] = e.step
             self.files.write_summary(summary)
 
+    def _sequential(self, t_start: float) -> dict[str, Any]:
+        """arms_placement=sequential: each arm's whole run in turn (before, steps, after) on
+        the batch stream from its start, one arm on the device; then the summary of all."""
+        loop, hashes, missing = self.loop, None, []
+        self.p_before = {}
+        for i in range(len(loop.cfg.arms)):
+            name = loop.turn(i).strategy.name  # no reference kept: the next turn frees it
+            self.phase, self.done = "before", 0
+            loop.moments.evaluate(0)
+            self.p_before.update(loop.moments.sample("before"))
+            self.phase = "train"
+            self._train()
+            # The same batches as the arms before saw (one that stopped early saw fewer).
+            n = min(len(hashes or []), len(loop.batch_hashes))
+            if hashes is not None and loop.batch_hashes[:n] != hashes[:n]:
+                raise PfreezeError(f"arm '{name}' saw other batches than the first",
+                                   "this is a pfreeze bug; please report it with the config")
+            hashes = max(hashes or [], loop.batch_hashes, key=len)
+            self.phase = "after"
+            done, lost = self._after()
+            self.finished.update(done)
+            missing += lost
+        loop.batch_hashes = hashes or []
+        return self._conclude(time.perf_counter() - t_start, self.finished, missing)
+
     def _finish(self, wall: float) -> dict[str, Any]:
-        """The after-measurements, the arms' files, then the summary. A file that cannot be
-        written (a full disk, a model that will not serialise) costs that file alone: the
-        summary says what is missing and the run ends with one line."""
-        self.phase, loop = "after", self.loop
+        """The after-measurements, the arms' files, then the summary."""
+        self.phase = "after"
+        return self._conclude(wall, *self._after())
+
+    def _after(self) -> tuple[dict[str, Any], list[dict[str, str]]]:
+        """The after-measurements and files of the arms in the loop; their summaries and the
+        files that could not be written."""
+        loop = self.loop
         loop.moments.evaluate(self.t.max_steps)
         p_after = loop.moments.sample("after")
         p_best = loop.moments.sample_best() if self.t.keep_best else {}
@@ -192,13 +225,20 @@ class Session:
         arms_summary = {a.strategy.name: self._arm(a, p_after[a.strategy.name],
                                                    p_best.get(a.strategy.name), a.freezer.audit())
                         for a in loop.arms}
-        summary = self._summary(wall, arms_summary)
         # The arms' files first: a summary that says "finished" promises them (a kill between
         # the two must leave a run to resume, not a finished one without its tensors).
         missing = []
         for arm in loop.arms:
             missing += self.files.save_arm(arm.strategy, arm.model, loop.lm.tokenizer,
                                            loop.cfg.save_pretrained, arm.best_state)
+        return arms_summary, missing
+
+    def _conclude(self, wall: float, arms_summary: dict[str, Any],
+                  missing: list[dict[str, str]]) -> dict[str, Any]:
+        """The summary, written last. A file that cannot be written (a full disk, a model
+        that will not serialise) costs that file alone: the summary says what is missing and
+        the run ends with one line."""
+        summary = self._summary(wall, arms_summary)
         missing += self.files.close_metrics()
         if missing:
             summary["missing_outputs"] = missing
@@ -300,16 +340,20 @@ class Session:
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "command": self.command, "status": status,
             "environment": {**environment(loop.rt.device), "bf16": loop.rt.bf16},
-            # What the auto settings resolved to on this device. Per arm, peak_mem_mb counts
-            # what a step allocates; CUDA-graph pools are reserved apart, for all arms
-            # together (after a resume, the larger of the two processes' peaks).
-            "execution": {**loop.rt.reported(), "gpu_reserved_peak_mb": loop.reserved_mb or None},
+            # What the auto settings resolved to on this device. Per arm, peak_mem_mb is the
+            # most any of its steps allocated and peak_reserved_mb the most the process held
+            # reserved during one; gpu_reserved_peak_mb is the run's, all arms together (after
+            # a resume, the larger of the two processes' peaks).
+            "execution": {**loop.rt.reported(), "gpu_reserved_peak_mb": loop.reserved_mb or None,
+                          "arms_placement": loop.placement},
             "model": {"name": loop.lm.name, "architecture": loop.lm.family, **loop.base_info},
             "config": loop.cfg.model_dump(mode="json"),
             "corpus": loop.corpus,
             "theta0_hash": loop.theta0_hash,
+            "memory_plan": loop.memory.summary() if loop.memory else None,
             # Identical θ₀ hashes mean identical models: the before-measurements ran once.
-            "before_measured_once": loop.moments.shared_theta0(0),
+            "before_measured_once": (loop.placement == "together"
+                                     and loop.moments.shared_theta0(0)),
             "wall_time_s": wall,
             "arms": arms,
         }

@@ -145,7 +145,8 @@ def train_step(arm: ArmRun, step: int, batch: torch.Tensor, windows: torch.Tenso
         # reserved peak (all arms) is what bounds the batch, so it is kept too.
         reserved = torch.cuda.max_memory_reserved(rt.device) / 2**20
     dw, dw0 = arm.tracker.step()
-    arm.pending.append(StepRecord(step + 1, total, dw, dw0, start, end, mem, lr))
+    arm.pending.append(StepRecord(step + 1, total, dw, dw0, start, end, mem, lr,
+                                   reserved))
     if t.integrity_steps and (step + 1) % t.integrity_steps == 0:
         check_audit(arm.strategy.name, arm.freezer.audit())
     return reserved
