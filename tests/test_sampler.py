@@ -117,3 +117,18 @@ def test_the_decode_step_compiles_once_for_every_call_and_arm(monkeypatch: pytes
         sample(model, x, (mask == 0).sum(1), 4, top_k=5, temperature=1.0, eos=None,
                seed=seed, bf16=False, graph=True)
     assert counter.frame_count == 1
+
+
+def test_the_summary_says_why_auto_did_not_use_pfreezes_sampler(tiny_run) -> None:  # noqa: ANN001
+    from pfreeze.measure.sampler import why_not
+    from pfreeze.models.load import load_model
+
+    gpu = torch.device("cuda")  # only its type is read
+    assert why_not(load_model("random:llama").model, 50, gpu) is None
+    assert why_not(load_model("random:mistral").model, 50, gpu) == (
+        "pfreeze's sampler needs generation.top_k and a model of type llama, gpt2, gpt_neox "
+        "(this one: mistral)")
+    assert "top_k" in why_not(load_model("random:llama").model, None, gpu)
+    execution = tiny_run.summary["execution"]  # a CPU run of auto
+    assert execution["decoder"] == "generate"
+    assert execution["decoder_note"].startswith("on the CPU generate is kept")

@@ -92,19 +92,25 @@ def resolve(decoder: str, model: nn.Module, top_k: int | None, device: torch.dev
     """The decoder sampling uses: `decoder` once checked; for auto, pfreeze on a GPU where it
     can serve the model (its gain is the CUDA graph; on the CPU generate stays, the sampler
     the README's demo figures were drawn with)."""
+    if decoder == "pfreeze":
+        check(model, top_k)
+    if decoder != "auto":
+        return decoder
+    return "generate" if why_not(model, top_k, device) else "pfreeze"
+
+
+def why_not(model: nn.Module, top_k: int | None, device: torch.device) -> str | None:
+    """Why `auto` samples with transformers' generate rather than this sampler (None: it
+    does not), in words for the summary."""
     from pfreeze.errors import PfreezeError
 
-    if decoder != "auto":
-        if decoder == "pfreeze":
-            check(model, top_k)
-        return decoder
     if device.type != "cuda":
-        return "generate"
+        return "on the CPU generate is kept (this sampler's gain is its CUDA graph)"
     try:
         check(model, top_k)
-    except PfreezeError:
-        return "generate"
-    return "pfreeze"
+    except PfreezeError as e:
+        return e.problem.replace("generation.decoder=pfreeze needs", "pfreeze's sampler needs")
+    return None
 
 
 @torch.no_grad()

@@ -16,6 +16,7 @@ from torch import nn
 
 from pfreeze.errors import PfreezeError
 from pfreeze.measure.sampler import resolve as resolve_decoder
+from pfreeze.measure.sampler import why_not
 from pfreeze.run.attention import check_backend, resolve_backend
 from pfreeze.settings import GenerationConfig, TrainingConfig
 
@@ -122,6 +123,7 @@ class Runtime:
     compile_mode: str  # default, reduce-overhead (CUDA graphs), max-autotune
     attention: str  # the training step's attention kernel: model, sdpa, flash, cudnn, ...
     decoder: str  # the sampler p is measured with: generate or pfreeze
+    decoder_note: str = ""  # why auto chose generate (pfreeze's sampler cannot serve it here)
 
     @property
     def graphs(self) -> bool:
@@ -138,7 +140,8 @@ class Runtime:
         attention = resolve_backend(t.attention_backend, device, bf16, model, block,
                                     graphs=uses_graphs(compiled, mode))
         decoder = resolve_decoder(g.decoder, model, g.top_k, device)
-        return cls(device, bf16, compiled, mode, attention, decoder)
+        note = (why_not(model, g.top_k, device) or "") if g.decoder == "auto" else ""
+        return cls(device, bf16, compiled, mode, attention, decoder, note)
 
     @classmethod
     def without_model(cls, t: TrainingConfig, g: GenerationConfig) -> Runtime:
@@ -158,7 +161,8 @@ class Runtime:
 
     def reported(self) -> dict[str, Any]:
         """What summary.json and the bench report."""
-        return {**self.settings(), "compile_mode": self.compile_mode if self.compiled else None}
+        return {**self.settings(), "compile_mode": self.compile_mode if self.compiled else None,
+                "decoder_note": self.decoder_note or None}
 
     def resumed(self, saved: dict[str, Any], t: TrainingConfig, model: nn.Module, block: int,
                 warn: Callable[[str], None]) -> Runtime:
@@ -183,5 +187,8 @@ class Runtime:
             warn(f"resumed with torch_compile_mode=default, not {mode}: CUDA graphs cannot "
                  "run with gradient accumulation")
             mode = "default"
-        return replace(self, attention=attention, decoder=saved["decoder"], compiled=compiled,
+        note = self.decoder_note if saved["decoder"] == self.decoder else (
+            "the sampler the run started with, kept by the resume")
+        return replace(self, attention=attention, decoder=saved["decoder"], decoder_note=note,
+                       compiled=compiled,
                        compile_mode=mode)
