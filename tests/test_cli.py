@@ -78,7 +78,9 @@ def test_cli_run_writes_the_run_directory(cli_run) -> None:
     assert summary["execution"] == {"compiled": False, "compile_mode": None,
                                     "attention": "model", "decoder": "generate",
                                     "gpu_reserved_peak_mb": None,
-                                    "arms_placement": "together"}
+                                    "arms_placement": "together",
+                                    "decoder_note": "on the CPU generate is kept (this "
+                                                    "sampler's gain is its CUDA graph)"}
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     for arm in summary["arms"]:
         assert [r["step"] for r in rows if r["kind"] == "train" and r["arm"] == arm] == [1, 2, 3, 4]
