@@ -34,7 +34,15 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from pfreeze.models.layouts import ROLES, Geometry, ParamInfo, Rule, role_index, roles_in
+from pfreeze.models.layouts import (
+    ROLES,
+    Geometry,
+    ParamInfo,
+    Rule,
+    decoder_rules,
+    role_index,
+    roles_in,
+)
 
 __all__ = ["ARCHITECTURES", "FAMILIES", "ROLES", "Arch", "Family", "Geometry", "ParamInfo",
            "Rule", "Split", "describe_params", "family_for", "first_trained_block",
@@ -91,19 +99,7 @@ class Family:
 # The decoder most families share: `model.layers.N`, `self_attn.{q,k,v,o}_proj`, a gated MLP
 # `mlp.{gate,up,down}_proj`. Norms cover LayerNorm biases and per-head q/k norms (StableLM's
 # `q_layernorm.norms.H`); OLMo has no norm parameters at all, which the rules allow.
-_DECODER = (
-    Rule(r"model\.embed_tokens\.weight", "embed"),
-    Rule(r"lm_head\.weight", "head"),
-    Rule(r".*(norm|layernorm|norms\.\d+)\.(weight|bias)", "norm"),
-    Rule(r".*self_attn\.q_proj\.(weight|bias)", "q", "out", 0),
-    Rule(r".*self_attn\.k_proj\.(weight|bias)", "k", "out", 0),
-    Rule(r".*self_attn\.v_proj\.(weight|bias)", "v", "out", 0),
-    Rule(r".*self_attn\.o_proj\.weight", "o", "in", 1),
-    Rule(r".*self_attn\.o_proj\.bias", "o"),
-    Rule(r".*mlp\.gate_proj\.(weight|bias)", "gate"),
-    Rule(r".*mlp\.up_proj\.(weight|bias)", "up"),
-    Rule(r".*mlp\.down_proj\.(weight|bias)", "down"),
-)
+_DECODER = decoder_rules()
 _MLP_REST = (Rule(r".*mlp\..*", "mlp"),)  # anything else in an MLP: roles=mlp trains it too
 # transformers stores each layer's experts as two 3-D parameters, (E, 2I, H) and (E, H, I),
 # applied as F.linear(x, W[e]): per expert (out, in), the gate half first.

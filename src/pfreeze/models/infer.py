@@ -15,22 +15,10 @@ import re
 from torch import nn
 
 from pfreeze.models.families import Family
-from pfreeze.models.layouts import Rule
+from pfreeze.models.layouts import decoder_rules
 
 _ATTN = r"(self_attn|attention|attn)"
-_RULES = (
-    Rule(r".*embed_tokens\.weight", "embed"),
-    Rule(r"lm_head\.weight", "head"),
-    Rule(r".*(norm|layernorm|norms\.\d+)\.(weight|bias)", "norm"),
-    Rule(rf".*{_ATTN}\.q_proj\.(weight|bias)", "q", "out", 0),
-    Rule(rf".*{_ATTN}\.k_proj\.(weight|bias)", "k", "out", 0),
-    Rule(rf".*{_ATTN}\.v_proj\.(weight|bias)", "v", "out", 0),
-    Rule(rf".*{_ATTN}\.(o_proj|out_proj)\.weight", "o", "in", 1),
-    Rule(rf".*{_ATTN}\.(o_proj|out_proj)\.bias", "o"),
-    Rule(r".*mlp\.gate_proj\.(weight|bias)", "gate"),
-    Rule(r".*mlp\.up_proj\.(weight|bias)", "up"),
-    Rule(r".*mlp\.down_proj\.(weight|bias)", "down"),
-)
+_RULES = decoder_rules(attn=_ATTN, out=r"(o_proj|out_proj)", embed=r".*embed_tokens")
 
 
 def infer_family(model: nn.Module) -> Family | None:

@@ -143,3 +143,23 @@ def pieces(info: ParamInfo, g: Geometry) -> list[tuple[str, torch.Tensor | None]
     if info.rule.layout in FUSED:
         return [(r, role_index(info, r, None, g)) for r in FUSED[info.rule.layout]]
     return [(info.rule.role, None)]
+
+
+def decoder_rules(attn: str = r"self_attn", out: str = r"o_proj",
+                  embed: str = r"model\.embed_tokens") -> tuple[Rule, ...]:
+    """The names most decoders share (Llama's): embedding, head, norms (LayerNorm biases and
+    per-head q/k norms too), q/k/v/o projections under `attn`, a gated MLP. The patterns are
+    regexes; inferred families pass wider ones for `attn`, `out` and `embed`."""
+    return (
+        Rule(rf"{embed}\.weight", "embed"),
+        Rule(r"lm_head\.weight", "head"),
+        Rule(r".*(norm|layernorm|norms\.\d+)\.(weight|bias)", "norm"),
+        Rule(rf".*{attn}\.q_proj\.(weight|bias)", "q", "out", 0),
+        Rule(rf".*{attn}\.k_proj\.(weight|bias)", "k", "out", 0),
+        Rule(rf".*{attn}\.v_proj\.(weight|bias)", "v", "out", 0),
+        Rule(rf".*{attn}\.{out}\.weight", "o", "in", 1),
+        Rule(rf".*{attn}\.{out}\.bias", "o"),
+        Rule(r".*mlp\.gate_proj\.(weight|bias)", "gate"),
+        Rule(r".*mlp\.up_proj\.(weight|bias)", "up"),
+        Rule(r".*mlp\.down_proj\.(weight|bias)", "down"),
+    )

@@ -71,9 +71,9 @@ class Staging:
     Why not `Tensor.pin_memory()` per step: the host runs steps ahead of the GPU, so the
     pinned blocks of earlier steps are still in flight and every step allocates page-locked
     memory anew, which dominated short steps (docs/BENCHMARKS.md). A buffer is refilled only
-    once the copy
-    that last read it has finished (`depth` transfers ago, normally long done: the wait also
-    bounds how far the host runs ahead). On the CPU, tensors pass through unchanged.
+    once the copy that last read it has finished (`depth` transfers ago, normally long done:
+    the wait also bounds how far the host runs ahead). On the CPU, tensors pass through
+    unchanged.
     """
 
     def __init__(self, device: torch.device, depth: int = 8) -> None:
