@@ -10,7 +10,8 @@ from torch import nn
 from pfreeze import BatchStream, DataConfig, Loop, RunConfig, TrainingConfig
 
 Row = dict[str, Any]  # one JSON row or result
-SHAPES = {"smollm2": "random:smollm2-135m", "gpt2": "random:gpt2-124m", "tiny": "random:llama"}
+SHAPES = {"smollm2": "random:smollm2-135m", "gpt2": "random:gpt2-124m", "tiny": "random:llama",
+          "llama-1b": "random:llama-3.2-1b", "llama-8b": "random:llama-3.1-8b"}
 ARMS = {"full": None, "frozen": "layers=50%: roles=q,k,v"}
 Batches = list[torch.Tensor]  # token ids on the host, rotated through the steps
 ROTATED = 4  # batches per case; a cached row's warm-up must see each once

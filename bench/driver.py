@@ -135,7 +135,8 @@ class Bench:
         ids = torch.cat(batches).flatten().tolist() if cached else None
         loop = pfreeze_loop(base, family, arm_cfg, b, seq, ids, learning_rate=LR,
                             max_steps=self.a.warmup + self.a.steps,
-                            bf16=self.cuda, device=self.dev.type, torch_compile=self.pf_compile,
+                            bf16=self.cuda or "auto", device=self.dev.type,
+                            torch_compile=self.pf_compile,
                             torch_compile_mode=self.a.pfreeze_compile_mode,
                             optim="adamw_fused" if self.cuda else "adamw", prefix_cache=cached,
                             attention_backend=self.a.pfreeze_attention)
@@ -267,7 +268,7 @@ class Bench:
     def run_shape(self, shape: str) -> None:
         if not (todo := self.cases(shape)):
             return
-        lm = load_model(SHAPES.get(shape, shape), seed=self.a.seed)
+        lm = load_model(SHAPES.get(shape, shape), seed=self.a.seed, dtype=self.a.dtype)
         size, batches = None, []
         for row in todo:
             b, t, method, arm = row["batch"], row["seq"], row["method"], row["arm"]
@@ -327,6 +328,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.add_argument(f"--gen-{name}", type=int, default=default)
     p.add_argument("--max-seconds", type=float, default=540, help="then skip what is left")
     p.add_argument("--compile-reserve", type=float, default=100, help="to start a compile")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="weight storage (model.dtype); trained tensors keep fp32 masters")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench-results.json")

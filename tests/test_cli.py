@@ -282,6 +282,21 @@ def test_plan_with_a_config_shows_every_arm_and_phase(tmp_path: Path) -> None:
     assert [r[0] for r in rows] == ["qkv", "thaw"] and float(rows[0][1]) > 0
 
 
+def test_plan_of_an_8b_config_loads_no_weights_and_says_what_misses(tmp_path: Path) -> None:
+    # The plan is made on the meta device: 8B parameters (32 GB in fp32) never load, so this
+    # finishes in seconds on a small machine; the full arm cannot fit the host and says so.
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: {name: 'random:llama-3.1-8b', dtype: bfloat16}\n"
+                   "data: {block_size: 2048}\ntraining: {per_device_train_batch_size: 4}\n"
+                   "arms: [{kind: full}, {kind: plan, select: 'layers=50%: roles=q,k,v'}, "
+                   "{kind: lora}]\n")
+    result = CliRunner().invoke(app, ["plan", "--config", str(cfg)], env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    assert "trainable: 402,653,184 of 8,030,261,248 parameters" in result.output
+    assert re.search(r"arm 'full' needs [\d,]+ MiB: [\d,]+ MiB more than cpu has free",
+                     result.output)
+
+
 def test_families_lists_every_family_and_its_fused_layouts() -> None:
     from typer.testing import CliRunner
 

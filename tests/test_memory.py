@@ -121,3 +121,20 @@ def test_auto_dtype_is_the_checkpoints_own(make_config: Callable[..., RunConfig]
     cfg = make_config(f"model.name={tmp_path / 'ckpt'}", "model.dtype=float32",
                       "arms=[{kind: plan, select: 'layers=3'}]")
     assert memory_plan(cfg, CPU, bf16=False).arms[0].weights == TOTAL * 4 + _buffers()
+
+
+def test_an_arm_too_large_says_by_how_much_and_over_how_many_devices() -> None:
+    from pfreeze.plan.memory import ArmMemory, MemoryPlan
+
+    gib = 2**30
+    big = ArmMemory("full", weights=30 * gib, grads=30 * gib, optimizer=60 * gib,
+                    activations=20 * gib)
+    small = ArmMemory("qkv", weights=15 * gib, grads=1 * gib, optimizer=2 * gib,
+                      activations=10 * gib)
+    plan = MemoryPlan([big, small], base=0, free=80 * gib, device="cuda:0")
+    # 140 GiB against 80 free: 60 GiB over; 120 GiB of state over (80 - 20) GiB per device = 2.
+    assert plan.misses() == ["arm 'full' needs 143,360 MiB: 61,440 MiB more than cuda:0 has "
+                             "free; sharded (FSDP) over 2 or more such devices it fits"]
+    huge = ArmMemory("huge", weights=gib, grads=gib, optimizer=gib, activations=90 * gib)
+    assert "activations alone exceed" in MemoryPlan([huge], 0, 80 * gib, "cuda:0").misses()[0]
+    assert MemoryPlan([big], 0, None, "cuda:0").misses() == []

@@ -27,6 +27,9 @@ _PUBLIC = {
     "PlanArm": "pfreeze.run.arms.plan",
     # models and plans: load a model (or a random shape), select the tensors that train
     "load_model": "pfreeze.models.load",
+    "model_config": "pfreeze.models.load",
+    "meta_model": "pfreeze.models.load",
+    "family_of": "pfreeze.models.load",
     "compile_plan": "pfreeze.plan.selectors",
     "describe_params": "pfreeze.models.families",
     "Geometry": "pfreeze.models.families",

@@ -152,16 +152,15 @@ def plan(
     all_rows: Annotated[bool, typer.Option("--all", help="List frozen tensors too.")] = False,
 ) -> None:
     """Print what a selector (or every arm of a config) trains: per tensor, and totals."""
-    from pfreeze.models.load import load_model
     from pfreeze.plan.selectors import compile_plan
 
     if config is None:
         name = model or "random:gpt2"
-        lm = load_model(name)
+        shapes, family = _shapes_of(name)
         selector = select or "layers=50%: roles=q,k,v"
-        _print_inferred(lm.family)
-        _print_plan(f"{name} ({lm.family}): {selector}",
-                    compile_plan(lm.model, lm.family, selector), all_rows)
+        _print_inferred(family)
+        _print_plan(f"{name} ({family}): {selector}",
+                    compile_plan(shapes, family, selector), all_rows)
         return
     if select:
         raise PfreezeError("--select and --config both say what trains",
@@ -170,15 +169,20 @@ def plan(
     from pfreeze.run.arms import make_arm
 
     cfg = load_config(config)
-    name = model or cfg.model.name
-    lm = load_model(name, seed=cfg.training.seed)
+    if model:
+        cfg.model.name = model
+    shapes, family = _shapes_of(cfg.model.name, cfg.model.revision)
     for acfg in cfg.arms:
-        strat = make_arm(acfg, lm.family, cfg.training.max_steps)
+        strat = make_arm(acfg, family, cfg.training.max_steps)
         if not strat.plans_before_training:
             out.print(f"[bold]{escape(str(acfg.name))}[/]: {escape(strat.describe())}; "
                       "chosen from the training data at run time")
             continue
-        strat.build(lm.model)
+        try:
+            strat.build(shapes)
+        except (NotImplementedError, RuntimeError):  # an adapter made from real weights
+            out.print(f"[bold]{escape(str(acfg.name))}[/]: {escape(strat.describe())}")
+            continue
         out.print(f"[bold]{escape(str(acfg.name))}[/]: {escape(strat.describe())}")
         for step, p in sorted(strat.plans.items()):
             if p is None:
@@ -186,6 +190,15 @@ def plan(
             else:
                 _print_plan(f"{acfg.name}, from step {step}: {p.selector}", p, all_rows)
     _print_memory(cfg)
+
+
+def _shapes_of(name: str, revision: str | None = None) -> tuple[Any, str]:
+    """The model `name` on the meta device (names and shapes: what a plan needs, so an 8B
+    model plans in seconds and no memory), and its family."""
+    from pfreeze.models.load import family_of, meta_model, model_config
+
+    model = meta_model(model_config(name, revision)[0])
+    return model, family_of(model)
 
 
 def _print_memory(cfg: Any) -> None:
@@ -205,6 +218,8 @@ def _print_memory(cfg: Any) -> None:
     fits = ("" if plan.fits else ": they fit one at a time only" if plan.fits_alone
             else ": they do not fit")
     out.print(plan.headline() + fits)
+    for line in plan.misses():
+        out.print(escape(line))
 
 
 def _print_inferred(family: str) -> None:

@@ -98,6 +98,10 @@ def _random_config(family: str) -> Any:
                               num_attention_heads=9, num_key_value_heads=3,
                               intermediate_size=1536, max_position_embeddings=8192,
                               rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
+    if family in _LLAMA3:  # Llama 3.x shapes (no rope scaling: speed and memory only)
+        return tf.LlamaConfig(vocab_size=128256, num_key_value_heads=8, rope_theta=500000.0,
+                              max_position_embeddings=131072, rms_norm_eps=1e-5,
+                              **_LLAMA3[family])
     if (cfg := tiny_config(family)) is not None:
         return cfg
     raise PfreezeError(
@@ -106,7 +110,14 @@ def _random_config(family: str) -> Any:
     )
 
 
-RANDOM_FAMILIES = ("gpt2", "gpt-neo", "gpt-neox", "llama", *TINY, "gpt2-124m", "smollm2-135m")
+_LLAMA3 = {
+    "llama-3.2-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
+                         intermediate_size=8192, tie_word_embeddings=True),
+    "llama-3.1-8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                         intermediate_size=14336, tie_word_embeddings=False),
+}
+RANDOM_FAMILIES = ("gpt2", "gpt-neo", "gpt-neox", "llama", *TINY, "gpt2-124m", "smollm2-135m",
+                   *_LLAMA3)
 
 
 def family_of(model: nn.Module) -> str:

@@ -27,6 +27,7 @@ counts.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,26 @@ class MemoryPlan:
     @property
     def fits_alone(self) -> bool:
         return self.free is None or self.alone <= self.free
+
+    def misses(self) -> list[str]:
+        """A line per arm too large for the device on its own: by how much it misses, and
+        over how many devices its weights, gradients and optimizer state would have to be
+        sharded (FSDP divides those; each device still holds its own activations)."""
+        if self.free is None:
+            return []
+        out = []
+        for a in self.arms:
+            if (over := self.base + a.total - self.free) <= 0:
+                continue
+            room = self.free - self.base - a.activations
+            shards = "" if room <= 0 else (
+                f"; sharded (FSDP) over {math.ceil((a.total - a.activations) / room)} or more "
+                "such devices it fits")
+            out.append(f"arm '{a.name}' needs {mib(a.total):,.0f} MiB: "
+                       f"{mib(over):,.0f} MiB more than {self.device} has free{shards}"
+                       + ("" if room > 0 else "; its activations alone exceed the device: "
+                          "lower the batch or set training.gradient_checkpointing=true"))
+        return out
 
     def rows(self) -> list[dict[str, Any]]:
         """One row per arm, in MiB (for a table and summary.json)."""
