@@ -147,12 +147,14 @@ class Bench:
             m["prefix_cache"] = r.prefix_summary()
         else:
             m = self.drive(lambda i: loop.train_step(r, i, batches[i % len(batches)]))
-        # Each step resets the device's peak: the timed steps' peak is the most any one of
-        # them recorded (the device's counter alone would say the last step's).
-        timed = [rec for rec in r.pending if rec.step > self.a.warmup]
-        if self.cuda and timed:
-            m["peak_mib"] = max(rec.mem_mb for rec in timed)
-            m["reserved_mib"] = max(rec.reserved_mb for rec in timed)
+        # Each step resets the device's peak, so the row's peak is the most any step recorded
+        # (the device's counter alone would say the last step's). Warm-up steps count: a step
+        # replayed from a CUDA graph allocates nothing (its activations and gradients live in
+        # the graph's pool, allocated while it was recorded in warm-up), so the timed steps
+        # alone would report only the weights and optimizer state.
+        if self.cuda and r.pending:
+            m["peak_mib"] = max(rec.mem_mb for rec in r.pending)
+            m["reserved_mib"] = max(rec.reserved_mb for rec in r.pending)
         r.pending.clear()  # queued losses, norms and events are not read here
         return {**m, **resolved(loop)}
 
