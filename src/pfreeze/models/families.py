@@ -114,9 +114,11 @@ _FAMILIES = (
     Family("llama", model_types=("llama", "mistral", "granite", "qwen2", "qwen3", "gemma",
                                  "gemma2", "gemma3_text", "olmo", "olmo2", "stablelm"),
            block=r"model\.layers\.(\d+)\.", rules=_DECODER + _MLP_REST, split=_MODEL_LAYERS,
-           sampler_model_types=("llama",)),
+           sampler_model_types=("llama", "mistral", "granite", "qwen2", "qwen3", "gemma",
+                                "gemma2", "gemma3_text", "olmo", "olmo2", "stablelm")),
     Family("moe", model_types=("mixtral", "qwen3_moe", "olmoe"), block=r"model\.layers\.(\d+)\.",
-           rules=_DECODER + _MOE + _MLP_REST, split=_MODEL_LAYERS),
+           rules=_DECODER + _MOE + _MLP_REST, split=_MODEL_LAYERS,
+           sampler_model_types=("mixtral", "qwen3_moe", "olmoe")),
     Family(
         "phi3",
         model_types=("phi3",),  # Phi-3, Phi-3.5 and Phi-4 all load as phi3
@@ -130,6 +132,7 @@ _FAMILIES = (
             *_MLP_REST,
         ),
         split=_MODEL_LAYERS,
+        sampler_model_types=("phi3",),
     ),
     Family(
         "falcon",
@@ -147,6 +150,7 @@ _FAMILIES = (
             Rule(r".*mlp\.dense_h_to_4h\..*", "up"),
             Rule(r".*mlp\.dense_4h_to_h\..*", "down"),
         ),
+        sampler_model_types=("falcon",),  # not with alibi=True: the sampler checks that
     ),
     Family(
         "gpt2",
@@ -201,6 +205,7 @@ _FAMILIES = (
             Rule(r".*mlp\.fc_in\..*", "up"),
             Rule(r".*mlp\.fc_out\..*", "down"),
         ),
+        sampler_model_types=("gptj",),
     ),
     Family(
         "gpt-neox",
