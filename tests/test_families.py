@@ -48,9 +48,7 @@ def test_the_registry_keeps_the_supported_model_types() -> None:
         "llama", "mistral", "granite", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo",
         "olmo2", "stablelm")
     assert FAMILIES["phi3"].model_types == ("phi3",)  # fused qkv_proj: not the llama rules
-    assert {n: f.split is not None for n, f in FAMILIES.items()} == {
-        "llama": True, "moe": True, "phi3": True, "falcon": False, "gpt2": True,
-        "gpt-neo": False, "gptj": False, "gpt-neox": True}
+    assert all(f.split is not None for f in FAMILIES.values())  # test_prefix_families.py
     assert ARCHITECTURES["gpt2"] == FAMILIES["gpt2"].arch
     assert list(ARCHITECTURES) == list(FAMILIES)
 
