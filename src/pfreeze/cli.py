@@ -271,7 +271,7 @@ def rank(
     for col in ("#", "matrix", "type", "shape", "SNR", "score"):
         table.add_column(col)
     for i, m in enumerate(scores[: limit or None], 1):
-        table.add_row(str(i), escape(m.name), m.role, "×".join(map(str, m.shape)),
+        table.add_row(str(i), escape(m.label), m.role, "×".join(map(str, m.shape)),
                       f"{m.snr:.3g}", f"{m.score:.3g}")
     out.print(table)
     out.print(f"top {top:g}% per type, as an arm: {{kind: snr, top_percent: {top:g}}}; "
