@@ -220,17 +220,21 @@ def _print_inferred(family: str) -> None:
 
 @app.command()
 def families() -> None:
-    """List the supported model families: their model_types, roles and fused layouts."""
+    """List the supported model families: their model_types, roles, fused layouts and the
+    model_types pfreeze's sampler serves (the others sample with transformers' generate)."""
     from pfreeze.models.families import FAMILIES
     from pfreeze.models.layouts import FUSED
 
-    table = Table("family", "model_types", "roles", "fused layouts")
+    table = Table("family", "model_types", "roles", "fused layouts", "sampler")
     for fam in FAMILIES.values():
         roles = dict.fromkeys(r for rule in fam.rules for r in
                               FUSED.get(rule.layout, (rule.role,)) + ("experts",) * rule.experts)
         fused = sorted({f"{rule.role}: {rule.layout}" + " per expert" * rule.experts
                         for rule in fam.rules if rule.layout in FUSED})
-        table.add_row(fam.name, ", ".join(fam.model_types), " ".join(roles), ", ".join(fused))
+        served = ("all" if fam.sampler_model_types == fam.model_types else
+                  ", ".join(fam.sampler_model_types) or "—")
+        table.add_row(fam.name, ", ".join(fam.model_types), " ".join(roles), ", ".join(fused),
+                      served)
     console.print(table)
 
 
