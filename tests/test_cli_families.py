@@ -11,6 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from pfreeze.cli import app
+from pfreeze.errors import PfreezeError
 from pfreeze.models.families import FAMILIES
 from pfreeze.models.infer import describe_rules
 
@@ -89,3 +90,33 @@ def test_families_lists_every_family_its_roles_layouts_and_sampler() -> None:
     assert rows["falcon"][3] == "qkv: qkv_grouped"
     assert rows["gpt-neo"][4] == "—"  # samples with generate
     assert rows["llama"][4] == "all"
+
+
+def test_multimodal_gemma3_is_refused_in_one_line_naming_the_text_only_model(
+        tmp_path: Path) -> None:
+    """`gemma3` (Gemma 3 4B and up) loads as Gemma3ForConditionalGeneration; it is not
+    covered: a directory of a tiny one gets the one-line error with the fix."""
+    from tokenizers import Tokenizer, models
+    from transformers import AutoModelForCausalLM, Gemma3Config, PreTrainedTokenizerFast
+
+    cfg = Gemma3Config(
+        text_config=dict(vocab_size=300, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=16, max_position_embeddings=128),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=28, patch_size=14),
+        mm_tokens_per_image=4, image_token_index=299, boi_token_index=297, eoi_token_index=298)
+    model = AutoModelForCausalLM.from_config(cfg)
+    assert type(model).__name__ == "Gemma3ForConditionalGeneration"
+    model.save_pretrained(tmp_path / "g3")
+    tok = Tokenizer(models.WordLevel({"<pad>": 0, "<unk>": 1}, unk_token="<unk>"))
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>",
+                            pad_token="<pad>").save_pretrained(tmp_path / "g3")
+    out = CliRunner().invoke(app, ["plan", "--model", str(tmp_path / "g3")])
+    e = out.exception  # main() prints it as its one line `error: problem; fix`, exit 2
+    assert isinstance(e, PfreezeError), out.output
+    assert (e.problem, e.fix) == (
+        "'gemma3' is a multimodal model (Gemma3ForConditionalGeneration: a vision tower "
+        "beside its language model); pfreeze's freeze plans cover text-only causal LMs",
+        "use a text-only checkpoint (for Gemma 3: model_type gemma3_text, e.g. "
+        "google/gemma-3-1b-pt)")

@@ -42,8 +42,8 @@ def test_the_registry_keeps_the_supported_model_types() -> None:
     # proven in test_sampler_families.py. GPT-Neo has attention classes of its own.
     assert sampler_model_types() == (
         "llama", "mistral", "granite", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
-        "olmo", "olmo2", "stablelm", "mixtral", "qwen3_moe", "olmoe", "phi3", "falcon", "gpt2",
-        "gptj", "gpt_neox")
+        "olmo", "olmo2", "stablelm", "mixtral", "qwen3_moe", "olmoe", "phimoe", "phi3", "falcon",
+        "gpt2", "gptj", "gpt_neox")
     assert FAMILIES["llama"].model_types == (
         "llama", "mistral", "granite", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo",
         "olmo2", "stablelm")

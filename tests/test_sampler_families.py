@@ -21,7 +21,8 @@ SERVED = {
     "llama": "llama", "mistral": "mistral", "granite": "granite", "qwen2": "qwen2",
     "qwen3": "qwen3", "gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3_text",
     "olmo": "olmo", "olmo2": "olmo2", "stablelm": "stablelm", "phi3": "phi3",
-    "mixtral": "mixtral", "qwen3-moe": "qwen3_moe", "olmoe": "olmoe", "falcon": "falcon",
+    "mixtral": "mixtral", "qwen3-moe": "qwen3_moe", "olmoe": "olmoe", "phimoe": "phimoe",
+    "falcon": "falcon",
     "falcon-mq": "falcon", "falcon-mh": "falcon", "gptj": "gptj", "gpt2": "gpt2",
     "gpt-neox": "gpt_neox",
 }

@@ -120,9 +120,11 @@ _FAMILIES = (
            block=r"model\.layers\.(\d+)\.", rules=_DECODER + _MLP_REST, split=_MODEL_LAYERS,
            sampler_model_types=("llama", "mistral", "granite", "qwen2", "qwen3", "gemma",
                                 "gemma2", "gemma3_text", "olmo", "olmo2", "stablelm")),
-    Family("moe", model_types=("mixtral", "qwen3_moe", "olmoe"), block=r"model\.layers\.(\d+)\.",
+    # PhiMoE (Phi-3.5-MoE) names its router `mlp.router`, not `mlp.gate`.
+    Family("moe", model_types=("mixtral", "qwen3_moe", "olmoe", "phimoe"),
+           block=r"model\.layers\.(\d+)\.",
            rules=_DECODER + _MOE + _MLP_REST, split=_MODEL_LAYERS,
-           sampler_model_types=("mixtral", "qwen3_moe", "olmoe")),
+           sampler_model_types=("mixtral", "qwen3_moe", "olmoe", "phimoe")),
     Family(
         "phi3",
         model_types=("phi3",),  # Phi-3, Phi-3.5 and Phi-4 all load as phi3

@@ -36,6 +36,9 @@ TINY: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen3-moe": ("qwen3_moe", dict(_MOE, head_dim=32, num_experts=4, moe_intermediate_size=48,
                                     decoder_sparse_step=1, mlp_only_layers=[])),
     "olmoe": ("olmoe", dict(_MOE, num_experts=4)),
+    # Biases as in Phi-3.5-MoE's published config (q/k/v/o and the head).
+    "phimoe": ("phimoe", dict(_MOE, num_local_experts=4, attention_bias=True,
+                              lm_head_bias=True)),
     # Falcon's three attention layouts: grouped (40B/180B), multi-query (7B), multi-head.
     "falcon": ("falcon", dict(_FALCON, new_decoder_architecture=True, num_kv_heads=_KV)),
     "falcon-mq": ("falcon", dict(_FALCON, multi_query=True, new_decoder_architecture=False,

@@ -49,11 +49,18 @@ def _shallow(module: nn.Module) -> nn.Module:
 
 
 def not_deterministic(model: nn.Module) -> str | None:
-    """Why the model's training-mode forward is random (dropout), or None."""
-    for key in _DROPOUT_KEYS:
+    """Why the model's training-mode forward is random (dropout, random expert routing), or
+    None."""
+    kind = getattr(model.config, "model_type", None)
+    if kind == "phimoe":
+        return "PhiMoE samples its experts at random in training (its sparsemixer router)"
+    # Mixtral multiplies the router's input by uniform noise of this width (PhiMoE's key of
+    # the same name is a fixed threshold); PhiMoE its MLP's input by input_jitter_noise.
+    noise = ("router_jitter_noise",) if kind == "mixtral" else ("input_jitter_noise",)
+    for key in (*_DROPOUT_KEYS, *noise):
         v = getattr(model.config, key, None)
         if isinstance(v, float) and v > 0:
-            return f"the model has dropout ({key}={v})"
+            return f"the model has {'noise' if key in noise else 'dropout'} ({key}={v})"
     for name, m in model.named_modules():
         if isinstance(m, nn.Dropout) and m.p > 0:
             return f"the model has dropout ({name}: p={m.p})"
