@@ -35,10 +35,11 @@ for _n, _roles, _hd in [("llama", DENSE, 16), ("mistral", DENSE | {"head"}, 16),
                         ("gemma2", DENSE, 32), ("gemma3", DENSE, 32),
                         ("olmo", DENSE - {"norm"} | {"head"}, 16), ("olmo2", DENSE | {"head"}, 16),
                         ("stablelm", DENSE | {"head"}, 16), ("mixtral", MOE | {"head"}, 16),
-                        ("qwen3-moe", MOE | {"head"}, 32), ("olmoe", MOE | {"head"}, 16)]:
+                        ("qwen3-moe", MOE | {"head"}, 32), ("olmoe", MOE | {"head"}, 16),
+                        ("phimoe", MOE | {"head"}, 16)]:
     _q = "model.layers.0.self_attn.q_proj."
     _k = "model.layers.0.self_attn.k_proj."
-    _bias = _n in ("qwen2", "stablelm")
+    _bias = _n in ("qwen2", "stablelm", "phimoe")
     ZOO[_n] = (_roles, {_q + s: (0, None) for s in ("weight", "bias")[:1 + _bias]},
                {_k + s: (0, _r((_hd, 2 * _hd))) for s in ("weight", "bias")[:1 + _bias]})
 # Phi-3 qkv_proj rows: [q 4×16 | k 2×16 | v 2×16].
@@ -140,7 +141,8 @@ def test_training_q_alone_keeps_everything_else_bit_identical(name: str) -> None
             assert not torch.equal(p.detach()[~keep], theta0[n][~keep]), f"{n} q did not move"
 
 
-@pytest.mark.parametrize(("name", "inter"), [("mixtral", 128), ("qwen3-moe", 48), ("olmoe", 128)])
+@pytest.mark.parametrize(("name", "inter"), [("mixtral", 128), ("qwen3-moe", 48), ("olmoe", 128),
+                                             ("phimoe", 128)])
 def test_single_experts_are_exactly_their_slabs(name: str, inter: int) -> None:
     lm = load_model(f"random:{name}")
     gu, down = "model.layers.1.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"
@@ -154,7 +156,8 @@ def test_single_experts_are_exactly_their_slabs(name: str, inter: int) -> None:
     want[2, inter:2 * inter] = True  # [gate I | up I] rows of expert 2
     assert torch.equal(got[gu], want)
     router = _plan_masks(lm.model, lm.family, "layers=1 roles=router")
-    assert set(router) == {"model.layers.1.mlp.gate.weight"}
+    router_name = "router" if name == "phimoe" else "gate"  # PhiMoE: mlp.router
+    assert set(router) == {f"model.layers.1.mlp.{router_name}.weight"}
 
 
 def test_family_errors_say_what_to_do() -> None:

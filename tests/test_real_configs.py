@@ -52,6 +52,14 @@ REAL: dict[str, tuple[str, dict[str, Any], int, int]] = {
         num_attention_heads=16, num_key_value_heads=16, num_experts=64, num_experts_per_tok=8,
         tie_word_embeddings=False, pad_token_id=1, eos_token_id=50279),
         6_919_161_856, 8 * (3 * 2048 * 2048)),
+    # Published: 41.9B total, 6.6B active (6,640,999,744 here: two of 16 experts). q, k, v
+    # (and o, and the head) have biases; 8 KV heads of 128.
+    "Phi-3.5-MoE": ("phimoe", dict(
+        vocab_size=32064, hidden_size=4096, intermediate_size=6400, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, num_local_experts=16,
+        num_experts_per_tok=2, attention_bias=True, lm_head_bias=True,
+        tie_word_embeddings=False, input_jitter_noise=0.01, router_jitter_noise=0.01),
+        41_873_153_344, 16 * (4096 * 4096 + 4096 + 2 * (1024 * 4096 + 1024))),
 }
 
 

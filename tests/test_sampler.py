@@ -10,6 +10,7 @@ import torch
 from pfreeze.errors import PfreezeError
 from pfreeze.measure.generation import _left_padded, generate_samples
 from pfreeze.measure.sampler import sample
+from pfreeze.models.families import sampler_model_types
 from pfreeze.models.load import load_model
 from pfreeze.settings import GenerationConfig
 
@@ -125,9 +126,9 @@ def test_the_summary_says_why_auto_did_not_use_pfreezes_sampler(tiny_run) -> Non
 
     gpu = torch.device("cuda")  # only its type is read
     assert why_not(load_model("random:llama").model, 50, gpu) is None
-    assert why_not(load_model("random:mistral").model, 50, gpu) == (
-        "pfreeze's sampler needs generation.top_k and a model of type llama, gpt2, gpt_neox "
-        "(this one: mistral)")
+    assert why_not(load_model("random:gpt-neo").model, 50, gpu) == (
+        "pfreeze's sampler needs generation.top_k and a model of type "
+        f"{', '.join(sampler_model_types())} (this one: gpt_neo)")
     assert "top_k" in why_not(load_model("random:llama").model, None, gpu)
     execution = tiny_run.summary["execution"]  # a CPU run of auto
     assert execution["decoder"] == "generate"

@@ -235,17 +235,21 @@ def _print_inferred(family: str) -> None:
 
 @app.command()
 def families() -> None:
-    """List the supported model families: their model_types, roles and fused layouts."""
+    """List the supported model families: their model_types, roles, fused layouts and the
+    model_types pfreeze's sampler serves (the others sample with transformers' generate)."""
     from pfreeze.models.families import FAMILIES
     from pfreeze.models.layouts import FUSED
 
-    table = Table("family", "model_types", "roles", "fused layouts")
+    table = Table("family", "model_types", "roles", "fused layouts", "sampler")
     for fam in FAMILIES.values():
         roles = dict.fromkeys(r for rule in fam.rules for r in
                               FUSED.get(rule.layout, (rule.role,)) + ("experts",) * rule.experts)
         fused = sorted({f"{rule.role}: {rule.layout}" + " per expert" * rule.experts
                         for rule in fam.rules if rule.layout in FUSED})
-        table.add_row(fam.name, ", ".join(fam.model_types), " ".join(roles), ", ".join(fused))
+        served = ("all" if fam.sampler_model_types == fam.model_types else
+                  ", ".join(fam.sampler_model_types) or "—")
+        table.add_row(fam.name, ", ".join(fam.model_types), " ".join(roles), ", ".join(fused),
+                      served)
     console.print(table)
 
 
@@ -286,7 +290,7 @@ def rank(
     for col in ("#", "matrix", "type", "shape", "SNR", "score"):
         table.add_column(col)
     for i, m in enumerate(scores[: limit or None], 1):
-        table.add_row(str(i), escape(m.name), m.role, "×".join(map(str, m.shape)),
+        table.add_row(str(i), escape(m.label), m.role, "×".join(map(str, m.shape)),
                       f"{m.snr:.3g}", f"{m.score:.3g}")
     out.print(table)
     out.print(f"top {top:g}% per type, as an arm: {{kind: snr, top_percent: {top:g}}}; "

@@ -163,7 +163,8 @@ class GenerationConfig(Strict):
     top_k: int | None = Field(50, ge=1)
     seed: int = 1234
     # generate: transformers' generate(). pfreeze: pfreeze.measure.sampler, the decode step as one
-    # graph (CUDA graphs on a GPU), no per-token host work; Llama, GPT-2, GPT-NeoX; needs top_k.
+    # graph (CUDA graphs on a GPU), no per-token host work; the model_types the families list as
+    # sampler_model_types (all but GPT-Neo; not ALiBi Falcon); needs top_k.
     # auto: pfreeze on a GPU where it can serve the model, else generate.
     decoder: Literal["auto", "generate", "pfreeze"] = "auto"
 

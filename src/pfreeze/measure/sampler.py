@@ -6,10 +6,10 @@ step. The p metric needs none of that: every sample has exactly `max_new_tokens`
 EOS is suppressed. This sampler keeps each layer's keys and values in static buffers of its
 own, filled by an attention function registered with transformers' AttentionInterface (so
 it works for any model whose attention goes through that interface and whose blocks know
-their `layer_idx`; it serves the model_types listed in the registry's `sampler_model_types`:
-Llama, GPT-2, GPT-NeoX), and runs the decode step — forward, EOS suppression, temperature,
-top-k, Gumbel-max draw — with static shapes, so on a GPU it is captured once in a CUDA graph
-and replayed per token.
+their `layer_idx`; it serves the model_types listed in the registry's `sampler_model_types`,
+each proven by a greedy-equality test against `generate`), and runs the decode step —
+forward, EOS suppression, temperature, top-k, Gumbel-max draw — with static shapes, so on a
+GPU it is captured once in a CUDA graph and replayed per token.
 
 Sampling is exact: Gumbel-max over the top-k logits draws from softmax(top-k logits / T),
 which is what top-k sampling is. The noise is drawn up front from a seeded generator.
@@ -53,9 +53,14 @@ class KVState:
 
 def decode_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
                      value: torch.Tensor, attention_mask: torch.Tensor | None,
-                     dropout: float = 0.0, scaling: float | None = None, **_: Any
-                     ) -> tuple[torch.Tensor, None]:
-    """Append this call's keys/values to the layer's buffers and attend over the filled part."""
+                     dropout: float = 0.0, scaling: float | None = None,
+                     sliding_window: int | None = None, softcap: float | None = None,
+                     **_: Any) -> tuple[torch.Tensor, None]:
+    """Append this call's keys/values to the layer's buffers and attend over the filled part.
+
+    `sliding_window` (Mistral, Qwen2/3, Gemma 2/3 local layers) and `softcap` (Gemma 2) are
+    what the model's attention hands its kernel; the window counts slots as transformers'
+    mask does (left padding included), so both decode what `generate` decodes."""
     state: KVState = module._pfreeze_kv
     keys, values = state.buffers(module.layer_idx, key)
     n = query.shape[2]
@@ -66,9 +71,27 @@ def decode_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     # Key j is visible to the query at slot s if j <= s and j is not left padding; a padding
     # query sees itself only (its output is never used, but must not be NaN).
     seen = (j <= slots[:, None]) & (j >= state.pad[:, None, None])
+    if sliding_window is not None:
+        seen = seen & (j > slots[:, None] - sliding_window)
     allowed = (seen | (j == slots[:, None]))[:, None]  # [B, 1, n, length]
     k, v = keys.to(query.dtype), values.to(query.dtype)
-    return sdpa_heads(query, k, v, attn_mask=allowed, scale=scaling), None
+    if softcap is None:
+        return sdpa_heads(query, k, v, attn_mask=allowed, scale=scaling), None
+    return _softcapped(query, k, v, allowed, scaling, softcap), None
+
+
+def _softcapped(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                allowed: torch.Tensor, scaling: float | None, softcap: float) -> torch.Tensor:
+    """Attention with the logits squashed by softcap·tanh(·/softcap) before the mask, as
+    Gemma 2's eager attention computes it (no fused kernel takes a softcap)."""
+    n = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(n, dim=1), value.repeat_interleave(n, dim=1)
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    logits = torch.matmul(query, key.transpose(2, 3)) * scale
+    logits = torch.tanh(logits / softcap) * softcap
+    logits = logits.masked_fill(~allowed, torch.finfo(logits.dtype).min)
+    weights = torch.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous()
 
 
 def _attention_modules(model: nn.Module) -> list[nn.Module]:
@@ -86,6 +109,9 @@ def check(model: nn.Module, top_k: int | None) -> None:
         raise PfreezeError(
             f"generation.decoder=pfreeze needs generation.top_k and a model of type "
             f"{', '.join(served)} (this one: {kind})", "use generation.decoder=generate")
+    if getattr(model.config, "alibi", False):  # Falcon's RW layout: the bias rides the mask
+        raise PfreezeError("pfreeze's sampler does not apply ALiBi position biases",
+                           "use generation.decoder=generate")
 
 
 def resolve(decoder: str, model: nn.Module, top_k: int | None, device: torch.device) -> str:

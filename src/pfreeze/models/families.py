@@ -58,12 +58,16 @@ class Arch:
 class Split:
     """Where the frozen-prefix cache cuts a *ForCausalLM: the attribute names of its decoder,
     the decoder's block list, its final norm, and its learned position embedding (None for
-    rotary families, whose positions are applied inside each block)."""
+    rotary families, whose positions are applied inside each block). `input_scale`: a
+    decoder attribute that multiplies `inputs_embeds` in its forward (Granite's
+    `embedding_multiplier`), set to 1 in the upper view where a model has it, since block
+    f's cached input already holds it."""
 
     decoder: str
     blocks: str
     norm: str
     positions: str | None = None
+    input_scale: str | None = None
 
 
 @dataclass(frozen=True)
@@ -108,15 +112,19 @@ _MOE = (
     Rule(r".*mlp\.experts\.gate_up_proj", "gate_up", "gate_up", 1, experts=True),
     Rule(r".*mlp\.experts\.down_proj", "down", experts=True),
 )
-_MODEL_LAYERS = Split("model", "layers", "norm")
+_MODEL_LAYERS = Split("model", "layers", "norm", input_scale="embedding_multiplier")
 
 _FAMILIES = (
     Family("llama", model_types=("llama", "mistral", "granite", "qwen2", "qwen3", "gemma",
                                  "gemma2", "gemma3_text", "olmo", "olmo2", "stablelm"),
            block=r"model\.layers\.(\d+)\.", rules=_DECODER + _MLP_REST, split=_MODEL_LAYERS,
-           sampler_model_types=("llama",)),
-    Family("moe", model_types=("mixtral", "qwen3_moe", "olmoe"), block=r"model\.layers\.(\d+)\.",
-           rules=_DECODER + _MOE + _MLP_REST, split=_MODEL_LAYERS),
+           sampler_model_types=("llama", "mistral", "granite", "qwen2", "qwen3", "gemma",
+                                "gemma2", "gemma3_text", "olmo", "olmo2", "stablelm")),
+    # PhiMoE (Phi-3.5-MoE) names its router `mlp.router`, not `mlp.gate`.
+    Family("moe", model_types=("mixtral", "qwen3_moe", "olmoe", "phimoe"),
+           block=r"model\.layers\.(\d+)\.",
+           rules=_DECODER + _MOE + _MLP_REST, split=_MODEL_LAYERS,
+           sampler_model_types=("mixtral", "qwen3_moe", "olmoe", "phimoe")),
     Family(
         "phi3",
         model_types=("phi3",),  # Phi-3, Phi-3.5 and Phi-4 all load as phi3
@@ -130,6 +138,7 @@ _FAMILIES = (
             *_MLP_REST,
         ),
         split=_MODEL_LAYERS,
+        sampler_model_types=("phi3",),
     ),
     Family(
         "falcon",
@@ -147,6 +156,9 @@ _FAMILIES = (
             Rule(r".*mlp\.dense_h_to_4h\..*", "up"),
             Rule(r".*mlp\.dense_4h_to_h\..*", "down"),
         ),
+        # ALiBi (alibi=True) is built from positions in the decoder: the upper view builds it.
+        split=Split("transformer", "h", "ln_f"),
+        sampler_model_types=("falcon",),  # not with alibi=True: the sampler checks that
     ),
     Family(
         "gpt2",
@@ -184,7 +196,9 @@ _FAMILIES = (
             Rule(r".*mlp\.c_fc\..*", "up"),
             Rule(r".*mlp\.c_proj\..*", "down"),
         ),
-        # No split and no sampler model_type: it trains uncached and samples with generate.
+        # Local layers build their window mask in the block: the split holds. No sampler
+        # model_type: its attention classes are its own, so it samples with generate.
+        split=Split("transformer", "h", "ln_f", positions="wpe"),
     ),
     Family(
         "gptj",
@@ -201,6 +215,8 @@ _FAMILIES = (
             Rule(r".*mlp\.fc_in\..*", "up"),
             Rule(r".*mlp\.fc_out\..*", "down"),
         ),
+        split=Split("transformer", "h", "ln_f"),
+        sampler_model_types=("gptj",),
     ),
     Family(
         "gpt-neox",

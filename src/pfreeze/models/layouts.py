@@ -152,7 +152,7 @@ def decoder_rules(attn: str = r"self_attn", out: str = r"o_proj",
     regexes; inferred families pass wider ones for `attn`, `out` and `embed`."""
     return (
         Rule(rf"{embed}\.weight", "embed"),
-        Rule(r"lm_head\.weight", "head"),
+        Rule(r"lm_head\.(weight|bias)", "head"),
         Rule(r".*(norm|layernorm|norms\.\d+)\.(weight|bias)", "norm"),
         Rule(rf".*{attn}\.q_proj\.(weight|bias)", "q", "out", 0),
         Rule(rf".*{attn}\.k_proj\.(weight|bias)", "k", "out", 0),

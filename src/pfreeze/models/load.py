@@ -124,6 +124,14 @@ def family_of(model: nn.Module) -> str:
     """The name of the registered family (models.families.FAMILIES) that covers the model."""
     mtype = getattr(getattr(model, "config", None), "model_type", None)
     family = family_for(mtype)
+    if family is None and getattr(model.config, "vision_config", None) is not None:
+        # Gemma 3 4B+ (`gemma3`) loads as Gemma3ForConditionalGeneration: its decoder sits
+        # under model.language_model, its text settings under config.text_config.
+        raise PfreezeError(
+            f"'{mtype}' is a multimodal model ({type(model).__name__}: a vision tower beside "
+            "its language model); pfreeze's freeze plans cover text-only causal LMs",
+            "use a text-only checkpoint (for Gemma 3: model_type gemma3_text, e.g. "
+            "google/gemma-3-1b-pt)")
     if family is None and (family := infer_family(model)) is not None:
         # Registered like any entry, so that every table reads the inferred rules.
         FAMILIES[family.name] = family

@@ -20,7 +20,9 @@ _FALCON = dict(vocab_size=_V, hidden_size=_H, num_hidden_layers=_L, num_attentio
 # random:<name> -> (model_type, config arguments)
 TINY: dict[str, tuple[str, dict[str, Any]]] = {
     "mistral": ("mistral", _DECODER),
-    "granite": ("granite", _DECODER),
+    # Granite's scalar multipliers away from 1, so that code which drops one fails.
+    "granite": ("granite", dict(_DECODER, embedding_multiplier=12.0, residual_multiplier=0.22,
+                                attention_multiplier=0.1, logits_scaling=8.0)),
     "qwen2": ("qwen2", _DECODER),
     "qwen3": ("qwen3", dict(_DECODER, head_dim=32)),
     "gemma": ("gemma", dict(_DECODER, head_dim=32)),
@@ -34,6 +36,9 @@ TINY: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen3-moe": ("qwen3_moe", dict(_MOE, head_dim=32, num_experts=4, moe_intermediate_size=48,
                                     decoder_sparse_step=1, mlp_only_layers=[])),
     "olmoe": ("olmoe", dict(_MOE, num_experts=4)),
+    # Biases as in Phi-3.5-MoE's published config (q/k/v/o and the head).
+    "phimoe": ("phimoe", dict(_MOE, num_local_experts=4, attention_bias=True,
+                              lm_head_bias=True)),
     # Falcon's three attention layouts: grouped (40B/180B), multi-query (7B), multi-head.
     "falcon": ("falcon", dict(_FALCON, new_decoder_architecture=True, num_kv_heads=_KV)),
     "falcon-mq": ("falcon", dict(_FALCON, multi_query=True, new_decoder_architecture=False,

@@ -8,7 +8,8 @@ noise (Marchenko–Pastur):
     score         = SNR / σ₁                   (so large-norm matrices do not win by scale)
 Matrices with a high score carry more structure than noise; Spectrum trains the top share of
 each matrix type. Fused matrices (Q/K/V, gate/up) are scored per role slice, like every
-other report.
+other report, and MoE expert tensors (one 3-D parameter per layer, expert first) per expert
+and role: expert e's gate is a matrix of type `experts.gate`, ranked among the other experts'.
 The data-driven alternative, `grad_scores`, ranks by the mean gradient norm over a few batches.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -30,11 +32,29 @@ from pfreeze.plan.selectors import ROLE_ALIASES
 @dataclass
 class MatrixScore:
     name: str
-    role: str  # q, k, v, o, gate, up, down, or the mlp module of other MLP parts
+    role: str  # q, k, v, o, gate, up, down, experts.<role>, or the mlp module of other parts
     layer: int | None
     shape: tuple[int, int]
     snr: float
     score: float
+    expert: int | None = None  # the expert of a 3-D expert tensor this matrix is
+
+    @property
+    def label(self) -> str:
+        """The parameter's name, with `[e]` for one expert of an expert tensor."""
+        return self.name if self.expert is None else f"{self.name}[{self.expert}]"
+
+
+class Piece(NamedTuple):
+    """One scored matrix: `expert` (dim 0 of an expert tensor) first, then `idx` along `dim`
+    (counted in the whole tensor) if the matrix is one role of a fused layout."""
+
+    name: str
+    kind: str
+    layer: int | None
+    dim: int
+    idx: torch.Tensor | None
+    expert: int | None = None
 
 
 def snr_score(w: torch.Tensor) -> tuple[float, float]:
@@ -49,40 +69,49 @@ def snr_score(w: torch.Tensor) -> tuple[float, float]:
     return snr, snr / float(s[0]) if float(s[0]) > 0 else 0.0
 
 
-def _matrix_type(name: str, role: str) -> str:
+def _matrix_type(name: str, role: str, expert: bool = False) -> str:
+    if expert:
+        return "experts." + role
     if role == "mlp":
         return "mlp." + name.split(".")[-2]  # gate_proj, c_fc, dense_h_to_4h, …
     return role
 
 
-def matrix_pieces(model: nn.Module, family: str, roles: set[str] | None = None
-                  ) -> list[tuple[str, str, int | None, int, torch.Tensor | None]]:
-    """(name, type, layer, dim, index) of every 2-D block matrix; fused ones per role."""
+def matrix_pieces(model: nn.Module, family: str, roles: set[str] | None = None) -> list[Piece]:
+    """Every 2-D block matrix; fused ones per role, expert tensors per expert and role."""
     infos = describe_params(model, family)
     g = Geometry.of(model)
     wanted = {r for a in roles or () for r in ROLE_ALIASES.get(a, (a,))}
     out = []
     for name, info in infos.items():
-        if info.layer is None or len(info.shape) != 2:
+        experts = info.rule.experts and len(info.shape) == 3
+        if info.layer is None or (len(info.shape) != 2 and not experts):
             continue
         for role, idx in role_pieces(info, g):
-            if roles is None or role in wanted:
-                out.append((name, _matrix_type(name, role), info.layer, info.rule.dim, idx))
+            if roles is not None and role not in wanted and not (experts and "experts" in wanted):
+                continue
+            kind = _matrix_type(name, role, experts)
+            for e in range(info.shape[0]) if experts else (None,):
+                out.append(Piece(name, kind, info.layer, info.rule.dim, idx, e))
     return out
 
 
-def _piece(t: torch.Tensor, dim: int, idx: torch.Tensor | None) -> torch.Tensor:
-    return t if idx is None else t.index_select(dim, idx.to(t.device))
+def _piece(t: torch.Tensor, pc: Piece) -> torch.Tensor:
+    dim = pc.dim
+    if pc.expert is not None:
+        t, dim = t[pc.expert], dim - 1
+    return t if pc.idx is None else t.index_select(dim, pc.idx.to(t.device))
 
 
 def snr_scores(model: nn.Module, family: str, roles: set[str] | None = None) -> list[MatrixScore]:
     """Score every 2-D block matrix (fused ones per q/k/v slice), highest score first."""
     params = dict(model.named_parameters())
     out: list[MatrixScore] = []
-    for name, kind, layer, dim, idx in matrix_pieces(model, family, roles):
-        w = _piece(params[name], dim, idx)
+    for pc in matrix_pieces(model, family, roles):
+        w = _piece(params[pc.name], pc)
         snr, score = snr_score(w)
-        out.append(MatrixScore(name, kind, layer, tuple(w.shape), snr, score))  # type: ignore[arg-type]
+        out.append(MatrixScore(pc.name, pc.kind, pc.layer, tuple(w.shape),  # type: ignore[arg-type]
+                               snr, score, pc.expert))
     return sorted(out, key=lambda m: -m.score)
 
 
@@ -96,23 +125,24 @@ def grad_scores(model: nn.Module, family: str, batches: list[torch.Tensor],
     params = dict(model.named_parameters())
     pieces = matrix_pieces(model, family, roles)
     was = {n: p.requires_grad for n, p in params.items()}
-    for n in {pc[0] for pc in pieces}:
+    for n in {pc.name for pc in pieces}:
         params[n].requires_grad_(True)
     sums = torch.zeros(len(pieces), dtype=torch.float64)
     for x in batches:
         model.zero_grad(set_to_none=True)
         model(input_ids=x, labels=x, use_cache=False).loss.backward()
         with torch.no_grad():
-            for i, (name, _, _, dim, idx) in enumerate(pieces):
-                sums[i] += float(torch.linalg.vector_norm(_piece(params[name].grad, dim, idx)))
+            for i, pc in enumerate(pieces):
+                sums[i] += float(torch.linalg.vector_norm(_piece(params[pc.name].grad, pc)))
     model.zero_grad(set_to_none=True)
     for n, p in params.items():
         p.requires_grad_(was[n])
     mean = sums / max(len(batches), 1)
     out = []
-    for (name, kind, layer, dim, idx), m in zip(pieces, mean.tolist(), strict=True):
-        shape = tuple(_piece(params[name], dim, idx).shape)
-        out.append(MatrixScore(name, kind, layer, shape, m, m))  # type: ignore[arg-type]
+    for pc, m in zip(pieces, mean.tolist(), strict=True):
+        shape = tuple(_piece(params[pc.name], pc).shape)
+        out.append(MatrixScore(pc.name, pc.kind, pc.layer, shape, m, m,  # type: ignore[arg-type]
+                               pc.expert))
     return sorted(out, key=lambda m: -m.score)
 
 
@@ -126,7 +156,9 @@ def top_selector(scores: list[MatrixScore], percent: float) -> str:
         keep = max(1, math.ceil(len(ms) * percent / 100))
         for m in sorted(ms, key=lambda m: -m.score)[:keep]:
             clause = f"re={re.escape(m.name)}"
-            if kind in ("q", "k", "v", "gate", "up"):
+            if m.expert is not None:  # one expert's matrix: its role's slice of that expert
+                clause += f" roles={kind.removeprefix('experts.')} experts={m.expert}"
+            elif kind in ("q", "k", "v", "gate", "up"):
                 clause += f" roles={kind}"  # a fused matrix trains only this role's slice
             clauses.append(clause)
     return "; ".join(clauses)

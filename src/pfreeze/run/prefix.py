@@ -9,11 +9,12 @@ forward and backward skip the lower half of the model, which the loss does not d
 The model is split into two views that share its parameters (no copies):
     lower   embedding + blocks 0..f-1 (final norm replaced by identity) -> block f's input
     upper   blocks f..L-1 + final norm + head, fed that input as `inputs_embeds`
-Rotary families (Llama, GPT-NeoX) add nothing to `inputs_embeds` before block 0. GPT-2 adds
-learned position embeddings there, which block f's input already holds: its upper view's
-position embedding returns zeros (x + 0 is exact). GPT-2's default dropout makes the prefix
-random, so only a GPT-2 without dropout is cached. GPT-Neo (alternating local and global
-attention) is not split.
+Rotary families (Llama, GPT-NeoX) add nothing to `inputs_embeds` before block 0. GPT-2 and
+GPT-Neo add learned position embeddings there, which block f's input already holds: their
+upper view's position embedding returns zeros (x + 0 is exact); Granite multiplies them by
+`embedding_multiplier`, 1 in its upper view. Decoders that mix attention types (Gemma 2/3,
+Qwen2 with sliding layers) see `layer_types` from block f on. GPT-2's default dropout makes
+the prefix random, so only a GPT-2 without dropout is cached.
 """
 
 from __future__ import annotations
@@ -48,11 +49,18 @@ def _shallow(module: nn.Module) -> nn.Module:
 
 
 def not_deterministic(model: nn.Module) -> str | None:
-    """Why the model's training-mode forward is random (dropout), or None."""
-    for key in _DROPOUT_KEYS:
+    """Why the model's training-mode forward is random (dropout, random expert routing), or
+    None."""
+    kind = getattr(model.config, "model_type", None)
+    if kind == "phimoe":
+        return "PhiMoE samples its experts at random in training (its sparsemixer router)"
+    # Mixtral multiplies the router's input by uniform noise of this width (PhiMoE's key of
+    # the same name is a fixed threshold); PhiMoE its MLP's input by input_jitter_noise.
+    noise = ("router_jitter_noise",) if kind == "mixtral" else ("input_jitter_noise",)
+    for key in (*_DROPOUT_KEYS, *noise):
         v = getattr(model.config, key, None)
         if isinstance(v, float) and v > 0:
-            return f"the model has dropout ({key}={v})"
+            return f"the model has {'noise' if key in noise else 'dropout'} ({key}={v})"
     for name, m in model.named_modules():
         if isinstance(m, nn.Dropout) and m.p > 0:
             return f"the model has dropout ({name}: p={m.p})"
@@ -69,6 +77,22 @@ class NoPositions(nn.Module):
     def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
         return torch.zeros((*position_ids.shape, self.width), dtype=self.dtype,
                            device=position_ids.device)
+
+
+class LayerTypesFrom:
+    """The upper view's decoder config: the model's own, read live (attention implementation
+    included), but with `layer_types` from block f on. Decoders that mix attention types
+    (Gemma 2/3, Qwen2 with sliding layers) pick block i's mask and rotary table by
+    `layer_types[i]`, i counted in the list they run; the upper view runs blocks f.. ."""
+
+    def __init__(self, config: Any, f: int) -> None:
+        self._config = config
+        self.layer_types = list(config.layer_types[f:])
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "_config":  # not yet set (a copy being built): no recursion
+            raise AttributeError(name)
+        return getattr(self._config, name)
 
 
 class PrefixCache:
@@ -94,6 +118,10 @@ class PrefixCache:
         setattr(upper_base, layers_attr, nn.ModuleList(layers[f:]))
         if positions_attr is not None:
             setattr(upper_base, positions_attr, NoPositions(getattr(base, positions_attr)))
+        if split.input_scale is not None and hasattr(base, split.input_scale):
+            setattr(upper_base, split.input_scale, 1.0)
+        if getattr(base.config, "layer_types", None) is not None:
+            upper_base.config = LayerTypesFrom(base.config, f)
         self.upper = _shallow(model)
         setattr(self.upper, base_attr, upper_base)
         self.h: torch.Tensor | None = None  # [n_chunks, block, width], allocated on first use
@@ -152,9 +180,6 @@ class Caches:
             return None, "the arm's trainable set changes during training"
         if (why := not_deterministic(model)) is not None:
             return None, why
-        if len(set(getattr(model.config, "layer_types", None) or [])) > 1:
-            # The decoder picks each block's mask by its position in the list it runs.
-            return None, "the model mixes attention types across blocks (layer_types)"
         f = first_trained_block(trained, infos, model.config.num_hidden_layers)
         if f == 0:
             return None, "the arm trains block 0 or the embedding"
