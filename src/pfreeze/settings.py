@@ -90,6 +90,12 @@ class TrainingConfig(Strict):
     # trained block up: less memory, about one more forward per step.
     gradient_checkpointing: bool = False
     logging_steps: int = Field(10, ge=1, description="how often the host reads device metrics")
+    # Where metrics go besides metrics.jsonl, which is always written (pfreeze.outputs.trackers;
+    # each tracker's package is the extra pfreeze[trackers]).
+    report_to: list[Literal["jsonl", "tensorboard", "wandb", "mlflow", "trackio"]] = Field(
+        default_factory=lambda: ["jsonl"])
+    run_name: str | None = Field(None, description="the trackers' run name (None: the "
+                                 "output directory's name)")
     eval_steps: int = Field(10, ge=1)
     eval_batches: int = Field(4, ge=1, description="held-out batches per evaluation")
     save_steps: int = Field(0, ge=0, description="checkpoint every N steps (0: never)")
@@ -116,6 +122,13 @@ class TrainingConfig(Strict):
     # Evaluation and sampling keep the model's own attention.
     attention_backend: Literal["auto", "model", "flash", "sdpa", "cudnn", "efficient",
                                "math"] = "auto"
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _a_list(cls, v: Any) -> Any:
+        if isinstance(v, str):  # TrainingArguments takes one name too; "none": jsonl alone
+            return [] if v == "none" else [v]
+        return v
 
     @field_validator("device")
     @classmethod
