@@ -201,6 +201,8 @@ def test_bad_inputs_get_one_line_each(tmp_path: Path) -> None:
     assert "iconv -f cp1252 -t utf-8 b.txt" in message
     one_line("is not JSON (line 1", _write(tmp_path / "x.json", "[{]"))
     one_line("row 1: field 'text' is int", _write(tmp_path / "n.jsonl", '{"text": 3}\n'))
+    one_line("row 2: field 'text' is missing",
+             _write(tmp_path / "o.jsonl", '{"text": "a"}\n\n{"other": 1}\n'))
     one_line("'messages' is not a list", _write(tmp_path / "m.jsonl", '{"messages": "hi"}\n'))
 
 

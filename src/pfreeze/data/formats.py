@@ -203,8 +203,8 @@ def _rows(rows: Any, text_field: str, where: str) -> Documents:
         texts = []
         for i, value in enumerate(rows[text_field]):
             if not isinstance(value, str):
-                raise PfreezeError(f"{where} row {i + 1}: field {text_field!r} is "
-                                   f"{type(value).__name__}, not text",
+                what = "missing" if value is None else f"{type(value).__name__}, not text"
+                raise PfreezeError(f"{where} row {i + 1}: field {text_field!r} is {what}",
                                    "give every row text in that field")
             texts.append(value.replace("\r\n", "\n"))
         return Documents(f"{where} ({len(texts)} rows, field {text_field!r})", texts=texts)
