@@ -40,9 +40,6 @@ class Documents:
     texts: list[str] = field(default_factory=list)
     chats: list[list[dict[str, Any]]] = field(default_factory=list)
 
-    def __len__(self) -> int:
-        return len(self.texts) or len(self.chats)
-
 
 def _one_line(text: object) -> str:
     return " ".join(str(text).split())
