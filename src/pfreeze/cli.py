@@ -42,7 +42,8 @@ def run(
         "--set", help="Override a config value: key.path=value (repeatable).")] = None,
     output_dir: Annotated[Path | None, typer.Option("--output-dir", "-o")] = None,
     corpus: Annotated[str | None, typer.Option(
-        "--corpus", help="Text file or gutenberg:<id> (same as --set data.corpus=...).")] = None,
+        "--corpus", help="Text file, folder, .jsonl/.json/.csv/.parquet, saved dataset folder, "
+        "hf:<id> or gutenberg:<id> (same as --set data.corpus=...).")] = None,
     model: Annotated[str | None, typer.Option(
         "--model", help="smollm2-135m, an HF id/dir, or random:<family>.")] = None,
     encoding: Annotated[str | None, typer.Option(

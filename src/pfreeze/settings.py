@@ -38,11 +38,24 @@ class ModelConfig(Strict):
 
 
 class DataConfig(Strict):
-    # A local text file or `gutenberg:<id>` (downloaded once, then cached).
+    # A text file, a folder of *.txt/*.md, a .jsonl/.json/.csv/.parquet file, a folder saved
+    # by datasets' save_to_disk, `hf:<dataset id>`, or `gutenberg:<id>` (pfreeze.data.formats).
     corpus: str = "gutenberg:2701"
     encoding: str | None = None
     strip_gutenberg: bool = True
+    # The field of each row that holds its text; rows without it but with `messages` are chats.
+    text_field: str = "text"
+    # A Jinja chat template (the text, or a file) for `messages` rows; None: the model's own.
+    chat_template: str | None = None
+    # Appended to every document but the last before tokenising (the stream's joints).
+    document_separator: str = "\n\n"
     validation_fraction: float = Field(0.1, ge=0.0, le=0.5)
+    # tail: the last tokens are held out. documents: the last whole documents, the share
+    # nearest validation_fraction.
+    validation_split: Literal["tail", "documents"] = "tail"
+    # Keep the token ids by content fingerprint (pfreeze.data.tokens); auto: corpora of a
+    # million characters or more.
+    token_cache: bool | Literal["auto"] = "auto"
     block_size: int = Field(256, ge=8, description="tokens per training window")
     top_k: int = Field(100, ge=1, description="size of the frequent-token set S_k for p")
     # random: windows start anywhere. epochs: aligned chunks, reshuffled every epoch; chunks
@@ -77,6 +90,12 @@ class TrainingConfig(Strict):
     # trained block up: less memory, about one more forward per step.
     gradient_checkpointing: bool = False
     logging_steps: int = Field(10, ge=1, description="how often the host reads device metrics")
+    # Where metrics go besides metrics.jsonl, which is always written (pfreeze.outputs.trackers;
+    # each tracker's package is the extra pfreeze[trackers]).
+    report_to: list[Literal["jsonl", "tensorboard", "wandb", "mlflow", "trackio"]] = Field(
+        default_factory=lambda: ["jsonl"])
+    run_name: str | None = Field(None, description="the trackers' run name (None: the "
+                                 "output directory's name)")
     eval_steps: int = Field(10, ge=1)
     eval_batches: int = Field(4, ge=1, description="held-out batches per evaluation")
     save_steps: int = Field(0, ge=0, description="checkpoint every N steps (0: never)")
@@ -103,6 +122,13 @@ class TrainingConfig(Strict):
     # Evaluation and sampling keep the model's own attention.
     attention_backend: Literal["auto", "model", "flash", "sdpa", "cudnn", "efficient",
                                "math"] = "auto"
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _a_list(cls, v: Any) -> Any:
+        if isinstance(v, str):  # TrainingArguments takes one name too; "none": jsonl alone
+            return [] if v == "none" else [v]
+        return v
 
     @field_validator("device")
     @classmethod

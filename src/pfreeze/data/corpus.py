@@ -1,8 +1,10 @@
-"""Load a training corpus, strip Project Gutenberg boilerplate, tokenise it and count tokens.
+"""Read a plain-text corpus, strip Project Gutenberg boilerplate, tokenise it and count tokens.
 
-A corpus is a local text file or `gutenberg:<id>`. Every way the input can be wrong raises a
-PfreezeError that says what is wrong and what to pass instead, because a bad corpus otherwise
-shows up much later as a confusing tokeniser or training failure.
+Here a corpus is a local text file or `gutenberg:<id>` (folders, JSONL, CSV, Parquet, saved
+and hub datasets: pfreeze.data.formats, which reads text files through this module). Every way
+the input can be wrong raises a PfreezeError that says what is wrong and what to pass instead,
+because a bad corpus otherwise shows up much later as a confusing tokeniser or training
+failure.
 """
 
 from __future__ import annotations
@@ -215,6 +217,7 @@ class CorpusStats:
     n_train: int  # the first n_train ids are training text, the rest validation
     top_k: list[tuple[int, int]]  # (token_id, count), most frequent first, ties by smaller id
     n_unique: int
+    n_documents: int = 1  # documents the stream was made of (pfreeze.data.tokens)
 
     @property
     def n_total(self) -> int:
@@ -249,19 +252,32 @@ def tokenize_corpus(
     top_k: int = 100,
     min_tokens: int = 2,
 ) -> CorpusStats:
-    """Tokenise text; hold out the contiguous tail as validation; count token frequencies.
+    """Tokenise one text; hold out its contiguous tail as validation; count token frequencies.
 
     The validation set is the tail (not a random sample) so that no validation window overlaps
     training text. Frequencies cover the whole corpus.
     """
+    ids = [int(token) for token in tokenizer.encode(text)]
+    return count_tokens(ids, validation_fraction, top_k, min_tokens)
+
+
+def count_tokens(
+    ids: list[int],
+    validation_fraction: float = 0.1,
+    top_k: int = 100,
+    min_tokens: int = 2,
+    n_val: int | None = None,
+) -> CorpusStats:
+    """The statistics of a token stream whose last `n_val` ids (default: the tail share
+    `validation_fraction`) are validation text."""
     if not 0.0 <= validation_fraction <= 0.5:
         raise PfreezeError(
             f"validation fraction {validation_fraction} is outside [0, 0.5]",
             "set data.validation_fraction between 0 (no validation) and 0.5",
         )
-    ids = [int(token) for token in tokenizer.encode(text)]
     n_total = len(ids)
-    n_val = round(n_total * validation_fraction)
+    if n_val is None:
+        n_val = round(n_total * validation_fraction)
     n_train = n_total - n_val
     if n_train < min_tokens:
         raise PfreezeError(
@@ -292,6 +308,7 @@ def describe(stats: CorpusStats, decode: Callable[[list[int]], str]) -> dict[str
     top = stats.top_set
     return {
         "n_total": stats.n_total,
+        "n_documents": stats.n_documents,
         "n_unique": stats.n_unique,
         "n_train": stats.n_train,
         "n_val": stats.n_total - stats.n_train,

@@ -34,14 +34,16 @@ from torch import nn
 
 from pfreeze.atomic import atomic_write, write_json, write_text
 from pfreeze.errors import PfreezeError
+from pfreeze.outputs import trackers
 from pfreeze.outputs.loggers import JsonlLogger, MetricLogger
+from pfreeze.settings import RunSpec
 
 # Everything a run (and its report and repeats) writes into its directory, by exact name:
 # a user's own files beside them are never touched. The folders are pfreeze's own.
 FILES = ("summary.json", "config.yaml", "metrics.jsonl", "samples.txt", "samples.jsonl",
          "report.md", "report.html", "loss.png", "loss_scatter.png", "step_time.png", "dw.png",
          "dw0.png", "p.png", "repeats.json", "repeats.md")
-FOLDERS = ("checkpoint", ".checkpoint.old", ".checkpoint.tmp", "arms")
+FOLDERS = ("checkpoint", ".checkpoint.old", ".checkpoint.tmp", "arms", "tensorboard", "wandb")
 # What marks a directory as a run's (so that its folders above are pfreeze's).
 MARKS = ("config.yaml", "summary.json", "metrics.jsonl", "checkpoint", ".checkpoint.old")
 
@@ -164,6 +166,20 @@ class RunFiles:
         self.samples = list(state["samples"])
         self.sample_records = list(state["sample_records"])
         self._write_samples()
+
+    def open_trackers(self, cfg: RunSpec, fresh: bool) -> None:
+        """Start the trackers of training.report_to beside metrics.jsonl. One that cannot
+        start ends the run; a fresh run then takes back what it wrote, so the corrected retry
+        is not refused."""
+        t = cfg.training
+        try:
+            self.loggers += trackers.open_trackers(t.report_to, self.root,
+                                                   cfg.model_dump(mode="json"),
+                                                   t.run_name or self.root.resolve().name)
+        except PfreezeError:
+            if fresh:
+                self.clear()
+            raise
 
     def append_metrics(self, rows: list[dict[str, Any]]) -> None:
         """Hand rows to every metric sink (metrics.jsonl first)."""

@@ -22,14 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from pfreeze.data.corpus import (
-    BatchStream,
-    CorpusStats,
-    describe,
-    read_corpus,
-    strip_gutenberg,
-    tokenize_corpus,
-)
+from pfreeze.data.corpus import BatchStream, CorpusStats, describe
+from pfreeze.data.formats import read_documents
+from pfreeze.data.tokens import tokenize_documents
 from pfreeze.errors import PfreezeError
 from pfreeze.measure.drift import Tracker
 from pfreeze.measure.heldout import fixed_windows
@@ -79,16 +74,13 @@ class Loop:
         # or one at a time where arms_placement allows).
         self.memory = fit.memory_plan(cfg, self.device, self.rt.bf16)
         self.placement = fit.placement(self.memory, cfg.arms_placement, self.t.save_steps)
-        text, source = read_corpus(cfg.data.corpus, cfg.data.encoding)
-        if cfg.data.strip_gutenberg:
-            text = strip_gutenberg(text)
+        docs = read_documents(cfg.data)  # before the model: a bad corpus fails fast
         self.lm: LoadedModel = load_model(cfg.model.name, cfg.model.revision, seed=self.t.seed,
                                                dtype=cfg.model.dtype)
         check_positions(self.lm, cfg.data.block_size, cfg.generation)
-        self.stats: CorpusStats = tokenize_corpus(
-            text, self.lm.tokenizer, cfg.data.validation_fraction, cfg.data.top_k,
-            min_tokens=cfg.data.block_size)
-        self.corpus = {"source": source, **describe(self.stats, self.lm.tokenizer.decode)}
+        self.stats: CorpusStats = tokenize_documents(docs, self.lm.tokenizer, cfg.data,
+                                                     min_tokens=cfg.data.block_size)
+        self.corpus = {"source": docs.source, **describe(self.stats, self.lm.tokenizer.decode)}
         self.stream = self.new_stream()
         n_eval = self.t.eval_batches * self.t.per_device_train_batch_size
         self.val_windows = fixed_windows(self.stats.val_ids, cfg.data.block_size, n_eval)

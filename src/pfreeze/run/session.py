@@ -26,7 +26,7 @@ import torch
 from pfreeze import __version__
 from pfreeze.errors import PfreezeError
 from pfreeze.measure.generation import release_twin
-from pfreeze.outputs import checkpoint
+from pfreeze.outputs import checkpoint, trackers
 from pfreeze.outputs.checkpoint import ArmCheckpoint
 from pfreeze.outputs.files import NoSpace, RunFiles, environment, finished, is_no_space
 from pfreeze.plan.masks import check_audit
@@ -82,6 +82,7 @@ class Session:
                 "rerun with --overwrite to start it again; set save_steps to checkpoint",
             )
         files.check_target()
+        trackers.check(self.t.report_to)  # a missing tracker package, before any loading
         if not resume:
             files.check_free(dump(loop.cfg))
         # Read the corpus and load the model before writing anything: bad input must not
@@ -92,6 +93,7 @@ class Session:
             with self.signals.deferred():  # the run's files go back to the checkpoint whole
                 state = self._restore()
                 files.resume(state)
+                files.open_trackers(loop.cfg, fresh=False)
                 self.done, self.p_before = state["step"], state["p_before"]
                 self.saved_at = self.done
                 self.phase = "train"
@@ -101,6 +103,7 @@ class Session:
             if self.before_start:
                 self.before_start()
             files.start(dump(loop.cfg))
+            files.open_trackers(loop.cfg, fresh=True)
             self.phase = "before"
         self.signals.check()
         loop.moments.evaluate(0)
@@ -183,6 +186,7 @@ class Session:
             summary = self._summary(None, arms, status="interrupted")
             summary["interrupted_at_step"] = e.step
             self.files.write_summary(summary)
+            self.files.close_metrics()  # the trackers end their runs too
 
     def _sequential(self, t_start: float) -> dict[str, Any]:
         """arms_placement=sequential: each arm's whole run in turn (before, steps, after) on
