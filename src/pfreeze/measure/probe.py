@@ -21,7 +21,7 @@ import torch
 
 from pfreeze.data.corpus import read_corpus, strip_gutenberg
 from pfreeze.errors import PfreezeError
-from pfreeze.measure.heldout import fixed_windows
+from pfreeze.measure.heldout import fixed_windows, mean_loss
 
 OFF = "none"
 BUILTIN = "builtin:"
@@ -78,6 +78,12 @@ def build_probe(spec: str, tokenizer: Any, block: int, count: int,
             "pass a longer data.probe_corpus, lower data.block_size, or set "
             "data.probe_corpus=none")
     return Probe(source, windows, len(ids))
+
+
+def probe_loss(model: torch.nn.Module, windows: torch.Tensor, batch_size: int,
+               device: torch.device, bf16: bool) -> float | None:
+    """The probe's loss: the token-weighted mean next-token loss over its fixed windows."""
+    return mean_loss(model, windows, batch_size, device, bf16)
 
 
 def learning_forgetting(val: tuple[float | None, float | None],

@@ -17,6 +17,7 @@ import torch
 
 from pfreeze.measure.generation import generate_samples, p_stats
 from pfreeze.measure.heldout import mean_loss
+from pfreeze.measure.probe import probe_loss
 from pfreeze.outputs.files import RunFiles
 from pfreeze.run.arm_run import ArmRun
 from pfreeze.run.runtime import Runtime
@@ -56,7 +57,7 @@ class Moments:
                 continue
             if shared is None or not self.shared_theta0(step):
                 probe = (None if self.probe_windows is None else
-                         mean_loss(arm.model, self.probe_windows, bs, rt.device, rt.bf16))
+                         probe_loss(arm.model, self.probe_windows, bs, rt.device, rt.bf16))
                 shared = (mean_loss(arm.model, self.val_windows, bs, rt.device, rt.bf16),
                           mean_loss(arm.model, self.train_windows, bs, rt.device, rt.bf16), probe)
             val, tr, probe = shared
