@@ -191,3 +191,14 @@ def test_compare_puts_two_runs_side_by_side(three: Path, tiny_run) -> None:
 def test_compare_refuses_a_folder_without_a_run(three: Path, tmp_path: Path) -> None:
     with pytest.raises(PfreezeError, match="no pfreeze run in"):
         compare([three, tmp_path])
+
+
+def test_cli_run_with_repeats_renders_every_report(tiny_overrides, tmp_path: Path) -> None:
+    out = tmp_path / "cli"
+    sets = [x for item in tiny_overrides("repeats=2", "training.max_steps=2")
+            for x in ("--set", item)]
+    result = CliRunner().invoke(app, ["run", "-o", str(out), *sets])
+    assert result.exit_code == 0, result.output
+    assert (out / "repeat-0" / "report.html").is_file()
+    assert (out / "repeat-1" / "report.html").is_file()
+    assert (out / "evidence.html").is_file() and "evidence:" in result.output
