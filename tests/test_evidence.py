@@ -202,3 +202,13 @@ def test_cli_run_with_repeats_renders_every_report(tiny_overrides, tmp_path: Pat
     assert (out / "repeat-0" / "report.html").is_file()
     assert (out / "repeat-1" / "report.html").is_file()
     assert (out / "evidence.html").is_file() and "evidence:" in result.output
+
+
+def test_seed_protocol_config_is_the_notebooks() -> None:
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "seed-protocol.yaml")
+    t, g = cfg.training, cfg.generation
+    assert (t.learning_rate, t.max_steps, t.per_device_train_batch_size) == (5e-4, 474, 16)
+    assert cfg.data.block_size == 256 and cfg.repeats == 3 and t.keep_best
+    assert len(g.prompts) * g.samples_per_prompt == 10 and g.max_new_tokens == 100
+    assert cfg.data.probe_corpus != "none"
+    assert [a.name for a in cfg.arms] == ["full", "qkv-upper"]
