@@ -212,3 +212,17 @@ def test_seed_protocol_config_is_the_notebooks() -> None:
     assert len(g.prompts) * g.samples_per_prompt == 10 and g.max_new_tokens == 100
     assert cfg.data.probe_corpus != "none"
     assert [a.name for a in cfg.arms] == ["full", "qkv-upper"]
+
+
+def test_evidence_before_any_repeat_finished_says_how_to_finish(tmp_path: Path) -> None:
+    (tmp_path / "repeat-0").mkdir()
+    (tmp_path / "repeat-0" / "config.yaml").write_text("repeats: 1\n")
+    (tmp_path / "config.yaml").write_text("repeats: 2\n")
+    with pytest.raises(PfreezeError, match="no repeat in .* has finished yet"):
+        render_evidence(tmp_path)
+
+
+def test_compare_needs_two_folders(tiny_run) -> None:
+    result = CliRunner().invoke(app, ["compare", str(tiny_run.dir)])
+    assert isinstance(result.exception, PfreezeError)
+    assert "compare needs two or more run directories" in str(result.exception)
