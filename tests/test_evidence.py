@@ -226,3 +226,12 @@ def test_compare_needs_two_folders(tiny_run) -> None:
     result = CliRunner().invoke(app, ["compare", str(tiny_run.dir)])
     assert isinstance(result.exception, PfreezeError)
     assert "compare needs two or more run directories" in str(result.exception)
+
+
+def test_evidence_of_one_arm_without_the_probe(make_config, tmp_path: Path) -> None:
+    out = tmp_path / "one"
+    run(make_config("repeats=2", "training.max_steps=2", "arms=[{kind: full}]",
+                    "data.probe_corpus=none"), out)
+    md = render_evidence(out)["md"].read_text()
+    assert "One arm only" in md and "forgetting probe: off" in md
+    assert "| forgetting | — |" in md

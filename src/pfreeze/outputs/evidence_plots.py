@@ -32,9 +32,11 @@ def band(runs: list[dict[int, float]]) -> tuple[np.ndarray, np.ndarray, np.ndarr
     """Steps every repeat measured, the mean there and its 95% t-interval (lo, hi); without a
     second repeat the interval is the mean itself."""
     steps = sorted(set.intersection(*(set(r) for r in runs))) if runs else []
-    vals = np.array([[r[s] for r in runs] for s in steps], dtype=float).reshape(len(steps), -1)
-    mean = vals.mean(axis=1) if len(steps) else np.array([])
-    n = vals.shape[1]
+    if not steps:
+        empty = np.array([])
+        return empty, empty, empty, empty
+    vals = np.array([[r[s] for r in runs] for s in steps], dtype=float)
+    mean, n = vals.mean(axis=1), vals.shape[1]
     if n > 1:
         half = t_quantile(n - 1) * vals.std(axis=1, ddof=1) / math.sqrt(n)
     else:
