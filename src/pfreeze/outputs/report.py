@@ -97,13 +97,14 @@ def _p(p: Any) -> str:
 
 
 def _probe(a: dict[str, Any]) -> str:
-    """Probe loss before → at the best step → after, and the forgetting (its rise)."""
-    keys = ("probe_loss_before", "probe_loss_best", "probe_loss_after")
+    """Probe loss before → after, and its rise (the forgetting); summary.json has the value
+    at the best step too."""
+    keys = ("probe_loss_before", "probe_loss_after")
     if all(a.get(k) is None for k in keys):
         return DASH
     rise = num(a.get("forgetting_after"))
     return " → ".join(_f(a.get(k)) for k in keys) + (
-        f" (forgetting {rise:+.3f})" if math.isfinite(rise) else "")
+        f" ({rise:+.3f})" if math.isfinite(rise) else "")
 
 
 def _token(tok: Any) -> str:
