@@ -109,3 +109,19 @@ def test_probe_shorter_than_a_window_is_refused(tmp_path: Path) -> None:
     lm = load_model("random:gpt2")
     with pytest.raises(PfreezeError, match="less than one window"):
         build_probe(str(path), lm.tokenizer, 32, 3)
+
+
+def test_report_shows_the_probe_of_a_finished_and_a_killed_run(tiny_run: TinyRun,
+                                                               tmp_path: Path) -> None:
+    import shutil
+
+    from pfreeze.outputs.report import render_report
+
+    for f in ("config.yaml", "metrics.jsonl", "summary.json"):
+        shutil.copy(tiny_run.dir / f, tmp_path / f)
+    a = tiny_run.summary["arms"]["full"]
+    cell = (f"{a['probe_loss_before']:.3f} → {a['probe_loss_after']:.3f} "
+            f"({a['forgetting_after']:+.3f})")
+    assert cell in render_report(tmp_path)["md"].read_text()
+    (tmp_path / "summary.json").unlink()  # killed: the probe comes from the eval rows
+    assert cell in render_report(tmp_path)["md"].read_text()
