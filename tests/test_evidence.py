@@ -79,6 +79,7 @@ def test_claims_verdicts_follow_from_the_cis() -> None:
     assert gap["ci95"][0] < 0 < gap["ci95"][1]
     assert "−" not in table["faster steps"]["figure"] and "ms" in table["faster steps"]["figure"]
     assert "GPU only" in table["less memory"]["figure"]
+    assert table["faster steps"]["figure"].startswith("median step: -10.0 ± 2.5 ms (-50%)")
 
 
 def test_claims_flip_when_the_figures_do() -> None:

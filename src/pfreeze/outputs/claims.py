@@ -75,12 +75,23 @@ def _combine(verdicts: list[str]) -> str:
     return HOLDS if all(v == HOLDS for v in verdicts) else NOT_SHOWN
 
 
-def _part(claim: Claim, arm: dict[str, Any]) -> dict[str, Any]:
+def _relative(diff: dict[str, Any] | None, ref: dict[str, Any] | None) -> str:
+    """The mean difference as a share of the reference's mean: ' (−48%)'."""
+    d, r = (diff or {}).get("mean"), (ref or {}).get("mean")
+    if d is None or not r:
+        return ""
+    return f" ({100 * d / r:+.0f}%)"
+
+
+def _part(claim: Claim, arm: dict[str, Any], ref: dict[str, Any]) -> dict[str, Any]:
     stats = (arm["figures"] if claim.own else arm["vs_reference"]).get(claim.key)
     fig = BY_KEY[claim.key]
     unit = fig.unit if claim.own else diff_unit(fig.unit)
     measured = bool(stats) and stats.get("mean") is not None
-    what = "" if claim.own else " vs reference"
+    # a share of the reference where the figure is a size (time, memory, count)
+    share = _relative(stats, ref["figures"].get(claim.key)) \
+        if not claim.own and fig.unit in ("ms", "MiB", "params") else ""
+    what = "" if claim.own else f"{share} vs reference"
     return {"name": claim.name, "verdict": verdict(stats, claim.lower),
             "figure": (f"{fig.title}: {fmt_stats(stats, unit, signed=True)}{what}, 95% CI "
                        f"{fmt_ci(stats, unit)}") if measured
@@ -96,7 +107,7 @@ def claims_table(agg: dict[str, Any]) -> list[dict[str, Any]]:
         for name, arm in agg["arms"].items():
             if name == ref:
                 continue
-            done = [_part(c, arm) for c in parts]
+            done = [_part(c, arm, agg["arms"][ref]) for c in parts]
             v = _combine([d["verdict"] for d in done])
             rows.append({"claim": title, "arm": name, "reference": ref,
                          "figure": "; ".join(d["figure"] for d in done), "verdict": v,
