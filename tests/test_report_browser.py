@@ -1,5 +1,6 @@
-"""report.html in real headless Chromium at 1280 px: images load, nothing widens the page,
-the console stays clean. One browser session serves both pages (a few seconds in all)."""
+"""report.html (and a repeats run's evidence.html) in real headless Chromium at 1280 px: images
+load, nothing widens the page, the console stays clean. One browser session serves every page
+(a few seconds in all)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
+from pfreeze.outputs.evidence import render_evidence
 from pfreeze.outputs.report import render_report
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
@@ -80,6 +83,13 @@ def pages(tiny_run: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, 
             kept = [r for r in tiny_run.rows if r["step"] <= 3]
             (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
         out[name] = render_report(run)["html"]
+    # A repeats run of two repeats (the tiny run twice): its combined evidence report.
+    repeats = root / "repeats"
+    for r in range(2):
+        shutil.copytree(root / "finished", repeats / f"repeat-{r}")
+    config = yaml.safe_load((tiny_run.dir / "config.yaml").read_text())
+    (repeats / "config.yaml").write_text(yaml.safe_dump({**config, "repeats": 2}))
+    out["evidence"] = render_evidence(repeats)["html"]
     return out
 
 
@@ -97,3 +107,14 @@ def test_report_reads_well_at_1280px(browser: Any, pages: dict[str, Path], page:
         assert "Partial: the run was killed at step" in browser.page_source
     errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert errors == []
+
+
+def test_evidence_report_reads_well_at_1280px(browser: Any, pages: dict[str, Path]) -> None:
+    browser.get(pages["evidence"].as_uri())
+    images = browser.execute_script(IMAGES_JS)
+    assert len(images) == 2 and all(i["ok"] for i in images), images
+    layout = browser.execute_script(OVERFLOW_JS)
+    assert layout["scrollWidth"] <= layout["innerWidth"] == WIDTH, layout
+    assert layout["bad"] == [], layout["bad"]
+    assert "2 of 2 repeats finished" in browser.page_source
+    assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []

@@ -1,4 +1,4 @@
-"""`pfreeze` command line: run, plan, report.
+"""`pfreeze` command line: run, plan, report, compare.
 
 Every user mistake is a PfreezeError and prints as one line (`error: problem; fix`) with exit
 code 2; `--debug` shows the traceback as well.
@@ -70,6 +70,11 @@ def run(
 
         out.print(render_markdown(summary))
         console.print(f"repeats: {escape(str(Path(cfg.output_dir) / 'repeats.md'))}")
+        if not no_report:
+            from pfreeze.outputs.evidence import render_repeats
+
+            written = render_repeats(Path(cfg.output_dir))
+            console.print(f"evidence: {escape(str(written['html']))}")
         return
     _print_summary(summary)
     if not no_report:
@@ -300,12 +305,40 @@ def rank(
 
 @app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="A pfreeze run's output_dir.")]) -> None:
-    """Re-render plots, report.md and report.html from a run directory's files."""
+    """Re-render plots, report.md and report.html from a run directory's files (of a repeats
+    run: every repeat's report and the evidence report over all of them)."""
+    from pfreeze.outputs.evidence import is_repeats_dir, render_repeats
     from pfreeze.outputs.report import render_report
 
-    written = render_report(run_dir)
+    written = render_repeats(run_dir) if is_repeats_dir(run_dir) else render_report(run_dir)
     for kind, path in written.items():
         console.print(f"{kind}: {escape(str(path))}")
+
+
+@app.command()
+def compare(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Two or more runs' output_dirs.")],
+    markdown: Annotated[bool, typer.Option("--markdown", help="Print a Markdown table.")] = False,
+) -> None:
+    """Put runs' summaries side by side (a repeats run: mean ± 95% CI over its repeats)."""
+    from pfreeze.outputs.compare import compare as side_by_side
+    from pfreeze.outputs.compare import to_markdown
+
+    if len(run_dirs) < 2:
+        raise PfreezeError("compare needs two or more run directories",
+                           "pass them as `pfreeze compare DIR1 DIR2`")
+    header, rows, notes = side_by_side(run_dirs)
+    if markdown:
+        out.print(escape(to_markdown(header, rows, notes)), soft_wrap=True)
+        return
+    table = Table(title="pfreeze compare")
+    for col in header:
+        table.add_column(escape(col), overflow="fold")
+    for row in rows:
+        table.add_row(*(escape(c) for c in row))
+    out.print(table)
+    for note in notes:
+        out.print(escape(note), soft_wrap=True)
 
 
 def _outside_a_run() -> str:

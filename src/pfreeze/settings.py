@@ -61,6 +61,10 @@ class DataConfig(Strict):
     # random: windows start anywhere. epochs: aligned chunks, reshuffled every epoch; chunks
     # recur, so an arm frozen below block f can reuse block f's cached input (prefix_cache).
     sampling: Literal["random", "epochs"] = "random"
+    # The forgetting probe: general text the run never trains on, its loss measured at every
+    # evaluation (pfreeze.measure.probe). builtin:us-documents (installed with pfreeze), a text
+    # file, gutenberg:<id>, or none.
+    probe_corpus: str = "builtin:us-documents"
 
 
 class TrainingConfig(Strict):

@@ -82,7 +82,12 @@ def _plot_loss(rows: list[Row], summary: Summary, arms: list[str], path: Path) -
         vx, vy = _series(rows, arm, "eval", "val_loss")
         if vy.size:
             ax.plot(vx, vy, "o", color=_TAB10[i % 10], mec="black", ms=7, label=f"{arm} val")
-    ax.set(title="Training loss (line, with moving average) and held-out loss (markers)",
+        px, py = _series(rows, arm, "eval", "probe_loss")
+        if py.size:  # the forgetting probe: general text, never trained on
+            ax.plot(px, py, "s", color=_TAB10[i % 10], mfc="none", mew=1.5, ms=7,
+                    label=f"{arm} probe")
+    ax.set(title="Training loss (line, with moving average), held-out loss (dots), probe loss "
+           "(squares)",
            xlabel="step", ylabel="cross-entropy loss (nats/token)")
     _legend(ax, len(arms))
     return _save(fig, path)
@@ -248,7 +253,8 @@ def _plot_p(rows: list[Row], summary: Summary, arms: list[str], path: Path) -> P
 
 
 PLOTS = [  # (file stem, plotter, caption) in report order
-    ("loss", _plot_loss, "Training loss per step; markers are held-out loss from eval rows."),
+    ("loss", _plot_loss, "Training loss per step; dots are held-out loss, open squares the "
+     "forgetting probe's loss (general text never trained on), from eval rows."),
     ("loss_scatter", _plot_scatter, "One point per step: first arm's loss (x), another's (y)."),
     ("step_time", _plot_step_time, "Time per optimiser step; dashed lines are medians."),
     ("dw", _plot_dw, "Per-step update norm per layer (roles combined). The axis is logarithmic "

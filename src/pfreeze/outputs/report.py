@@ -96,6 +96,17 @@ def _p(p: Any) -> str:
     return f"{_f(p.get('mean'))} ± {_f(half)}" if math.isfinite(half) else _f(p.get("mean"))
 
 
+def _probe(a: dict[str, Any]) -> str:
+    """Probe loss before → after, and its rise (the forgetting); summary.json has the value
+    at the best step too."""
+    keys = ("probe_loss_before", "probe_loss_after")
+    if all(a.get(k) is None for k in keys):
+        return DASH
+    rise = num(a.get("forgetting_after"))
+    return " → ".join(_f(a.get(k)) for k in keys) + (
+        f" ({rise:+.3f})" if math.isfinite(rise) else "")
+
+
 def _token(tok: Any) -> str:
     # leading spaces carry meaning in BPE tokens but are invisible, so draw them as "␣"
     return json.dumps(str(tok), ensure_ascii=False)[1:-1].replace('\\"', '"').replace(" ", "␣")
@@ -128,6 +139,7 @@ def _arm_row(arm: str, a: dict[str, Any], total: Any, ref_median: float) -> dict
         "tps": _int(a.get("tokens_per_s")), "gap": _f(gap),
         "mean_loss": _f(a.get("mean_loss")), "last_loss": _f(a.get("last_loss")),
         "val": f"{_f(a.get('val_loss_before'))} → {best} → {_f(a.get('val_loss_after'))}",
+        "probe": _probe(a),
         "p": f"{_p(a.get('p_before'))} → {_p(a.get('p_after'))}"
         # keep_best runs also sample with the best-point weights
         + (f" (best point: {_p(a['p_best'])})" if a.get("p_best") else ""),

@@ -50,7 +50,19 @@ def _arm_from_rows(rows: list[Row], kind: Any) -> dict[str, Any]:
         # "after" of a killed run: its latest evaluation
         "val_loss_after": vals[-1][1] if vals else None,
         "train_loss_after": num(evals[-1].get("train_loss")) if evals else None,
+        **_probe_from_rows(evals, best[0]),
     }
+
+
+def _probe_from_rows(evals: list[Row], best_step: Any) -> dict[str, Any]:
+    """Probe loss before, at the best step and at the latest evaluation, where logged."""
+    probe = {r["step"]: num(r.get("probe_loss")) for r in evals
+             if math.isfinite(num(r.get("probe_loss")))}
+    if not probe:
+        return {}
+    first, last = probe[min(probe)], probe[max(probe)]
+    return {"probe_loss_before": first, "probe_loss_best": probe.get(best_step),
+            "probe_loss_after": last, "forgetting_after": last - first}
 
 
 def read_config(path: Path) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from torch import nn
 
 from pfreeze.errors import PfreezeError
 from pfreeze.measure.drift import Tracker
+from pfreeze.measure.probe import learning_forgetting
 from pfreeze.models.load import count_params
 from pfreeze.plan.masks import Freezer
 from pfreeze.run.arms.base import ArmStrategy
@@ -75,7 +76,9 @@ class ArmRun:
     pending: list[StepRecord] = field(default_factory=list)  # read back at the next flush
     losses: list[float] = field(default_factory=list)
     times: list[float] = field(default_factory=list)
-    evals: list[tuple[int, float | None, float | None]] = field(default_factory=list)
+    # (step, held-out loss, training-text loss, probe loss or None)
+    evals: list[tuple[int, float | None, float | None, float | None]] = field(
+        default_factory=list)
     # Over every step of the run (not the last one's): allocated by the step, and reserved by
     # the process during it (CUDA-graph pools and the other arms' memory included).
     peak_mem_mb: float | None = None
@@ -109,7 +112,7 @@ class ArmRun:
         """This arm's figures for summary.json; p_after and the audit are None for a run
         interrupted before its end (and p_before too when it stopped during the first
         sampling)."""
-        vals = [(s, v) for s, v, _ in self.evals if v is not None]
+        vals = [(s, v) for s, v, *_ in self.evals if v is not None]
         best = min(vals, key=lambda sv: sv[1]) if vals else (None, None)
         median = statistics.median(self.times) if self.times else None
         return {
@@ -132,9 +135,26 @@ class ArmRun:
             "peak_mem_mb": self.peak_mem_mb, "peak_reserved_mb": self.peak_reserved_mb,
             "p_before": p_before, "p_after": p_after,
             "integrity": audit, "p_best": p_best,
+            **self.probe_figures(best[0], p_after is not None),
             # ‖ΔW‖ keys of matrices this arm never trains: exact zeros, not a measured 0.
             "tracked_frozen": self.tracker.frozen_keys,
         }
+
+    def probe_figures(self, best_step: int | None, ended: bool) -> dict[str, float | None]:
+        """Probe loss before, at the best held-out point and after; learning and forgetting
+        at both (pfreeze.measure.probe). None where the probe is off or not measured."""
+        probe = {e[0]: (e[1], e[3] if len(e) > 3 else None) for e in self.evals}
+        first = self.evals[0] if self.evals else (None, None, None, None)
+        before = (first[1], first[3] if len(first) > 3 else None)
+        at_best = probe.get(best_step, (None, None))
+        after = probe.get(self.evals[-1][0], (None, None)) if ended and self.evals else (None,) * 2
+        out: dict[str, float | None] = {"probe_loss_before": before[1],
+                                        "probe_loss_best": at_best[1], "probe_loss_after": after[1]}
+        for moment, (val, pr) in (("best", at_best), ("after", after)):
+            lf = learning_forgetting((before[0], val), (before[1], pr))
+            out[f"learning_{moment}"] = lf["learning"]
+            out[f"forgetting_{moment}"] = lf["forgetting"]
+        return out
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         """Host copies of what a resume needs beyond θ₀: the tensors this arm trains, the

@@ -28,6 +28,7 @@ from pfreeze.data.tokens import tokenize_documents
 from pfreeze.errors import PfreezeError
 from pfreeze.measure.drift import Tracker
 from pfreeze.measure.heldout import fixed_windows
+from pfreeze.measure.probe import Probe, build_probe
 from pfreeze.models.families import describe_params
 from pfreeze.models.load import LoadedModel, check_positions, count_params, load_model, state_hash
 from pfreeze.outputs.files import RunFiles
@@ -85,6 +86,8 @@ class Loop:
         n_eval = self.t.eval_batches * self.t.per_device_train_batch_size
         self.val_windows = fixed_windows(self.stats.val_ids, cfg.data.block_size, n_eval)
         self.train_windows = fixed_windows(self.stats.train_ids, cfg.data.block_size, n_eval)
+        self.probe: Probe | None = build_probe(cfg.data.probe_corpus, self.lm.tokenizer,
+                                               cfg.data.block_size, n_eval, cfg.data.encoding)
         self.theta0_hash = state_hash(self.lm.model)
         # Adapter initialisation and any dropout draw from the global generator: seed it.
         torch.manual_seed(self.t.seed)
@@ -96,7 +99,7 @@ class Loop:
             del self.lm.model  # each arm holds its own copy now
         self.moments = Moments(self.arms, self.rt, self.val_windows, self.train_windows,
                                self.t, cfg.generation, self.lm.tokenizer, self.stats.top_set,
-                               self.files)
+                               self.files, self.probe.windows if self.probe else None)
 
     def new_stream(self) -> BatchStream:
         """The run's batch stream from its start (every arm sees the same batches)."""

@@ -1,6 +1,7 @@
 """The measurement moments of a run, for every arm at once.
 
     held-out loss   before, every eval_steps, after; the best point, early stopping, keep_best
+    probe loss      the same moments, on the forgetting probe's text (pfreeze.measure.probe)
     p               sampling before and after training, and at each arm's best point
 
 Before training every arm is θ₀ (proven by hash), so those measurements run once.
@@ -16,6 +17,7 @@ import torch
 
 from pfreeze.measure.generation import generate_samples, p_stats
 from pfreeze.measure.heldout import mean_loss
+from pfreeze.measure.probe import probe_loss
 from pfreeze.outputs.files import RunFiles
 from pfreeze.run.arm_run import ArmRun
 from pfreeze.run.runtime import Runtime
@@ -37,29 +39,33 @@ class Moments:
     tokenizer: Any
     top_set: Collection[int]
     files: RunFiles
+    probe_windows: torch.Tensor | None = None  # the forgetting probe's; None: probe off
 
     def shared_theta0(self, step: int) -> bool:
         """Before training every arm is θ₀ (proven by hash): measure once, report for all."""
         return step == 0 and len({a.theta0_hash for a in self.arms}) == 1
 
     def evaluate(self, step: int) -> None:
-        """Held-out and training-text loss of every arm at `step`, into metrics.jsonl."""
+        """Held-out, training-text and probe loss of every arm at `step`, into metrics.jsonl."""
         rows, bs, rt = [], self.t.per_device_train_batch_size, self.rt
         shared = None
         for arm in self.arms:
             if arm.diverged:
-                arm.evals.append((step, None, None))
+                arm.evals.append((step, None, None, None))
                 continue
             if arm.stopped:  # early-stopped: unchanged since its last evaluation
                 continue
             if shared is None or not self.shared_theta0(step):
+                probe = (None if self.probe_windows is None else
+                         probe_loss(arm.model, self.probe_windows, bs, rt.device, rt.bf16))
                 shared = (mean_loss(arm.model, self.val_windows, bs, rt.device, rt.bf16),
-                          mean_loss(arm.model, self.train_windows, bs, rt.device, rt.bf16))
-            val, tr = shared
-            arm.evals.append((step, val, tr))
+                          mean_loss(arm.model, self.train_windows, bs, rt.device, rt.bf16), probe)
+            val, tr, probe = shared
+            arm.evals.append((step, val, tr, probe))
             self._track_best(arm, step, val)
             rows.append({"kind": "eval", "step": step, "arm": arm.strategy.name,
-                         "val_loss": val, "train_loss": tr})
+                         "val_loss": val, "train_loss": tr,
+                         **({} if self.probe_windows is None else {"probe_loss": probe})})
         self.files.append_metrics(rows)
 
     def _track_best(self, arm: ArmRun, step: int, val: float | None) -> None:

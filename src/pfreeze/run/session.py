@@ -353,6 +353,7 @@ class Session:
             "model": {"name": loop.lm.name, "architecture": loop.lm.family, **loop.base_info},
             "config": loop.cfg.model_dump(mode="json"),
             "corpus": loop.corpus,
+            "probe": loop.probe.info() if getattr(loop, "probe", None) else None,
             "theta0_hash": loop.theta0_hash,
             "memory_plan": loop.memory.summary() if loop.memory else None,
             # Identical θ₀ hashes mean identical models: the before-measurements ran once.
