@@ -1,0 +1,193 @@
+"""`pfreeze export` and `pfreeze apply`: an arm as a standard transformers model directory.
+
+One tiny random:llama run with a full, a plan and a LoRA arm (keep_best on); each arm's export
+loads with AutoModelForCausalLM and gives the trained arm's logits, `apply` of its delta
+writes the same weights, and a wrong base is refused.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from pfreeze.errors import PfreezeError
+from pfreeze.export import apply_delta, export_arm
+from pfreeze.models.load import ByteTokenizer, load_model
+
+ARMS = ("[{kind: full, name: full}, {kind: plan, name: qkv, select: 'layers=2,3 roles=q,k,v'},"
+        " {kind: lora, name: lora, select: 'roles=q,v', r: 4}]")
+
+
+@pytest.fixture(scope="module")
+def trained(make_config: Callable, tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    """A finished 4-step run and its Loop, whose arms still hold the trained models."""
+    from pfreeze.outputs.files import RunFiles
+    from pfreeze.run.loop import Loop
+    from pfreeze.run.session import run_loop
+
+    cfg = make_config("model.name=random:llama", "training.max_steps=4",
+                      "training.learning_rate=1e-2", "training.keep_best=true",
+                      f"arms={ARMS}")
+    out = tmp_path_factory.mktemp("export") / "run"
+    loop = Loop(cfg, RunFiles(out))
+    run_loop(loop)
+    return out, {a.strategy.name: a.model.eval() for a in loop.arms}
+
+
+IDS = torch.tensor([list(b"Call me Ishmael. Some years ago")])
+
+
+def _logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+@pytest.mark.parametrize("arm", ["full", "qkv", "lora"])
+def test_an_exported_arm_loads_and_gives_the_trained_arms_logits(trained: tuple, arm: str,
+                                                                  tmp_path: Path) -> None:
+    run, models = trained
+    out = export_arm(run, arm, tmp_path / arm)
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert loaded.dtype == torch.float32  # random models are stored in float32
+    assert not any("lora" in n for n in loaded.state_dict())  # merged, not an adapter
+    torch.testing.assert_close(_logits(loaded), _logits(models[arm]), rtol=1e-5, atol=1e-5)
+    if arm != "lora":  # the trained tensors, bit for bit
+        trained_sd = models[arm].state_dict()
+        for name, t in loaded.state_dict().items():
+            assert torch.equal(t, trained_sd[name]), name
+    # The training is in it: θ₀'s logits differ.
+    theta0 = load_model("random:llama", seed=0).model.eval()
+    assert not torch.allclose(_logits(theta0), _logits(loaded), atol=1e-3)
+    # An export again replaces the earlier one.
+    assert export_arm(run, arm, out) == out and (out / "README.md").exists()
+
+
+def test_the_model_card_names_what_trained_and_the_figures(trained: tuple,
+                                                           tmp_path: Path) -> None:
+    run, _ = trained
+    card = (export_arm(run, "qkv", tmp_path / "qkv") / "README.md").read_text(encoding="utf-8")
+    summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
+    a = summary["arms"]["qkv"]
+    assert card.startswith("---\nlibrary_name: transformers\n")
+    assert "base_model:" not in card  # a random shape has no hub id
+    assert a["description"] in card
+    assert f"{a['val_loss_before']:.4f} | {a['val_loss_after']:.4f}" in card
+    assert f"{a['trainable_params']:,} of {a['total_params']:,}" in card
+    assert "byte" in card  # the tokenizer of a random model is explained
+
+
+def test_a_random_models_export_has_a_byte_tokenizer(trained: tuple, tmp_path: Path) -> None:
+    run, _ = trained
+    tok = AutoTokenizer.from_pretrained(export_arm(run, "full", tmp_path / "full"))
+    text = "Call me Ishmael. Ünïcode and 🐋\n  spaces"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert ids == ByteTokenizer().encode(text)
+    assert tok.decode(ids) == text and tok.eos_token_id == ByteTokenizer.eos_token_id
+
+
+def test_best_exports_the_best_evaluations_tensors(trained: tuple, tmp_path: Path) -> None:
+    run, _ = trained
+    best = load_file(str(run / "arms" / "qkv" / "best.safetensors"))
+    loaded = AutoModelForCausalLM.from_pretrained(export_arm(run, "qkv", tmp_path / "b",
+                                                             best=True))
+    sd = loaded.state_dict()
+    assert best and all(torch.equal(sd[n], t) for n, t in best.items())
+
+
+@pytest.mark.parametrize("arm", ["full", "qkv", "lora"])
+def test_apply_of_a_delta_equals_the_export(trained: tuple, arm: str, tmp_path: Path) -> None:
+    run, _ = trained
+    delta = run / "arms" / arm / "trained.safetensors"
+    with safe_open(str(delta), "pt") as f:
+        meta = f.metadata()
+    summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
+    assert meta["theta0_hash"] == summary["theta0_hash"] and meta["arm"] == arm
+    exported = load_file(str(export_arm(run, arm, tmp_path / "e") / "model.safetensors"))
+    applied = load_file(str(apply_delta(delta, "random:llama", tmp_path / "a")
+                            / "model.safetensors"))
+    assert exported.keys() == applied.keys()
+    assert all(torch.equal(exported[k], applied[k]) for k in exported)
+
+
+def test_apply_refuses_a_base_that_is_not_the_runs_theta0(trained: tuple,
+                                                          tmp_path: Path) -> None:
+    run, _ = trained
+    delta = run / "arms" / "qkv" / "trained.safetensors"
+    # The same shape from another seed: every tensor fits, the θ₀ hash does not.
+    meta_cfg = (run / "config.yaml").read_text(encoding="utf-8")
+    moved = tmp_path / "moved.safetensors"
+    with safe_open(str(delta), "pt") as f:
+        meta = {**f.metadata(), "config": meta_cfg.replace("seed: 0", "seed: 1", 1)}
+    save_file(load_file(str(delta)), str(moved), meta)
+    with pytest.raises(PfreezeError, match="is not the θ₀ the delta was trained from"):
+        apply_delta(moved, "random:llama", tmp_path / "out")
+    with pytest.raises(PfreezeError, match="is not the θ₀"):
+        apply_delta(delta, "random:gpt2", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_errors_are_one_line_with_the_fix(trained: tuple, tmp_path: Path) -> None:
+    run, _ = trained
+    with pytest.raises(PfreezeError, match="has no arm 'nope' .*full, qkv, lora"):
+        export_arm(run, "nope", tmp_path / "x")
+    with pytest.raises(PfreezeError, match="holds no pfreeze run"):
+        export_arm(tmp_path, "full", tmp_path / "x")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine", encoding="utf-8")
+    with pytest.raises(PfreezeError, match="not an earlier pfreeze export"):
+        export_arm(run, "full", tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").exists()
+    plain = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(2)}, str(plain))
+    with pytest.raises(PfreezeError, match="no pfreeze metadata"):
+        apply_delta(plain, "random:llama", tmp_path / "y")
+    (tmp_path / "text.safetensors").write_text("not tensors", encoding="utf-8")
+    with pytest.raises(PfreezeError, match="is not a safetensors file"):
+        apply_delta(tmp_path / "text.safetensors", "random:llama", tmp_path / "y")
+
+
+def test_best_without_kept_weights_says_how(make_config: Callable, tmp_path: Path) -> None:
+    from pfreeze.run.session import run as run_experiment
+
+    cfg = make_config("model.name=random:llama", "training.max_steps=1",
+                      "generation.samples_per_prompt=1", "generation.max_new_tokens=2")
+    run_experiment(cfg, tmp_path / "run")
+    with pytest.raises(PfreezeError, match="kept no best weights.*training.keep_best=true"):
+        export_arm(tmp_path / "run", "full", tmp_path / "x", best=True)
+
+
+def _cli(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, *args: str
+         ) -> tuple[int, str]:
+    from pfreeze.cli import main
+
+    monkeypatch.setattr("sys.argv", ["pfreeze", *args])
+    monkeypatch.setenv("COLUMNS", "300")
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    return code, capsys.readouterr().err
+
+
+def test_the_commands_write_or_say_in_one_line_why_not(
+        trained: tuple, tmp_path: Path, capsys: pytest.CaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    run, _ = trained
+    code, err = _cli(capsys, monkeypatch, "export", str(run), "--arm", "lora",
+                     "--out", str(tmp_path / "m"))
+    assert code == 0 and "exported arm lora" in err
+    assert (tmp_path / "m" / "model.safetensors").exists()
+    code, err = _cli(capsys, monkeypatch, "apply", str(run / "arms" / "full" /
+                     "trained.safetensors"), "--base", "random:gpt2", "--out", str(tmp_path / "a"))
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("error: the base model 'random:gpt2' is not the θ₀")
+    assert "pass the run's model ('random:llama'" in lines[0]
