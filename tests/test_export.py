@@ -151,6 +151,23 @@ def test_export_errors_are_one_line_with_the_fix(trained: tuple, tmp_path: Path)
     (tmp_path / "text.safetensors").write_text("not tensors", encoding="utf-8")
     with pytest.raises(PfreezeError, match="is not a safetensors file"):
         apply_delta(tmp_path / "text.safetensors", "random:llama", tmp_path / "y")
+    with pytest.raises(PfreezeError, match="no such file"):
+        apply_delta(tmp_path / "absent.safetensors", "random:llama", tmp_path / "y")
+    # A run that has not finished: its config, no arms' files yet.
+    (tmp_path / "started").mkdir()
+    (tmp_path / "started" / "config.yaml").write_bytes((run / "config.yaml").read_bytes())
+    with pytest.raises(PfreezeError, match="has not finished.*pfreeze run --resume"):
+        export_arm(tmp_path / "started", "full", tmp_path / "x")
+
+
+def test_tensors_of_another_model_are_refused_by_name_and_shape() -> None:
+    from pfreeze.run.arms.base import load_named
+
+    model = load_model("random:llama").model
+    with pytest.raises(PfreezeError, match="model.layers.9.mlp.up_proj.weight .*no such"):
+        load_named(model, {"model.layers.9.mlp.up_proj.weight": torch.zeros(2, 2)})
+    with pytest.raises(PfreezeError, match=r"does not fit the model \(shape \(64, 64\)\)"):
+        load_named(model, {"model.layers.0.self_attn.q_proj.weight": torch.zeros(2, 2)})
 
 
 def test_best_without_kept_weights_says_how(make_config: Callable, tmp_path: Path) -> None:

@@ -23,15 +23,27 @@ if TYPE_CHECKING:
 from pfreeze.errors import PfreezeError
 from pfreeze.run.interrupts import Interrupted
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+# add_completion: `pfreeze --install-completion` (bash, zsh, fish, PowerShell) from typer.
+app = typer.Typer(add_completion=True, no_args_is_help=True,
                   help="Targeted fine-tuning with precision freezing, measured side by side.")
 console = Console(stderr=True, emoji=False)  # `random:llama:` must not become an emoji
 out = Console(emoji=False)
 _state: dict[str, Any] = {"debug": False}
 
 
+def _version(value: bool) -> None:
+    if value:
+        from pfreeze import __version__
+
+        out.print(f"pfreeze {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False) -> None:
+def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+          version: Annotated[bool, typer.Option(
+              "--version", callback=_version, is_eager=True,
+              help="Print pfreeze's version and exit.")] = False) -> None:
     _state["debug"] = debug
 
 
