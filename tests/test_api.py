@@ -125,3 +125,19 @@ def test_run_and_plan_stay_callable_whatever_was_imported_first() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert int(out.stdout) > 0 and not math.isnan(int(out.stdout))
+
+
+def test_a_run_of_repeats_gives_every_repeats_rows(make_config: Callable[..., RunConfig],
+                                                   tmp_path: Path) -> None:
+    cfg = make_config("training.max_steps=2", "generation.samples_per_prompt=1",
+                      "generation.max_new_tokens=2", "arms=[{kind: full}]")
+    result = pfreeze.run(cfg, repeats=2, output_dir=str(tmp_path / "rep"))
+    assert len(result.repeats) == 2
+    assert result.summary == json.loads((tmp_path / "rep" / "repeats.json").read_text())
+    assert list(result.metrics.repeat) == [0, 0, 1, 1]
+    for i, r in enumerate(result.repeats):
+        assert r.summary["config"]["training"]["seed"] == cfg.training.seed + i
+        assert list(result.metrics[result.metrics.repeat == i].loss) == list(r.metrics.loss)
+    assert list(result.table.repeat) == [0, 1]
+    with pytest.raises(PfreezeError, match="several repeats.*repeat-0"):
+        result.export("full", tmp_path / "x")

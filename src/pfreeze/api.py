@@ -42,6 +42,9 @@ class Result:
     paths     the run's files by name: dir, config, summary, metrics, samples, report_html,
               report_md, the figures (loss.png, ...) and each arm's trained tensors
               (trained:<arm>)
+    repeats   a run with `repeats: n`: each repeat's Result; then `summary` is repeats.json
+              (the statistics across repeats) and the tables hold every repeat's rows, with
+              a `repeat` column
     """
 
     dir: Path
@@ -50,12 +53,16 @@ class Result:
     evals: pd.DataFrame
     samples: pd.DataFrame
     paths: dict[str, Path] = field(default_factory=dict)
+    repeats: list[Result] = field(default_factory=list)
 
     @property
     def table(self) -> pd.DataFrame:
-        """One row per arm: what trained and the headline figures (before → after)."""
+        """One row per arm: what trained and the headline figures (before → after); with
+        repeats, one row per repeat and arm."""
         import pandas as pd
 
+        if self.repeats:
+            return pd.concat([r.table.assign(repeat=i) for i, r in enumerate(self.repeats)])
         rows = []
         for name, a in self.summary.get("arms", {}).items():
             rows.append({
@@ -110,6 +117,8 @@ def load_result(run_dir: str | Path) -> Result:
 
     root = Path(run_dir)
     summary_path = root / "summary.json"
+    if not summary_path.is_file() and (root / "repeats.json").is_file():
+        return _repeats(root)
     if not summary_path.is_file():
         raise PfreezeError(f"{root} holds no run summary (summary.json missing)",
                            "pass the output_dir of a run that finished or was interrupted")
@@ -128,6 +137,25 @@ def load_result(run_dir: str | Path) -> Result:
     return Result(root, summary, metrics, pd.DataFrame(evals),
                   pd.DataFrame([{k: v for k, v in s.items() if k != "ids"} for s in samples]),
                   {k: p for k, p in paths.items() if p.exists()})
+
+
+def _repeats(root: Path) -> Result:
+    """A run of n repeats: repeats.json, and every repeat's rows with its index."""
+    import pandas as pd
+
+    dirs = sorted((d for d in root.glob("repeat-*") if d.name[7:].isdigit()),
+                  key=lambda d: int(d.name[7:]))
+    each = [load_result(d) for d in dirs]
+
+    def joined(name: str) -> pd.DataFrame:
+        return pd.concat([getattr(r, name).assign(repeat=i) for i, r in enumerate(each)],
+                         ignore_index=True)
+
+    summary = json.loads((root / "repeats.json").read_text(encoding="utf-8"))
+    paths = {"dir": root, "config": root / "config.yaml", "repeats": root / "repeats.json",
+             "repeats_md": root / "repeats.md"}
+    return Result(root, summary, joined("metrics"), joined("evals"), joined("samples"),
+                  {k: p for k, p in paths.items() if p.exists()}, each)
 
 
 def _merge(tree: dict[str, Any], key: str, value: Any) -> None:

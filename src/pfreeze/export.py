@@ -168,6 +168,9 @@ def export_arm(run_dir: str | Path, arm: str, out: str | Path, best: bool = Fals
     if not (run_dir / "config.yaml").is_file():
         raise PfreezeError(f"{run_dir} holds no pfreeze run (config.yaml missing)",
                            "pass the output_dir of a run")
+    if (run_dir / "repeat-0").is_dir():
+        raise PfreezeError(f"{run_dir} holds a run of several repeats, each with its arms",
+                           f"export one repeat: pass {run_dir / 'repeat-0'} (or another)")
     config_yaml = (run_dir / "config.yaml").read_text(encoding="utf-8")
     cfg = _run_config(config_yaml, str(run_dir / "config.yaml"))
     _arm_config(cfg, arm, str(run_dir))
