@@ -304,14 +304,14 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A pfreeze run's output_
 def export(
     run_dir: Annotated[Path, typer.Argument(help="A pfreeze run's output_dir.")],
     arm: Annotated[str, typer.Option("--arm", "-a", help="The arm to export.")],
-    out: Annotated[Path, typer.Option("--out", help="The model directory to write.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="The model directory to write.")],
     best: Annotated[bool, typer.Option(
         "--best", help="The weights of the best evaluation (training.keep_best).")] = False,
 ) -> None:
     """Write an arm as a standard transformers model directory (LoRA merged)."""
     from pfreeze.export import export_arm
 
-    path = export_arm(run_dir, arm, out, best)
+    path = export_arm(run_dir, arm, out_dir, best)
     console.print(f"exported arm {escape(arm)}: {escape(str(path))}")
 
 
@@ -319,12 +319,12 @@ def export(
 def apply_(
     delta: Annotated[Path, typer.Argument(help="An arm's trained.safetensors.")],
     base: Annotated[str, typer.Option("--base", help="The base model (the run's θ₀).")],
-    out: Annotated[Path, typer.Option("--out", help="The model directory to write.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="The model directory to write.")],
 ) -> None:
     """Apply a trained.safetensors to its base model; write a transformers model directory."""
     from pfreeze.export import apply_delta
 
-    path = apply_delta(delta, base, out)
+    path = apply_delta(delta, base, out_dir)
     console.print(f"applied {escape(str(delta))} to {escape(base)}: {escape(str(path))}")
 
 
