@@ -255,3 +255,30 @@ def test_the_cards_base_model_is_a_hub_id_or_nothing(tmp_path: Path,
     (tmp_path / "models" / "mine").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
     assert base_model("models/mine") is None  # a local folder, though shaped like an id
+
+
+def test_a_bf16_stored_model_exports_in_bf16(make_config: Callable, tmp_path: Path) -> None:
+    """The checkpoint's dtype: trained fp32 master weights are rounded to the storage dtype,
+    frozen tensors are θ₀'s bf16 bits."""
+    from pfreeze.outputs.files import RunFiles
+    from pfreeze.run.loop import Loop
+    from pfreeze.run.session import run_loop
+
+    cfg = make_config("model.name=random:llama", "model.dtype=bfloat16", "training.bf16=auto",
+                      "training.max_steps=2", "training.learning_rate=1e-2",
+                      "generation.samples_per_prompt=1", "generation.max_new_tokens=2",
+                      "arms=[{kind: plan, name: qkv, select: 'layers=2 roles=q,k,v'}]")
+    loop = Loop(cfg, RunFiles(tmp_path / "run"))
+    run_loop(loop)
+    out = export_arm(tmp_path / "run", "qkv", tmp_path / "m")
+    assert json.loads((out / "config.json").read_text(encoding="utf-8"))["dtype"] == "bfloat16"
+    sd = load_file(str(out / "model.safetensors"))
+    assert {t.dtype for t in sd.values()} == {torch.bfloat16}
+    trained = dict(loop.arms[0].model.named_parameters())
+    theta0 = load_model("random:llama", dtype="bfloat16").model.state_dict()
+    for name, t in sd.items():
+        if name in trained and "layers.2.self_attn" in name and "o_proj" not in name:
+            assert torch.equal(t, trained[name].detach().to(torch.bfloat16)), name
+            assert not torch.equal(t, theta0[name]), name
+        elif name in theta0:
+            assert torch.equal(t, theta0[name]), name
