@@ -141,3 +141,17 @@ def test_a_run_of_repeats_gives_every_repeats_rows(make_config: Callable[..., Ru
     assert list(result.table.repeat) == [0, 1]
     with pytest.raises(PfreezeError, match="several repeats.*repeat-0"):
         result.export("full", tmp_path / "x")
+
+
+def test_run_shows_progress_with_the_latest_losses(make_config: Callable[..., RunConfig],
+                                                   tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    cfg = make_config("training.max_steps=2", "generation.samples_per_prompt=1",
+                      "generation.max_new_tokens=2", "arms=[{kind: full}]")
+    result = pfreeze.run(cfg, output_dir=str(tmp_path / "r"), report=False)
+    err = capsys.readouterr().err
+    assert "2/2" in err and f"full={result.metrics.loss.iloc[-1]:.3f}" in err
+    seen: list[int] = []
+    pfreeze.run(cfg, output_dir=str(tmp_path / "r"), overwrite=True, report=False,
+                on_step=lambda step, losses: seen.append(step))
+    assert seen == [1, 2] and "2/2" not in capsys.readouterr().err  # a callback instead

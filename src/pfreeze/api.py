@@ -191,7 +191,7 @@ def config_of(source: ConfigLike | None = None, /, **overrides: Any) -> RunConfi
 
 
 def run(source: ConfigLike | None = None, /, *, overwrite: bool = False,
-        resume: bool = False, report: bool = True,
+        resume: bool = False, report: bool = True, progress: bool = True,
         on_step: Callable[[int, dict[str, float]], None] | None = None,
         **overrides: Any) -> Result:
     """Run an experiment and return its results.
@@ -202,17 +202,50 @@ def run(source: ConfigLike | None = None, /, *, overwrite: bool = False,
     (`training__max_steps=10`) or dotted (`**{"training.max_steps": 10}`), or a top-level
     one (`output_dir="runs/x"`). `overwrite` replaces a run in output_dir, `resume`
     continues it from its checkpoint; `report` renders report.html and the figures;
-    `on_step(step, losses)` is called after every step.
+    `progress` shows a progress bar with the latest losses (on stderr); `on_step(step,
+    losses)` is called after every step instead.
     """
     from pfreeze.outputs.report import render_report
     from pfreeze.run.session import run as run_experiment
 
     cfg = config_of(source, **overrides)
     out = Path(cfg.output_dir)
-    run_experiment(cfg, out, overwrite=overwrite, on_step=on_step, resume=resume)
+    bar = _bar(cfg.training.max_steps) if progress and on_step is None else None
+    try:
+        run_experiment(cfg, out, overwrite=overwrite, resume=resume,
+                       on_step=on_step or (bar and bar.step))
+    finally:
+        if bar:
+            bar.close()
     if report and cfg.repeats == 1:
         render_report(out)
     return load_result(out)
+
+
+class _Bar:
+    """tqdm's plain text bar (it needs no notebook widgets), with the arms' latest losses."""
+
+    def __init__(self, total: int) -> None:
+        from tqdm.std import tqdm
+
+        self.tqdm = tqdm(total=total, desc="training", unit="step", leave=True)
+
+    def step(self, step: int, losses: dict[str, float]) -> None:
+        if step < self.tqdm.n:  # the next repeat starts from step 1
+            self.tqdm.reset()
+        self.tqdm.update(step - self.tqdm.n)
+        if losses:
+            self.tqdm.set_postfix({k: f"{v:.3f}" for k, v in losses.items()}, refresh=False)
+
+    def close(self) -> None:
+        self.tqdm.close()
+
+
+def _bar(total: int) -> _Bar | None:
+    try:
+        return _Bar(total)
+    except ImportError:  # tqdm comes with transformers; without it, no bar
+        return None
 
 
 def plan(model: str | nn.Module = "random:gpt2", select: str = "layers=50%: roles=q,k,v"
