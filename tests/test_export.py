@@ -81,6 +81,9 @@ def test_the_model_card_names_what_trained_and_the_figures(trained: tuple,
     assert f"{a['val_loss_before']:.4f} | {a['val_loss_after']:.4f}" in card
     assert f"{a['trainable_params']:,} of {a['total_params']:,}" in card
     assert "byte" in card  # the tokenizer of a random model is explained
+    assert "merged" not in card
+    lora = (export_arm(run, "lora", tmp_path / "l") / "README.md").read_text(encoding="utf-8")
+    assert "LoRA adapters are merged" in lora
 
 
 def test_a_random_models_export_has_a_byte_tokenizer(trained: tuple, tmp_path: Path) -> None:

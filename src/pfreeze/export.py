@@ -127,8 +127,11 @@ def save_tokenizer(tokenizer: Any, folder: Path) -> None:
         str(folder))
 
 
-def _notes(cfg: RunSpec, lm: LoadedModel) -> list[str]:
+def _notes(cfg: RunSpec, lm: LoadedModel, arm: str) -> list[str]:
     notes = []
+    if _arm_config(cfg, arm, "the run").kind == "lora":
+        notes.append("The LoRA adapters are merged into the weights (peft's merge_and_unload): "
+                     "a plain model, no adapter files.")
     if cfg.model.name == SMOLLM2:
         notes.append("The base is pfreeze's embedded SmolLM2-135M-Instruct GGUF (Q4_1): its "
                      "weights were dequantised on loading, so this folder holds them as "
@@ -187,7 +190,7 @@ def export_arm(run_dir: str | Path, arm: str, out: str | Path, best: bool = Fals
     card = model_card(CardFacts(
         arm, cfg.model.name, str(model.dtype).removeprefix("torch."),
         (a or {}).get("description") or delta.meta.get("description", arm), weights,
-        summary.get("theta0_hash"), a, summary.get("corpus"), _notes(cfg, lm)))
+        summary.get("theta0_hash"), a, summary.get("corpus"), _notes(cfg, lm, arm)))
     return _write(out, model, lm, card, config_yaml)
 
 
@@ -222,6 +225,6 @@ def apply_delta(delta_path: str | Path, base: str, out: str | Path) -> Path:
     card = model_card(CardFacts(
         arm, cfg.model.name, str(model.dtype).removeprefix("torch."),
         delta.meta.get("description", arm), f"the tensors of {delta_path.name}",
-        delta.meta["theta0_hash"], notes=_notes(cfg, lm)))
+        delta.meta["theta0_hash"], notes=_notes(cfg, lm, arm)))
     return _write(out, model, lm, card, delta.meta["config"])
 
