@@ -8,6 +8,7 @@ writes the same weights, and a wrong base is refused.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -65,6 +66,11 @@ def test_an_exported_arm_loads_and_gives_the_trained_arms_logits(trained: tuple,
     # The training is in it: θ₀'s logits differ.
     theta0 = load_model("random:llama", seed=0).model.eval()
     assert not torch.allclose(_logits(theta0), _logits(loaded), atol=1e-3)
+    # The modes a plain mkdir and open() give (an export is for others to read).
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {0o666 & ~umask}
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask
     # An export again replaces the earlier one.
     assert export_arm(run, arm, out) == out and (out / "README.md").exists()
 

@@ -20,6 +20,7 @@ AutoTokenizer loads it like any other.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -143,12 +144,23 @@ def _notes(cfg: RunSpec, lm: LoadedModel, arm: str) -> list[str]:
     return notes
 
 
+def _plain_modes(folder: Path) -> None:
+    """The modes a plain mkdir and open() would give (the temporary folder is 0700, and some
+    writers make 0600 files): an export is for others to read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for f in folder.iterdir():
+        f.chmod((0o777 if f.is_dir() else 0o666) & ~umask)
+
+
 def _write(out: Path, model: nn.Module, lm: LoadedModel, card: str, config_yaml: str) -> Path:
     def write(tmp: Path) -> None:
         model.save_pretrained(str(tmp))
         save_tokenizer(lm.tokenizer, tmp)
         (tmp / "README.md").write_text(card, encoding="utf-8")
         (tmp / CARD_CONFIG).write_text(config_yaml, encoding="utf-8")
+        _plain_modes(tmp)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     ensure_space(out.parent, tensors_bytes(dict(model.state_dict())), f"the export {out}")

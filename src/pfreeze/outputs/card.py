@@ -83,7 +83,7 @@ def model_card(f: CardFacts) -> str:
     ]
     if f.corpus:
         tokens = f.corpus.get("n_train")
-        body.append(f"- corpus: `{f.corpus.get('source', '?')}`"
+        body.append(f"- corpus: {f.corpus.get('source', '?')}"
                     + (f" ({tokens:,} training tokens)" if isinstance(tokens, int) else ""))
     body.append("")
     if f.arm:
