@@ -100,7 +100,8 @@ class Result:
 
 
 def _rows(path: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl's rows; a torn last line (a killed run) is skipped."""
+    """The rows of a JSON-lines file (metrics, samples); a torn last line (a killed run) is
+    skipped."""
     rows = []
     if path.exists():
         for line in path.read_text(encoding="utf-8").splitlines():
