@@ -21,7 +21,7 @@ LAYERS = [
     ("measurement", ("pfreeze.measure",)),
     ("outputs", ("pfreeze.outputs",)),
     ("the run", ("pfreeze.run",)),
-    ("entry points", ("pfreeze.config", "pfreeze.cli")),
+    ("entry points", ("pfreeze.config", "pfreeze.cli", "pfreeze.export", "pfreeze.api")),
 ]
 
 

@@ -1,13 +1,18 @@
 """pfreeze: targeted fine-tuning with precision freezing, measured against full fine-tuning.
 
-The names below are the public API: code outside the package (the benchmark in `bench/`)
-imports them from `pfreeze` only, never from a submodule, whose layout may change. They load
-on first use (PEP 562), so `import pfreeze` stays fast.
+The names below are the public API: code outside the package (the benchmark in `bench/`, a
+notebook) imports them from `pfreeze` only, never from a submodule, whose layout may change.
+They load on first use (PEP 562), so `import pfreeze` stays fast.
+
+    result = pfreeze.run("configs/moby-dick.yaml", training={"max_steps": 10})
+    pfreeze.plan("random:llama", "layers=50%: roles=q,k,v")   # a pandas DataFrame
 """
 
 from __future__ import annotations
 
+import sys
 from importlib import import_module
+from types import ModuleType
 from typing import Any
 
 from pfreeze.errors import PfreezeError
@@ -15,10 +20,14 @@ from pfreeze.errors import PfreezeError
 __version__ = "0.1.0"
 
 _PUBLIC = {
-    # running an experiment: the config tree and the one call that runs it
+    # running an experiment from Python: its results as tables (pfreeze.api); the config tree
+    "Result": "pfreeze.api",
+    "load_result": "pfreeze.api",
     "RunConfig": "pfreeze.config",
     "load_config": "pfreeze.config",
-    "run": "pfreeze.run.session",
+    # an arm as a transformers model directory
+    "export_arm": "pfreeze.export",
+    "apply_delta": "pfreeze.export",
     # settings of each part, and the arm kinds the benchmark builds
     "DataConfig": "pfreeze.settings",
     "TrainingConfig": "pfreeze.settings",
@@ -47,10 +56,40 @@ _PUBLIC = {
     "generate_samples": "pfreeze.measure.generation",
 }
 
-__all__ = ["PfreezeError", "__version__", *_PUBLIC]
+# Functions named like a subpackage of theirs: `pfreeze.run(...)` runs an experiment while
+# `pfreeze.run.session` stays the module (see _Package).
+_CALLABLE_PACKAGES = ("run", "plan")
+
+__all__ = ["PfreezeError", "__version__", *_CALLABLE_PACKAGES, *_PUBLIC]
+
+
+class _CallablePackage(ModuleType):
+    """A subpackage (pfreeze.run, pfreeze.plan) that is also pfreeze.api's function of its
+    name: calling it calls the function, its attributes stay the subpackage's."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return getattr(import_module("pfreeze.api"), self.__name__.rsplit(".", 1)[1])(
+            *args, **kwargs)
+
+
+class _Package(ModuleType):
+    """pfreeze itself. Importing a subpackage sets it as an attribute of its parent
+    (`pfreeze.run = <module pfreeze.run>`), which would hide the function pfreeze.run; each
+    such subpackage is made callable as it is set, so both spellings hold at any time."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _CALLABLE_PACKAGES and isinstance(value, ModuleType):
+            value.__class__ = _CallablePackage
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str) -> Any:
+    if name in _CALLABLE_PACKAGES:
+        import_module(f"pfreeze.{name}")  # sets the attribute (made callable) on the way
+        return globals()[name]
     if (module := _PUBLIC.get(name)) is None:
         raise AttributeError(f"module 'pfreeze' has no attribute {name!r}")
     value = getattr(import_module(module), name)

@@ -23,15 +23,27 @@ if TYPE_CHECKING:
 from pfreeze.errors import PfreezeError
 from pfreeze.run.interrupts import Interrupted
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+# add_completion: `pfreeze --install-completion` (bash, zsh, fish, PowerShell) from typer.
+app = typer.Typer(add_completion=True, no_args_is_help=True,
                   help="Targeted fine-tuning with precision freezing, measured side by side.")
 console = Console(stderr=True, emoji=False)  # `random:llama:` must not become an emoji
 out = Console(emoji=False)
 _state: dict[str, Any] = {"debug": False}
 
 
+def _version(value: bool) -> None:
+    if value:
+        from pfreeze import __version__
+
+        out.print(f"pfreeze {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False) -> None:
+def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+          version: Annotated[bool, typer.Option(
+              "--version", callback=_version, is_eager=True,
+              help="Print pfreeze's version and exit.")] = False) -> None:
     _state["debug"] = debug
 
 
@@ -339,6 +351,34 @@ def compare(
     out.print(table)
     for note in notes:
         out.print(escape(note), soft_wrap=True)
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A pfreeze run's output_dir.")],
+    arm: Annotated[str, typer.Option("--arm", "-a", help="The arm to export.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="The model directory to write.")],
+    best: Annotated[bool, typer.Option(
+        "--best", help="The weights of the best evaluation (training.keep_best).")] = False,
+) -> None:
+    """Write an arm as a standard transformers model directory (LoRA merged)."""
+    from pfreeze.export import export_arm
+
+    path = export_arm(run_dir, arm, out_dir, best)
+    console.print(f"exported arm {escape(arm)}: {escape(str(path))}")
+
+
+@app.command(name="apply")
+def apply_(
+    delta: Annotated[Path, typer.Argument(help="An arm's trained.safetensors.")],
+    base: Annotated[str, typer.Option("--base", help="The base model (the run's θ₀).")],
+    out_dir: Annotated[Path, typer.Option("--out", help="The model directory to write.")],
+) -> None:
+    """Apply a trained.safetensors to its base model; write a transformers model directory."""
+    from pfreeze.export import apply_delta
+
+    path = apply_delta(delta, base, out_dir)
+    console.print(f"applied {escape(str(delta))} to {escape(base)}: {escape(str(path))}")
 
 
 def _outside_a_run() -> str:

@@ -84,6 +84,9 @@ Arm = _arm_union()
 
 
 class RunConfig(Strict):
+    """A whole experiment: the model, the data, training, generation and the arms (the YAML
+    file's top level; README lists every setting)."""
+
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
@@ -262,6 +265,11 @@ def load_config(
                                "check the key path") from None
     if overrides:
         source = f"{source} + --set"
+    return validate(tree, source)
+
+
+def validate(tree: dict[str, Any], source: str = "the config") -> RunConfig:
+    """The RunConfig of a config tree (as YAML would give it); a mistake in one line."""
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as e:

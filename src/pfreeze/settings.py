@@ -38,6 +38,8 @@ class ModelConfig(Strict):
 
 
 class DataConfig(Strict):
+    """`data:` the corpus and how it becomes training windows and held-out text."""
+
     # A text file, a folder of *.txt/*.md, a .jsonl/.json/.csv/.parquet file, a folder saved
     # by datasets' save_to_disk, `hf:<dataset id>`, or `gutenberg:<id>` (pfreeze.data.formats).
     corpus: str = "gutenberg:2701"
@@ -68,6 +70,8 @@ class DataConfig(Strict):
 
 
 class TrainingConfig(Strict):
+    """`training:` optimizer, schedule, steps, evaluation, checkpoints and execution."""
+
     learning_rate: float = Field(1e-4, gt=0)
     per_device_train_batch_size: int = Field(4, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
@@ -182,6 +186,8 @@ def _one_line(e: BaseException) -> str:
 
 
 class GenerationConfig(Strict):
+    """`generation:` the prompts sampled before and after training (behind p)."""
+
     # The same prompts and seeds are used for every arm, before and after training.
     prompts: list[str] = Field(
         default_factory=lambda: ["Call me", "The whale", "It was a", "Upon the deck"],

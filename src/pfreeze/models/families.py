@@ -269,6 +269,7 @@ ARCHITECTURES: Mapping[str, Arch] = _ArchitectureView()
 
 
 def describe_params(model: nn.Module, family: str) -> dict[str, ParamInfo]:
+    """Each parameter of `model` by name: its shape, block, role rule and tying."""
     fam = FAMILIES[family]
     out: dict[str, ParamInfo] = {}
     for name, p in model.named_parameters():

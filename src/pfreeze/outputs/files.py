@@ -212,11 +212,19 @@ class RunFiles:
                            for r in self.sample_records))
 
     def save_arm(self, strategy: Any, model: nn.Module, tokenizer: Any, pretrained: bool,
-                 best: dict[str, Any] | None = None) -> list[dict[str, str]]:
+                 best: dict[str, Any] | None = None, theta0_hash: str | None = None
+                 ) -> list[dict[str, str]]:
         """Write one arm's files; returns what could not be written (file and why) instead of
-        raising, so one failed file never costs the others or the summary."""
+        raising, so one failed file never costs the others or the summary.
+
+        The safetensors' metadata carries what `pfreeze apply` needs away from the run: the
+        arm, the run's config and the hash of the θ₀ the tensors were trained from."""
         d = self.root / "arms" / strategy.name
         meta = {"arm": strategy.name, "description": strategy.describe()}
+        if theta0_hash is not None:
+            meta["theta0_hash"] = theta0_hash
+        if (self.root / "config.yaml").exists():
+            meta["config"] = (self.root / "config.yaml").read_text(encoding="utf-8")
         missing: list[dict[str, str]] = []
 
         def attempt(name: str, nbytes: int, write: Any) -> None:

@@ -22,6 +22,7 @@ from pfreeze.settings import GenerationConfig, TrainingConfig
 
 
 def pick_device(spec: str) -> torch.device:
+    """The torch device of a training.device setting (auto: CUDA where there is one)."""
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(spec)  # the config has checked the spelling

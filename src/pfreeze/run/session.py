@@ -234,7 +234,8 @@ class Session:
         missing = []
         for arm in loop.arms:
             missing += self.files.save_arm(arm.strategy, arm.model, loop.lm.tokenizer,
-                                           loop.cfg.save_pretrained, arm.best_state)
+                                           loop.cfg.save_pretrained, arm.best_state,
+                                           loop.theta0_hash)
         return arms_summary, missing
 
     def _conclude(self, wall: float, arms_summary: dict[str, Any],

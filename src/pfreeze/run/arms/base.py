@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from pfreeze.atomic import atomic_dir
+from pfreeze.errors import PfreezeError
 from pfreeze.plan.selectors import Plan, trainable_union
 from pfreeze.settings import ArmConfig
 
@@ -105,6 +106,13 @@ class ArmStrategy:
 
         return [("model", _bytes(model), lambda: atomic_dir(folder / "model", write))]
 
+    def with_trained(self, base: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Module:
+        """θ₀ (`base`, changed in place) with this arm's trained tensors (as
+        `trained_tensors` names them) written in: a plain transformers model. Each tensor is
+        rounded to its parameter's storage dtype."""
+        load_named(base, tensors)
+        return base
+
     def trained_names(self) -> set[str]:
         return {n for p in self.plans.values() if p is not None for n in p.tensors}
 
@@ -132,6 +140,21 @@ class ArmStrategy:
 
 
 
+
+
+def load_named(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy `tensors` into the parameters of the same names; a name or shape the model does
+    not have is refused (the tensors were trained on another model)."""
+    params = dict(model.named_parameters())
+    for name, t in tensors.items():
+        p = params.get(name)
+        if p is None or p.shape != t.shape:
+            got = "no such tensor" if p is None else f"shape {tuple(p.shape)}"
+            raise PfreezeError(
+                f"the trained tensor {name} {tuple(t.shape)} does not fit the model ({got})",
+                "apply it to the model the run trained (its config's model.name)")
+        with torch.no_grad():
+            p.copy_(t)
 
 
 def make_arm(cfg: Any, family: str, max_steps: int = 0,

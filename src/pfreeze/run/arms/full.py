@@ -12,6 +12,8 @@ from pfreeze.settings import ArmConfig
 
 
 class FullArm(ArmConfig):
+    """An arm that trains every parameter (full fine-tuning, the reference)."""
+
     kind: Literal["full"] = "full"
 
 

@@ -6,6 +6,7 @@ import copy
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from pydantic import Field
 from torch import nn
 
@@ -15,7 +16,7 @@ from pfreeze.models.families import ParamInfo, describe_params
 from pfreeze.models.layouts import FUSED
 from pfreeze.models.load import state_hash
 from pfreeze.plan.selectors import Plan, compile_plan
-from pfreeze.run.arms.base import ArmStrategy, Export, register
+from pfreeze.run.arms.base import ArmStrategy, Export, load_named, register
 from pfreeze.settings import ArmConfig
 
 
@@ -92,6 +93,12 @@ class Lora(ArmStrategy):
         # The PEFT adapter format, always.
         return [("adapter", nbytes,
                  lambda: atomic_dir(folder / "adapter", lambda t: model.save_pretrained(str(t))))]
+
+    def with_trained(self, base: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Module:
+        """The adapters on θ₀, merged into its weights by peft (merge_and_unload)."""
+        model = self.build(base)
+        load_named(model, tensors)
+        return model.merge_and_unload()
 
     def describe(self) -> str:
         return f"LoRA r={self.cfg.r}, alpha={self.cfg.alpha} on `{self.cfg.select}`"

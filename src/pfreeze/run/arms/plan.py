@@ -12,6 +12,8 @@ from pfreeze.settings import ArmConfig
 
 
 class PlanArm(ArmConfig):
+    """An arm that trains what its selector picks (`select`), nothing else."""
+
     kind: Literal["plan"] = "plan"
     # Selector language (see plan.py); default: q, k, v of the upper half of the blocks.
     select: str = "layers=50%: roles=q,k,v"
