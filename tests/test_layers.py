@@ -21,7 +21,8 @@ LAYERS = [
     ("measurement", ("pfreeze.measure",)),
     ("outputs", ("pfreeze.outputs",)),
     ("the run", ("pfreeze.run",)),
-    ("entry points", ("pfreeze.config", "pfreeze.cli", "pfreeze.export", "pfreeze.api")),
+    ("entry points", ("pfreeze.config", "pfreeze.cli", "pfreeze.tables", "pfreeze.export",
+                      "pfreeze.api")),
 ]
 
 

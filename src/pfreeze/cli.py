@@ -18,8 +18,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from pfreeze.plan.selectors import Plan
+    pass
 
+from pfreeze import tables
 from pfreeze.errors import PfreezeError
 from pfreeze.run.interrupts import Interrupted
 
@@ -88,7 +89,7 @@ def run(
             written = render_repeats(Path(cfg.output_dir))
             console.print(f"evidence: {escape(str(written['html']))}")
         return
-    _print_summary(summary)
+    tables.print_summary(console, summary)
     if not no_report:
         from pfreeze.outputs.report import render_report
 
@@ -143,22 +144,6 @@ def _train(cfg: Any, overwrite: bool, resume: bool) -> dict[str, Any]:
                               resume=resume, command=" ".join(["pfreeze", *sys.argv[1:]]))
 
 
-def _print_summary(summary: dict) -> None:
-    # Short headers keep the numbers whole on an 80-column terminal (rich squeezes wide tables).
-    table = Table(title="pfreeze summary",
-                  caption="step s: median seconds per step; val loss and p: before→after")
-    for col in ("arm", "trainable", "step s", "last loss", "val loss", "p"):
-        table.add_column(col, no_wrap=col != "arm")
-    for name, a in summary["arms"].items():
-        def f(x: float | None, fmt: str = ".3f") -> str:
-            return "—" if x is None else format(x, fmt)
-
-        table.add_row(escape(name), f"{a['trainable_params']:,}", f(a["median_step_time_s"]),
-                      f(a["last_loss"]), f"{f(a['val_loss_before'])}→{f(a['val_loss_after'])}",
-                      f"{f(a['p_before']['mean'])}→{f(a['p_after']['mean'])}")
-    console.print(table)
-
-
 @app.command()
 def plan(
     model: Annotated[str | None, typer.Option(
@@ -174,10 +159,10 @@ def plan(
 
     if config is None:
         name = model or "random:gpt2"
-        shapes, family = _shapes_of(name)
+        shapes, family = tables.shapes_of(name)
         selector = select or "layers=50%: roles=q,k,v"
-        _print_inferred(family)
-        _print_plan(f"{name} ({family}): {selector}",
+        tables.print_inferred(console, family)
+        tables.print_plan(out, f"{name} ({family}): {selector}",
                     compile_plan(shapes, family, selector), all_rows)
         return
     if select:
@@ -189,7 +174,7 @@ def plan(
     cfg = load_config(config)
     if model:
         cfg.model.name = model
-    shapes, family = _shapes_of(cfg.model.name, cfg.model.revision)
+    shapes, family = tables.shapes_of(cfg.model.name, cfg.model.revision)
     for acfg in cfg.arms:
         strat = make_arm(acfg, family, cfg.training.max_steps)
         if not strat.plans_before_training:
@@ -206,49 +191,8 @@ def plan(
             if p is None:
                 out.print(f"  from step {step}: nothing trains")
             else:
-                _print_plan(f"{acfg.name}, from step {step}: {p.selector}", p, all_rows)
-    _print_memory(cfg)
-
-
-def _shapes_of(name: str, revision: str | None = None) -> tuple[Any, str]:
-    """The model `name` on the meta device (names and shapes: what a plan needs, so an 8B
-    model plans in seconds and no memory), and its family."""
-    from pfreeze.models.load import family_of, meta_model, model_config
-
-    model = meta_model(model_config(name, revision)[0])
-    return model, family_of(model)
-
-
-def _print_memory(cfg: Any) -> None:
-    """Per arm, what it needs on the run's device (pfreeze.plan.memory)."""
-    from pfreeze.run.fit import memory_plan
-    from pfreeze.run.runtime import Runtime
-
-    rt = Runtime.without_model(cfg.training, cfg.generation)
-    plan = memory_plan(cfg, rt.device, rt.bf16)
-    table = Table(title="memory plan (MiB; an estimate: see pfreeze.plan.memory)")
-    cols = ("arm", "weights_mib", "grads_mib", "optimizer_mib", "activations_mib", "total_mib")
-    for col in (*cols, "note"):
-        table.add_column(col.removesuffix("_mib"), overflow="fold")
-    for r in plan.rows():
-        table.add_row(*(escape(str(r[c])) for c in (*cols, "note")))
-    out.print(table)
-    fits = ("" if plan.fits else ": they fit one at a time only" if plan.fits_alone
-            else ": they do not fit")
-    out.print(plan.headline() + fits)
-    for line in plan.misses():
-        out.print(escape(line))
-
-
-def _print_inferred(family: str) -> None:
-    from pfreeze.models.families import FAMILIES
-    from pfreeze.models.infer import describe_rules
-
-    if family.startswith("inferred:"):
-        console.print(f"no family entry covers this model; pfreeze inferred {family} from its "
-                      "parameter names, with these rules:")
-        for line in describe_rules(FAMILIES[family]):
-            console.print(f"  {escape(line)}")
+                tables.print_plan(out, f"{acfg.name}, from step {step}: {p.selector}", p, all_rows)
+    tables.print_memory(out, cfg)
 
 
 @app.command()
@@ -269,26 +213,6 @@ def families() -> None:
         table.add_row(fam.name, ", ".join(fam.model_types), " ".join(roles), ", ".join(fused),
                       served)
     console.print(table)
-
-
-def _print_plan(title: str, p: Plan, all_rows: bool) -> None:
-    from pfreeze.plan.masks import optimizer_state_bytes
-    from pfreeze.plan.table import plan_rows
-
-    table = Table(title=escape(title))
-    for col in ("tensor", "shape", "trainable / total", "how"):
-        table.add_column(col, overflow="fold")
-    for r in plan_rows(p):
-        if r["trainable"] or all_rows:
-            shape = "×".join(map(str, r["shape"]))  # type: ignore[call-overload]
-            table.add_row(escape(str(r["name"])), shape,
-                          f"{r['trainable']:,} / {r['total']:,}", escape(str(r["how"])))
-    out.print(table)
-    trainable, total = p.trainable, p.total
-    adam_bytes = optimizer_state_bytes(p, "adamw")
-    out.print(f"trainable: {trainable:,} of {total:,} parameters "
-              f"({100 * trainable / total:.2f}%) in {len(p.tensors)} tensors; "
-              f"AdamW state: {adam_bytes / 2**20:.1f} MiB")
 
 
 @app.command()
