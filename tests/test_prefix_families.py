@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from pfreeze.models.families import FAMILIES, describe_params
-from pfreeze.models.load import RANDOM_FAMILIES, _random_config, family_of
+from pfreeze.models.load import RANDOM_FAMILIES, REAL_SHAPES, _random_config, family_of
 from pfreeze.run.prefix import Caches
 
 CPU = torch.device("cpu")
@@ -31,7 +31,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 RANDOM = {"phimoe": "PhiMoE samples its experts at random in training",
           "mixtral-jitter": "the model has noise (router_jitter_noise=0.1)"}
 VARIANTS["mixtral-jitter"] = ("mixtral", {"router_jitter_noise": 0.1})
-CASES = [n for n in RANDOM_FAMILIES if n not in ("gpt2-124m", "smollm2-135m", *RANDOM)]
+CASES = [n for n in RANDOM_FAMILIES if n not in (*REAL_SHAPES, *RANDOM)]
 CASES += [n for n in VARIANTS if n not in RANDOM]
 
 

@@ -116,8 +116,9 @@ _LLAMA3 = {
     "llama-3.1-8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
                          intermediate_size=14336, tie_word_embeddings=False),
 }
-RANDOM_FAMILIES = ("gpt2", "gpt-neo", "gpt-neox", "llama", *TINY, "gpt2-124m", "smollm2-135m",
-                   *_LLAMA3)
+# Real shapes, for benchmarks and memory plans: random:<name> of these is full size.
+REAL_SHAPES = ("gpt2-124m", "smollm2-135m", *_LLAMA3)
+RANDOM_FAMILIES = ("gpt2", "gpt-neo", "gpt-neox", "llama", *TINY, *REAL_SHAPES)
 
 
 def family_of(model: nn.Module) -> str:
