@@ -85,6 +85,7 @@ class ArmRun:
     best: tuple[int, float] | None = None  # (step, held-out loss) of the best evaluation
     best_state: dict[str, torch.Tensor] | None = None  # trained tensors at `best`
     bad_evals: int = 0
+    replicas: Any = None  # sharding.Replicas: this arm's data-parallel group, or None
 
     def prefix_summary(self) -> dict[str, Any]:
         """What the frozen-prefix cache did, or why this arm has none."""

@@ -39,13 +39,15 @@ from pfreeze.outputs.files import RunFiles
 from pfreeze.plan.masks import Freezer, promote
 from pfreeze.plan.memory import MemoryPlan
 from pfreeze.plan.selectors import compile_plan
-from pfreeze.run import activations, fit
+from pfreeze.run import activations, distributed, fit
 from pfreeze.run import step as steps
 from pfreeze.run.arm_run import ArmRun, build_optimizer
 from pfreeze.run.arms import ArmStrategy, make_arm
+from pfreeze.run.gathered import GatheredFiles
 from pfreeze.run.moments import Moments
 from pfreeze.run.prefix import Caches, PrefixCache
 from pfreeze.run.runtime import Runtime, release
+from pfreeze.run.sharding import Replicas
 from pfreeze.settings import ArmConfig, RunSpec
 
 
@@ -58,6 +60,13 @@ class Loop:
         """`files` None: a loop built only to step arms (build_arms, train_step), as the
         benchmark does; it writes no files, and run() needs them."""
         self.cfg, self.files, self.on_step = cfg, files, on_step
+        # Under torchrun: this rank's place, and which ranks run which arm (a plain process
+        # is a world of one that runs every arm).
+        self.world = distributed.init_world(cfg.training.device)
+        self.dist = distributed.place(self.world, len(cfg.arms))
+        self.mine = self.dist.mine
+        if files is not None and self.world.distributed:
+            self.files = GatheredFiles(files, self.dist, [str(a.name) for a in cfg.arms])
         self.caches: Caches | None = None  # the frozen-prefix caches, made with the first arm
         self.stream: BatchStream | None = None  # set by setup() (or by a benchmark)
         self.t = cfg.training
@@ -77,7 +86,10 @@ class Loop:
         cfg = self.cfg
         # Before anything loads: stop here if the arms cannot fit on the device (together,
         # or one at a time where arms_placement allows).
-        self.memory = fit.memory_plan(cfg, self.device, self.rt.bf16)
+        self.memory = fit.memory_plan(cfg, self.device, self.rt.bf16, self.mine)
+        if cfg.arms_placement == "sequential":
+            distributed.single_process_only("arms_placement=sequential",
+                                            "set arms_placement=auto (arms spread over ranks)")
         self.placement = fit.placement(self.memory, cfg.arms_placement, self.t.save_steps)
         text, source = read_corpus(cfg.data.corpus, cfg.data.encoding)
         if cfg.data.strip_gutenberg:
@@ -94,12 +106,14 @@ class Loop:
         self.val_windows = fixed_windows(self.stats.val_ids, cfg.data.block_size, n_eval)
         self.train_windows = fixed_windows(self.stats.train_ids, cfg.data.block_size, n_eval)
         self.theta0_hash = state_hash(self.lm.model)
+        distributed.same_everywhere(self.world, self.theta0_hash, "the θ₀ hash")
         # Adapter initialisation and any dropout draw from the global generator: seed it.
         torch.manual_seed(self.t.seed)
         if self.placement == "sequential":  # θ₀ stays on the host; arms are built in turn
             self.build_arms(self.lm.model, self.lm.family, [])
         else:
-            self.build_arms(self.lm.model, self.lm.family)
+            mine = None if len(self.mine) == len(cfg.arms) else self.mine
+            self.build_arms(self.lm.model, self.lm.family, mine)
             self.theta0 = None
             del self.lm.model  # each arm holds its own copy now
         self.moments = Moments(self.arms, self.rt, self.val_windows, self.train_windows,
@@ -108,7 +122,9 @@ class Loop:
 
     def new_stream(self) -> BatchStream:
         """The run's batch stream from its start (every arm sees the same batches)."""
-        batch = self.t.per_device_train_batch_size * self.t.gradient_accumulation_steps
+        # With data parallel arms, each replica takes its share of the step's windows.
+        batch = (self.t.per_device_train_batch_size * self.t.gradient_accumulation_steps
+                 * self.dist.replicas)
         return BatchStream(self.stats.train_ids, self.cfg.data.block_size, batch, self.t.seed,
                            self.cfg.data.sampling)
 
@@ -169,6 +185,10 @@ class Loop:
                           trained=strat.trained_names())
         prefix, note = self._prefix_cache(model, family, strat, infos)
         arm = ArmRun(strat, model, freezer, opt, sched, tracker, h, None, prefix, note)
+        if self.dist.mode == "replicas":
+            i = next(k for k, a in enumerate(self.cfg.arms) if a is acfg)
+            arm.replicas = Replicas(self.dist.group_of(i), self.dist.ranks[i], self.world.rank)
+            arm.replicas.wrap(arm.step_model)
         arm.step_fn = self.compiled_step(arm)
         return arm
 
@@ -191,7 +211,7 @@ class Loop:
         otherwise exhaust dynamo's recompile limit and silently send training back to eager.
         Dynamo guards on requires_grad: an arm whose plan changes would recompile at each
         change and fall back to eager after 8, so only single-plan arms compile."""
-        if not (self.rt.compiled and arm.strategy.single_plan):
+        if not (self.rt.compiled and arm.strategy.single_plan) or arm.replicas is not None:
             return None
         return steps.compile_step(arm.step_model, self.rt.compile_mode)
 
@@ -216,7 +236,9 @@ class Loop:
                    windows: torch.Tensor | None = None, idx: torch.Tensor | None = None) -> None:
         """One optimizer step of `arm` on `batch` (chunk ids `windows` with epochs sampling,
         on the host; `idx`: the same on the device, where the caller staged them with the
-        batch). A host batch is staged here."""
+        batch). A host batch is staged here. A data-parallel arm takes its share of them."""
+        if arm.replicas is not None:
+            batch, windows, idx = arm.replicas.part(batch, windows, idx)
         reserved = steps.train_step(arm, step, batch, windows, idx, self.rt, self.t, self.stage)
         if reserved is not None:
             self.reserved_mb = max(self.reserved_mb, reserved)
@@ -244,6 +266,10 @@ class Loop:
         rows, last = [], {}
         tokens = self.stream.batch * self.stream.block
         for arm in self.arms:
+            if arm.replicas is not None:  # the loss over every replica's share
+                for rec, loss in zip(arm.pending, arm.replicas.mean_losses(
+                        [r.loss for r in arm.pending]), strict=True):
+                    rec.loss = loss
             for rec in arm.pending:
                 step, mem, secs, lv = rec.step, rec.mem_mb, rec.seconds(), float(rec.loss)
                 if not math.isfinite(lv) and not arm.diverged:
@@ -265,3 +291,44 @@ class Loop:
             arm.pending.clear()
         self.files.append_metrics(rows)
         return last
+
+    # ------------------------------------------------------------------ several ranks
+    def all_stopped(self) -> bool:
+        """Whether every arm has stopped, on every rank (all ranks leave the loop together)."""
+        return not distributed.any_rank(self.world, not all(a.stopped for a in self.arms))
+
+    def any_pending(self) -> bool:
+        """Whether some arm on some rank has steps not yet flushed."""
+        return distributed.any_rank(self.world, any(a.pending for a in self.arms))
+
+    def gather_arms(self, items: list[Any]) -> list[Any] | None:
+        """One item per arm of this rank -> every arm's item on rank 0, in the config's order
+        (None on the other ranks); samples held on other ranks travel first."""
+        if not self.world.distributed:
+            return items
+        self.files.sync()
+        mine = list(zip(self.mine, items, strict=True)) if self.dist.reports else []
+        got = distributed.gather(self.world, mine)
+        if got is None:
+            return None
+        return [item for _, item in sorted((p for part in got for p in part),
+                                           key=lambda p: p[0])]
+
+    def gather_summaries(self, arms: dict[str, Any], missing: list[dict[str, str]]
+                         ) -> tuple[dict[str, Any], list[dict[str, str]]] | None:
+        """Every rank's arm summaries and missing files on rank 0, the arms in the config's
+        order (None on the other ranks)."""
+        if not self.world.distributed:
+            return arms, missing
+        self.files.sync()
+        got = distributed.gather(self.world, (arms, missing) if self.dist.reports else ({}, []))
+        if got is None:
+            return None
+        merged = {n: a for s, _ in got for n, a in s.items()}
+        return ({str(c.name): merged[str(c.name)] for c in self.cfg.arms if c.name in merged},
+                [m for _, ms in got for m in ms])
+
+    def distribution(self) -> dict[str, Any]:
+        """summary.json's placement record: world size, mode, each arm's ranks and devices."""
+        return self.dist.describe([str(a.name) for a in self.cfg.arms],
+                                  distributed.device_name(self.world, self.device))

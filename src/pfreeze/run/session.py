@@ -31,6 +31,7 @@ from pfreeze.outputs.checkpoint import ArmCheckpoint
 from pfreeze.outputs.files import NoSpace, RunFiles, environment, finished, is_no_space
 from pfreeze.plan.masks import check_audit
 from pfreeze.run.arm_run import ArmRun
+from pfreeze.run.distributed import single_process_only
 from pfreeze.run.interrupts import Interrupted, Signals
 from pfreeze.run.loop import Loop
 from pfreeze.settings import RunSpec, digest, dump
@@ -110,7 +111,7 @@ class Session:
     def _train(self) -> None:
         """The steps from the last completed one; SIGINT/SIGTERM wait for the step boundary."""
         for step in range(self.done, self.t.max_steps):
-            if all(a.stopped for a in self.loop.arms):
+            if self.loop.all_stopped():
                 break
             with self.signals.deferred():
                 last = self._step_all(step)
@@ -121,7 +122,7 @@ class Session:
                 self.loop.on_step(self.done, last)
             self.signals.check()
         with self.signals.deferred():
-            if any(a.pending for a in self.loop.arms):  # an early end between logging steps
+            if self.loop.any_pending():  # an early end between logging steps
                 self.loop.flush()
             if self.t.save_steps:  # the trained state, before the outputs that depend on it
                 self._checkpoint()
@@ -171,7 +172,10 @@ class Session:
             e.note = "nothing was written"
             return
         with self.signals.ignored():
-            consistent = self.phase in ("train", "after") and not e.forced
+            # Ranks see a signal at different steps: no collective is safe any more, the last
+            # checkpoint is what a distributed run keeps.
+            consistent = (self.phase in ("train", "after") and not e.forced
+                          and not self.loop.world.distributed)
             if consistent and any(a.pending for a in self.loop.arms):
                 self.loop.flush()
             if consistent and self.t.save_steps:
@@ -238,6 +242,11 @@ class Session:
         """The summary, written last. A file that cannot be written (a full disk, a model
         that will not serialise) costs that file alone: the summary says what is missing and
         the run ends with one line."""
+        gathered = self.loop.gather_summaries(arms_summary, missing)
+        if gathered is None:  # another rank's arms: rank 0 writes the summary
+            self.files.close_metrics()
+            return self._summary(wall, arms_summary)
+        arms_summary, missing = gathered
         summary = self._summary(wall, arms_summary)
         missing += self.files.close_metrics()
         if missing:
@@ -268,25 +277,26 @@ class Session:
         raise PfreezeError(f"training finished, but {first['file']} could not be written "
                            f"({first['why']}){more}", fix)
 
-
-
     # ------------------------------------------------------------------ checkpoints
     def _save(self) -> None:
         loop = self.loop
+        arms = loop.gather_arms([(ArmCheckpoint(a.checkpoint_tensors(), a.optimizer.state_dict(),
+                                                a.diverged), a.state()) for a in loop.arms])
+        if arms is None:  # rank 0 writes the checkpoint of every arm
+            return
         if self.files.jsonl.unwritten:  # the checkpoint records metrics.jsonl's size
             raise NoSpace("metrics.jsonl is behind (rows the full disk refused are held)",
                           "free disk space")
-        arms = [ArmCheckpoint(a.checkpoint_tensors(), a.optimizer.state_dict(), a.diverged)
-                for a in loop.arms]
         # Random states on their own: the batch stream, and the global generators that
         # dropout and adapter initialisation draw from.
         rng = {"stream": loop.stream.gen.get_state(), "torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng.update({f"cuda{d}": s for d, s in enumerate(torch.cuda.get_rng_state_all())})
-        checkpoint.save(self.files.root, arms, rng, {
+        checkpoint.save(self.files.root, [a for a, _ in arms], rng, {
             "pfreeze_version": __version__, "config_hash": config_hash(loop.cfg),
             "step": self.done, "theta0_hash": loop.theta0_hash,
-            "batch_hashes": loop.batch_hashes, "arms": [a.state() for a in loop.arms],
+            "batch_hashes": loop.batch_hashes, "arms": [s for _, s in arms],
+            "replicas": loop.dist.replicas,
             "execution": loop.rt.settings(), "reserved_mb": loop.reserved_mb,
             "p_before": self.p_before,
             # The run's files as they stood at this step: a resume cuts metrics.jsonl back
@@ -297,7 +307,7 @@ class Session:
     def _restore(self) -> dict[str, Any]:
         """Arms, stream, random states and runtime back to the checkpoint; state.json."""
         loop, root = self.loop, self.files.root
-        state, arms, rng = checkpoint.load(root, len(loop.arms), loop.device)
+        state, arms, rng = checkpoint.load(root, len(loop.cfg.arms), loop.device)
         if state["config_hash"] != config_hash(loop.cfg):
             raise PfreezeError(
                 f"the checkpoint in {root} belongs to another config than the one resumed now "
@@ -309,8 +319,10 @@ class Session:
             raise PfreezeError(
                 "the checkpoint was made from a different θ₀ than the model loaded now",
                 "resume with the same model files, or start a new run")
+        loop.dist.check_resume(state.get("replicas", 1))
         step = state["step"]
-        for arm, (tensors, optimizer), saved in zip(loop.arms, arms, state["arms"], strict=True):
+        arms, saved_arms = [arms[i] for i in loop.mine], [state["arms"][i] for i in loop.mine]
+        for arm, (tensors, optimizer), saved in zip(loop.arms, arms, saved_arms, strict=True):
             arm.restore(step, tensors, optimizer, saved)
         loop.stream.gen.set_state(rng["stream"])
         # One batch per step from step 0, whatever the arms did: the epochs mode's position.
@@ -350,6 +362,7 @@ class Session:
             "config": loop.cfg.model_dump(mode="json"),
             "corpus": loop.corpus,
             "theta0_hash": loop.theta0_hash,
+            "distribution": loop.distribution(),
             "memory_plan": loop.memory.summary() if loop.memory else None,
             # Identical θ₀ hashes mean identical models: the before-measurements ran once.
             "before_measured_once": (loop.placement == "together"
@@ -376,6 +389,7 @@ def run(cfg: RunSpec, output_dir: str | Path | None = None, overwrite: bool = Fa
     """
     out = Path(output_dir or cfg.output_dir)
     if cfg.repeats > 1:
+        single_process_only("repeats > 1", "run each seed as a distributed run of its own")
         from pfreeze.run.repeats import run_repeats
 
         return run_repeats(cfg, out, run, overwrite=overwrite, on_step=on_step, resume=resume,

@@ -1,0 +1,205 @@
+"""pfreeze under torch.distributed: 2 gloo processes launched by torchrun on the CPU, each
+result compared with the same experiment in one process.
+
+    arm-parallel   2 arms on 2 ranks: metrics.jsonl (losses, ‖ΔW‖, evaluations, batch hashes),
+                   samples and final tensors identical to one process
+    data parallel  1 LISA arm (its trainable set changes every 2 steps) on 2 ranks: equal to
+                   one process with 2 accumulation steps
+    resume         a rank SIGKILLed after a checkpoint; the 2-rank resume ends where the
+                   uninterrupted run ends, and so does a 1-process resume of the same checkpoint
+Each launch costs a few seconds of imports per process, so every launch serves several checks.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pfreeze.config import load_config
+from pfreeze.errors import PfreezeError
+from pfreeze.run import distributed
+from pfreeze.run.session import run
+
+BASE = [
+    "model.name=random:llama", "data.block_size=32", "training.max_steps=6",
+    "training.device=cpu", "training.logging_steps=2", "training.eval_steps=4",
+    "training.weight_decay=0.1", "training.warmup_steps=1", "generation.max_new_tokens=4",
+    "generation.samples_per_prompt=1", "generation.prompts=[Call me]",
+]
+TWO_ARMS = BASE + ["training.save_steps=3",
+                   "arms=[{kind: full}, {kind: plan, select: 'layers=1: roles=q,k,v'}]"]
+# LISA re-draws its trained blocks every 2 steps: the DDP wrapper is rebuilt each time.
+LISA = BASE + ["training.per_device_train_batch_size=2",
+               "arms=[{kind: lisa, gamma: 1, interval: 2}]"]
+
+# One pfreeze run per process; with KILL_AT, rank 1 SIGKILLs itself after that step.
+DRIVER = """
+import os, signal, sys
+import torch
+torch.set_num_threads(1)
+from pfreeze.config import load_config
+from pfreeze.errors import PfreezeError
+from pfreeze.run.session import run
+corpus, out, kill_at, resume = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
+cfg = load_config(None, sys.argv[5:] + [f"data.corpus={corpus}"])
+def on_step(step, losses):
+    if step == kill_at and os.environ.get("RANK") == "1":
+        os.kill(os.getpid(), signal.SIGKILL)
+try:
+    run(cfg, out, overwrite=not resume, on_step=on_step, resume=resume)
+except PfreezeError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+"""
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    p = tmp_path_factory.mktemp("corpus") / "text.txt"
+    p.write_text("Call me Ishmael. Some years ago, never mind how long precisely. " * 80)
+    return p
+
+
+def _launch(tmp: Path, corpus: Path, out: Path, overrides: list[str], kill_at: int = -1,
+            resume: bool = False) -> subprocess.CompletedProcess:
+    driver = tmp / "driver.py"
+    driver.write_text(DRIVER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           "2", str(driver), str(corpus), str(out), str(kill_at), str(int(resume)), *overrides]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+
+
+def _alone(corpus: Path, out: Path, overrides: list[str], resume: bool = False
+           ) -> dict[str, Any]:
+    cfg = load_config(None, overrides + [f"data.corpus={corpus}"])
+    return run(cfg, out, overwrite=not resume, resume=resume)
+
+
+def _rows(out: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl without the timings (the only values that differ between runs)."""
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:
+        r.pop("step_time_s", None)
+        r.pop("tokens_per_s", None)
+    return rows
+
+
+def _tensors(out: Path, arm: str) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "arms" / arm / "trained.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def parallel(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("parallel")
+    done = _launch(tmp, corpus, tmp / "run", TWO_ARMS)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return tmp / "run"
+
+
+def test_arm_parallel_equals_one_process(parallel: Path, corpus: Path, tmp_path: Path) -> None:
+    alone = _alone(corpus, tmp_path / "one", TWO_ARMS)
+    summary = json.loads((parallel / "summary.json").read_text())
+    assert summary["status"] == "finished"
+    assert summary["distribution"] == {
+        "world_size": 2, "backend": "gloo", "mode": "arms",
+        "arms": {"full": {"ranks": [0], "devices": ["cpu"]},
+                 "plan": {"ranks": [1], "devices": ["cpu"]}}}
+    assert alone["distribution"]["world_size"] == 1
+    # Losses, ‖ΔW‖, evaluations and batch hashes, row for row in one process's order.
+    rows = _rows(parallel)
+    assert rows == _rows(tmp_path / "one")
+    assert {r["arm"] for r in rows} == {"full", "plan"}
+    assert (parallel / "samples.jsonl").read_text() == (tmp_path / "one" / "samples.jsonl"
+                                                        ).read_text()
+    for arm in ("full", "plan"):
+        a, b = _tensors(parallel, arm), _tensors(tmp_path / "one", arm)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert summary["arms"][arm]["last_loss"] == alone["arms"][arm]["last_loss"]
+        assert summary["arms"][arm]["integrity"]["ok"]
+    assert summary["arms"]["plan"]["integrity"]["checked_elements"] > 0
+
+
+def test_data_parallel_equals_gradient_accumulation(corpus: Path, tmp_path: Path) -> None:
+    done = _launch(tmp_path, corpus, tmp_path / "ddp", LISA)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _alone(corpus, tmp_path / "acc", LISA + ["training.gradient_accumulation_steps=2"])
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert summary["distribution"]["mode"] == "replicas"
+    assert summary["distribution"]["arms"]["lisa"]["ranks"] == [0, 1]
+    ddp, acc = _rows(tmp_path / "ddp"), _rows(tmp_path / "acc")
+    assert [(r["kind"], r["step"], r.get("batch_hash")) for r in ddp] == \
+        [(r["kind"], r["step"], r.get("batch_hash")) for r in acc]
+    for r, s in zip(ddp, acc, strict=True):
+        for key in ("loss", "val_loss"):
+            if key in r:
+                assert r[key] == pytest.approx(s[key], abs=1e-5)
+        for w in r.get("dw", {}):
+            assert r["dw"][w] == pytest.approx(s["dw"][w], abs=1e-6)
+    a, b = _tensors(tmp_path / "ddp", "lisa"), _tensors(tmp_path / "acc", "lisa")
+    assert a.keys() == b.keys()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+    assert summary["arms"]["lisa"]["integrity"]["ok"]
+
+
+def test_kill_and_resume_under_two_ranks(parallel: Path, corpus: Path, tmp_path: Path) -> None:
+    killed = tmp_path / "killed"
+    done = _launch(tmp_path, corpus, killed, TWO_ARMS, kill_at=5)
+    assert done.returncode != 0
+    assert (killed / "checkpoint" / "state.json").exists()
+    assert not (killed / "summary.json").exists()
+    # The same checkpoint resumed in one process (arm-parallel checkpoints hold every arm).
+    shutil.copytree(killed, tmp_path / "alone")
+    done = _launch(tmp_path, corpus, killed, TWO_ARMS, resume=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _alone(corpus, tmp_path / "alone", TWO_ARMS, resume=True)
+    for out in (killed, tmp_path / "alone"):
+        assert _rows(out) == _rows(parallel)
+        for arm in ("full", "plan"):
+            a, b = _tensors(out, arm), _tensors(parallel, arm)
+            assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------- one process, one line each
+def test_placement_over_ranks() -> None:
+    w = distributed.World(rank=1, size=4, backend="gloo")
+    p = distributed.place(w, 4)
+    assert p.mode == "arms" and p.mine == [1] and p.replicas == 1
+    p = distributed.place(distributed.World(rank=1, size=3), 5)
+    assert p.ranks == [[0], [1], [2], [0], [1]] and p.mine == [1, 4]
+    assert distributed.place(distributed.World(), 3).mine == [0, 1, 2]
+    with pytest.raises(PfreezeError, match="cannot be shared evenly"):
+        distributed.place(distributed.World(rank=0, size=3), 2)
+
+
+def test_a_backend_that_cannot_start_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    with pytest.raises(PfreezeError, match="could not start its gloo backend") as e:
+        distributed.init_world("cpu")
+    assert "torchrun" in e.value.fix
+
+
+def test_repeats_and_sequential_refuse_several_processes(monkeypatch: pytest.MonkeyPatch,
+                                                        tmp_path: Path) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = load_config(None, BASE + ["repeats=2"])
+    with pytest.raises(PfreezeError, match="repeats > 1 runs in one process"):
+        run(cfg, tmp_path / "r")
+
+
+def test_a_replicated_checkpoint_refuses_another_world_size() -> None:
+    p = distributed.place(distributed.World(), 1)
+    with pytest.raises(PfreezeError, match="2 rank\\(s\\) per arm") as e:
+        p.check_resume(2)
+    assert "resume with 2 processes" in e.value.fix
+    p.check_resume(1)
