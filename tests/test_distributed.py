@@ -195,6 +195,9 @@ def test_repeats_and_sequential_refuse_several_processes(monkeypatch: pytest.Mon
     cfg = load_config(None, BASE + ["repeats=2"])
     with pytest.raises(PfreezeError, match="repeats > 1 runs in one process"):
         run(cfg, tmp_path / "r")
+    cfg = load_config(None, BASE + ["arms_placement=sequential"])
+    with pytest.raises(PfreezeError, match="sequential runs in one process"):
+        run(cfg, tmp_path / "s")
 
 
 def test_a_replicated_checkpoint_refuses_another_world_size() -> None:

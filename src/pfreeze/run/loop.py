@@ -62,6 +62,9 @@ class Loop:
         self.cfg, self.files, self.on_step = cfg, files, on_step
         # Under torchrun: this rank's place, and which ranks run which arm (a plain process
         # is a world of one that runs every arm).
+        if cfg.arms_placement == "sequential":
+            distributed.single_process_only("arms_placement=sequential",
+                                            "set arms_placement=auto (arms spread over ranks)")
         self.world = distributed.init_world(cfg.training.device)
         self.dist = distributed.place(self.world, len(cfg.arms))
         self.mine = self.dist.mine
@@ -87,9 +90,6 @@ class Loop:
         # Before anything loads: stop here if the arms cannot fit on the device (together,
         # or one at a time where arms_placement allows).
         self.memory = fit.memory_plan(cfg, self.device, self.rt.bf16, self.mine)
-        if cfg.arms_placement == "sequential":
-            distributed.single_process_only("arms_placement=sequential",
-                                            "set arms_placement=auto (arms spread over ranks)")
         self.placement = fit.placement(self.memory, cfg.arms_placement, self.t.save_steps)
         text, source = read_corpus(cfg.data.corpus, cfg.data.encoding)
         if cfg.data.strip_gutenberg:
