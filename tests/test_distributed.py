@@ -5,6 +5,8 @@ result compared with the same experiment in one process.
                    samples and final tensors identical to one process
     data parallel  1 LISA arm (its trainable set changes every 2 steps) on 2 ranks: equal to
                    one process with 2 accumulation steps
+    FSDP2          1 partly frozen arm sharded over 2 ranks: frozen elements bit-identical
+                   (the audit on the shards), losses and tensors equal to one process
     resume         a rank SIGKILLed after a checkpoint; the 2-rank resume ends where the
                    uninterrupted run ends, and so does a 1-process resume of the same checkpoint
 Each launch costs a few seconds of imports per process, so every launch serves several checks.
@@ -25,6 +27,7 @@ from safetensors.torch import load_file
 
 from pfreeze.config import load_config
 from pfreeze.errors import PfreezeError
+from pfreeze.models.load import load_model
 from pfreeze.run import distributed
 from pfreeze.run.session import run
 
@@ -40,6 +43,11 @@ TWO_ARMS = BASE + ["training.save_steps=3",
 LISA = BASE + ["training.per_device_train_batch_size=2",
                "arms=[{kind: lisa, gamma: 1, interval: 2}]"]
 
+# Partly trained tensors (head 0 of q, k, v in block 1): their masks are cut like the FSDP2
+# shards of their tensors.
+SHARDED = BASE + ["training.per_device_train_batch_size=2",
+                  "arms=[{kind: plan, select: 'layers=1: roles=q,k,v heads=0'}]"]
+
 # One pfreeze run per process; with KILL_AT, rank 1 SIGKILLs itself after that step.
 DRIVER = """
 import os, signal, sys
@@ -47,6 +55,7 @@ import torch
 torch.set_num_threads(1)
 from pfreeze.config import load_config
 from pfreeze.errors import PfreezeError
+from pfreeze.models.load import load_model
 from pfreeze.run.session import run
 corpus, out, kill_at, resume = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
 cfg = load_config(None, sys.argv[5:] + [f"data.corpus={corpus}"])
@@ -149,6 +158,36 @@ def test_data_parallel_equals_gradient_accumulation(corpus: Path, tmp_path: Path
     assert summary["arms"]["lisa"]["integrity"]["ok"]
 
 
+def test_fsdp2_keeps_frozen_elements_and_equals_one_process(corpus: Path, tmp_path: Path
+                                                            ) -> None:
+    done = _launch(tmp_path, corpus, tmp_path / "fsdp", SHARDED + ["training.fsdp=true"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    alone = _alone(corpus, tmp_path / "acc", SHARDED + ["training.gradient_accumulation_steps=2"])
+    summary = json.loads((tmp_path / "fsdp" / "summary.json").read_text())
+    assert summary["distribution"]["fsdp"] is True
+    assert summary["arms"]["plan"]["prefix_cache"] == {"off": "off: the arm is sharded (FSDP2)"}
+    # The audit ran on both shards and checked every frozen element of the whole model.
+    audit, whole = summary["arms"]["plan"]["integrity"], alone["arms"]["plan"]["integrity"]
+    assert audit["ok"] and audit["shards"] == 2
+    assert audit["checked_elements"] == whole["checked_elements"] > 0
+    fsdp, acc = _rows(tmp_path / "fsdp"), _rows(tmp_path / "acc")
+    assert [(r["kind"], r["step"]) for r in fsdp] == [(r["kind"], r["step"]) for r in acc]
+    for r, s in zip(fsdp, acc, strict=True):
+        for key in ("loss", "val_loss"):
+            if key in r:
+                assert r[key] == pytest.approx(s[key], abs=1e-5)
+        for w in r.get("dw", {}):  # summed over the shards
+            assert r["dw"][w] == pytest.approx(s["dw"][w], rel=1e-4, abs=1e-7)
+    a, b = _tensors(tmp_path / "fsdp", "plan"), _tensors(tmp_path / "acc", "plan")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+    # Frozen heads of the trained q, k, v are θ₀ bit for bit (k, v: 2 KV heads of 16 rows).
+    base = dict(load_model("random:llama", None, seed=0).model.named_parameters())
+    for name in ("q_proj", "k_proj"):
+        key = f"model.layers.1.self_attn.{name}.weight"
+        assert torch.equal(a[key][16:], base[key][16:].detach())
+        assert not torch.equal(a[key][:16], base[key][:16].detach())
+
+
 def test_kill_and_resume_under_two_ranks(parallel: Path, corpus: Path, tmp_path: Path) -> None:
     killed = tmp_path / "killed"
     done = _launch(tmp_path, corpus, killed, TWO_ARMS, kill_at=5)
@@ -206,3 +245,16 @@ def test_a_replicated_checkpoint_refuses_another_world_size() -> None:
         p.check_resume(2)
     assert "resume with 2 processes" in e.value.fix
     p.check_resume(1)
+
+
+def test_fsdp_settings_that_cannot_run() -> None:
+    from pfreeze.run import sharding
+
+    with pytest.raises(PfreezeError, match="gives each arm one rank"):
+        sharding.wants_fsdp(True, "arms", fits=True)
+    assert sharding.wants_fsdp("auto", "replicas", fits=False)
+    assert not sharding.wants_fsdp("auto", "replicas", fits=True)
+    assert not sharding.wants_fsdp(False, "replicas", fits=False)
+    t = load_config(None, BASE + ["training.save_steps=2"]).training
+    with pytest.raises(PfreezeError, match="does not support training.save_steps"):
+        sharding.check_fsdp(t)

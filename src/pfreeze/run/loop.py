@@ -39,7 +39,7 @@ from pfreeze.outputs.files import RunFiles
 from pfreeze.plan.masks import Freezer, promote
 from pfreeze.plan.memory import MemoryPlan
 from pfreeze.plan.selectors import compile_plan
-from pfreeze.run import activations, distributed, fit
+from pfreeze.run import activations, distributed, fit, sharding
 from pfreeze.run import step as steps
 from pfreeze.run.arm_run import ArmRun, build_optimizer
 from pfreeze.run.arms import ArmStrategy, make_arm
@@ -47,7 +47,7 @@ from pfreeze.run.gathered import GatheredFiles
 from pfreeze.run.moments import Moments
 from pfreeze.run.prefix import Caches, PrefixCache
 from pfreeze.run.runtime import Runtime, release
-from pfreeze.run.sharding import Replicas
+from pfreeze.run.sharding import LocalView, Replicas, ShardFreezer
 from pfreeze.settings import ArmConfig, RunSpec
 
 
@@ -83,6 +83,7 @@ class Loop:
         self.theta0: tuple | None = None  # (θ₀, family, its params, tracked names): builds arms
         self.stage = steps.Staging(self.device)  # host ids -> device, once per step
         self.reserved_mb = 0.0  # GPU memory reserved by this process (all arms), at its peak
+        self.sharded = False  # this rank's arm sharded with FSDP2 (setup)
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -90,7 +91,11 @@ class Loop:
         # Before anything loads: stop here if the arms cannot fit on the device (together,
         # or one at a time where arms_placement allows).
         self.memory = fit.memory_plan(cfg, self.device, self.rt.bf16, self.mine)
-        self.placement = fit.placement(self.memory, cfg.arms_placement, self.t.save_steps)
+        self.sharded = sharding.wants_fsdp(self.t.fsdp, self.dist.mode, self.memory.fits)
+        if self.sharded:  # each rank holds a shard of its arm: no one-device stop
+            sharding.check_fsdp(self.t)
+        self.placement = "together" if self.sharded else fit.placement(
+            self.memory, cfg.arms_placement, self.t.save_steps)
         text, source = read_corpus(cfg.data.corpus, cfg.data.encoding)
         if cfg.data.strip_gutenberg:
             text = strip_gutenberg(text)
@@ -171,7 +176,9 @@ class Loop:
         if self.t.gradient_checkpointing:
             activations.enable(model, activations.lowest_trained_block(
                 strat.trained_names(), family))
-        freezer = Freezer(model)
+        replicas = self._replicas(acfg, model)  # shards the model where FSDP2 is on
+        sharded = replicas is not None and replicas.sharded
+        freezer = ShardFreezer(model, group=replicas.group) if sharded else Freezer(model)
         freezer.apply(strat.first_plan())
         # Every tensor that trains at some step is registered now: flipping requires_grad
         # later does nothing for a tensor the optimizer has never seen.
@@ -181,16 +188,36 @@ class Loop:
                               num_warmup_steps=self.t.warmup_steps,
                               num_training_steps=self.t.max_steps,
                               scheduler_specific_kwargs=self.t.lr_scheduler_kwargs or None)
-        tracker = Tracker(model, infos, tracked if strat.tracks_base_weights else [],
+        tracker = Tracker(LocalView(model) if sharded else model, infos,
+                          tracked if strat.tracks_base_weights else [],
                           trained=strat.trained_names())
-        prefix, note = self._prefix_cache(model, family, strat, infos)
+        prefix, note = (None, "off: the arm is sharded (FSDP2)") if sharded else \
+            self._prefix_cache(model, family, strat, infos)
         arm = ArmRun(strat, model, freezer, opt, sched, tracker, h, None, prefix, note)
-        if self.dist.mode == "replicas":
-            i = next(k for k, a in enumerate(self.cfg.arms) if a is acfg)
-            arm.replicas = Replicas(self.dist.group_of(i), self.dist.ranks[i], self.world.rank)
-            arm.replicas.wrap(arm.step_model)
+        if replicas is not None:
+            arm.replicas = replicas
+            replicas.wrap(arm.step_model)
         arm.step_fn = self.compiled_step(arm)
         return arm
+
+    def _replicas(self, acfg: ArmConfig, model: nn.Module) -> Replicas | None:
+        """This rank's place in the arm's data-parallel group (None: the arm is whole here);
+        with FSDP2 the model is sharded over the group now."""
+        if self.dist.mode != "replicas":
+            return None
+        i = next(k for k, a in enumerate(self.cfg.arms) if a is acfg)
+        replicas = Replicas(self.dist.group_of(i), self.dist.ranks[i], self.world.rank,
+                            self.sharded)
+        if self.sharded:
+            replicas.shard(model)
+        return replicas
+
+    def unshard(self) -> None:
+        """Sharded arms gathered whole for the after-measurements and files (collective); the
+        freezer keeps the shards, and the audit runs on them."""
+        for arm in self.arms:
+            if arm.replicas is not None and arm.replicas.sharded:
+                arm.model = arm.replicas.gathered(arm.model)
 
     def _prefix_cache(self, model: nn.Module, family: str, strat: ArmStrategy,
                       infos: dict) -> tuple[PrefixCache | None, str]:
@@ -267,9 +294,7 @@ class Loop:
         tokens = self.stream.batch * self.stream.block
         for arm in self.arms:
             if arm.replicas is not None:  # the loss over every replica's share
-                for rec, loss in zip(arm.pending, arm.replicas.mean_losses(
-                        [r.loss for r in arm.pending]), strict=True):
-                    rec.loss = loss
+                arm.replicas.settle(arm.pending)
             for rec in arm.pending:
                 step, mem, secs, lv = rec.step, rec.mem_mb, rec.seconds(), float(rec.loss)
                 if not math.isfinite(lv) and not arm.diverged:
@@ -330,5 +355,6 @@ class Loop:
 
     def distribution(self) -> dict[str, Any]:
         """summary.json's placement record: world size, mode, each arm's ranks and devices."""
-        return self.dist.describe([str(a.name) for a in self.cfg.arms],
-                                  distributed.device_name(self.world, self.device))
+        return {**self.dist.describe([str(a.name) for a in self.cfg.arms],
+                                     distributed.device_name(self.world, self.device)),
+                "fsdp": self.sharded}

@@ -219,9 +219,9 @@ class Session:
         return self._conclude(wall, *self._after())
 
     def _after(self) -> tuple[dict[str, Any], list[dict[str, str]]]:
-        """The after-measurements and files of the arms in the loop; their summaries and the
-        files that could not be written."""
+        """The after-measurements and files of the arms; their summaries, files not written."""
         loop = self.loop
+        loop.unshard()  # a sharded arm is measured and saved whole
         loop.moments.evaluate(self.t.max_steps)
         p_after = loop.moments.sample("after")
         p_best = loop.moments.sample_best() if self.t.keep_best else {}

@@ -1,5 +1,6 @@
 """Data parallel inside an arm: the arm's ranks each take a slice of the step's batch, and
-torch's DistributedDataParallel averages their gradients.
+torch's DistributedDataParallel averages their gradients, or FSDP2 (`fully_shard`, one
+shard of every tensor per rank) when the arm does not fit one device.
 
 Why the wrapper is rebuilt at each plan change: DDP registers the tensors that have
 `requires_grad` when it is built and leaves frozen ones out of its gradient buckets (no
@@ -12,12 +13,21 @@ The batch semantics are gradient accumulation on one device: the stream draws
 per_device_train_batch_size x gradient_accumulation_steps x replicas windows per step, each
 replica takes its contiguous share, its micro-batches' gradients add up locally, and DDP
 averages the shares. The loss recorded is the mean over the replicas.
+
+FSDP2 keeps per-tensor `requires_grad` (frozen tensors are gathered for the forward but never
+reduce-scattered, and a plan change needs no rebuild). The Freezer works on the shards:
+masks are cut exactly as their tensors are (pfreeze.plan.masks.shard_like), and the audit
+checks every rank's shard and adds them up (`ShardFreezer`). ‖ΔW‖ is measured on the shards
+and summed over the ranks at the flush. For the after-measurements and the arm's files the
+whole trained model is gathered once into a plain copy (`Replicas.gathered`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,23 +35,78 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from pfreeze.errors import PfreezeError
+from pfreeze.plan.masks import Freezer, local
 from pfreeze.run.distributed import collective
+
+
+def wants_fsdp(setting: bool | str, mode: str, fits: bool) -> bool:
+    """training.fsdp: true, false, or auto (shard an arm whose memory plan does not fit one
+    device); sharding needs several ranks per arm."""
+    if setting is True and mode != "replicas":
+        raise PfreezeError("training.fsdp=true shards an arm over its ranks, but this launch "
+                           "gives each arm one rank",
+                           "launch a multiple of the number of arms, larger than it (e.g. "
+                           "torchrun --nproc-per-node 2 for one arm), or set training.fsdp=auto")
+    return mode == "replicas" and (setting is True or (setting == "auto" and not fits))
+
+
+def check_fsdp(t: Any) -> None:
+    """What a sharded arm cannot do yet, refused with one line before anything loads."""
+    for bad, what in ((t.save_steps, "training.save_steps (checkpoints of sharded arms)"),
+                      (t.keep_best, "training.keep_best"),
+                      (t.prefix_cache is True, "training.prefix_cache=true")):
+        if bad:
+            raise PfreezeError(f"an arm sharded with FSDP2 (training.fsdp) does not support "
+                               f"{what} yet", "turn it off, or set training.fsdp=false")
 
 
 class Replicas:
     """One arm's data-parallel group as this rank sees it: its share of each batch and the
     DDP wrapper over the arm's current trainable set."""
 
-    def __init__(self, group: Any, ranks: list[int], rank: int) -> None:
-        self.group, self.ranks = group, ranks
+    def __init__(self, group: Any, ranks: list[int], rank: int, sharded: bool = False) -> None:
+        self.group, self.ranks, self.sharded = group, ranks, sharded
         self.index, self.size = ranks.index(rank), len(ranks)
         self.ddp: DistributedDataParallel | None = None
         self.module: nn.Module | None = None
+        self.skeleton: nn.Module | None = None  # FSDP2: the arm's plain module, on meta
+
+    def shard(self, model: nn.Module) -> None:
+        """FSDP2 over the arm's ranks: each decoder block, then the rest of the model."""
+        from torch.distributed.device_mesh import DeviceMesh
+        from torch.distributed.fsdp import fully_shard
+
+        device = next(model.parameters()).device
+        # A plain copy without its weights, filled once at the end (gathered).
+        memo = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad)
+                for p in model.parameters()}
+        self.skeleton = copy.deepcopy(model, memo)
+        mesh = DeviceMesh.from_group(self.group, device.type)
+        n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+        blocks = next((m for m in model.modules()
+                       if isinstance(m, nn.ModuleList) and len(m) == n), [])
+        for block in blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+
+    @torch.no_grad()
+    def gathered(self, model: nn.Module) -> nn.Module:
+        """The whole trained model, in plain tensors on every rank of the arm (collective)."""
+        state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v
+                 for k, v in collective(model.state_dict).items()}
+        plain = self.skeleton
+        plain.load_state_dict(state, assign=True)
+        if hasattr(plain, "tie_weights"):
+            plain.tie_weights()
+        self.skeleton = None
+        return plain
 
     def wrap(self, module: nn.Module) -> None:
-        """(Re)build the wrapper over `module`'s tensors that train now (none: no wrapper)."""
+        """(Re)build the wrapper over `module`'s tensors that train now (none: no wrapper).
+        A sharded arm keeps its module: FSDP2 follows requires_grad by itself."""
         self.module, self.ddp = module, None
-        if not any(p.requires_grad for p in module.parameters()):
+        if self.sharded or not any(p.requires_grad for p in module.parameters()):
             return
         device = next(module.parameters()).device
         self.ddp = collective(lambda: DistributedDataParallel(
@@ -60,16 +125,63 @@ class Replicas:
     @contextlib.contextmanager
     def accumulating(self, last: bool) -> Iterator[None]:
         """Micro-batches before the last keep their gradients local (one all-reduce a step)."""
+        if self.sharded:
+            self.module.set_requires_gradient_sync(last)
+            yield
+            return
         if self.ddp is None or last:
             yield
             return
         with self.ddp.no_sync():
             yield
 
-    def mean_losses(self, losses: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Each step's loss averaged over the replicas (one all-reduce for the flush)."""
-        if not losses:
-            return losses
-        stacked = torch.stack([loss.detach().float() for loss in losses])
-        collective(lambda: dist.all_reduce(stacked, group=self.group))
-        return list(stacked / self.size)
+    def settle(self, records: list[Any]) -> None:
+        """The queued steps' figures over the whole arm (one all-reduce for the flush): the
+        loss averaged over the replicas; ‖ΔW‖ of shards summed in squares."""
+        if not records:
+            return
+        losses = torch.stack([r.loss.detach().float().reshape(()) for r in records])
+        parts = [losses]
+        if self.sharded:
+            parts += [torch.stack([r.dw for r in records]).float() ** 2,
+                      torch.stack([r.dw0 for r in records]).float() ** 2]
+        flat = torch.cat([p.reshape(-1) for p in parts])
+        collective(lambda: dist.all_reduce(flat, group=self.group))
+        n = len(records)
+        for k, r in enumerate(records):
+            r.loss = flat[k] / self.size
+        if self.sharded:
+            dw, dw0 = flat[n:].sqrt().split(flat[n:].numel() // 2)
+            for k, r in enumerate(records):
+                r.dw, r.dw0 = dw.view(n, -1)[k], dw0.view(n, -1)[k]
+
+
+@dataclass
+class ShardFreezer(Freezer):
+    """A Freezer over one rank's shards whose audit covers the whole arm: every rank checks
+    its shards bit for bit against θ₀, and the results are added up (collective)."""
+
+    group: Any = None
+
+    def audit(self) -> dict[str, object]:
+        mine = super().audit()
+        size = dist.get_world_size(self.group)
+        parts: list[Any] = [None] * size
+        collective(lambda: dist.all_gather_object(parts, mine, group=self.group))
+        violations = sorted({v for p in parts for v in p["violations"]})
+        return {"ok": not violations, "checked_elements": sum(p["checked_elements"]
+                                                              for p in parts),
+                "frozen_tensors": mine["frozen_tensors"], "violations": violations,
+                "shards": size}
+
+
+class LocalView:
+    """A sharded model as the ‖ΔW‖ tracker reads it: each tensor's local shard."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.config = model.config
+        self._model = model
+
+    def named_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, p in self._model.named_parameters():
+            yield name, local(p.detach())
