@@ -5,17 +5,18 @@ result compared with the same experiment in one process.
                    samples and final tensors identical to one process
     data parallel  1 LISA arm (its trainable set changes every 2 steps) on 2 ranks: equal to
                    one process with 2 accumulation steps
-    FSDP2          1 partly frozen arm sharded over 2 ranks: frozen elements bit-identical
-                   (the audit on the shards), losses and tensors equal to one process
-    resume         a rank SIGKILLed after a checkpoint; the 2-rank resume ends where the
-                   uninterrupted run ends, and so does a 1-process resume of the same checkpoint
+    FSDP2          1 partly frozen arm sharded over 2 ranks, killed and resumed: frozen
+                   elements bit-identical (the audit on the shards), losses and tensors equal
+                   to one process
+    resume         a rank SIGKILLed after a checkpoint: an arm-parallel run resumed in one
+                   process ends where the uninterrupted 2-rank run ends; a sharded arm resumes
+                   under 2 ranks from its torch.distributed.checkpoint shards
 Each launch costs a few seconds of imports per process, so every launch serves several checks.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -118,7 +119,7 @@ def test_arm_parallel_equals_one_process(parallel: Path, corpus: Path, tmp_path:
     summary = json.loads((parallel / "summary.json").read_text())
     assert summary["status"] == "finished"
     assert summary["distribution"] == {
-        "world_size": 2, "backend": "gloo", "mode": "arms",
+        "world_size": 2, "backend": "gloo", "mode": "arms", "fsdp": False,
         "arms": {"full": {"ranks": [0], "devices": ["cpu"]},
                  "plan": {"ranks": [1], "devices": ["cpu"]}}}
     assert alone["distribution"]["world_size"] == 1
@@ -158,9 +159,14 @@ def test_data_parallel_equals_gradient_accumulation(corpus: Path, tmp_path: Path
     assert summary["arms"]["lisa"]["integrity"]["ok"]
 
 
-def test_fsdp2_keeps_frozen_elements_and_equals_one_process(corpus: Path, tmp_path: Path
-                                                            ) -> None:
-    done = _launch(tmp_path, corpus, tmp_path / "fsdp", SHARDED + ["training.fsdp=true"])
+def test_fsdp2_killed_and_resumed_keeps_frozen_elements_and_equals_one_process(
+        corpus: Path, tmp_path: Path) -> None:
+    sharded = SHARDED + ["training.fsdp=true", "training.save_steps=3"]
+    done = _launch(tmp_path, corpus, tmp_path / "fsdp", sharded, kill_at=5)
+    assert done.returncode != 0
+    assert "another rank stopped mid-run" in done.stderr
+    assert (tmp_path / "fsdp" / "checkpoint" / "arm0.dcp" / ".metadata").exists()
+    done = _launch(tmp_path, corpus, tmp_path / "fsdp", sharded, resume=True)
     assert done.returncode == 0, done.stderr[-3000:]
     alone = _alone(corpus, tmp_path / "acc", SHARDED + ["training.gradient_accumulation_steps=2"])
     summary = json.loads((tmp_path / "fsdp" / "summary.json").read_text())
@@ -188,22 +194,20 @@ def test_fsdp2_keeps_frozen_elements_and_equals_one_process(corpus: Path, tmp_pa
         assert not torch.equal(a[key][:16], base[key][:16].detach())
 
 
-def test_kill_and_resume_under_two_ranks(parallel: Path, corpus: Path, tmp_path: Path) -> None:
+def test_arm_parallel_killed_then_resumed_in_one_process(parallel: Path, corpus: Path,
+                                                         tmp_path: Path) -> None:
+    """An arm-parallel checkpoint holds every arm: it resumes under another world size (here
+    one process) and ends where the uninterrupted 2-rank run ends."""
     killed = tmp_path / "killed"
     done = _launch(tmp_path, corpus, killed, TWO_ARMS, kill_at=5)
     assert done.returncode != 0
     assert (killed / "checkpoint" / "state.json").exists()
     assert not (killed / "summary.json").exists()
-    # The same checkpoint resumed in one process (arm-parallel checkpoints hold every arm).
-    shutil.copytree(killed, tmp_path / "alone")
-    done = _launch(tmp_path, corpus, killed, TWO_ARMS, resume=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    _alone(corpus, tmp_path / "alone", TWO_ARMS, resume=True)
-    for out in (killed, tmp_path / "alone"):
-        assert _rows(out) == _rows(parallel)
-        for arm in ("full", "plan"):
-            a, b = _tensors(out, arm), _tensors(parallel, arm)
-            assert all(torch.equal(a[k], b[k]) for k in a)
+    _alone(corpus, killed, TWO_ARMS, resume=True)
+    assert _rows(killed) == _rows(parallel)
+    for arm in ("full", "plan"):
+        a, b = _tensors(killed, arm), _tensors(parallel, arm)
+        assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 # ---------------------------------------------------------------- one process, one line each
@@ -255,6 +259,6 @@ def test_fsdp_settings_that_cannot_run() -> None:
     assert sharding.wants_fsdp("auto", "replicas", fits=False)
     assert not sharding.wants_fsdp("auto", "replicas", fits=True)
     assert not sharding.wants_fsdp(False, "replicas", fits=False)
-    t = load_config(None, BASE + ["training.save_steps=2"]).training
-    with pytest.raises(PfreezeError, match="does not support training.save_steps"):
+    t = load_config(None, BASE + ["training.keep_best=true"]).training
+    with pytest.raises(PfreezeError, match="does not support training.keep_best"):
         sharding.check_fsdp(t)

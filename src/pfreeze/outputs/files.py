@@ -41,7 +41,7 @@ from pfreeze.outputs.loggers import JsonlLogger, MetricLogger
 FILES = ("summary.json", "config.yaml", "metrics.jsonl", "samples.txt", "samples.jsonl",
          "report.md", "report.html", "loss.png", "loss_scatter.png", "step_time.png", "dw.png",
          "dw0.png", "p.png", "repeats.json", "repeats.md")
-FOLDERS = ("checkpoint", ".checkpoint.old", ".checkpoint.tmp", "arms")
+FOLDERS = ("checkpoint", ".checkpoint.old", ".checkpoint.tmp", ".checkpoint.shards", "arms")
 # What marks a directory as a run's (so that its folders above are pfreeze's).
 MARKS = ("config.yaml", "summary.json", "metrics.jsonl", "checkpoint", ".checkpoint.old")
 

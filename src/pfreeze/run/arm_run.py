@@ -170,7 +170,8 @@ class ArmRun:
                 self.freezer.partial[name].ref.copy_(t)
             elif kind == "best":
                 self.best_state = {**(self.best_state or {}), name: t}
-        self.optimizer.load_state_dict(optimizer)
+        if "shards" not in optimizer:  # a sharded arm's come through its shards
+            self.optimizer.load_state_dict(optimizer)
         self.scheduler.load_state_dict(saved["scheduler"])
         self.losses, self.times = saved["losses"], saved["times"]
         self.evals = [tuple(e) for e in saved["evals"]]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,8 +36,9 @@ from pfreeze.measure.drift import Tracker
 from pfreeze.measure.heldout import fixed_windows
 from pfreeze.models.families import describe_params
 from pfreeze.models.load import LoadedModel, check_positions, count_params, load_model, state_hash
+from pfreeze.outputs.checkpoint import ArmCheckpoint
 from pfreeze.outputs.files import RunFiles
-from pfreeze.plan.masks import Freezer, promote
+from pfreeze.plan.masks import Freezer, local, promote
 from pfreeze.plan.memory import MemoryPlan
 from pfreeze.plan.selectors import compile_plan
 from pfreeze.run import activations, distributed, fit, sharding
@@ -49,6 +51,8 @@ from pfreeze.run.prefix import Caches, PrefixCache
 from pfreeze.run.runtime import Runtime, release
 from pfreeze.run.sharding import LocalView, Replicas, ShardFreezer
 from pfreeze.settings import ArmConfig, RunSpec
+
+SHARDS = ".checkpoint.shards"  # sharded arms' checkpoints, written before the swap-in
 
 
 class Loop:
@@ -338,6 +342,41 @@ class Loop:
             return None
         return [item for _, item in sorted((p for part in got for p in part),
                                            key=lambda p: p[0])]
+
+    def checkpoint_parts(self) -> tuple[list[Any], dict[str, Path]] | None:
+        """Every arm's (ArmCheckpoint, state) on rank 0, in the config's order, and the shard
+        folders to move into the checkpoint (None on the other ranks). A sharded arm's ranks
+        write its shards first (torch.distributed.checkpoint); its ArmCheckpoint names them."""
+        parts = []
+        for i, arm in zip(self.mine, self.arms, strict=True):
+            if arm.replicas is not None and arm.replicas.sharded:
+                name = f"arm{i}.dcp"
+                arm.replicas.save_shards(arm.model, arm.optimizer,
+                                         self.files.root / SHARDS / name)
+                ckpt = ArmCheckpoint({}, {"shards": name}, arm.diverged)
+            else:
+                ckpt = ArmCheckpoint(arm.checkpoint_tensors(), arm.optimizer.state_dict(),
+                                     arm.diverged)
+            parts.append((ckpt, arm.state()))
+        got = self.gather_arms(parts)
+        if got is None:
+            return None
+        names = [c.optimizer["shards"] for c, _ in got if "shards" in c.optimizer]
+        return got, {n: self.files.root / SHARDS / n for n in names}
+
+    def load_shards(self, folder: Path | None, optimizers: list[dict[str, Any]]) -> None:
+        """Sharded arms back from their shards in checkpoint `folder` (after ArmRun.restore):
+        weights, optimizer state, the frozen elements' references and ‖ΔW‖'s last weights."""
+        for arm, opt in zip(self.arms, optimizers, strict=True):
+            if "shards" not in opt or arm.replicas is None or folder is None:
+                continue
+            arm.replicas.load_shards(arm.model, arm.optimizer, folder / opt["shards"])
+            with torch.no_grad():
+                # Restored every step, the frozen elements are their references.
+                for part in arm.freezer.partial.values():
+                    part.ref = local(part.param.detach())[part.frozen].clone()
+                for prev, p in zip(arm.tracker.prev, arm.tracker.params, strict=True):
+                    prev.copy_(p)
 
     def gather_summaries(self, arms: dict[str, Any], missing: list[dict[str, str]]
                          ) -> tuple[dict[str, Any], list[dict[str, str]]] | None:

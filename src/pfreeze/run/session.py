@@ -27,7 +27,6 @@ from pfreeze import __version__
 from pfreeze.errors import PfreezeError
 from pfreeze.measure.generation import release_twin
 from pfreeze.outputs import checkpoint
-from pfreeze.outputs.checkpoint import ArmCheckpoint
 from pfreeze.outputs.files import NoSpace, RunFiles, environment, finished, is_no_space
 from pfreeze.plan.masks import check_audit
 from pfreeze.run.arm_run import ArmRun
@@ -280,10 +279,10 @@ class Session:
     # ------------------------------------------------------------------ checkpoints
     def _save(self) -> None:
         loop = self.loop
-        arms = loop.gather_arms([(ArmCheckpoint(a.checkpoint_tensors(), a.optimizer.state_dict(),
-                                                a.diverged), a.state()) for a in loop.arms])
-        if arms is None:  # rank 0 writes the checkpoint of every arm
+        got = loop.checkpoint_parts()
+        if got is None:  # rank 0 writes the checkpoint of every arm
             return
+        arms, shards = got
         if self.files.jsonl.unwritten:  # the checkpoint records metrics.jsonl's size
             raise NoSpace("metrics.jsonl is behind (rows the full disk refused are held)",
                           "free disk space")
@@ -302,7 +301,7 @@ class Session:
             # The run's files as they stood at this step: a resume cuts metrics.jsonl back
             # to this size (rows after it are redone) and restores the samples drawn so far.
             "metrics_bytes": self.files.metrics_bytes(), "samples": self.files.samples,
-            "sample_records": self.files.sample_records})
+            "sample_records": self.files.sample_records}, shards)
 
     def _restore(self) -> dict[str, Any]:
         """Arms, stream, random states and runtime back to the checkpoint; state.json."""
@@ -324,6 +323,7 @@ class Session:
         arms, saved_arms = [arms[i] for i in loop.mine], [state["arms"][i] for i in loop.mine]
         for arm, (tensors, optimizer), saved in zip(loop.arms, arms, saved_arms, strict=True):
             arm.restore(step, tensors, optimizer, saved)
+        loop.load_shards(checkpoint.folder(root), [o for _, o in arms])
         loop.stream.gen.set_state(rng["stream"])
         # One batch per step from step 0, whatever the arms did: the epochs mode's position.
         loop.stream.drawn = step * loop.stream.batch

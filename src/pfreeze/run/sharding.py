@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -53,8 +55,7 @@ def wants_fsdp(setting: bool | str, mode: str, fits: bool) -> bool:
 
 def check_fsdp(t: Any) -> None:
     """What a sharded arm cannot do yet, refused with one line before anything loads."""
-    for bad, what in ((t.save_steps, "training.save_steps (checkpoints of sharded arms)"),
-                      (t.keep_best, "training.keep_best"),
+    for bad, what in ((t.keep_best, "training.keep_best"),
                       (t.prefix_cache is True, "training.prefix_cache=true")):
         if bad:
             raise PfreezeError(f"an arm sharded with FSDP2 (training.fsdp) does not support "
@@ -101,6 +102,36 @@ class Replicas:
             plain.tie_weights()
         self.skeleton = None
         return plain
+
+    def save_shards(self, model: nn.Module, optimizer: Any, path: Path) -> None:
+        """Every rank of the arm writes its shards of the model and the optimizer state into
+        `path` (torch.distributed.checkpoint; nothing is gathered). Frozen tensors are kept
+        too: a tensor frozen now may have trained under an earlier plan."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        if self.index == 0:  # a folder left by a killed save goes first
+            shutil.rmtree(path, ignore_errors=True)
+        collective(lambda: dist.barrier(group=self.group))
+        path.mkdir(parents=True, exist_ok=True)
+        msd, osd = get_state_dict(model, optimizer)
+        collective(lambda: dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(path),
+                                    process_group=self.group))
+
+    def load_shards(self, model: nn.Module, optimizer: Any, path: Path) -> None:
+        """The shards `save_shards` wrote, back into this rank's model and optimizer (DCP
+        reads each rank's part, whatever the shards were cut like when it was saved)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        if not path.is_dir():
+            raise PfreezeError(f"the checkpoint lacks the shards of a sharded arm ({path})",
+                               "start the run again with --overwrite")
+        msd, osd = get_state_dict(model, optimizer)
+        state = {"model": msd, "optim": osd}
+        collective(lambda: dcp.load(state, checkpoint_id=str(path), process_group=self.group))
+        set_state_dict(model, optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])
 
     def wrap(self, module: nn.Module) -> None:
         """(Re)build the wrapper over `module`'s tensors that train now (none: no wrapper).
