@@ -18,8 +18,9 @@ A collective that fails because another rank died becomes one line here.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -171,13 +172,35 @@ def single_process_only(what: str, fix: str) -> None:
                            f"{_env_int('WORLD_SIZE', 1)}", f"launch one process, or {fix}")
 
 
+def _lost(e: RuntimeError) -> PfreezeError:
+    return PfreezeError(f"{DIED.split(';')[0]} ({' '.join(str(e).split())[:200]})",
+                        DIED.split("; ", 1)[1])
+
+
 def collective(fn: Callable[[], T]) -> T:
     """Run a collective; a peer that died turns into one line instead of a traceback."""
     try:
         return fn()
     except RuntimeError as e:  # gloo/nccl errors (DistBackendError is one) and timeouts
-        raise PfreezeError(f"{DIED.split(';')[0]} ({' '.join(str(e).split())[:200]})",
-                           DIED.split("; ", 1)[1]) from None
+        raise _lost(e) from None
+
+
+# How gloo and NCCL word a lost peer inside collectives pfreeze does not call itself (FSDP2's
+# all-gathers in the forward, DDP's all-reduce in the backward).
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "remote worker",
+              "Timed out waiting", "NCCL communicator was aborted", "DistBackendError")
+
+
+@contextlib.contextmanager
+def peers_watched(world: World) -> Iterator[None]:
+    """A run on several ranks: a collective that fails because a peer died is one line."""
+    try:
+        yield
+    except RuntimeError as e:
+        text = f"{type(e).__name__} {e}"
+        if world.distributed and any(m in text for m in _PEER_LOST):
+            raise _lost(e) from None
+        raise
 
 
 def gather(world: World, obj: Any) -> list[Any] | None:

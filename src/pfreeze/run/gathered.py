@@ -6,7 +6,8 @@ and every evaluation append metrics, even with no rows), so those calls are the 
   - metric rows of every rank reach rank 0, put in the order one process would write them
     (by the arm's place in the config; a stable sort keeps each arm's steps in order), and the
     batch hashes of one step must agree across arms (the proof of one batch stream);
-  - samples are held where they were drawn and travel with the next collective;
+  - samples are held where they were drawn and travel with the next collective, and so does
+    whether a rank's arms have all stopped (the session's stop test needs no collective);
   - rank 0 alone starts, resumes and clears the directory and writes the summary;
   - each arm's lead rank writes its own `arms/<name>/` (its tensors never cross ranks).
 A rank that replicates an arm (data parallel) but does not lead it sends nothing.
@@ -15,13 +16,14 @@ A rank that replicates an arm (data parallel) but does not lead it sends nothing
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 from torch import nn
 
 from pfreeze.errors import PfreezeError
 from pfreeze.outputs.files import RunFiles
-from pfreeze.run.distributed import Placement, gather
+from pfreeze.run.distributed import Placement, all_gather
 
 _MOMENTS = {"before": 0, "after": 1}  # then best(step n): the order one process samples in
 
@@ -29,10 +31,14 @@ _MOMENTS = {"before": 0, "after": 1}  # then best(step n): the order one process
 class GatheredFiles:
     """RunFiles for a rank of a distributed run (see the module docstring)."""
 
-    def __init__(self, files: RunFiles, placement: Placement, names: list[str]) -> None:
+    def __init__(self, files: RunFiles, placement: Placement, names: list[str],
+                 stopped: Callable[[], bool]) -> None:
         self.inner, self.placement, self.world = files, placement, placement.world
         self.order = {n: i for i, n in enumerate(names)}
         self.held: list[tuple[str, str, list[Any]]] = []  # samples not yet sent
+        # Whether this rank's arms have all stopped, and every rank's after the last
+        # collective: arms stop only at a flush or an evaluation, both of which pass here.
+        self.stopped, self.all_stopped = stopped, False
 
     def __getattr__(self, name: str) -> Any:  # root, samples, jsonl, loggers, ...
         return getattr(self.inner, name)
@@ -60,17 +66,19 @@ class GatheredFiles:
 
     # ------------------------------------------------------------ collectives
     def append_metrics(self, rows: list[dict[str, Any]]) -> None:
-        """Every rank's rows and held samples to rank 0, written there in one process's order."""
+        """Every rank's rows and held samples to rank 0, written there in one process's order;
+        whether every rank's arms have stopped, to every rank."""
         sent = (rows, self.held) if self.placement.reports else ([], [])
         self.held = []
-        got = gather(self.world, sent)
-        if got is None:
+        got = all_gather(self.world, (*sent, bool(self.stopped())))
+        self.all_stopped = all(stop for _, _, stop in got)
+        if not self.world.is_main:
             return
-        merged = sorted((r for rs, _ in got for r in rs), key=lambda r: self.order[r["arm"]])
+        merged = sorted((r for rs, _, _ in got for r in rs), key=lambda r: self.order[r["arm"]])
         _check_batches(merged)
         if merged:
             self.inner.append_metrics(merged)
-        samples = [s for _, ss in got for s in ss]
+        samples = [s for _, ss, _ in got for s in ss]
         samples.sort(key=lambda s: (_MOMENTS.get(s[1], 2), self.order[s[0]]))
         for arm, moment, drawn in samples:
             self.inner.add_samples(arm, moment, drawn)

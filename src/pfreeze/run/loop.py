@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Callable
-from pathlib import Path
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -36,9 +36,8 @@ from pfreeze.measure.drift import Tracker
 from pfreeze.measure.heldout import fixed_windows
 from pfreeze.models.families import describe_params
 from pfreeze.models.load import LoadedModel, check_positions, count_params, load_model, state_hash
-from pfreeze.outputs.checkpoint import ArmCheckpoint
 from pfreeze.outputs.files import RunFiles
-from pfreeze.plan.masks import Freezer, local, promote
+from pfreeze.plan.masks import Freezer, promote
 from pfreeze.plan.memory import MemoryPlan
 from pfreeze.plan.selectors import compile_plan
 from pfreeze.run import activations, distributed, fit, sharding
@@ -48,14 +47,13 @@ from pfreeze.run.arms import ArmStrategy, make_arm
 from pfreeze.run.gathered import GatheredFiles
 from pfreeze.run.moments import Moments
 from pfreeze.run.prefix import Caches, PrefixCache
+from pfreeze.run.ranks import AcrossRanks
 from pfreeze.run.runtime import Runtime, release
 from pfreeze.run.sharding import LocalView, Replicas, ShardFreezer
 from pfreeze.settings import ArmConfig, RunSpec
 
-SHARDS = ".checkpoint.shards"  # sharded arms' checkpoints, written before the swap-in
 
-
-class Loop:
+class Loop(AcrossRanks):
     """Every arm of one run, built from θ₀ and stepped on one batch stream (the phases of a
     whole run: pfreeze.run.session)."""
 
@@ -73,7 +71,8 @@ class Loop:
         self.dist = distributed.place(self.world, len(cfg.arms))
         self.mine = self.dist.mine
         if files is not None and self.world.distributed:
-            self.files = GatheredFiles(files, self.dist, [str(a.name) for a in cfg.arms])
+            self.files = GatheredFiles(files, self.dist, [str(a.name) for a in cfg.arms],
+                                       lambda: all(a.stopped for a in self.arms))
         self.caches: Caches | None = None  # the frozen-prefix caches, made with the first arm
         self.stream: BatchStream | None = None  # set by setup() (or by a benchmark)
         self.t = cfg.training
@@ -125,6 +124,9 @@ class Loop:
             self.build_arms(self.lm.model, self.lm.family, mine)
             self.theta0 = None
             del self.lm.model  # each arm holds its own copy now
+        if self.sharded:  # the before-samples are drawn from the sharded modules
+            self.rt = replace(self.rt, decoder="generate",
+                              decoder_note="a sharded arm (FSDP2) samples with generate")
         self.moments = Moments(self.arms, self.rt, self.val_windows, self.train_windows,
                                self.t, cfg.generation, self.lm.tokenizer, self.stats.top_set,
                                self.files)
@@ -215,13 +217,6 @@ class Loop:
         if self.sharded:
             replicas.shard(model)
         return replicas
-
-    def unshard(self) -> None:
-        """Sharded arms gathered whole for the after-measurements and files (collective); the
-        freezer keeps the shards, and the audit runs on them."""
-        for arm in self.arms:
-            if arm.replicas is not None and arm.replicas.sharded:
-                arm.model = arm.replicas.gathered(arm.model)
 
     def _prefix_cache(self, model: nn.Module, family: str, strat: ArmStrategy,
                       infos: dict) -> tuple[PrefixCache | None, str]:
@@ -320,80 +315,3 @@ class Loop:
             arm.pending.clear()
         self.files.append_metrics(rows)
         return last
-
-    # ------------------------------------------------------------------ several ranks
-    def all_stopped(self) -> bool:
-        """Whether every arm has stopped, on every rank (all ranks leave the loop together)."""
-        return not distributed.any_rank(self.world, not all(a.stopped for a in self.arms))
-
-    def any_pending(self) -> bool:
-        """Whether some arm on some rank has steps not yet flushed."""
-        return distributed.any_rank(self.world, any(a.pending for a in self.arms))
-
-    def gather_arms(self, items: list[Any]) -> list[Any] | None:
-        """One item per arm of this rank -> every arm's item on rank 0, in the config's order
-        (None on the other ranks); samples held on other ranks travel first."""
-        if not self.world.distributed:
-            return items
-        self.files.sync()
-        mine = list(zip(self.mine, items, strict=True)) if self.dist.reports else []
-        got = distributed.gather(self.world, mine)
-        if got is None:
-            return None
-        return [item for _, item in sorted((p for part in got for p in part),
-                                           key=lambda p: p[0])]
-
-    def checkpoint_parts(self) -> tuple[list[Any], dict[str, Path]] | None:
-        """Every arm's (ArmCheckpoint, state) on rank 0, in the config's order, and the shard
-        folders to move into the checkpoint (None on the other ranks). A sharded arm's ranks
-        write its shards first (torch.distributed.checkpoint); its ArmCheckpoint names them."""
-        parts = []
-        for i, arm in zip(self.mine, self.arms, strict=True):
-            if arm.replicas is not None and arm.replicas.sharded:
-                name = f"arm{i}.dcp"
-                arm.replicas.save_shards(arm.model, arm.optimizer,
-                                         self.files.root / SHARDS / name)
-                ckpt = ArmCheckpoint({}, {"shards": name}, arm.diverged)
-            else:
-                ckpt = ArmCheckpoint(arm.checkpoint_tensors(), arm.optimizer.state_dict(),
-                                     arm.diverged)
-            parts.append((ckpt, arm.state()))
-        got = self.gather_arms(parts)
-        if got is None:
-            return None
-        names = [c.optimizer["shards"] for c, _ in got if "shards" in c.optimizer]
-        return got, {n: self.files.root / SHARDS / n for n in names}
-
-    def load_shards(self, folder: Path | None, optimizers: list[dict[str, Any]]) -> None:
-        """Sharded arms back from their shards in checkpoint `folder` (after ArmRun.restore):
-        weights, optimizer state, the frozen elements' references and ‖ΔW‖'s last weights."""
-        for arm, opt in zip(self.arms, optimizers, strict=True):
-            if "shards" not in opt or arm.replicas is None or folder is None:
-                continue
-            arm.replicas.load_shards(arm.model, arm.optimizer, folder / opt["shards"])
-            with torch.no_grad():
-                # Restored every step, the frozen elements are their references.
-                for part in arm.freezer.partial.values():
-                    part.ref = local(part.param.detach())[part.frozen].clone()
-                for prev, p in zip(arm.tracker.prev, arm.tracker.params, strict=True):
-                    prev.copy_(p)
-
-    def gather_summaries(self, arms: dict[str, Any], missing: list[dict[str, str]]
-                         ) -> tuple[dict[str, Any], list[dict[str, str]]] | None:
-        """Every rank's arm summaries and missing files on rank 0, the arms in the config's
-        order (None on the other ranks)."""
-        if not self.world.distributed:
-            return arms, missing
-        self.files.sync()
-        got = distributed.gather(self.world, (arms, missing) if self.dist.reports else ({}, []))
-        if got is None:
-            return None
-        merged = {n: a for s, _ in got for n, a in s.items()}
-        return ({str(c.name): merged[str(c.name)] for c in self.cfg.arms if c.name in merged},
-                [m for _, ms in got for m in ms])
-
-    def distribution(self) -> dict[str, Any]:
-        """summary.json's placement record: world size, mode, each arm's ranks and devices."""
-        return {**self.dist.describe([str(a.name) for a in self.cfg.arms],
-                                     distributed.device_name(self.world, self.device)),
-                "fsdp": self.sharded}

@@ -30,7 +30,7 @@ from pfreeze.outputs import checkpoint
 from pfreeze.outputs.files import NoSpace, RunFiles, environment, finished, is_no_space
 from pfreeze.plan.masks import check_audit
 from pfreeze.run.arm_run import ArmRun
-from pfreeze.run.distributed import single_process_only
+from pfreeze.run.distributed import peers_watched, single_process_only
 from pfreeze.run.interrupts import Interrupted, Signals
 from pfreeze.run.loop import Loop
 from pfreeze.settings import RunSpec, digest, dump
@@ -171,8 +171,7 @@ class Session:
             e.note = "nothing was written"
             return
         with self.signals.ignored():
-            # Ranks see a signal at different steps: no collective is safe any more, the last
-            # checkpoint is what a distributed run keeps.
+            # Ranks see a signal at different steps: a distributed run keeps its last checkpoint.
             consistent = (self.phase in ("train", "after") and not e.forced
                           and not self.loop.world.distributed)
             if consistent and any(a.pending for a in self.loop.arms):
@@ -375,7 +374,8 @@ class Session:
 def run_loop(loop: Loop, resume: bool = False, command: str | None = None,
              before_start: Callable[[], None] | None = None) -> dict[str, Any]:
     """Run `loop` (built with its RunFiles) to the end; its summary."""
-    return Session(loop, command, before_start).run(resume)
+    with peers_watched(loop.world):  # a rank that died: one line on the others
+        return Session(loop, command, before_start).run(resume)
 
 
 def run(cfg: RunSpec, output_dir: str | Path | None = None, overwrite: bool = False,
