@@ -1,5 +1,5 @@
-"""pfreeze under torch.distributed: 2 gloo processes launched by torchrun on the CPU, each
-result compared with the same experiment in one process.
+"""pfreeze under torch.distributed: 2 gloo processes started as torchrun starts them, on the
+CPU, each result compared with the same experiment in one process.
 
     arm-parallel   2 arms on 2 ranks: metrics.jsonl (losses, ‖ΔW‖, evaluations, batch hashes),
                    samples and final tensors identical to one process
@@ -17,13 +17,16 @@ Each launch costs a few seconds of imports per process, so every launch serves s
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file
 
 from pfreeze.config import load_config
@@ -78,13 +81,31 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return p
 
 
+@dataclass
+class Launch:
+    returncode: int  # the first non-zero exit status of the ranks (0: both finished)
+    stderr: str
+
+
 def _launch(tmp: Path, corpus: Path, out: Path, overrides: list[str], kill_at: int = -1,
-            resume: bool = False) -> subprocess.CompletedProcess:
+            resume: bool = False) -> Launch:
+    """Both ranks as torchrun starts them (the same environment variables), without
+    torchrun's agent process: the test hosts the rendezvous store on a port the OS picks."""
     driver = tmp / "driver.py"
     driver.write_text(DRIVER)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-           "2", str(driver), str(corpus), str(out), str(kill_at), str(int(resume)), *overrides]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    cmd = [sys.executable, str(driver), str(corpus), str(out), str(kill_at), str(int(resume)),
+           *overrides]
+    store = dist.TCPStore("127.0.0.1", 0, 2, is_master=True, wait_for_workers=False)
+    env = {**os.environ, "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port),
+           "TORCHELASTIC_USE_AGENT_STORE": "True"}
+    procs = [subprocess.Popen(cmd, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for r in range(2)]
+    errs = [p.communicate(timeout=240)[1] for p in procs]
+    del store
+    codes = [p.returncode for p in procs]
+    return Launch(next((c for c in codes if c), 0), "\n".join(errs))
 
 
 def _alone(corpus: Path, out: Path, overrides: list[str], resume: bool = False
