@@ -283,3 +283,29 @@ def test_fsdp_settings_that_cannot_run() -> None:
     t = load_config(None, BASE + ["training.keep_best=true"]).training
     with pytest.raises(PfreezeError, match="does not support training.keep_best"):
         sharding.check_fsdp(t)
+
+
+def test_what_ranks_must_agree_on_is_one_line(monkeypatch: pytest.MonkeyPatch,
+                                              tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from pfreeze.run import gathered, sharding
+
+    two = distributed.World(rank=0, size=2, backend="gloo")
+    monkeypatch.setattr(distributed, "all_gather", lambda world, value: [value, "f00d"])
+    with pytest.raises(PfreezeError, match="θ₀ hash differs between ranks .*rank 1: f00d"):
+        distributed.same_everywhere(two, "beef", "the θ₀ hash")
+    rows = [{"kind": "train", "step": 3, "batch_hash": h} for h in ("a", "b")]
+    with pytest.raises(PfreezeError, match="different batches at step 3"):
+        gathered._check_batches(rows)
+    with pytest.raises(PfreezeError, match="another rank stopped mid-run"), \
+            distributed.peers_watched(two):
+        raise RuntimeError("[pair.cc:553] Connection closed by peer [127.0.0.1]:8081")
+    with pytest.raises(RuntimeError, match="a bug"), distributed.peers_watched(two):
+        raise RuntimeError("a bug")  # anything else keeps its traceback
+    fused = SimpleNamespace(parts=[(0, 0, 0, slice(0, 16))])
+    with pytest.raises(PfreezeError, match="fuse several projections along their rows"):
+        sharding.check_tracker(fused, "plan")
+    with pytest.raises(PfreezeError, match="lacks the shards of a sharded arm"):
+        sharding.Replicas(None, [0], 0, sharded=True).load_shards(
+            torch.nn.Linear(1, 1), None, tmp_path / "arm0.dcp")

@@ -16,10 +16,8 @@ from pfreeze.run.arms import ArmStrategy, make_arm
 from pfreeze.settings import RunSpec
 
 
-def memory_plan(cfg: RunSpec, device: torch.device, bf16: bool,
-                which: list[int] | None = None) -> memory.MemoryPlan:
-    """Per arm, the bytes it needs on `device` (bf16: the step runs under bf16 autocast);
-    `which`: only those arms (the ones this rank of a distributed run holds)."""
+def memory_plan(cfg: RunSpec, device: torch.device, bf16: bool) -> memory.MemoryPlan:
+    """Per arm, the bytes it needs on `device` (bf16: the step runs under bf16 autocast)."""
     config, own = model_config(cfg.model.name, cfg.model.revision)
     storage = storage_dtype(cfg.model.dtype, config if own else None)
     model = meta_model(config)
@@ -29,9 +27,7 @@ def memory_plan(cfg: RunSpec, device: torch.device, bf16: bool,
     shape = memory.Shape.of(config)
     tokens = t.per_device_train_batch_size * cfg.data.block_size
     arms = []
-    for i, acfg in enumerate(cfg.arms):
-        if which is not None and i not in which:
-            continue
+    for acfg in cfg.arms:
         strat = make_arm(acfg, family, t.max_steps)
         arm_model, plans, note, lowest = _arm_plans(strat, model, family)
         act = memory.activation_bytes(shape, tokens, lowest, bf16 or storage != torch.float32,

@@ -93,12 +93,14 @@ class Loop(AcrossRanks):
         cfg = self.cfg
         # Before anything loads: stop here if the arms cannot fit on the device (together,
         # or one at a time where arms_placement allows).
-        self.memory = fit.memory_plan(cfg, self.device, self.rt.bf16, self.mine)
-        self.sharded = sharding.wants_fsdp(self.t.fsdp, self.dist.mode, self.memory.fits)
+        self.memory = fit.memory_plan(cfg, self.device, self.rt.bf16)
+        # What has to fit on this rank's device: its own arms (all of them in one process).
+        here = replace(self.memory, arms=[self.memory.arms[i] for i in self.mine])
+        self.sharded = sharding.wants_fsdp(self.t.fsdp, self.dist.mode, here.fits)
         if self.sharded:  # each rank holds a shard of its arm: no one-device stop
             sharding.check_fsdp(self.t)
         self.placement = "together" if self.sharded else fit.placement(
-            self.memory, cfg.arms_placement, self.t.save_steps)
+            here, cfg.arms_placement, self.t.save_steps)
         text, source = read_corpus(cfg.data.corpus, cfg.data.encoding)
         if cfg.data.strip_gutenberg:
             text = strip_gutenberg(text)
@@ -197,6 +199,8 @@ class Loop(AcrossRanks):
         tracker = Tracker(LocalView(model) if sharded else model, infos,
                           tracked if strat.tracks_base_weights else [],
                           trained=strat.trained_names())
+        if sharded:
+            sharding.check_tracker(tracker, strat.name)
         prefix, note = (None, "off: the arm is sharded (FSDP2)") if sharded else \
             self._prefix_cache(model, family, strat, infos)
         arm = ArmRun(strat, model, freezer, opt, sched, tracker, h, None, prefix, note)

@@ -206,6 +206,16 @@ class ShardFreezer(Freezer):
                 "shards": size}
 
 
+def check_tracker(tracker: Any, arm: str) -> None:
+    """‖ΔW‖ of a fused matrix's pieces cut along its rows cannot be read from row shards."""
+    if any(dim == 0 for _, _, dim, _ in tracker.parts):
+        raise PfreezeError(f"arm '{arm}': its tracked matrices fuse several projections along "
+                           "their rows, which FSDP2 shards; pfreeze cannot measure each "
+                           "projection's ‖ΔW‖ on the shards",
+                           "set training.fsdp=false, or set track to roles the family keeps in "
+                           "matrices of their own (e.g. roles=o)")
+
+
 class LocalView:
     """A sharded model as the ‖ΔW‖ tracker reads it: each tensor's local shard."""
 
