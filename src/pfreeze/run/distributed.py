@@ -91,12 +91,6 @@ def init_world(device_spec: str = "auto", timeout_s: float | None = None) -> Wor
     return World(rank, size, local, backend)
 
 
-def finish_world(world: World) -> None:
-    """Leave the process group this module started (at the end of a run)."""
-    if world.distributed and dist.is_initialized():
-        dist.destroy_process_group()
-
-
 @dataclass
 class Placement:
     """Which ranks run which arm (by the arm's index in the config)."""

@@ -39,6 +39,7 @@ class GatheredFiles:
         # Whether this rank's arms have all stopped, and every rank's after the last
         # collective: arms stop only at a flush or an evaluation, both of which pass here.
         self.stopped, self.all_stopped = stopped, False
+        self.last: dict[str, float] = {}  # rank 0: every arm's latest loss (the progress line)
 
     def __getattr__(self, name: str) -> Any:  # root, samples, jsonl, loggers, ...
         return getattr(self.inner, name)
@@ -76,6 +77,8 @@ class GatheredFiles:
             return
         merged = sorted((r for rs, _, _ in got for r in rs), key=lambda r: self.order[r["arm"]])
         _check_batches(merged)
+        self.last = {r["arm"]: r["loss"] for r in merged
+                     if r["kind"] == "train" and r["loss"] is not None}
         if merged:
             self.inner.append_metrics(merged)
         samples = [s for _, ss, _ in got for s in ss]

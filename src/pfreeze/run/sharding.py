@@ -142,7 +142,8 @@ class Replicas:
         device = next(module.parameters()).device
         self.ddp = collective(lambda: DistributedDataParallel(
             module, process_group=self.group,
-            device_ids=[device] if device.type == "cuda" else None))
+            device_ids=[device.index if device.index is not None
+                        else torch.cuda.current_device()] if device.type == "cuda" else None))
 
     @property
     def forward_module(self) -> nn.Module:
