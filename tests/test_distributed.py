@@ -251,6 +251,8 @@ def test_a_backend_that_cannot_start_is_one_line(monkeypatch: pytest.MonkeyPatch
     with pytest.raises(PfreezeError, match="could not start its gloo backend") as e:
         distributed.init_world("cpu")
     assert "torchrun" in e.value.fix
+    with pytest.raises(PfreezeError, match="would put every rank on one device"):
+        distributed.init_world("cuda:1")
 
 
 def test_repeats_and_sequential_refuse_several_processes(monkeypatch: pytest.MonkeyPatch,

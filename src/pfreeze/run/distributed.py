@@ -70,6 +70,10 @@ def init_world(device_spec: str = "auto", timeout_s: float | None = None) -> Wor
     if size <= 1:
         return World()
     rank, local = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
+    if ":" in device_spec:
+        raise PfreezeError(f"training.device={device_spec} would put every rank on one device",
+                           "use training.device=auto (or cuda): each rank takes the GPU of its "
+                           "LOCAL_RANK")
     cuda = device_spec != "cpu" and not device_spec.startswith(("mps", "xpu")) \
         and torch.cuda.is_available()
     if cuda:
@@ -235,5 +239,5 @@ def device_name(world: World, device: torch.device) -> Callable[[int], str]:
     """Each rank's device, as this rank would name it (one node: cuda:<local rank>)."""
     if device.type != "cuda":
         return lambda rank: str(device)
-    per_node = max(torch.cuda.device_count(), 1)
+    per_node = _env_int("LOCAL_WORLD_SIZE", max(torch.cuda.device_count(), 1))
     return lambda rank: f"cuda:{rank % per_node}"
