@@ -87,7 +87,18 @@ class AcrossRanks:
         names = [c.optimizer["shards"] for c, _ in got if "shards" in c.optimizer]
         return got, {n: self.files.root / SHARDS / n for n in names}
 
-    def load_shards(self, folder: Path | None, optimizers: list[dict[str, Any]]) -> None:
+    def restore_arms(self, state: dict[str, Any], arms: list[tuple[dict, dict]],
+                     folder: Path | None) -> None:
+        """This rank's arms back to the checkpoint in `folder` (state.json's `state`, every
+        arm's tensors and optimizer state as checkpoint.load gives them); a sharded arm from
+        its shards. A checkpoint with other ranks per arm is refused."""
+        self.dist.check_resume(state.get("replicas", 1))
+        mine, saved = [arms[i] for i in self.mine], [state["arms"][i] for i in self.mine]
+        for arm, (tensors, optimizer), own in zip(self.arms, mine, saved, strict=True):
+            arm.restore(state["step"], tensors, optimizer, own)
+        self._load_shards(folder, [opt for _, opt in mine])
+
+    def _load_shards(self, folder: Path | None, optimizers: list[dict[str, Any]]) -> None:
         """Sharded arms back from their shards in checkpoint `folder` (after ArmRun.restore):
         weights, optimizer state, the frozen elements' references and ‖ΔW‖'s last weights."""
         for arm, opt in zip(self.arms, optimizers, strict=True):

@@ -317,12 +317,8 @@ class Session:
             raise PfreezeError(
                 "the checkpoint was made from a different θ₀ than the model loaded now",
                 "resume with the same model files, or start a new run")
-        loop.dist.check_resume(state.get("replicas", 1))
         step = state["step"]
-        arms, saved_arms = [arms[i] for i in loop.mine], [state["arms"][i] for i in loop.mine]
-        for arm, (tensors, optimizer), saved in zip(loop.arms, arms, saved_arms, strict=True):
-            arm.restore(step, tensors, optimizer, saved)
-        loop.load_shards(checkpoint.folder(root), [o for _, o in arms])
+        loop.restore_arms(state, arms, checkpoint.folder(root))
         loop.stream.gen.set_state(rng["stream"])
         # One batch per step from step 0, whatever the arms did: the epochs mode's position.
         loop.stream.drawn = step * loop.stream.batch
