@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -52,25 +53,28 @@ LISA = BASE + ["training.per_device_train_batch_size=2",
 SHARDED = BASE + ["training.per_device_train_batch_size=2",
                   "arms=[{kind: plan, select: 'layers=1: roles=q,k,v heads=0'}]"]
 
-# One pfreeze run per process; with KILL_AT, rank 1 SIGKILLs itself after that step.
+# One pfreeze run per process; with KILL_AT, rank 1 sends itself SIGNAL after that step.
 DRIVER = """
 import os, signal, sys
 import torch
 torch.set_num_threads(1)
 from pfreeze.config import load_config
 from pfreeze.errors import PfreezeError
-from pfreeze.models.load import load_model
+from pfreeze.run.interrupts import Interrupted
 from pfreeze.run.session import run
 corpus, out, kill_at, resume = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
 cfg = load_config(None, sys.argv[5:] + [f"data.corpus={corpus}"])
 def on_step(step, losses):
     if step == kill_at and os.environ.get("RANK") == "1":
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), int(os.environ.get("SIGNAL", signal.SIGKILL)))
 try:
     run(cfg, out, overwrite=not resume, on_step=on_step, resume=resume)
 except PfreezeError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+except Interrupted as e:
+    print(f"rank {os.environ['RANK']} interrupted at step {e.step}: {e.note}", file=sys.stderr)
+    sys.exit(e.exit_code)
 """
 
 
@@ -85,10 +89,11 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 class Launch:
     returncode: int  # the first non-zero exit status of the ranks (0: both finished)
     stderr: str
+    codes: list[int]  # each rank's
 
 
 def _launch(tmp: Path, corpus: Path, out: Path, overrides: list[str], kill_at: int = -1,
-            resume: bool = False) -> Launch:
+            resume: bool = False, signum: int = signal.SIGKILL) -> Launch:
     """Both ranks as torchrun starts them (the same environment variables), without
     torchrun's agent process: the test hosts the rendezvous store on a port the OS picks."""
     driver = tmp / "driver.py"
@@ -98,14 +103,14 @@ def _launch(tmp: Path, corpus: Path, out: Path, overrides: list[str], kill_at: i
     store = dist.TCPStore("127.0.0.1", 0, 2, is_master=True, wait_for_workers=False)
     env = {**os.environ, "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port),
-           "TORCHELASTIC_USE_AGENT_STORE": "True"}
+           "TORCHELASTIC_USE_AGENT_STORE": "True", "SIGNAL": str(int(signum))}
     procs = [subprocess.Popen(cmd, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
              for r in range(2)]
     errs = [p.communicate(timeout=240)[1] for p in procs]
     del store
     codes = [p.returncode for p in procs]
-    return Launch(next((c for c in codes if c), 0), "\n".join(errs))
+    return Launch(next((c for c in codes if c), 0), "\n".join(errs), codes)
 
 
 def _alone(corpus: Path, out: Path, overrides: list[str], resume: bool = False
@@ -229,6 +234,21 @@ def test_arm_parallel_killed_then_resumed_in_one_process(parallel: Path, corpus:
     for arm in ("full", "plan"):
         a, b = _tensors(killed, arm), _tensors(parallel, arm)
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_signal_on_one_rank_stops_both_at_one_step_with_a_checkpoint(
+        parallel: Path, corpus: Path, tmp_path: Path) -> None:
+    """SIGTERM reaches rank 1 after step 1; the ranks agree on it at the step-2 flush, both
+    stop there, and the checkpoint and summary hold every arm."""
+    out = tmp_path / "run"
+    done = _launch(tmp_path, corpus, out, TWO_ARMS, kill_at=1, signum=signal.SIGTERM)
+    assert done.codes == [143, 143], done.stderr[-3000:]
+    assert done.stderr.count("interrupted at step 2: checkpoint at step 2 kept") == 2
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["interrupted_at_step"] == 2
+    assert set(summary["arms"]) == {"full", "plan"}
+    _alone(corpus, out, TWO_ARMS, resume=True)
+    assert _rows(out) == _rows(parallel)
 
 
 # ---------------------------------------------------------------- one process, one line each

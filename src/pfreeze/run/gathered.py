@@ -6,8 +6,9 @@ and every evaluation append metrics, even with no rows), so those calls are the 
   - metric rows of every rank reach rank 0, put in the order one process would write them
     (by the arm's place in the config; a stable sort keeps each arm's steps in order), and the
     batch hashes of one step must agree across arms (the proof of one batch stream);
-  - samples are held where they were drawn and travel with the next collective, and so does
-    whether a rank's arms have all stopped (the session's stop test needs no collective);
+  - samples are held where they were drawn and travel with the next collective, and so do
+    whether a rank's arms have all stopped and a signal it noted (the session's stop tests
+    need no collective of their own);
   - rank 0 alone starts, resumes and clears the directory and writes the summary;
   - each arm's lead rank writes its own `arms/<name>/` (its tensors never cross ranks).
 A rank that replicates an arm (data parallel) but does not lead it sends nothing.
@@ -40,6 +41,10 @@ class GatheredFiles:
         # collective: arms stop only at a flush or an evaluation, both of which pass here.
         self.stopped, self.all_stopped = stopped, False
         self.last: dict[str, float] = {}  # rank 0: every arm's latest loss (the progress line)
+        # A signal noted on this rank (Signals.pending while the ranks train), and the first
+        # one any rank had noted at the last collective.
+        self.signal: Callable[[], int | None] = lambda: None
+        self.signal_seen: int | None = None
 
     def __getattr__(self, name: str) -> Any:  # root, samples, jsonl, loggers, ...
         return getattr(self.inner, name)
@@ -71,17 +76,18 @@ class GatheredFiles:
         whether every rank's arms have stopped, to every rank."""
         sent = (rows, self.held) if self.placement.reports else ([], [])
         self.held = []
-        got = all_gather(self.world, (*sent, bool(self.stopped())))
-        self.all_stopped = all(stop for _, _, stop in got)
+        got = all_gather(self.world, (*sent, bool(self.stopped()), self.signal()))
+        self.all_stopped = all(stop for _, _, stop, _ in got)
+        self.signal_seen = next((s for *_, s in got if s is not None), None)
         if not self.world.is_main:
             return
-        merged = sorted((r for rs, _, _ in got for r in rs), key=lambda r: self.order[r["arm"]])
+        merged = sorted((r for rs, *_ in got for r in rs), key=lambda r: self.order[r["arm"]])
         _check_batches(merged)
         self.last = {r["arm"]: r["loss"] for r in merged
                      if r["kind"] == "train" and r["loss"] is not None}
         if merged:
             self.inner.append_metrics(merged)
-        samples = [s for _, ss, _ in got for s in ss]
+        samples = [s for _, ss, *_ in got for s in ss]
         samples.sort(key=lambda s: (_MOMENTS.get(s[1], 2), self.order[s[0]]))
         for arm, moment, drawn in samples:
             self.inner.add_samples(arm, moment, drawn)

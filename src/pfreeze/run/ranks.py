@@ -45,6 +45,14 @@ class AcrossRanks:
             return all(a.stopped for a in self.arms)
         return self.files.all_stopped
 
+    def share_signals(self, signals: Any, on: bool = True) -> None:
+        """While the ranks train, a signal counts once every rank has heard of it (at the
+        next metrics flush), so that all stop at one step (pfreeze.run.interrupts)."""
+        if not self.world.distributed:
+            return
+        self.files.signal = (lambda: signals.pending) if on else (lambda: None)
+        signals.shared = (lambda: self.files.signal_seen) if on else None
+
     def any_pending(self) -> bool:
         """Whether some arm on some rank has steps not yet flushed."""
         return distributed.any_rank(self.world, any(a.pending for a in self.arms))

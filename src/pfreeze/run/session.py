@@ -109,6 +109,7 @@ class Session:
 
     def _train(self) -> None:
         """The steps from the last completed one; SIGINT/SIGTERM wait for the step boundary."""
+        self.loop.share_signals(self.signals)
         for step in range(self.done, self.t.max_steps):
             if self.loop.all_stopped():
                 break
@@ -126,6 +127,7 @@ class Session:
             if self.t.save_steps:  # the trained state, before the outputs that depend on it
                 self._checkpoint()
         self.signals.check()
+        self.loop.share_signals(self.signals, on=False)
 
     def _step_all(self, step: int) -> dict[str, float]:
         """Step `step` of every arm on one batch; metrics and evaluations when they are due."""
@@ -171,10 +173,10 @@ class Session:
             e.note = "nothing was written"
             return
         with self.signals.ignored():
-            # Ranks see a signal at different steps: a distributed run keeps its last checkpoint.
+            # Several ranks: only a signal they agreed on finds every rank at this step.
             consistent = (self.phase in ("train", "after") and not e.forced
-                          and not self.loop.world.distributed)
-            if consistent and any(a.pending for a in self.loop.arms):
+                          and (e.agreed or not self.loop.world.distributed))
+            if consistent and self.loop.any_pending():
                 self.loop.flush()
             if consistent and self.t.save_steps:
                 self._checkpoint()
@@ -182,6 +184,8 @@ class Session:
                       else "no checkpoint (set training.save_steps to make runs resumable)")
             arms = {**self.finished,
                     **{a.strategy.name: self._arm(a, None, None, None) for a in self.loop.arms}}
+            if e.agreed:  # rank 0 writes every rank's arms
+                arms = (self.loop.gather_summaries(arms, []) or (arms, []))[0]
             summary = self._summary(None, arms, status="interrupted")
             summary["interrupted_at_step"] = e.step
             self.files.write_summary(summary)
