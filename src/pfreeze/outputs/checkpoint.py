@@ -97,11 +97,12 @@ def exists(root: Path) -> bool:
     return folder(root) is not None
 
 
-def load(root: Path, n_arms: int, device: torch.device
+def load(root: Path, n_arms: int, device: torch.device, which: list[int] | None = None
          ) -> tuple[dict[str, Any], list[tuple[dict[str, torch.Tensor], dict[str, Any]]],
                     dict[str, torch.Tensor]]:
     """state.json, each arm's (tensors, optimizer state) and the random states; a checkpoint
-    of another format is refused with the fix."""
+    of another format is refused with the fix. `which`: only those arms are read (the others
+    come back empty), as a rank that trains some of the arms needs."""
     d = folder(root)
     if d is None:
         raise PfreezeError(f"{root} has no checkpoint", "start the run with --overwrite")
@@ -115,5 +116,5 @@ def load(root: Path, n_arms: int, device: torch.device
         )
     arms = [(load_file(str(d / f"arm{i}.safetensors")),
              torch.load(d / f"arm{i}.optim.pt", map_location=device, weights_only=True))
-            for i in range(n_arms)]
+            if which is None or i in which else ({}, {}) for i in range(n_arms)]
     return state, arms, load_file(str(d / "rng.safetensors"))

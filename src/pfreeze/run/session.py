@@ -309,7 +309,7 @@ class Session:
     def _restore(self) -> dict[str, Any]:
         """Arms, stream, random states and runtime back to the checkpoint; state.json."""
         loop, root = self.loop, self.files.root
-        state, arms, rng = checkpoint.load(root, len(loop.cfg.arms), loop.device)
+        state, arms, rng = checkpoint.load(root, len(loop.cfg.arms), loop.device, loop.mine)
         if state["config_hash"] != config_hash(loop.cfg):
             raise PfreezeError(
                 f"the checkpoint in {root} belongs to another config than the one resumed now "
