@@ -11,6 +11,8 @@ CPU, each result compared with the same experiment in one process.
     resume         a rank SIGKILLed after a checkpoint: an arm-parallel run resumed in one
                    process ends where the uninterrupted 2-rank run ends; a sharded arm resumes
                    under 2 ranks from its torch.distributed.checkpoint shards
+    signals        SIGTERM on one rank: both stop at the same step with a checkpoint and a
+                   summary of every arm; resumed in one process, the run ends the same
 Each launch costs a few seconds of imports per process, so every launch serves several checks.
 """
 
