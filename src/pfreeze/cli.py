@@ -78,6 +78,8 @@ def run(
                       soft_wrap=True)
         return
     summary = _train(cfg, overwrite, resume is not None)
+    if not _rank0():  # under torchrun, rank 0 reports for every rank
+        return
     if cfg.repeats > 1:
         from pfreeze.outputs.repeats import render_markdown
 
@@ -128,12 +130,13 @@ def _train(cfg: Any, overwrite: bool, resume: bool) -> dict[str, Any]:
 
     arms = ", ".join(a.name or a.kind for a in cfg.arms)
     # User text (paths, names, selectors) is escaped: rich would eat `[x]` or choke on `[/x]`.
-    console.print(f"[bold]pfreeze[/] {escape(cfg.model.name)} on {escape(cfg.data.corpus)}: "
-                  f"arms {escape(arms)}, {cfg.training.max_steps} steps -> "
-                  f"{escape(cfg.output_dir)}")
+    if _rank0():
+        console.print(f"[bold]pfreeze[/] {escape(cfg.model.name)} on {escape(cfg.data.corpus)}: "
+                      f"arms {escape(arms)}, {cfg.training.max_steps} steps -> "
+                      f"{escape(cfg.output_dir)}")
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), TextColumn("{task.fields[losses]}"),
-                  console=console, transient=False) as progress:
+                  console=console, transient=False, disable=not _rank0()) as progress:
         task = progress.add_task("training", total=cfg.training.max_steps, losses="")
 
         def on_step(step: int, losses: dict[str, float]) -> None:
@@ -142,6 +145,12 @@ def _train(cfg: Any, overwrite: bool, resume: bool) -> dict[str, Any]:
 
         return run_experiment(cfg, cfg.output_dir, overwrite=overwrite, on_step=on_step,
                               resume=resume, command=" ".join(["pfreeze", *sys.argv[1:]]))
+
+
+def _rank0() -> bool:
+    """Whether this process shows progress and results: always, except on the other ranks
+    of a torchrun launch."""
+    return os.environ.get("RANK", "0") in ("", "0")
 
 
 @app.command()

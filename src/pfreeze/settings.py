@@ -113,6 +113,10 @@ class TrainingConfig(Strict):
     integrity_steps: int = Field(0, ge=0,
                                  description="audit frozen elements every N steps (0: end)")
     device: str = "auto"  # auto, cpu, cuda, cuda:N (mps, xpu where torch has them)
+    # Several ranks per arm (torchrun): true (YAML's `on` too) shards each arm over its ranks
+    # with FSDP2, false keeps a whole copy per rank (DDP), auto shards where the memory plan
+    # says one device is short.
+    fsdp: bool | Literal["auto"] = "auto"
     # auto: compile on a GPU when max_steps >= 1000 (execution.COMPILE_PAYS_AFTER: then the
     # compilation is paid back even on a cold cache); never on CPU.
     torch_compile: bool | Literal["auto"] = "auto"

@@ -51,13 +51,15 @@ def _nbytes(arms: list[ArmCheckpoint]) -> int:
 
 
 def save(root: Path, arms: list[ArmCheckpoint], rng: dict[str, torch.Tensor],
-         state: dict[str, Any]) -> Path:
-    """Write a complete checkpoint of `state` (with "step") next to the run in `root`."""
+         state: dict[str, Any], shards: dict[str, Path] | None = None) -> Path:
+    """Write a complete checkpoint of `state` (with "step") next to the run in `root`.
+    `shards`: folders already written (a sharded arm's torch.distributed.checkpoint), moved in
+    under their names so they swap in with the rest."""
     tmp, final, old = root / f".{CKPT}.tmp", root / CKPT, root / f".{CKPT}.old"
     shutil.rmtree(tmp, ignore_errors=True)
     ensure_space(root, _nbytes(arms), f"the checkpoint at step {state['step']}")
     tmp.mkdir(parents=True)
-    previous = _folder(root)  # after a kill mid-swap, the complete one may be .old
+    previous = folder(root)  # after a kill mid-swap, the complete one may be .old
     try:
         for i, arm in enumerate(arms):
             if arm.keep_previous and previous and (previous / f"arm{i}.safetensors").exists():
@@ -66,6 +68,8 @@ def save(root: Path, arms: list[ArmCheckpoint], rng: dict[str, torch.Tensor],
                 continue
             save_file(arm.tensors, str(tmp / f"arm{i}.safetensors"))
             torch.save(arm.optimizer, tmp / f"arm{i}.optim.pt")
+        for name, src in (shards or {}).items():
+            shutil.move(str(src), str(tmp / name))
         save_file(rng, str(tmp / "rng.safetensors"))
         write_json(tmp / "state.json", {"format": FORMAT, **state})
     except BaseException:
@@ -81,7 +85,7 @@ def save(root: Path, arms: list[ArmCheckpoint], rng: dict[str, torch.Tensor],
     return final
 
 
-def _folder(root: Path) -> Path | None:
+def folder(root: Path) -> Path | None:
     """The complete checkpoint: normally checkpoint/, or the old one if a kill hit the swap."""
     for d in (root / CKPT, root / f".{CKPT}.old"):
         if (d / "state.json").exists():
@@ -90,15 +94,16 @@ def _folder(root: Path) -> Path | None:
 
 
 def exists(root: Path) -> bool:
-    return _folder(root) is not None
+    return folder(root) is not None
 
 
-def load(root: Path, n_arms: int, device: torch.device
+def load(root: Path, n_arms: int, device: torch.device, which: list[int] | None = None
          ) -> tuple[dict[str, Any], list[tuple[dict[str, torch.Tensor], dict[str, Any]]],
                     dict[str, torch.Tensor]]:
     """state.json, each arm's (tensors, optimizer state) and the random states; a checkpoint
-    of another format is refused with the fix."""
-    d = _folder(root)
+    of another format is refused with the fix. `which`: only those arms are read (the others
+    come back empty), as a rank that trains some of the arms needs."""
+    d = folder(root)
     if d is None:
         raise PfreezeError(f"{root} has no checkpoint", "start the run with --overwrite")
     state = json.loads((d / "state.json").read_text(encoding="utf-8"))
@@ -111,5 +116,5 @@ def load(root: Path, n_arms: int, device: torch.device
         )
     arms = [(load_file(str(d / f"arm{i}.safetensors")),
              torch.load(d / f"arm{i}.optim.pt", map_location=device, weights_only=True))
-            for i in range(n_arms)]
+            if which is None or i in which else ({}, {}) for i in range(n_arms)]
     return state, arms, load_file(str(d / "rng.safetensors"))

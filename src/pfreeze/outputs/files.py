@@ -44,7 +44,8 @@ FILES = ("summary.json", "config.yaml", "metrics.jsonl", "samples.txt", "samples
          "report.md", "report.html", "loss.png", "loss_scatter.png", "step_time.png", "dw.png",
          "dw0.png", "p.png", "repeats.json", "repeats.md", "evidence.html", "evidence.md",
          "evidence-curves.png", "evidence-scatter.png")
-FOLDERS = ("checkpoint", ".checkpoint.old", ".checkpoint.tmp", "arms", "tensorboard", "wandb")
+FOLDERS = ("checkpoint", ".checkpoint.old", ".checkpoint.tmp", ".checkpoint.shards", "arms",
+           "tensorboard", "wandb")
 # What marks a directory as a run's (so that its folders above are pfreeze's).
 MARKS = ("config.yaml", "summary.json", "metrics.jsonl", "checkpoint", ".checkpoint.old")
 

@@ -24,8 +24,25 @@ from pfreeze.models.load import tensor_bytes
 from pfreeze.plan.selectors import Plan
 
 
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a sharded tensor (a DTensor under FSDP2), sharing its storage; a
+    plain tensor as it is. Masks, references and the audit work on shards."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def shard_like(mask: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """`mask` (the whole tensor's) cut exactly as `p` is sharded: this rank's part of it."""
+    if not hasattr(p, "device_mesh"):
+        return mask.to(p.device)
+    from torch.distributed.tensor import distribute_tensor
+
+    # src_data_rank=None: every rank cuts its own part of the same mask, no communication.
+    return distribute_tensor(mask.to(local(p).device), p.device_mesh, p.placements,
+                             src_data_rank=None).to_local()
+
+
 def tensor_digest(t: torch.Tensor) -> str:
-    return hashlib.sha256(tensor_bytes(t)).hexdigest()
+    return hashlib.sha256(tensor_bytes(local(t))).hexdigest()
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -84,12 +101,12 @@ class Freezer:
                 self.ever[name] = None
                 self.theta0_partial.pop(name, None)  # every element may move now
                 continue
-            mask = tp.mask.to(p.device)
+            mask = shard_like(tp.mask, p)
             frozen = ~mask
             # Reference = current values: elements trained under an earlier plan keep theirs.
-            self.partial[name] = _Partial(p, frozen, p.detach()[frozen])  # a copy
+            self.partial[name] = _Partial(p, frozen, local(p.detach())[frozen])  # a copy
             if prev is False:  # θ₀ values, to audit a tensor that is only partly trainable
-                self.theta0_partial[name] = p.detach().clone()
+                self.theta0_partial[name] = local(p.detach()).clone()
             self.ever[name] = None if prev is None else mask if prev is False else prev | mask
         self.applied = True
 
@@ -101,13 +118,13 @@ class Freezer:
         # masked_fill, not a multiply: 0 * inf or 0 * NaN would be NaN and poison clipping.
         for part in self.partial.values():
             if part.param.grad is not None:
-                part.param.grad.masked_fill_(part.frozen, 0.0)
+                local(part.param.grad).masked_fill_(part.frozen, 0.0)
 
     @torch.no_grad()
     def restore(self) -> None:
         """Undo what weight decay and momentum did to frozen elements in the last step."""
         for part in self.partial.values():
-            part.param.masked_scatter_(part.frozen, part.ref)
+            local(part.param).masked_scatter_(part.frozen, part.ref)
 
     @torch.no_grad()
     def audit(self) -> dict[str, object]:
@@ -121,13 +138,13 @@ class Freezer:
                 continue
             tensors += 1
             if ever is False:
-                checked += p.numel()
+                checked += local(p).numel()
                 if tensor_digest(p) != self.theta0_digest[name]:
                     violations.append(name)
                 continue
             frozen = ~ever
             checked += int(frozen.sum())
-            if name in self.moved_early or not _same_bits(p.detach()[frozen],
+            if name in self.moved_early or not _same_bits(local(p.detach())[frozen],
                                                           self.theta0_partial[name][frozen]):
                 violations.append(name)
         return {"ok": not violations, "checked_elements": checked, "frozen_tensors": tensors,

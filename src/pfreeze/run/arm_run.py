@@ -88,6 +88,7 @@ class ArmRun:
     best: tuple[int, float] | None = None  # (step, held-out loss) of the best evaluation
     best_state: dict[str, torch.Tensor] | None = None  # trained tensors at `best`
     bad_evals: int = 0
+    replicas: Any = None  # sharding.Replicas: this arm's data-parallel group, or None
 
     def prefix_summary(self) -> dict[str, Any]:
         """What the frozen-prefix cache did, or why this arm has none."""
@@ -189,7 +190,8 @@ class ArmRun:
                 self.freezer.partial[name].ref.copy_(t)
             elif kind == "best":
                 self.best_state = {**(self.best_state or {}), name: t}
-        self.optimizer.load_state_dict(optimizer)
+        if "shards" not in optimizer:  # a sharded arm's come through its shards
+            self.optimizer.load_state_dict(optimizer)
         self.scheduler.load_state_dict(saved["scheduler"])
         self.losses, self.times = saved["losses"], saved["times"]
         self.evals = [tuple(e) for e in saved["evals"]]

@@ -5,13 +5,17 @@ Inside `deferred()` (a training step and its bookkeeping, where the arms would o
 at different steps) a signal is only noted, and `check()` raises it at the next boundary.
 Elsewhere (loading, evaluation, the final outputs) it raises at once. A second signal while
 one is pending raises at once too: a user who presses Ctrl-C twice wants out now.
+
+With several ranks (`shared` set while they train) a signal is only noted, whenever it comes,
+and it counts once the ranks have told each other at their next metrics flush: every rank
+then stops at the same step boundary, where the checkpoint and summary are collective.
 """
 
 from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType, TracebackType
 
@@ -24,6 +28,7 @@ class Interrupted(Exception):  # noqa: N818 - it is what happened, not an error
     def __init__(self, signum: int, forced: bool = False) -> None:
         # forced: a second signal cut a deferred block short (a step may be half done)
         self.signum, self.forced = signum, forced
+        self.agreed = False  # every rank of a distributed run stops at this same boundary
         self.step: int | None = None  # the last completed step, filled in by the loop
         self.note = ""  # what was kept, filled in by the loop
         super().__init__(NAMES.get(signum, f"signal {signum}"))
@@ -46,6 +51,8 @@ class Signals:
         self.pending: int | None = None
         self.deferring = self.ignoring = False
         self._old: dict[int, object] = {}
+        # Several ranks: the signal any rank noted, as the last collective told every rank.
+        self.shared: Callable[[], int | None] | None = None
 
     def __enter__(self) -> Signals:
         if threading.current_thread() is threading.main_thread():
@@ -62,7 +69,7 @@ class Signals:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.ignoring:
             return
-        if self.deferring and self.pending is None:
+        if (self.deferring or self.shared is not None) and self.pending is None:
             self.pending = signum
             return
         raise Interrupted(signum, forced=self.deferring)
@@ -86,7 +93,15 @@ class Signals:
             self.deferring = False
 
     def check(self) -> None:
-        """At a boundary: raise the signal that arrived inside the last deferred block."""
+        """At a boundary: raise the signal that arrived inside the last deferred block (with
+        several ranks: the one every rank has heard of)."""
+        if self.shared is not None:
+            signum = self.shared()
+            if signum is not None:
+                self.pending, e = None, Interrupted(signum)
+                e.agreed = True
+                raise e
+            return
         if self.pending is not None:
             signum, self.pending = self.pending, None
             raise Interrupted(signum)

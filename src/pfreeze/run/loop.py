@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
 
+from pfreeze import __version__
 from pfreeze.data.corpus import BatchStream, CorpusStats, describe
 from pfreeze.data.formats import read_documents
 from pfreeze.data.tokens import tokenize_documents
@@ -31,21 +34,24 @@ from pfreeze.measure.heldout import fixed_windows
 from pfreeze.measure.probe import Probe, build_probe
 from pfreeze.models.families import describe_params
 from pfreeze.models.load import LoadedModel, check_positions, count_params, load_model, state_hash
-from pfreeze.outputs.files import RunFiles
+from pfreeze.outputs.files import RunFiles, environment
 from pfreeze.plan.masks import Freezer, promote
 from pfreeze.plan.memory import MemoryPlan
 from pfreeze.plan.selectors import compile_plan
-from pfreeze.run import activations, fit
+from pfreeze.run import activations, distributed, fit, sharding
 from pfreeze.run import step as steps
 from pfreeze.run.arm_run import ArmRun, build_optimizer
 from pfreeze.run.arms import ArmStrategy, make_arm
+from pfreeze.run.gathered import GatheredFiles
 from pfreeze.run.moments import Moments
 from pfreeze.run.prefix import Caches, PrefixCache
+from pfreeze.run.ranks import AcrossRanks
 from pfreeze.run.runtime import Runtime, release
+from pfreeze.run.sharding import LocalView, Replicas, ShardFreezer
 from pfreeze.settings import ArmConfig, RunSpec
 
 
-class Loop:
+class Loop(AcrossRanks):
     """Every arm of one run, built from θ₀ and stepped on one batch stream (the phases of a
     whole run: pfreeze.run.session)."""
 
@@ -54,6 +60,17 @@ class Loop:
         """`files` None: a loop built only to step arms (build_arms, train_step), as the
         benchmark does; it writes no files, and run() needs them."""
         self.cfg, self.files, self.on_step = cfg, files, on_step
+        # Under torchrun: this rank's place, and which ranks run which arm (a plain process
+        # is a world of one that runs every arm).
+        if cfg.arms_placement == "sequential":
+            distributed.single_process_only("arms_placement=sequential",
+                                            "set arms_placement=auto (arms spread over ranks)")
+        self.world = distributed.init_world(cfg.training.device)
+        self.dist = distributed.place(self.world, len(cfg.arms))
+        self.mine = self.dist.mine
+        if files is not None and self.world.distributed:
+            self.files = GatheredFiles(files, self.dist, [str(a.name) for a in cfg.arms],
+                                       lambda: all(a.stopped for a in self.arms))
         self.caches: Caches | None = None  # the frozen-prefix caches, made with the first arm
         self.stream: BatchStream | None = None  # set by setup() (or by a benchmark)
         self.t = cfg.training
@@ -67,6 +84,7 @@ class Loop:
         self.theta0: tuple | None = None  # (θ₀, family, its params, tracked names): builds arms
         self.stage = steps.Staging(self.device)  # host ids -> device, once per step
         self.reserved_mb = 0.0  # GPU memory reserved by this process (all arms), at its peak
+        self.sharded = False  # this rank's arm sharded with FSDP2 (setup)
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -74,7 +92,13 @@ class Loop:
         # Before anything loads: stop here if the arms cannot fit on the device (together,
         # or one at a time where arms_placement allows).
         self.memory = fit.memory_plan(cfg, self.device, self.rt.bf16)
-        self.placement = fit.placement(self.memory, cfg.arms_placement, self.t.save_steps)
+        # What has to fit on this rank's device: its own arms (all of them in one process).
+        here = replace(self.memory, arms=[self.memory.arms[i] for i in self.mine])
+        self.sharded = sharding.wants_fsdp(self.t.fsdp, self.dist.mode, here.fits)
+        if self.sharded:  # each rank holds a shard of its arm: no one-device stop
+            sharding.check_fsdp(self.t)
+        self.placement = "together" if self.sharded else fit.placement(
+            here, cfg.arms_placement, self.t.save_steps)
         docs = read_documents(cfg.data)  # before the model: a bad corpus fails fast
         self.lm: LoadedModel = load_model(cfg.model.name, cfg.model.revision, seed=self.t.seed,
                                                dtype=cfg.model.dtype)
@@ -89,21 +113,28 @@ class Loop:
         self.probe: Probe | None = build_probe(cfg.data.probe_corpus, self.lm.tokenizer,
                                                cfg.data.block_size, n_eval, cfg.data.encoding)
         self.theta0_hash = state_hash(self.lm.model)
+        distributed.same_everywhere(self.world, self.theta0_hash, "the θ₀ hash")
         # Adapter initialisation and any dropout draw from the global generator: seed it.
         torch.manual_seed(self.t.seed)
         if self.placement == "sequential":  # θ₀ stays on the host; arms are built in turn
             self.build_arms(self.lm.model, self.lm.family, [])
         else:
-            self.build_arms(self.lm.model, self.lm.family)
+            mine = None if len(self.mine) == len(cfg.arms) else self.mine
+            self.build_arms(self.lm.model, self.lm.family, mine)
             self.theta0 = None
             del self.lm.model  # each arm holds its own copy now
+        if self.sharded:  # the before-samples are drawn from the sharded modules
+            self.rt = replace(self.rt, decoder="generate",
+                              decoder_note="a sharded arm (FSDP2) samples with generate")
         self.moments = Moments(self.arms, self.rt, self.val_windows, self.train_windows,
                                self.t, cfg.generation, self.lm.tokenizer, self.stats.top_set,
                                self.files, self.probe.windows if self.probe else None)
 
     def new_stream(self) -> BatchStream:
         """The run's batch stream from its start (every arm sees the same batches)."""
-        batch = self.t.per_device_train_batch_size * self.t.gradient_accumulation_steps
+        # With data parallel arms, each replica takes its share of the step's windows.
+        batch = (self.t.per_device_train_batch_size * self.t.gradient_accumulation_steps
+                 * self.dist.replicas)
         return BatchStream(self.stats.train_ids, self.cfg.data.block_size, batch, self.t.seed,
                            self.cfg.data.sampling)
 
@@ -150,7 +181,9 @@ class Loop:
         if self.t.gradient_checkpointing:
             activations.enable(model, activations.lowest_trained_block(
                 strat.trained_names(), family))
-        freezer = Freezer(model)
+        replicas = self._replicas(acfg, model)  # shards the model where FSDP2 is on
+        sharded = replicas is not None and replicas.sharded
+        freezer = ShardFreezer(model, group=replicas.group) if sharded else Freezer(model)
         freezer.apply(strat.first_plan())
         # Every tensor that trains at some step is registered now: flipping requires_grad
         # later does nothing for a tensor the optimizer has never seen.
@@ -160,12 +193,31 @@ class Loop:
                               num_warmup_steps=self.t.warmup_steps,
                               num_training_steps=self.t.max_steps,
                               scheduler_specific_kwargs=self.t.lr_scheduler_kwargs or None)
-        tracker = Tracker(model, infos, tracked if strat.tracks_base_weights else [],
+        tracker = Tracker(LocalView(model) if sharded else model, infos,
+                          tracked if strat.tracks_base_weights else [],
                           trained=strat.trained_names())
-        prefix, note = self._prefix_cache(model, family, strat, infos)
+        if sharded:
+            sharding.check_tracker(tracker, strat.name)
+        prefix, note = (None, "off: the arm is sharded (FSDP2)") if sharded else \
+            self._prefix_cache(model, family, strat, infos)
         arm = ArmRun(strat, model, freezer, opt, sched, tracker, h, None, prefix, note)
+        if replicas is not None:
+            arm.replicas = replicas
+            replicas.wrap(arm.step_model)
         arm.step_fn = self.compiled_step(arm)
         return arm
+
+    def _replicas(self, acfg: ArmConfig, model: nn.Module) -> Replicas | None:
+        """This rank's place in the arm's data-parallel group (None: the arm is whole here);
+        with FSDP2 the model is sharded over the group now."""
+        if self.dist.mode != "replicas":
+            return None
+        i = next(k for k, a in enumerate(self.cfg.arms) if a is acfg)
+        replicas = Replicas(self.dist.group_of(i), self.dist.ranks[i], self.world.rank,
+                            self.sharded)
+        if self.sharded:
+            replicas.shard(model)
+        return replicas
 
     def _prefix_cache(self, model: nn.Module, family: str, strat: ArmStrategy,
                       infos: dict) -> tuple[PrefixCache | None, str]:
@@ -186,7 +238,7 @@ class Loop:
         otherwise exhaust dynamo's recompile limit and silently send training back to eager.
         Dynamo guards on requires_grad: an arm whose plan changes would recompile at each
         change and fall back to eager after 8, so only single-plan arms compile."""
-        if not (self.rt.compiled and arm.strategy.single_plan):
+        if not (self.rt.compiled and arm.strategy.single_plan) or arm.replicas is not None:
             return None
         return steps.compile_step(arm.step_model, self.rt.compile_mode)
 
@@ -211,7 +263,9 @@ class Loop:
                    windows: torch.Tensor | None = None, idx: torch.Tensor | None = None) -> None:
         """One optimizer step of `arm` on `batch` (chunk ids `windows` with epochs sampling,
         on the host; `idx`: the same on the device, where the caller staged them with the
-        batch). A host batch is staged here."""
+        batch). A host batch is staged here. A data-parallel arm takes its share of them."""
+        if arm.replicas is not None:
+            batch, windows, idx = arm.replicas.part(batch, windows, idx)
         reserved = steps.train_step(arm, step, batch, windows, idx, self.rt, self.t, self.stage)
         if reserved is not None:
             self.reserved_mb = max(self.reserved_mb, reserved)
@@ -239,6 +293,8 @@ class Loop:
         rows, last = [], {}
         tokens = self.stream.batch * self.stream.block
         for arm in self.arms:
+            if arm.replicas is not None:  # the loss over every replica's share
+                arm.replicas.settle(arm.pending)
             for rec in arm.pending:
                 step, mem, secs, lv = rec.step, rec.mem_mb, rec.seconds(), float(rec.loss)
                 if not math.isfinite(lv) and not arm.diverged:
@@ -259,4 +315,32 @@ class Loop:
                 arm.note_memory(rec)
             arm.pending.clear()
         self.files.append_metrics(rows)
-        return last
+        return {**last, **getattr(self.files, "last", {})}  # rank 0 of several: every arm's
+
+    def summary(self, command: str | None, wall: float | None, arms: dict[str, dict[str, Any]],
+                status: str = "finished") -> dict[str, Any]:
+        """The run's summary.json around the arms' summaries `arms`."""
+        return {
+            "pfreeze_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "command": command, "status": status,
+            "environment": {**environment(self.rt.device), "bf16": self.rt.bf16},
+            # What the auto settings resolved to on this device. Per arm, peak_mem_mb is the
+            # most any of its steps allocated and peak_reserved_mb the most the process held
+            # reserved during one; gpu_reserved_peak_mb is the run's, all arms together (after
+            # a resume, the larger of the two processes' peaks).
+            "execution": {**self.rt.reported(), "gpu_reserved_peak_mb": self.reserved_mb or None,
+                          "arms_placement": self.placement},
+            "model": {"name": self.lm.name, "architecture": self.lm.family, **self.base_info},
+            "config": self.cfg.model_dump(mode="json"),
+            "corpus": self.corpus,
+            "probe": self.probe.info() if getattr(self, "probe", None) else None,
+            "theta0_hash": self.theta0_hash,
+            "distribution": self.distribution(),
+            "memory_plan": self.memory.summary() if self.memory else None,
+            # Identical θ₀ hashes mean identical models: the before-measurements ran once.
+            "before_measured_once": (self.placement == "together"
+                                     and self.moments.shared_theta0(0)),
+            "wall_time_s": wall,
+            "arms": arms,
+        }

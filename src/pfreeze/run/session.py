@@ -27,10 +27,10 @@ from pfreeze import __version__
 from pfreeze.errors import PfreezeError
 from pfreeze.measure.generation import release_twin
 from pfreeze.outputs import checkpoint, trackers
-from pfreeze.outputs.checkpoint import ArmCheckpoint
-from pfreeze.outputs.files import NoSpace, RunFiles, environment, finished, is_no_space
+from pfreeze.outputs.files import NoSpace, RunFiles, finished, is_no_space
 from pfreeze.plan.masks import check_audit
 from pfreeze.run.arm_run import ArmRun
+from pfreeze.run.distributed import peers_watched, single_process_only
 from pfreeze.run.interrupts import Interrupted, Signals
 from pfreeze.run.loop import Loop
 from pfreeze.settings import RunSpec, digest, dump
@@ -112,8 +112,9 @@ class Session:
 
     def _train(self) -> None:
         """The steps from the last completed one; SIGINT/SIGTERM wait for the step boundary."""
+        self.loop.share_signals(self.signals)
         for step in range(self.done, self.t.max_steps):
-            if all(a.stopped for a in self.loop.arms):
+            if self.loop.all_stopped():
                 break
             with self.signals.deferred():
                 last = self._step_all(step)
@@ -124,11 +125,12 @@ class Session:
                 self.loop.on_step(self.done, last)
             self.signals.check()
         with self.signals.deferred():
-            if any(a.pending for a in self.loop.arms):  # an early end between logging steps
+            if self.loop.any_pending():  # an early end between logging steps
                 self.loop.flush()
             if self.t.save_steps:  # the trained state, before the outputs that depend on it
                 self._checkpoint()
         self.signals.check()
+        self.loop.share_signals(self.signals, on=False)
 
     def _step_all(self, step: int) -> dict[str, float]:
         """Step `step` of every arm on one batch; metrics and evaluations when they are due."""
@@ -174,8 +176,10 @@ class Session:
             e.note = "nothing was written"
             return
         with self.signals.ignored():
-            consistent = self.phase in ("train", "after") and not e.forced
-            if consistent and any(a.pending for a in self.loop.arms):
+            # Several ranks: only a signal they agreed on finds every rank at this step.
+            consistent = (self.phase in ("train", "after") and not e.forced
+                          and (e.agreed or not self.loop.world.distributed))
+            if consistent and self.loop.any_pending():
                 self.loop.flush()
             if consistent and self.t.save_steps:
                 self._checkpoint()
@@ -183,6 +187,8 @@ class Session:
                       else "no checkpoint (set training.save_steps to make runs resumable)")
             arms = {**self.finished,
                     **{a.strategy.name: self._arm(a, None, None, None) for a in self.loop.arms}}
+            if e.agreed:  # rank 0 writes every rank's arms
+                arms = (self.loop.gather_summaries(arms, []) or (arms, []))[0]
             summary = self._summary(None, arms, status="interrupted")
             summary["interrupted_at_step"] = e.step
             self.files.write_summary(summary)
@@ -219,9 +225,9 @@ class Session:
         return self._conclude(wall, *self._after())
 
     def _after(self) -> tuple[dict[str, Any], list[dict[str, str]]]:
-        """The after-measurements and files of the arms in the loop; their summaries and the
-        files that could not be written."""
+        """The after-measurements and files of the arms; their summaries, files not written."""
         loop = self.loop
+        loop.unshard()  # a sharded arm is measured and saved whole
         loop.moments.evaluate(self.t.max_steps)
         p_after = loop.moments.sample("after")
         p_best = loop.moments.sample_best() if self.t.keep_best else {}
@@ -243,6 +249,11 @@ class Session:
         """The summary, written last. A file that cannot be written (a full disk, a model
         that will not serialise) costs that file alone: the summary says what is missing and
         the run ends with one line."""
+        gathered = self.loop.gather_summaries(arms_summary, missing)
+        if gathered is None:  # another rank's arms: rank 0 writes the summary
+            self.files.close_metrics()
+            return self._summary(wall, arms_summary)
+        arms_summary, missing = gathered
         summary = self._summary(wall, arms_summary)
         missing += self.files.close_metrics()
         if missing:
@@ -273,36 +284,37 @@ class Session:
         raise PfreezeError(f"training finished, but {first['file']} could not be written "
                            f"({first['why']}){more}", fix)
 
-
-
     # ------------------------------------------------------------------ checkpoints
     def _save(self) -> None:
         loop = self.loop
+        got = loop.checkpoint_parts()
+        if got is None:  # rank 0 writes the checkpoint of every arm
+            return
+        arms, shards = got
         if self.files.jsonl.unwritten:  # the checkpoint records metrics.jsonl's size
             raise NoSpace("metrics.jsonl is behind (rows the full disk refused are held)",
                           "free disk space")
-        arms = [ArmCheckpoint(a.checkpoint_tensors(), a.optimizer.state_dict(), a.diverged)
-                for a in loop.arms]
         # Random states on their own: the batch stream, and the global generators that
         # dropout and adapter initialisation draw from.
         rng = {"stream": loop.stream.gen.get_state(), "torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng.update({f"cuda{d}": s for d, s in enumerate(torch.cuda.get_rng_state_all())})
-        checkpoint.save(self.files.root, arms, rng, {
+        checkpoint.save(self.files.root, [a for a, _ in arms], rng, {
             "pfreeze_version": __version__, "config_hash": config_hash(loop.cfg),
             "step": self.done, "theta0_hash": loop.theta0_hash,
-            "batch_hashes": loop.batch_hashes, "arms": [a.state() for a in loop.arms],
+            "batch_hashes": loop.batch_hashes, "arms": [s for _, s in arms],
+            "replicas": loop.dist.replicas,
             "execution": loop.rt.settings(), "reserved_mb": loop.reserved_mb,
             "p_before": self.p_before,
             # The run's files as they stood at this step: a resume cuts metrics.jsonl back
             # to this size (rows after it are redone) and restores the samples drawn so far.
             "metrics_bytes": self.files.metrics_bytes(), "samples": self.files.samples,
-            "sample_records": self.files.sample_records})
+            "sample_records": self.files.sample_records}, shards)
 
     def _restore(self) -> dict[str, Any]:
         """Arms, stream, random states and runtime back to the checkpoint; state.json."""
         loop, root = self.loop, self.files.root
-        state, arms, rng = checkpoint.load(root, len(loop.arms), loop.device)
+        state, arms, rng = checkpoint.load(root, len(loop.cfg.arms), loop.device, loop.mine)
         if state["config_hash"] != config_hash(loop.cfg):
             raise PfreezeError(
                 f"the checkpoint in {root} belongs to another config than the one resumed now "
@@ -315,8 +327,7 @@ class Session:
                 "the checkpoint was made from a different θ₀ than the model loaded now",
                 "resume with the same model files, or start a new run")
         step = state["step"]
-        for arm, (tensors, optimizer), saved in zip(loop.arms, arms, state["arms"], strict=True):
-            arm.restore(step, tensors, optimizer, saved)
+        loop.restore_arms(state, arms, checkpoint.folder(root))
         loop.stream.gen.set_state(rng["stream"])
         # One batch per step from step 0, whatever the arms did: the epochs mode's position.
         loop.stream.drawn = step * loop.stream.batch
@@ -339,36 +350,14 @@ class Session:
 
     def _summary(self, wall: float | None, arms: dict[str, dict[str, Any]],
                  status: str = "finished") -> dict[str, Any]:
-        loop = self.loop
-        return {
-            "pfreeze_version": __version__,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "command": self.command, "status": status,
-            "environment": {**environment(loop.rt.device), "bf16": loop.rt.bf16},
-            # What the auto settings resolved to on this device. Per arm, peak_mem_mb is the
-            # most any of its steps allocated and peak_reserved_mb the most the process held
-            # reserved during one; gpu_reserved_peak_mb is the run's, all arms together (after
-            # a resume, the larger of the two processes' peaks).
-            "execution": {**loop.rt.reported(), "gpu_reserved_peak_mb": loop.reserved_mb or None,
-                          "arms_placement": loop.placement},
-            "model": {"name": loop.lm.name, "architecture": loop.lm.family, **loop.base_info},
-            "config": loop.cfg.model_dump(mode="json"),
-            "corpus": loop.corpus,
-            "probe": loop.probe.info() if getattr(loop, "probe", None) else None,
-            "theta0_hash": loop.theta0_hash,
-            "memory_plan": loop.memory.summary() if loop.memory else None,
-            # Identical θ₀ hashes mean identical models: the before-measurements ran once.
-            "before_measured_once": (loop.placement == "together"
-                                     and loop.moments.shared_theta0(0)),
-            "wall_time_s": wall,
-            "arms": arms,
-        }
+        return self.loop.summary(self.command, wall, arms, status)
 
 
 def run_loop(loop: Loop, resume: bool = False, command: str | None = None,
              before_start: Callable[[], None] | None = None) -> dict[str, Any]:
     """Run `loop` (built with its RunFiles) to the end; its summary."""
-    return Session(loop, command, before_start).run(resume)
+    with peers_watched(loop.world):  # a rank that died: one line on the others
+        return Session(loop, command, before_start).run(resume)
 
 
 def run(cfg: RunSpec, output_dir: str | Path | None = None, overwrite: bool = False,
@@ -382,6 +371,7 @@ def run(cfg: RunSpec, output_dir: str | Path | None = None, overwrite: bool = Fa
     """
     out = Path(output_dir or cfg.output_dir)
     if cfg.repeats > 1:
+        single_process_only("repeats > 1", "run each seed as a distributed run of its own")
         from pfreeze.run.repeats import run_repeats
 
         return run_repeats(cfg, out, run, overwrite=overwrite, on_step=on_step, resume=resume,

@@ -9,6 +9,7 @@ are queued on the arm (`ArmRun.pending`) and read at the loop's next flush.
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -123,6 +124,8 @@ def train_step(arm: ArmRun, step: int, batch: torch.Tensor, windows: torch.Tenso
     sampling; a host batch is staged here."""
     if step in arm.strategy.plans and step > 0:
         arm.freezer.apply(arm.strategy.plan_at(step))
+        if arm.replicas is not None:  # DDP registers the trainable set it was built with
+            arm.replicas.wrap(arm.step_model)
     if rt.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(rt.device)
     start = _timer(rt.device)
@@ -173,10 +176,15 @@ def _losses(arm: ArmRun, batch: torch.Tensor, windows: torch.Tensor | None,
     idxs = idx.chunk(n) if cached else [None] * len(micro)
     # Not `step_fn or ...`: truth-testing a compiled module falls through to len().
     loss_of = arm.step_fn if arm.step_fn is not None else LossOf(arm.step_model)
-    for x, w, i in zip(micro, wins, idxs, strict=True):
+    replicas = arm.replicas
+    if replicas is not None:  # data parallel: the wrapper all-reduces the last backward
+        loss_of = LossOf(replicas.forward_module)
+    for k, (x, w, i) in enumerate(zip(micro, wins, idxs, strict=True)):
         # The attention kernel is chosen in the forward; the backward follows it.
         with (autocast(rt.device, rt.bf16), torch.set_grad_enabled(trainable),
-              training_attention(arm.model, rt.attention)):
+              training_attention(arm.model, rt.attention),
+              replicas.accumulating(k == len(micro) - 1) if replicas is not None
+              else nullcontext()):
             if cached:  # blocks f.. on block f's cached input
                 h = arm.prefix.inputs(x, w, i)
                 loss = loss_of(inputs_embeds=h, labels=x, use_cache=False) / len(micro)
