@@ -83,7 +83,7 @@ def test_a_run_that_cannot_fit_stops_before_loading(
         raise AssertionError("the model was loaded")
 
     monkeypatch.setattr("pfreeze.run.loop.load_model", loaded)
-    monkeypatch.setattr("pfreeze.run.loop.read_corpus", loaded)
+    monkeypatch.setattr("pfreeze.run.loop.read_documents", loaded)
     with pytest.raises(PfreezeError) as info:
         Loop(cfg, RunFiles(tmp_path / "run")).setup()
     line = str(info.value)

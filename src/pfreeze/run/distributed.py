@@ -18,6 +18,7 @@ A collective that fails because another rank died becomes one line here.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 from collections.abc import Callable, Iterator
@@ -92,7 +93,16 @@ def init_world(device_spec: str = "auto", timeout_s: float | None = None) -> Wor
             "launch with `torchrun --nproc-per-node N pfreeze run ...` (it sets RANK, "
             "WORLD_SIZE, MASTER_ADDR and MASTER_PORT), or run one process without them",
         ) from None
+    # A group left to the interpreter's teardown can abort the process ("terminate called
+    # without an active exception") after a clean exit: its threads are joined here first.
+    atexit.register(_leave_group)
     return World(rank, size, local, backend)
+
+
+def _leave_group() -> None:
+    if dist.is_initialized():
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
 
 
 @dataclass
