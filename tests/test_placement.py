@@ -1,15 +1,21 @@
 """arms_placement: sequential trains the arms one after the other on the identical batch
 stream (same batch hashes, same θ₀ hash, same evaluation moments) and, on the CPU, gives the
-same losses as together; auto picks from the memory plan."""
+same losses as together; auto picks from the memory plan. A sequential run checkpoints during
+each arm's turn and between turns; killed or interrupted in any turn, its resume gives the
+uninterrupted run's metrics, summary and trained tensors."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import read_rows, rows_of
+from safetensors.torch import load_file
 
 from pfreeze.config import RunConfig
 from pfreeze.errors import PfreezeError
@@ -17,6 +23,7 @@ from pfreeze.outputs.files import RunFiles
 from pfreeze.outputs.report import render_report
 from pfreeze.plan import memory
 from pfreeze.run.fit import memory_plan
+from pfreeze.run.interrupts import Interrupted
 from pfreeze.run.loop import Loop
 from pfreeze.run.session import run_loop
 
@@ -25,9 +32,11 @@ ARMS = ("model.name=random:llama", "training.max_steps=4", "training.weight_deca
         "{kind: unfreeze, every: 2}]")
 
 
-def _run(make_config: Callable[..., RunConfig], out: Path, *extra: str) -> tuple[Loop, dict]:
-    loop = Loop(make_config(*ARMS, *extra), RunFiles(out))
-    return loop, run_loop(loop)
+def _run(make_config: Callable[..., RunConfig], out: Path, *extra: str,
+         on_step: Callable[[int, dict], None] | None = None, resume: bool = False
+         ) -> tuple[Loop, dict]:
+    loop = Loop(make_config(*ARMS, *extra), RunFiles(out, overwrite=not resume), on_step)
+    return loop, run_loop(loop, resume=resume)
 
 
 def _train_rows(out: Path) -> dict[str, list[tuple]]:
@@ -78,8 +87,9 @@ def test_auto_goes_sequential_when_the_arms_do_not_fit_together(
     assert summary["execution"]["arms_placement"] == "sequential"
     with pytest.raises(PfreezeError, match="arms_placement=sequential"):
         _run(make_config, tmp_path / "b", "arms_placement=together")
-    with pytest.raises(PfreezeError, match="save_steps"):
-        _run(make_config, tmp_path / "c", "arms_placement=sequential", "training.save_steps=2")
+    # Checkpoints do not change the choice: sequential runs checkpoint too.
+    _, summary = _run(make_config, tmp_path / "c", "training.save_steps=2")
+    assert summary["execution"]["arms_placement"] == "sequential"
 
 
 def test_sequential_with_early_stopping_matches_together(
@@ -92,3 +102,99 @@ def test_sequential_with_early_stopping_matches_together(
     assert {n: (a["status"], a["steps"]) for n, a in sequential["arms"].items()} == \
         {n: (a["status"], a["steps"]) for n, a in together["arms"].items()}
     assert _train_rows(tmp_path / "s") == _train_rows(tmp_path / "t")
+
+
+SEQ = ("arms_placement=sequential", "training.save_steps=2")
+# What differs between two runs of the same config: clocks (and memory, None on a CPU).
+CLOCKS = {"step_time_s", "tokens_per_s", "total_time_s", "median_step_time_s",
+          "first_step_time_s", "created", "wall_time_s"}
+
+
+class Killed(Exception):
+    """Raised from on_step: the process dies there, as under SIGKILL (nothing more written)."""
+
+
+def _at(n: int, act: Callable[[], None]) -> Callable[[int, dict], None]:
+    """on_step doing `act` after the run's n-th step, counted over the turns."""
+    calls: list[int] = []
+
+    def on_step(step: int, last: dict) -> None:
+        calls.append(step)
+        if len(calls) == n:
+            act()
+
+    return on_step
+
+
+def _kill() -> None:
+    raise Killed
+
+
+def _state(out: Path) -> tuple[int, int, list[str], list[str]]:
+    """The checkpoint's turn, step, arms held and arms finished."""
+    s = json.loads((out / "checkpoint" / "state.json").read_text())
+    assert s["placement"] == "sequential"
+    seq = s["sequential"]
+    return seq["turn"], s["step"], [a["name"] for a in s["arms"]], list(seq["finished"])
+
+
+def _timeless(x: object) -> object:
+    if isinstance(x, dict):
+        return {k: _timeless(v) for k, v in x.items() if k not in CLOCKS}
+    return [_timeless(v) for v in x] if isinstance(x, list) else x
+
+
+def _assert_same_run(straight: Path, out: Path) -> None:
+    """metrics.jsonl row by row, the summary and samples, the arms' tensors: bit for bit."""
+    assert _timeless(read_rows(out)) == _timeless(read_rows(straight))
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (straight, out))
+    assert b["status"] == "finished"
+    assert _timeless(b["arms"]) == _timeless(a["arms"])
+    assert (out / "samples.jsonl").read_text() == (straight / "samples.jsonl").read_text()
+    for arm in ("full", "qkv", "unfreeze"):
+        x, y = (load_file(str(d / "arms" / arm / "trained.safetensors")) for d in (straight, out))
+        assert x.keys() == y.keys() and x
+        assert all(torch.equal(x[k], y[k]) for k in x), arm
+
+
+def test_a_killed_sequential_run_resumes_in_its_turn(make_config: Callable[..., RunConfig],
+                                                     tmp_path: Path) -> None:
+    straight, out = tmp_path / "straight", tmp_path / "killed"
+    _run(make_config, straight, *SEQ)
+    # Killed mid-turn of the first arm, after its step-2 checkpoint.
+    with pytest.raises(Killed):
+        _run(make_config, out, *SEQ, on_step=_at(3, _kill))
+    assert _state(out) == (0, 2, ["full"], [])
+    assert not (out / "summary.json").exists()
+    # Resumed, and killed at the first step of the second turn: the checkpoint between the
+    # turns holds no arm, the first arm's files are written and its summary kept.
+    with pytest.raises(Killed):
+        _run(make_config, out, *SEQ, on_step=_at(3, _kill), resume=True)
+    assert _state(out) == (1, 0, [], ["full"])
+    assert (out / "arms" / "full" / "trained.safetensors").exists()
+    # Resumed, and killed mid-turn of the second arm, after its step-2 checkpoint.
+    with pytest.raises(Killed):
+        _run(make_config, out, *SEQ, on_step=_at(3, _kill), resume=True)
+    assert _state(out) == (1, 2, ["qkv"], ["full"])
+    _, summary = _run(make_config, out, *SEQ, resume=True)
+    assert summary["execution"]["arms_placement"] == "sequential"
+    _assert_same_run(straight, out)
+
+
+def test_sigterm_in_a_sequential_run_checkpoints_at_the_step(
+        make_config: Callable[..., RunConfig], tmp_path: Path) -> None:
+    straight, out = tmp_path / "straight", tmp_path / "run"
+    _run(make_config, straight, *SEQ)
+    with pytest.raises(Interrupted) as e:  # at step 3 of the second arm's turn
+        _run(make_config, out, *SEQ,
+             on_step=_at(7, lambda: os.kill(os.getpid(), signal.SIGTERM)))
+    assert e.value.step == 3 and "checkpoint at step 3 of arm 'qkv' kept" in e.value.note
+    assert _state(out) == (1, 3, ["qkv"], ["full"])  # saved at the signal, not at save_steps
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["interrupted_at_step"] == 3
+    arms = summary["arms"]
+    assert list(arms) == ["full", "qkv"]  # the third arm's turn never came
+    assert arms["full"]["p_after"] is not None and arms["full"]["integrity"]["ok"]
+    assert arms["qkv"]["steps"] == 3 and arms["qkv"]["p_after"] is None
+    _run(make_config, out, *SEQ, resume=True)
+    _assert_same_run(straight, out)

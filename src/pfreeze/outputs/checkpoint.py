@@ -8,6 +8,9 @@
     checkpoint/arm<i>.optim.pt    the optimizer state (tensors and plain values only: it is
                                   loaded with weights_only=True, never unpickling code)
 
+The arms are those state.json lists, in its order: every arm of a together run; the arm of the
+turn alone (as arm0), or none between two turns, in a sequential run (pfreeze.run.turns).
+
 The folder is written under a temporary name and swapped in with renames, so a kill during a
 save leaves the previous checkpoint intact. Weights are restored on top of a freshly loaded θ₀,
 so frozen tensors never need to be stored. What goes in is the run's to gather
@@ -60,9 +63,12 @@ def save(root: Path, arms: list[ArmCheckpoint], rng: dict[str, torch.Tensor],
     ensure_space(root, _nbytes(arms), f"the checkpoint at step {state['step']}")
     tmp.mkdir(parents=True)
     previous = folder(root)  # after a kill mid-swap, the complete one may be .old
+    kept = _names(previous)
     try:
         for i, arm in enumerate(arms):
-            if arm.keep_previous and previous and (previous / f"arm{i}.safetensors").exists():
+            # The previous files of this arm (a sequential run's arm0 was another arm's).
+            if (arm.keep_previous and kept[i:i + 1] == [state["arms"][i].get("name")]
+                    and (previous / f"arm{i}.safetensors").exists()):
                 for suffix in (".safetensors", ".optim.pt"):
                     shutil.copy2(previous / f"arm{i}{suffix}", tmp / f"arm{i}{suffix}")
                 continue
@@ -97,16 +103,35 @@ def exists(root: Path) -> bool:
     return folder(root) is not None
 
 
-def load(root: Path, n_arms: int, device: torch.device, which: list[int] | None = None
+def _state(d: Path | None) -> dict[str, Any]:
+    return json.loads((d / "state.json").read_text(encoding="utf-8")) if d else {}
+
+
+def _names(d: Path | None) -> list[str | None]:
+    """The arms whose files checkpoint folder `d` holds, in their order (by their names)."""
+    try:
+        return [a.get("name") for a in _state(d).get("arms", [])]
+    except (OSError, ValueError):
+        return []
+
+
+def placement(root: Path) -> str:
+    """The arms' placement the checkpoint in `root` was made in (sequential: one arm's turn)."""
+    return _state(folder(root)).get("placement") or "together"
+
+
+def load(root: Path, device: torch.device, which: list[int] | None = None
          ) -> tuple[dict[str, Any], list[tuple[dict[str, torch.Tensor], dict[str, Any]]],
                     dict[str, torch.Tensor]]:
-    """state.json, each arm's (tensors, optimizer state) and the random states; a checkpoint
-    of another format is refused with the fix. `which`: only those arms are read (the others
-    come back empty), as a rank that trains some of the arms needs."""
+    """state.json, each arm's (tensors, optimizer state) and the random states, the arms as
+    state.json lists them; a checkpoint of another format is refused with the fix. `which`:
+    only those arms are read (the others come back empty), as a rank that trains some of the
+    arms needs."""
     d = folder(root)
     if d is None:
         raise PfreezeError(f"{root} has no checkpoint", "start the run with --overwrite")
-    state = json.loads((d / "state.json").read_text(encoding="utf-8"))
+    state = _state(d)
+    n_arms = len(state.get("arms", []))
     if state.get("format") != FORMAT:
         raise PfreezeError(
             f"the checkpoint in {root} was written by pfreeze "

@@ -58,13 +58,10 @@ def _arm_plans(strat: ArmStrategy, model: nn.Module, family: str
     return arm_model, plans, "", lowest_trained_block(names, family) if names else None
 
 
-def placement(plan: memory.MemoryPlan, wanted: str, save_steps: int) -> str:
+def placement(plan: memory.MemoryPlan, wanted: str) -> str:
     """Where the arms go (together or sequential), or a one-line stop when they cannot fit
     that way: `wanted` is arms_placement (auto picks together wherever it fits)."""
-    if wanted == "sequential" and save_steps:
-        raise PfreezeError("arms_placement=sequential does not checkpoint mid-run",
-                           "set training.save_steps=0, or arms_placement=together")
-    if wanted == "together" or (wanted == "auto" and (plan.fits or save_steps)):
+    if wanted == "together" or (wanted == "auto" and plan.fits):
         _stop_unless(plan.fits, plan, plan.together, "together", plan.fits_alone)
         return "together"
     _stop_unless(plan.fits_alone, plan, plan.alone, "one at a time", False)
@@ -81,6 +78,5 @@ def _stop_unless(fits: bool, plan: memory.MemoryPlan, need: int, how: str,
         f"has {memory.mib(plan.free or 0):,.0f} MiB free (largest: '{big.name}', "
         f"{memory.mib(big.total):,.0f} MiB; `pfreeze plan --config` shows each arm)",
         "lower training.per_device_train_batch_size, set training.gradient_checkpointing=true "
-        "or model.dtype=bfloat16, " + ("set arms_placement=sequential (with "
-                                       "training.save_steps=0), " if could_sequence else
-                                       "") + "or run fewer arms")
+        "or model.dtype=bfloat16, " + ("set arms_placement=sequential, " if could_sequence
+                                       else "") + "or run fewer arms")

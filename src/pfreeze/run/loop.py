@@ -67,6 +67,8 @@ class Loop(AcrossRanks):
                                             "set arms_placement=auto (arms spread over ranks)")
         self.world = distributed.init_world(cfg.training.device)
         self.dist = distributed.place(self.world, len(cfg.arms))
+        # The arms this process holds, by their index in the config (sequential: the arm
+        # whose turn it is, none between turns).
         self.mine = self.dist.mine
         if files is not None and self.world.distributed:
             self.files = GatheredFiles(files, self.dist, [str(a.name) for a in cfg.arms],
@@ -81,6 +83,7 @@ class Loop(AcrossRanks):
         self.moments: Moments | None = None  # the measurements (setup)
         self.memory: MemoryPlan | None = None  # what the arms need, by plan (setup)
         self.placement = "together"  # or sequential: one arm on the device at a time (setup)
+        self.kept_placement: str | None = None  # a resume's: the placement it was saved in
         self.theta0: tuple | None = None  # (θ₀, family, its params, tracked names): builds arms
         self.stage = steps.Staging(self.device)  # host ids -> device, once per step
         self.reserved_mb = 0.0  # GPU memory reserved by this process (all arms), at its peak
@@ -97,8 +100,12 @@ class Loop(AcrossRanks):
         self.sharded = sharding.wants_fsdp(self.t.fsdp, self.dist.mode, here.fits)
         if self.sharded:  # each rank holds a shard of its arm: no one-device stop
             sharding.check_fsdp(self.t)
+        # A resumed run keeps its placement: its checkpoint holds the arms laid out that way.
         self.placement = "together" if self.sharded else fit.placement(
-            here, cfg.arms_placement, self.t.save_steps)
+            here, self.kept_placement or cfg.arms_placement)
+        if self.placement == "sequential":  # auto's choice, or a resumed sequential run's
+            distributed.single_process_only("arms_placement=sequential",
+                                            "set arms_placement=auto (arms spread over ranks)")
         docs = read_documents(cfg.data)  # before the model: a bad corpus fails fast
         self.lm: LoadedModel = load_model(cfg.model.name, cfg.model.revision, seed=self.t.seed,
                                                dtype=cfg.model.dtype)
@@ -118,6 +125,7 @@ class Loop(AcrossRanks):
         torch.manual_seed(self.t.seed)
         if self.placement == "sequential":  # θ₀ stays on the host; arms are built in turn
             self.build_arms(self.lm.model, self.lm.family, [])
+            self.mine = []
         else:
             mine = None if len(self.mine) == len(cfg.arms) else self.mine
             self.build_arms(self.lm.model, self.lm.family, mine)
@@ -158,14 +166,20 @@ class Loop(AcrossRanks):
     def turn(self, i: int) -> ArmRun:
         """arms_placement=sequential: arm `i` alone on the device, on the stream from its
         start; the previous arm's memory is given back first."""
-        self.arms = []
+        self.leave()
+        torch.manual_seed(self.t.seed)
+        self.arms.append(self._build(self.cfg.arms[i]))
+        self.mine = [i]
+        return self.arms[0]
+
+    def leave(self) -> None:
+        """arms_placement=sequential: the arm of the last turn leaves the device (its memory
+        given back), and the batch stream starts again."""
+        self.arms, self.mine = [], []
         if self.moments is not None:
             self.moments.arms = self.arms
         release()
         self.caches, self.stream, self.batch_hashes = None, self.new_stream(), []
-        torch.manual_seed(self.t.seed)
-        self.arms.append(self._build(self.cfg.arms[i]))
-        return self.arms[0]
 
     def _build(self, acfg: ArmConfig) -> ArmRun:
         from transformers import get_scheduler

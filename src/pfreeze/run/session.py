@@ -10,7 +10,9 @@
 
 A checkpoint holds what `Loop` cannot rebuild from the config and θ₀ (ArmRun.checkpoint_tensors,
 the optimizer, ArmRun.state, the random states, the run's files as they stood); a resume checks
-it belongs to this config and θ₀ and keeps the runtime the run started with.
+it belongs to this config and θ₀ and keeps the runtime and arms placement the run started
+with. With arms_placement=sequential the phases run once per arm, turn by turn, and a
+checkpoint holds the arm of the turn and the turns before (pfreeze.run.turns).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from pfreeze.run.arm_run import ArmRun
 from pfreeze.run.distributed import peers_watched, single_process_only
 from pfreeze.run.interrupts import Interrupted, Signals
 from pfreeze.run.loop import Loop
+from pfreeze.run.turns import Turns
 from pfreeze.settings import RunSpec, digest, dump
 
 
@@ -42,8 +45,9 @@ def config_hash(cfg: RunSpec) -> str:
     return digest(cfg, exclude={"output_dir"})
 
 
-class Session:
-    """One run of `loop` into its files; `run()` does it all."""
+class Session(Turns):
+    """One run of `loop` into its files; `run()` does it all (arms_placement=sequential: turn
+    by turn, pfreeze.run.turns)."""
 
     def __init__(self, loop: Loop, command: str | None = None,
                  before_start: Callable[[], None] | None = None) -> None:
@@ -53,9 +57,10 @@ class Session:
         self.command = command  # the CLI's; None for runs from the Python API
         self.before_start = before_start  # a repeat's parent directory, written once setup passed
         self.phase, self.done, self.p_before = "setup", 0, None
-        self.finished: dict[str, Any] = {}  # arms_placement=sequential: arms done, summaries
-        self.saved_at: int | None = None  # the step of the last checkpoint written
-        self.tried_at: int | None = None  # the step of the last checkpoint attempted
+        self.init_turns()
+        # (turn, step) of the last checkpoint written, and of the last one attempted
+        self.saved: tuple[int, int] | None = None
+        self.tried: tuple[int, int] | None = None
 
     def run(self, resume: bool = False) -> dict[str, Any]:
         """The whole run: checks, setup, the before-measurements (or a checkpoint), the steps,
@@ -85,6 +90,8 @@ class Session:
         trackers.check(self.t.report_to)  # a missing tracker package, before any loading
         if not resume:
             files.check_free(dump(loop.cfg))
+        else:  # the arms go where they were when the checkpoint was made
+            loop.kept_placement = checkpoint.placement(files.root)
         # Read the corpus and load the model before writing anything: bad input must not
         # leave a half-started run directory that blocks the corrected retry.
         loop.setup()
@@ -95,7 +102,7 @@ class Session:
                 files.resume(state)
                 files.open_trackers(loop.cfg, fresh=False)
                 self.done, self.p_before = state["step"], state["p_before"]
-                self.saved_at = self.done
+                self.saved = (self.turn, self.done)
                 self.phase = "train"
             self.signals.check()
             return
@@ -152,19 +159,24 @@ class Session:
             loop.moments.evaluate(done)
         return last
 
+    @property
+    def saved_at(self) -> int | None:
+        """The step of the last checkpoint written (of its turn, in a sequential run)."""
+        return self.saved[1] if self.saved else None
+
     def _checkpoint(self) -> None:
         """Save at the last completed step (once); a save the disk cannot take is skipped with
         a warning: training goes on, and the previous checkpoint stays whole."""
-        if self.done in (self.saved_at, self.tried_at):
+        if (self.turn, self.done) in (self.saved, self.tried):
             return
-        self.tried_at = self.done
+        self.tried = (self.turn, self.done)
         try:
             self._save()
-            self.saved_at = self.done
+            self.saved = self.tried
         except (OSError, NoSpace) as e:
             if isinstance(e, OSError) and not is_no_space(e):
                 raise
-            kept = f"step {self.saved_at}" if self.saved_at else "none"
+            kept = f"step {self.saved_at}{self.turn_note(self.saved[0])}" if self.saved else "none"
             self.loop.warn(f"checkpoint at step {self.done} skipped ({' '.join(str(e).split())}); "
                       f"training goes on, the last checkpoint kept: {kept}")
 
@@ -183,41 +195,18 @@ class Session:
                 self.loop.flush()
             if consistent and self.t.save_steps:
                 self._checkpoint()
-            e.note = (f"checkpoint at step {self.saved_at} kept" if self.saved_at is not None
-                      else "no checkpoint (set training.save_steps to make runs resumable)")
-            arms = {**self.finished,
-                    **{a.strategy.name: self._arm(a, None, None, None) for a in self.loop.arms}}
+            e.note = (f"checkpoint at step {self.saved_at}{self.turn_note(self.saved[0])} kept"
+                      if self.saved else
+                      "no checkpoint (set training.save_steps to make runs resumable)")
+            arms = {**self.finished, **{a.strategy.name: self._arm(a, None, None, None)
+                                        for a in self.loop.arms
+                                        if a.strategy.name not in self.finished}}
             if e.agreed:  # rank 0 writes every rank's arms
                 arms = (self.loop.gather_summaries(arms, []) or (arms, []))[0]
             summary = self._summary(None, arms, status="interrupted")
             summary["interrupted_at_step"] = e.step
             self.files.write_summary(summary)
             self.files.close_metrics()  # the trackers end their runs too
-
-    def _sequential(self, t_start: float) -> dict[str, Any]:
-        """arms_placement=sequential: each arm's whole run in turn (before, steps, after) on
-        the batch stream from its start, one arm on the device; then the summary of all."""
-        loop, hashes, missing = self.loop, None, []
-        self.p_before = {}
-        for i in range(len(loop.cfg.arms)):
-            name = loop.turn(i).strategy.name  # no reference kept: the next turn frees it
-            self.phase, self.done = "before", 0
-            loop.moments.evaluate(0)
-            self.p_before.update(loop.moments.sample("before"))
-            self.phase = "train"
-            self._train()
-            # The same batches as the arms before saw (one that stopped early saw fewer).
-            n = min(len(hashes or []), len(loop.batch_hashes))
-            if hashes is not None and loop.batch_hashes[:n] != hashes[:n]:
-                raise PfreezeError(f"arm '{name}' saw other batches than the first",
-                                   "this is a pfreeze bug; please report it with the config")
-            hashes = max(hashes or [], loop.batch_hashes, key=len)
-            self.phase = "after"
-            done, lost = self._after()
-            self.finished.update(done)
-            missing += lost
-        loop.batch_hashes = hashes or []
-        return self._conclude(time.perf_counter() - t_start, self.finished, missing)
 
     def _finish(self, wall: float) -> dict[str, Any]:
         """The after-measurements, the arms' files, then the summary."""
@@ -278,7 +267,7 @@ class Session:
         more = f" and {len(missing) - 1} more (listed in summary.json)" if len(missing) > 1 else ""
         fix = ("free disk space (or fix the cause), then `pfreeze run --resume "
                f"{self.files.root}` writes the outputs again from the final checkpoint"
-               if self.saved_at == self.done else
+               if self.saved == (self.turn, self.done) else
                "free disk space (or fix the cause) and run it again; with "
                "training.save_steps set, a resume rewrites the outputs instead")
         raise PfreezeError(f"training finished, but {first['file']} could not be written "
@@ -306,6 +295,7 @@ class Session:
             "replicas": loop.dist.replicas,
             "execution": loop.rt.settings(), "reserved_mb": loop.reserved_mb,
             "p_before": self.p_before,
+            "placement": loop.placement, "sequential": self.turn_state(),
             # The run's files as they stood at this step: a resume cuts metrics.jsonl back
             # to this size (rows after it are redone) and restores the samples drawn so far.
             "metrics_bytes": self.files.metrics_bytes(), "samples": self.files.samples,
@@ -314,7 +304,8 @@ class Session:
     def _restore(self) -> dict[str, Any]:
         """Arms, stream, random states and runtime back to the checkpoint; state.json."""
         loop, root = self.loop, self.files.root
-        state, arms, rng = checkpoint.load(root, len(loop.cfg.arms), loop.device, loop.mine)
+        sequential = loop.placement == "sequential"
+        state, arms, rng = checkpoint.load(root, loop.device, None if sequential else loop.mine)
         if state["config_hash"] != config_hash(loop.cfg):
             raise PfreezeError(
                 f"the checkpoint in {root} belongs to another config than the one resumed now "
@@ -327,7 +318,10 @@ class Session:
                 "the checkpoint was made from a different θ₀ than the model loaded now",
                 "resume with the same model files, or start a new run")
         step = state["step"]
-        loop.restore_arms(state, arms, checkpoint.folder(root))
+        if sequential:
+            self.restore_turn(state, arms)
+        else:
+            loop.restore_arms(state, arms, checkpoint.folder(root))
         loop.stream.gen.set_state(rng["stream"])
         # One batch per step from step 0, whatever the arms did: the epochs mode's position.
         loop.stream.drawn = step * loop.stream.batch
@@ -336,7 +330,8 @@ class Session:
         if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda)
         loop.batch_hashes = state["batch_hashes"]
-        loop.set_runtime(loop.rt.resumed(state["execution"], self.t, loop.arms[0].model,
+        model = loop.arms[0].model if loop.arms else loop.theta0[0]  # between two turns: θ₀
+        loop.set_runtime(loop.rt.resumed(state["execution"], self.t, model,
                                          loop.cfg.data.block_size, loop.warn))
         loop.reserved_mb = max(loop.reserved_mb, state["reserved_mb"])
         return state
