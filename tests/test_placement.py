@@ -87,9 +87,15 @@ def test_auto_goes_sequential_when_the_arms_do_not_fit_together(
     assert summary["execution"]["arms_placement"] == "sequential"
     with pytest.raises(PfreezeError, match="arms_placement=sequential"):
         _run(make_config, tmp_path / "b", "arms_placement=together")
-    # Checkpoints do not change the choice: sequential runs checkpoint too.
-    _, summary = _run(make_config, tmp_path / "c", "training.save_steps=2")
+    # Checkpoints do not change the choice (sequential runs checkpoint too), and a resume
+    # keeps the placement its checkpoint was made in, though the arms now fit together.
+    with pytest.raises(Killed):
+        _run(make_config, tmp_path / "c", "training.save_steps=2", on_step=_at(6, _kill))
+    assert _state(tmp_path / "c") == (1, 2, ["qkv"], ["full"])
+    monkeypatch.undo()
+    _, summary = _run(make_config, tmp_path / "c", "training.save_steps=2", resume=True)
     assert summary["execution"]["arms_placement"] == "sequential"
+    _assert_same_run(tmp_path / "a", tmp_path / "c")
 
 
 def test_sequential_with_early_stopping_matches_together(

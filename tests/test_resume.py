@@ -21,7 +21,8 @@ OVERRIDES = [
     "arms=[{kind: full}, {kind: plan, select: 'layers=2: roles=q,k,v'}]",
 ]
 
-# Runs a pfreeze experiment in a child process; with KILL_AT it SIGKILLs itself after that step.
+# Runs a pfreeze experiment in a child process; with KILL_AT it SIGKILLs itself after that
+# many steps (counted over the turns of a sequential run).
 DRIVER = """
 import os, signal, sys
 from pfreeze.config import load_config
@@ -29,8 +30,10 @@ from pfreeze.run.session import run
 corpus, out, kill_at, resume = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
 overrides = sys.argv[5:] + [f"data.corpus={corpus}"]
 cfg = load_config(None, overrides)
+steps = []
 def on_step(step, losses):
-    if step == kill_at:
+    steps.append(step)
+    if len(steps) == kill_at:
         os.kill(os.getpid(), signal.SIGKILL)
 run(cfg, out, overwrite=not resume, on_step=on_step, resume=resume)
 """
@@ -58,16 +61,21 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 # epochs: aligned chunks (9 steps per epoch at batch 16, so the resumed part crosses into
 # epoch 2) and the plan arm's frozen prefix cached, rebuilt empty after the resume.
+# sequential: killed at step 6 of the second arm's turn (the first arm's files written).
 @pytest.mark.parametrize("extra", [(), ("data.sampling=epochs",
-                                        "training.per_device_train_batch_size=16")],
-                         ids=["random", "epochs"])
+                                        "training.per_device_train_batch_size=16"),
+                                   ("arms_placement=sequential",)],
+                         ids=["random", "epochs", "sequential"])
 def test_sigkill_then_resume_matches_uninterrupted(corpus: Path, tmp_path: Path,
                                                    extra: tuple[str, ...]) -> None:
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert _run(corpus, straight, extra=extra) == 0
-    # really killed, after the step-4 checkpoint
-    assert _run(corpus, killed, kill_at=6, extra=extra) == -9
-    assert (killed / "checkpoint" / "state.json").exists()
+    # really killed, after the step-4 checkpoint (of the second arm's turn if sequential)
+    sequential = "arms_placement=sequential" in extra
+    assert _run(corpus, killed, kill_at=16 if sequential else 6, extra=extra) == -9
+    state = json.loads((killed / "checkpoint" / "state.json").read_text())
+    assert (state["step"], (state["sequential"] or {}).get("turn")) == \
+        (4, 1 if sequential else None)
     assert not (killed / "summary.json").exists()
     assert _run(corpus, killed, resume=True, extra=extra) == 0
     for arm in ("full", "plan"):
@@ -83,7 +91,9 @@ def test_sigkill_then_resume_matches_uninterrupted(corpus: Path, tmp_path: Path,
         for key in ("last_loss", "mean_loss", "val_loss_best", "val_loss_best_step", "p_after"):
             assert s1["arms"][arm][key] == s2["arms"][arm][key], key
         assert s2["arms"][arm]["integrity"]["ok"]
-    if extra:  # the cached arm really read from its cache (the resumed one starts it empty)
+    if sequential:
+        assert s2["execution"]["arms_placement"] == "sequential"
+    elif extra:  # the cached arm really read from its cache (the resumed one starts it empty)
         assert s1["arms"]["plan"]["prefix_cache"]["hits"] > 0
         assert s2["arms"]["plan"]["prefix_cache"]["blocks_cached"] == 2
 
