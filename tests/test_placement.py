@@ -204,3 +204,28 @@ def test_sigterm_in_a_sequential_run_checkpoints_at_the_step(
     assert arms["qkv"]["steps"] == 3 and arms["qkv"]["p_after"] is None
     _run(make_config, out, *SEQ, resume=True)
     _assert_same_run(straight, out)
+
+
+def test_a_file_an_earlier_turn_lost_is_not_promised_to_a_resume(
+        make_config: Callable[..., RunConfig], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    import pfreeze.outputs.files
+
+    save_file = pfreeze.outputs.files.save_file
+
+    def full_disk_for_the_first_arm(tensors: dict, path: str, *args: object) -> None:
+        if f"{os.sep}full{os.sep}" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        save_file(tensors, path, *args)
+
+    monkeypatch.setattr(pfreeze.outputs.files, "save_file", full_disk_for_the_first_arm)
+    out = tmp_path / "run"
+    with pytest.raises(PfreezeError) as e:  # the other arms still took their turns
+        _run(make_config, out, *SEQ)
+    assert "arms/full/trained.safetensors could not be written" in e.value.problem
+    assert "--resume" not in e.value.fix and "run it again" in e.value.fix
+    summary = json.loads((out / "summary.json").read_text())
+    assert [m["file"] for m in summary["missing_outputs"]] == ["arms/full/trained.safetensors"]
+    assert (out / "arms" / "unfreeze" / "trained.safetensors").exists()

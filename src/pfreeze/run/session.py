@@ -265,11 +265,12 @@ class Session(Turns):
     def _missing(self, missing: list[dict[str, str]]) -> None:
         first = missing[0]
         more = f" and {len(missing) - 1} more (listed in summary.json)" if len(missing) > 1 else ""
+        # No resume writes again what an earlier turn of a sequential run lost.
         fix = ("free disk space (or fix the cause), then `pfreeze run --resume "
                f"{self.files.root}` writes the outputs again from the final checkpoint"
-               if self.saved == (self.turn, self.done) else
-               "free disk space (or fix the cause) and run it again; with "
-               "training.save_steps set, a resume rewrites the outputs instead")
+               if self.saved == (self.turn, self.done) and not self.lost else
+               "free disk space (or fix the cause) and run it again" + ("" if self.lost else
+               "; with training.save_steps set, a resume rewrites the outputs instead"))
         raise PfreezeError(f"training finished, but {first['file']} could not be written "
                            f"({first['why']}){more}", fix)
 

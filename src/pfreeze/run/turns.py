@@ -34,22 +34,24 @@ class Turns:
     def init_turns(self) -> None:
         self.turn = 0  # the arm whose turn it is (sequential); always 0 in a together run
         self.finished: dict[str, Any] = {}  # the summaries of the arms whose turn is over
-        self.lost: list[dict[str, str]] = []  # their files that could not be written
+        # Files that could not be written in turns before the last one (a resume from the
+        # final checkpoint writes again only the last turn's).
+        self.lost: list[dict[str, str]] = []
         self.hashes: list[str] = []  # the batches they saw (the longest list: one may stop early)
         self.resumed = False  # the arm of this turn came back from a checkpoint, mid-turn
 
     def _sequential(self, t_start: float) -> dict[str, Any]:
         """Each arm's turn from the current one, then the summary of all."""
-        self.p_before = self.p_before or {}
+        self.p_before, last = self.p_before or {}, []
         for i in range(self.turn, len(self.loop.cfg.arms)):
             self.turn = i
             if not self.resumed:
                 self._start_turn(i)
             self.resumed = False
             self._train()
-            self._end_turn()
+            last = self._end_turn()
         self.loop.batch_hashes = self.hashes
-        return self._conclude(time.perf_counter() - t_start, self.finished, self.lost)
+        return self._conclude(time.perf_counter() - t_start, self.finished, self.lost + last)
 
     def _start_turn(self, i: int) -> None:
         """Arm `i` built from θ₀ on the device (the stream from its start), measured before."""
@@ -60,9 +62,10 @@ class Turns:
         self.p_before.update(loop.moments.sample("before"))
         self.phase = "train"
 
-    def _end_turn(self) -> None:
+    def _end_turn(self) -> list[dict[str, str]]:
         """The arm's after-measurements and files; with turns still to come it leaves the
-        device, and a checkpoint (no arm in it) says the next turn starts from θ₀."""
+        device, and a checkpoint (no arm in it) says the next turn starts from θ₀. The last
+        turn's files that could not be written."""
         loop = self.loop
         name = loop.arms[0].strategy.name
         # The same batches as the arms before saw (one that stopped early saw fewer).
@@ -74,15 +77,16 @@ class Turns:
         self.phase = "after"
         done, lost = self._after()
         self.finished.update(done)
-        self.lost += lost
         if self.turn + 1 == len(loop.cfg.arms):
-            return
+            return lost
+        self.lost += lost
         with self.signals.deferred():  # the turn is over in the checkpoint, or not at all
             loop.leave()
             self.turn, self.done = self.turn + 1, 0
             if self.t.save_steps:
                 self._checkpoint()
         self.signals.check()
+        return []
 
     def turn_state(self) -> dict[str, Any] | None:
         """A sequential checkpoint's place among the turns (None: a together run's)."""
