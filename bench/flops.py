@@ -36,15 +36,17 @@ def train_flops(layers: int, width: int, seq: int, tokens: int, block_params: in
 
 
 def model_flops(model: nn.Module, family: str, trainable: set[str], batch: int, seq: int,
-                cached: bool = False) -> float:
-    """train_flops with the counts read off `model` and the names that train."""
+                cached: bool = False, adapters_from: int | None = None) -> float:
+    """train_flops with the counts read off `model` and the names that train. An adapter arm
+    (LoRA) trains none of the model's own tensors: `adapters_from` is its lowest adapted block,
+    where backward starts (the adapters' own FLOPs, r/d of the matrices', are left out)."""
     infos, g = describe_params(model, family), Geometry.of(model)
     mats = {n: p.numel() for n, p in model.named_parameters() if p.ndim >= 2}
     blocks = sum(v for n, v in mats.items() if infos[n].layer is not None)
     head = model.get_output_embeddings().weight.numel()
     head_trains = any(infos[n].rule.role == "head" or infos[n].tied for n in trainable)
     # the prefix cache's own rule: where backward stops is where a cached step starts
-    first = first_trained_block(trainable, infos, g.n_layers) if trainable else None
+    first = first_trained_block(trainable, infos, g.n_layers) if trainable else adapters_from
     train_mats = sum(v for n, v in mats.items() if n in trainable and infos[n].layer is not None)
     return train_flops(g.n_layers, g.n_heads * g.head_dim, seq, batch * seq,
                        blocks // g.n_layers, head, first, train_mats + head * head_trains,

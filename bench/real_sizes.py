@@ -22,18 +22,17 @@ from typing import Any
 
 import torch
 
-from bench.common import Row
-from bench.flops import model_flops, train_flops
+from bench.common import ARMS, Row
+from bench.flops import model_flops
 from bench.results import run_environment, write_json
 from pfreeze import (
-    Geometry,
     compile_plan,
     family_of,
     meta_model,
     model_config,
 )
 
-QKV_UPPER = {"kind": "plan", "name": "qkv-upper", "select": "layers=50%: roles=q,k,v"}
+QKV_UPPER = {"kind": "plan", "name": "qkv-upper", "select": ARMS["frozen"]}
 CASES: dict[str, Row] = {
     # Two arms that train parts of an 8B model, side by side in bf16 storage: the frozen
     # tensors cost their checkpoint's bytes (15 GiB), the trained ones keep fp32 masters.
@@ -62,17 +61,11 @@ def config(case: Row, corpus: str, steps: int, checkpointing: bool) -> dict[str,
 
 
 def arm_flops(model_name: str, arm: Row, batch: int, seq: int) -> float:
-    """Model FLOPs of one step of `arm` (a LoRA arm: forward, and backward to its lowest
-    adapter; the adapters' own FLOPs, r/d of the matrices', are left out)."""
+    """Model FLOPs of one step of `arm` (a LoRA arm: its adapters sit in every block)."""
     meta = meta_model(model_config(model_name)[0])
     family = family_of(meta)
     if arm["kind"] == "lora":
-        g = Geometry.of(meta)
-        mats = {n: p.numel() for n, p in meta.named_parameters() if p.ndim >= 2}
-        head = meta.get_output_embeddings().weight.numel()
-        blocks = sum(v for n, v in mats.items() if ".layers." in n)
-        return train_flops(g.n_layers, g.n_heads * g.head_dim, seq, batch * seq,
-                           blocks // g.n_layers, head, 0, 0)
+        return model_flops(meta, family, set(), batch, seq, adapters_from=0)
     names = ({n for n, _ in meta.named_parameters()} if arm["kind"] == "full" else
              set(compile_plan(meta, family, arm["select"]).tensors))
     return model_flops(meta, family, names, batch, seq)

@@ -41,6 +41,9 @@ def test_model_flops_of_the_tiny_llama() -> None:
     # The frozen arm's lowest trainable block is 2 (upper half of 4): blocks 0, 1 are cached.
     cached = model_flops(lm.model, lm.family, qkv, 2, 32, cached=True)
     assert frozen - cached == 2 * (2 * block * 64 + 2 * 32 * 64 * 64)
+    # A LoRA arm adapting every block: forward, and activation gradients through all of it.
+    bwd = 2 * (4 * block + 257 * 64) * 64 + 2 * 4 * 2 * 32 * 64 * 64
+    assert model_flops(lm.model, lm.family, set(), 2, 32, adapters_from=0) == fwd + bwd
 
 
 def _run(tmp_path: Path, *extra: str) -> dict:

@@ -63,62 +63,40 @@ class LoadedModel:
     family: str  # key into pfreeze.models.families.FAMILIES
 
 
-# Tiny shapes keep the CPU test-suite fast; the `-124m`/`-135m` shapes are for benchmarks.
-_TINY = dict(vocab_size=257, hidden=64, layers=4, heads=4, kv_heads=2, inter=128, ctx=512)
+_LLAMA3 = dict(vocab_size=128256, num_key_value_heads=8, rope_theta=500000.0,
+               max_position_embeddings=131072, rms_norm_eps=1e-5)
+# random:<name> of these is full size, for benchmarks and memory plans (random weights: speed
+# and memory only; Llama 3.x without its rope scaling). name -> (model_type, config arguments)
+REAL: dict[str, tuple[str, dict[str, Any]]] = {
+    "gpt2-124m": ("gpt2", dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)),
+    "smollm2-135m": ("llama", dict(vocab_size=49152, hidden_size=576, num_hidden_layers=30,
+                                   num_attention_heads=9, num_key_value_heads=3,
+                                   intermediate_size=1536, max_position_embeddings=8192,
+                                   rope_theta=100000.0, rms_norm_eps=1e-5,
+                                   tie_word_embeddings=True)),
+    "llama-3.2-1b": ("llama", dict(_LLAMA3, hidden_size=2048, num_hidden_layers=16,
+                                   num_attention_heads=32, intermediate_size=8192,
+                                   tie_word_embeddings=True)),
+    "llama-3.1-8b": ("llama", dict(_LLAMA3, hidden_size=4096, num_hidden_layers=32,
+                                   num_attention_heads=32, intermediate_size=14336,
+                                   tie_word_embeddings=False)),
+}
+REAL_SHAPES = tuple(REAL)
+RANDOM_FAMILIES = (*TINY, *REAL_SHAPES)
 
 
 def _random_config(family: str) -> Any:
-    import transformers as tf
-
-    t = _TINY
-    if family == "gpt2":
-        return tf.GPT2Config(vocab_size=t["vocab_size"], n_embd=t["hidden"], n_layer=t["layers"],
-                             n_head=t["heads"], n_positions=t["ctx"], resid_pdrop=0.0,
-                             embd_pdrop=0.0, attn_pdrop=0.0)
-    if family == "gpt2-124m":
-        return tf.GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    if family == "gpt-neo":
-        return tf.GPTNeoConfig(vocab_size=t["vocab_size"], hidden_size=t["hidden"],
-                               num_layers=t["layers"], num_heads=t["heads"],
-                               attention_types=[[["global", "local"], t["layers"] // 2]],
-                               max_position_embeddings=t["ctx"], window_size=64,
-                               resid_dropout=0.0, embed_dropout=0.0, attention_dropout=0.0)
-    if family == "gpt-neox":
-        return tf.GPTNeoXConfig(vocab_size=t["vocab_size"], hidden_size=t["hidden"],
-                                num_hidden_layers=t["layers"], num_attention_heads=t["heads"],
-                                intermediate_size=t["inter"], max_position_embeddings=t["ctx"],
-                                hidden_dropout=0.0, attention_dropout=0.0)
-    if family == "llama":
-        return tf.LlamaConfig(vocab_size=t["vocab_size"], hidden_size=t["hidden"],
-                              num_hidden_layers=t["layers"], num_attention_heads=t["heads"],
-                              num_key_value_heads=t["kv_heads"], intermediate_size=t["inter"],
-                              max_position_embeddings=t["ctx"], tie_word_embeddings=True)
-    if family == "smollm2-135m":
-        return tf.LlamaConfig(vocab_size=49152, hidden_size=576, num_hidden_layers=30,
-                              num_attention_heads=9, num_key_value_heads=3,
-                              intermediate_size=1536, max_position_embeddings=8192,
-                              rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
-    if family in _LLAMA3:  # Llama 3.x shapes (no rope scaling: speed and memory only)
-        return tf.LlamaConfig(vocab_size=128256, num_key_value_heads=8, rope_theta=500000.0,
-                              max_position_embeddings=131072, rms_norm_eps=1e-5,
-                              **_LLAMA3[family])
     if (cfg := tiny_config(family)) is not None:
         return cfg
+    if family in REAL:
+        from transformers import AutoConfig
+
+        model_type, kwargs = REAL[family]
+        return AutoConfig.for_model(model_type, **kwargs)
     raise PfreezeError(
         f"unknown random model family '{family}'",
         f"use one of random:{', random:'.join(RANDOM_FAMILIES)}",
     )
-
-
-_LLAMA3 = {
-    "llama-3.2-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
-                         intermediate_size=8192, tie_word_embeddings=True),
-    "llama-3.1-8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
-                         intermediate_size=14336, tie_word_embeddings=False),
-}
-# Real shapes, for benchmarks and memory plans: random:<name> of these is full size.
-REAL_SHAPES = ("gpt2-124m", "smollm2-135m", *_LLAMA3)
-RANDOM_FAMILIES = ("gpt2", "gpt-neo", "gpt-neox", "llama", *TINY, *REAL_SHAPES)
 
 
 def family_of(model: nn.Module) -> str:

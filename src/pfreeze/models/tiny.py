@@ -19,6 +19,17 @@ _FALCON = dict(vocab_size=_V, hidden_size=_H, num_hidden_layers=_L, num_attentio
 
 # random:<name> -> (model_type, config arguments)
 TINY: dict[str, tuple[str, dict[str, Any]]] = {
+    "gpt2": ("gpt2", dict(vocab_size=_V, n_embd=_H, n_layer=_L, n_head=_NH, n_positions=512,
+                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)),
+    "gpt-neo": ("gpt_neo", dict(vocab_size=_V, hidden_size=_H, num_layers=_L, num_heads=_NH,
+                                attention_types=[[["global", "local"], _L // 2]],
+                                max_position_embeddings=512, window_size=64, resid_dropout=0.0,
+                                embed_dropout=0.0, attention_dropout=0.0)),
+    "gpt-neox": ("gpt_neox", dict(vocab_size=_V, hidden_size=_H, num_hidden_layers=_L,
+                                  num_attention_heads=_NH, intermediate_size=_I,
+                                  max_position_embeddings=512, hidden_dropout=0.0,
+                                  attention_dropout=0.0)),
+    "llama": ("llama", dict(_DECODER, tie_word_embeddings=True)),
     "mistral": ("mistral", _DECODER),
     # Granite's scalar multipliers away from 1, so that code which drops one fails.
     "granite": ("granite", dict(_DECODER, embedding_multiplier=12.0, residual_multiplier=0.22,
