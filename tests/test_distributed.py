@@ -179,12 +179,38 @@ def test_data_parallel_equals_gradient_accumulation(corpus: Path, tmp_path: Path
         for key in ("loss", "val_loss"):
             if key in r:
                 assert r[key] == pytest.approx(s[key], abs=1e-5)
+        assert r.get("dw", {}).keys() == s.get("dw", {}).keys()
         for w in r.get("dw", {}):
             assert r["dw"][w] == pytest.approx(s["dw"][w], abs=1e-6)
+    assert any(r.get("dw") for r in ddp)
     a, b = _tensors(tmp_path / "ddp", "lisa"), _tensors(tmp_path / "acc", "lisa")
-    assert a.keys() == b.keys()
+    assert a.keys() == b.keys() and a
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
     assert summary["arms"]["lisa"]["integrity"]["ok"]
+
+
+def test_data_parallel_resumed_between_plan_changes_equals_accumulation(
+        corpus: Path, tmp_path: Path) -> None:
+    """Killed after step 6, resumed from step 5: LISA's plan of step 4 (block 3) holds, and
+    the DDP wrapper must register that plan's tensors, not the first plan's (block 0), for
+    step 6 to agree."""
+    lisa = LISA + ["training.max_steps=8"]
+    done = _launch(tmp_path, corpus, tmp_path / "ddp", lisa + ["training.save_steps=5"],
+                   kill_at=6)
+    assert done.returncode != 0
+    done = _launch(tmp_path, corpus, tmp_path / "ddp", lisa + ["training.save_steps=5"],
+                   resume=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _alone(corpus, tmp_path / "acc", lisa + ["training.save_steps=5",
+                                             "training.gradient_accumulation_steps=2"])
+    ddp, acc = _rows(tmp_path / "ddp"), _rows(tmp_path / "acc")
+    assert [(r["kind"], r["step"]) for r in ddp] == [(r["kind"], r["step"]) for r in acc]
+    for r, s in zip(ddp, acc, strict=True):
+        if "loss" in r:
+            assert r["loss"] == pytest.approx(s["loss"], abs=1e-5)
+    a, b = _tensors(tmp_path / "ddp", "lisa"), _tensors(tmp_path / "acc", "lisa")
+    assert a.keys() == b.keys() and a
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
 
 
 def test_fsdp2_killed_and_resumed_keeps_frozen_elements_and_equals_one_process(
@@ -210,9 +236,12 @@ def test_fsdp2_killed_and_resumed_keeps_frozen_elements_and_equals_one_process(
         for key in ("loss", "val_loss"):
             if key in r:
                 assert r[key] == pytest.approx(s[key], abs=1e-5)
+        assert r.get("dw", {}).keys() == s.get("dw", {}).keys()
         for w in r.get("dw", {}):  # summed over the shards
             assert r["dw"][w] == pytest.approx(s["dw"][w], rel=1e-4, abs=1e-7)
+    assert any(r.get("dw") for r in fsdp)
     a, b = _tensors(tmp_path / "fsdp", "plan"), _tensors(tmp_path / "acc", "plan")
+    assert a.keys() == b.keys() and a
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
     # Frozen heads of the trained q, k, v are θ₀ bit for bit (k, v: 2 KV heads of 16 rows).
     base = dict(load_model("random:llama", None, seed=0).model.named_parameters())
@@ -235,7 +264,7 @@ def test_arm_parallel_killed_then_resumed_in_one_process(parallel: Path, corpus:
     assert _rows(killed) == _rows(parallel)
     for arm in ("full", "plan"):
         a, b = _tensors(killed, arm), _tensors(parallel, arm)
-        assert all(torch.equal(a[k], b[k]) for k in a)
+        assert a.keys() == b.keys() and a and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_a_signal_on_one_rank_stops_both_at_one_step_with_a_checkpoint(

@@ -104,6 +104,8 @@ class AcrossRanks:
         mine, saved = [arms[i] for i in self.mine], [state["arms"][i] for i in self.mine]
         for arm, (tensors, optimizer), own in zip(self.arms, mine, saved, strict=True):
             arm.restore(state["step"], tensors, optimizer, own)
+            if arm.replicas is not None:  # DDP registers the trainable set of the plan now
+                arm.replicas.wrap(arm.step_model)
         self._load_shards(folder, [opt for _, opt in mine])
 
     def _load_shards(self, folder: Path | None, optimizers: list[dict[str, Any]]) -> None:

@@ -175,8 +175,9 @@ class Replicas:
         losses = torch.stack([r.loss.detach().float().reshape(()) for r in records])
         parts = [losses]
         if self.sharded:
-            parts += [torch.stack([r.dw for r in records]).float() ** 2,
-                      torch.stack([r.dw0 for r in records]).float() ** 2]
+            # An arm whose tracker follows no trained tensor queues zeros on the host.
+            parts += [torch.stack([r.dw for r in records]).float().to(losses.device) ** 2,
+                      torch.stack([r.dw0 for r in records]).float().to(losses.device) ** 2]
         flat = torch.cat([p.reshape(-1) for p in parts])
         collective(lambda: dist.all_reduce(flat, group=self.group))
         n = len(records)
