@@ -43,7 +43,8 @@ CASES: dict[str, Row] = {
 }
 
 
-def config(case: Row, corpus: str, steps: int, checkpointing: bool) -> dict[str, Any]:
+def config(case: Row, corpus: str, steps: int, checkpointing: bool,
+           compile_: bool | str = True) -> dict[str, Any]:
     """The run's config: timing steps only (one small evaluation, one short sample)."""
     return {
         "model": {"name": case["model"], "dtype": case["dtype"]},
@@ -52,8 +53,8 @@ def config(case: Row, corpus: str, steps: int, checkpointing: bool) -> dict[str,
                      "learning_rate": 1e-4, "optim": "adamw_fused", "bf16": True,
                      "device": "cuda", "eval_steps": steps, "eval_batches": 1,
                      "logging_steps": 10, "gradient_checkpointing": checkpointing,
-                     # auto compiles runs of 1000 steps or more only: this one is timed
-                     "torch_compile": True},
+                     # auto compiles runs of 1000 steps or more only: a timed run says on
+                     "torch_compile": compile_},
         "generation": {"prompts": ["Call me"], "samples_per_prompt": 1, "max_new_tokens": 8,
                        "decoder": "generate"},
         "arms": case["arms"],
@@ -71,10 +72,10 @@ def arm_flops(model_name: str, arm: Row, batch: int, seq: int) -> float:
     return model_flops(meta, family, names, batch, seq)
 
 
-def measure(case_name: str, corpus: str, steps: int, checkpointing: bool, peak: float
-            ) -> Row:
+def measure(case_name: str, corpus: str, steps: int, checkpointing: bool, peak: float,
+            compile_: bool | str = True) -> Row:
     case = CASES[case_name]
-    raw = config(case, corpus, steps, checkpointing)
+    raw = config(case, corpus, steps, checkpointing, compile_)
     with tempfile.TemporaryDirectory() as tmp:
         cfg_path = Path(tmp) / "config.yaml"
         cfg_path.write_text(json.dumps(raw))  # JSON is YAML
@@ -84,7 +85,7 @@ def measure(case_name: str, corpus: str, steps: int, checkpointing: bool, peak: 
         rc = subprocess.run(cmd).returncode
         if rc == 2 and not checkpointing:
             # The plan said the arms cannot fit (its line is printed): the knob it names.
-            return measure(case_name, corpus, steps, True, peak)
+            return measure(case_name, corpus, steps, True, peak, compile_)
         if rc:
             raise SystemExit(f"pfreeze run exited {rc}")
         summary = json.loads((Path(tmp) / "run" / "summary.json").read_text())
@@ -126,6 +127,8 @@ def main(argv: list[str] | None = None) -> Row:
     p.add_argument("--corpus", default="../shared/data/moby-dick/pg2701.txt")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--torch-compile", choices=("on", "off", "auto"), default="on",
+                   help="training.torch_compile (auto: eager under 1000 steps)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 (H100/H200)")
     p.add_argument("--out", default="real-sizes.json")
     a = p.parse_args(argv)
@@ -133,7 +136,8 @@ def main(argv: list[str] | None = None) -> Row:
     out: Row = {"environment": run_environment(dev, argv or sys.argv[1:], a.peak_tflops * 1e12),
                 "rows": []}
     for name in a.case:
-        row = measure(name, a.corpus, a.steps, a.gradient_checkpointing, a.peak_tflops * 1e12)
+        row = measure(name, a.corpus, a.steps, a.gradient_checkpointing, a.peak_tflops * 1e12,
+                      {"on": True, "off": False}.get(a.torch_compile, "auto"))
         out["rows"].append(row)
         write_json(a.out, out)
         print(json.dumps(row["arms"], indent=1), f"plan together {row['plan_together_mib']} "
