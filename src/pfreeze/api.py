@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from pfreeze.config import RunConfig, load_config, validate
 from pfreeze.errors import PfreezeError
+from pfreeze.outputs.loggers import read_jsonl
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -99,19 +100,6 @@ class Result:
         return export_arm(self.dir, arm, out, best)
 
 
-def _rows(path: Path) -> list[dict[str, Any]]:
-    """The rows of a JSON-lines file (metrics, samples); a torn last line (a killed run) is
-    skipped."""
-    rows = []
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return rows
-
-
 def load_result(run_dir: str | Path) -> Result:
     """The results of the run in `run_dir` (finished or interrupted), read from its files."""
     import pandas as pd
@@ -124,11 +112,11 @@ def load_result(run_dir: str | Path) -> Result:
         raise PfreezeError(f"{root} holds no run summary (summary.json missing)",
                            "pass the output_dir of a run that finished or was interrupted")
     summary = json.loads(summary_path.read_text(encoding="utf-8"))
-    rows = _rows(root / "metrics.jsonl")
+    rows = read_jsonl(root / "metrics.jsonl")
     train = [r for r in rows if r.get("kind") == "train"]
     evals = [{k: v for k, v in r.items() if k != "kind"} for r in rows if r.get("kind") == "eval"]
     metrics = pd.json_normalize(train).drop(columns=["kind"], errors="ignore")
-    samples = _rows(root / "samples.jsonl")
+    samples = read_jsonl(root / "samples.jsonl")
     paths = {"dir": root, "config": root / "config.yaml", "summary": summary_path,
              "metrics": root / "metrics.jsonl", "samples": root / "samples.jsonl",
              "report_html": root / "report.html", "report_md": root / "report.md"}

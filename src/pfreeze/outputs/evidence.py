@@ -22,7 +22,7 @@ from pfreeze.errors import PfreezeError
 from pfreeze.outputs.claims import claims_table
 from pfreeze.outputs.evidence_plots import plot_curves, plot_scatter
 from pfreeze.outputs.repeats import FIGURES, aggregate, render_markdown
-from pfreeze.outputs.report import _templates, render_report
+from pfreeze.outputs.report import _templates, metric_rows, render_report
 from pfreeze.outputs.report_partial import read_config
 from pfreeze.outputs.units import DASH, diff_unit, fmt_stats
 
@@ -50,20 +50,6 @@ def _summary(run: Path) -> dict[str, Any] | None:
     except (OSError, json.JSONDecodeError):
         return None
     return s if isinstance(s, dict) and s.get("status") == "finished" and s.get("arms") else None
-
-
-def _rows(run: Path) -> list[dict[str, Any]]:
-    rows = []
-    path = run / "metrics.jsonl"
-    text = path.read_text(encoding="utf-8", errors="replace") if path.is_file() else ""
-    for line in text.splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and "arm" in row and isinstance(row.get("step"), int):
-            rows.append(row)
-    return rows
 
 
 def _uri(path: Path) -> str:
@@ -141,7 +127,8 @@ def render_evidence(root: Path) -> dict[str, Path]:
                "repeats_md": write_text(root / "repeats.md", render_markdown(agg))}
     ctx = _context(root, summaries, agg, max(planned, len(runs)), [p for p, _ in done])
     arms = list(agg["arms"])
-    curves = plot_curves([_rows(p) for p, _ in done], arms, root / "evidence-curves.png")
+    curves = plot_curves([metric_rows(p / "metrics.jsonl") for p, _ in done], arms,
+                         root / "evidence-curves.png")
     scatter = plot_scatter(_points(summaries), arms, root / "evidence-scatter.png")
     written.update(curves=curves, scatter=scatter)
     ctx["images"] = [

@@ -51,3 +51,17 @@ class JsonlLogger:
 
     def close(self) -> None:
         self.log([])  # one more try, now that the run is over
+
+
+def read_jsonl(path: Path) -> list[Any]:
+    """The rows of a JSON-lines file the loggers wrote (metrics, samples); none if it is
+    missing. A torn line (a killed run's last) and undecodable bytes are skipped, not fatal."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows

@@ -19,6 +19,7 @@ from markupsafe import Markup, escape
 
 from pfreeze.atomic import write_text
 from pfreeze.errors import PfreezeError
+from pfreeze.outputs.loggers import read_jsonl
 from pfreeze.outputs.plots import DASH, Row, Summary, ci95, draw, num
 from pfreeze.outputs.report_partial import killed_summary, partial_note, read_config
 
@@ -31,15 +32,10 @@ def _refuse(run_dir: Path, why: str) -> PfreezeError:
                         "pass the output_dir of a finished or running `pfreeze run`")
 
 
-def _rows(metrics_path: Path) -> list[Row]:
-    rows: list[Row] = []
-    for line in metrics_path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a killed run can leave half a line at the end
-        if isinstance(row, dict) and "arm" in row and isinstance(row.get("step"), int):
-            rows.append(row)
+def metric_rows(metrics_path: Path) -> list[Row]:
+    """A run's metrics.jsonl rows (train and eval of every arm), in step order."""
+    rows = [r for r in read_jsonl(metrics_path)
+            if isinstance(r, dict) and "arm" in r and isinstance(r.get("step"), int)]
     rows.sort(key=lambda r: r["step"])  # arms are interleaved; plots want step order
     return rows
 
@@ -63,7 +59,7 @@ def _load(run_dir: Path) -> tuple[Summary, list[Row], bool]:
         except json.JSONDecodeError as exc:
             raise PfreezeError(f"{summary_path} is not valid JSON ({exc})",
                                "re-run `pfreeze run` for this directory") from exc
-    rows = _rows(metrics_path)
+    rows = metric_rows(metrics_path)
     if summary.get("arms"):
         return summary, rows, True
     if not config_path.is_file():
