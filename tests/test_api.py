@@ -139,6 +139,9 @@ def test_a_run_of_repeats_gives_every_repeats_rows(make_config: Callable[..., Ru
         assert r.summary["config"]["training"]["seed"] == cfg.training.seed + i
         assert list(result.metrics[result.metrics.repeat == i].loss) == list(r.metrics.loss)
     assert list(result.table.repeat) == [0, 1]
+    # The reports the command writes: each repeat's, and the evidence over them.
+    for name in ("repeat-0/report.html", "repeat-1/report.html", "evidence.html"):
+        assert (tmp_path / "rep" / name).is_file(), name
     with pytest.raises(PfreezeError, match="several repeats.*repeat-0"):
         result.export("full", tmp_path / "x")
 

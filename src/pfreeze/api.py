@@ -190,11 +190,11 @@ def run(source: ConfigLike | None = None, /, *, overwrite: bool = False,
     (`training={"max_steps": 10}`), one setting by its path with `__` for the dots
     (`training__max_steps=10`) or dotted (`**{"training.max_steps": 10}`), or a top-level
     one (`output_dir="runs/x"`). `overwrite` replaces a run in output_dir, `resume`
-    continues it from its checkpoint; `report` renders report.html and the figures;
-    `progress` shows a progress bar with the latest losses (on stderr); `on_step(step,
-    losses)` is called after every step instead.
+    continues it from its checkpoint; `report` renders report.html and the figures (a
+    repeats run: each repeat's, and evidence.html); `progress` shows a progress bar with the
+    latest losses (on stderr); `on_step(step, losses)` is called after every step instead.
     """
-    from pfreeze.outputs.report import render_report
+    from pfreeze.outputs.evidence import render_any
     from pfreeze.run.session import run as run_experiment
 
     cfg = config_of(source, **overrides)
@@ -206,8 +206,8 @@ def run(source: ConfigLike | None = None, /, *, overwrite: bool = False,
     finally:
         if bar:
             bar.close()
-    if report and cfg.repeats == 1:
-        render_report(out)
+    if report:  # as the command does: a repeats run gets each repeat's report and the evidence
+        render_any(out)
     return load_result(out)
 
 

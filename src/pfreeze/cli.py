@@ -249,10 +249,9 @@ def rank(
 def report(run_dir: Annotated[Path, typer.Argument(help="A pfreeze run's output_dir.")]) -> None:
     """Re-render plots, report.md and report.html from a run directory's files (of a repeats
     run: every repeat's report and the evidence report over all of them)."""
-    from pfreeze.outputs.evidence import is_repeats_dir, render_repeats
-    from pfreeze.outputs.report import render_report
+    from pfreeze.outputs.evidence import render_any
 
-    written = render_repeats(run_dir) if is_repeats_dir(run_dir) else render_report(run_dir)
+    written = render_any(run_dir)
     for kind, path in written.items():
         console.print(f"{kind}: {escape(str(path))}")
 

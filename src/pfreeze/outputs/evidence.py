@@ -152,3 +152,8 @@ def render_repeats(root: Path) -> dict[str, Path]:
             written[f"{run.name} html"] = render_report(run)["html"]
     written.update(render_evidence(root))
     return written
+
+
+def render_any(root: Path) -> dict[str, Path]:
+    """What `pfreeze report` renders: a repeats run's reports and evidence, else one run's."""
+    return render_repeats(root) if is_repeats_dir(root) else render_report(root)
