@@ -80,7 +80,7 @@ def _from_folder(root: Path, encoding: str | None) -> Documents:
     files = sorted((p for p in root.rglob("*") if p.suffix.lower() in TEXT_SUFFIXES
                     and p.is_file() and visible(p)), key=lambda p: p.relative_to(root).as_posix())
     texts, used = [], set()
-    for i, path in enumerate(files):
+    for path in files:
         if path.stat().st_size == 0:
             continue
         try:
@@ -88,10 +88,11 @@ def _from_folder(root: Path, encoding: str | None) -> Documents:
         except PfreezeError as exc:
             if "whitespace" in exc.problem:
                 continue  # an empty note in a folder of texts is no reason to stop
-            if i and ("not UTF-8" in exc.problem or "cannot be decoded" in exc.problem):
+            if texts and ("not UTF-8" in exc.problem or "cannot be decoded" in exc.problem):
                 guess = "cp1252" if "cp1252" in (exc.fix or "") else "latin-1"
                 raise PfreezeError(
-                    f"{exc.problem}, while the {i} file(s) before it in {root} decoded",
+                    f"{exc.problem}, while the {len(texts)} file(s) before it in {root} "
+                    "decoded",
                     f"every file of a folder is read with one encoding "
                     f"({encoding or 'utf-8'}): convert that file to it, e.g. iconv -f {guess} "
                     f"-t {encoding or 'utf-8'} {path.name}") from None
