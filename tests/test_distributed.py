@@ -362,3 +362,16 @@ def test_what_ranks_must_agree_on_is_one_line(monkeypatch: pytest.MonkeyPatch,
     with pytest.raises(PfreezeError, match="lacks the shards of a sharded arm"):
         sharding.Replicas(None, [0], 0, sharded=True).load_shards(
             torch.nn.Linear(1, 1), None, tmp_path / "arm0.dcp")
+
+
+def test_a_sharded_arm_samples_with_generate_and_refuses_pfreezes_sampler() -> None:
+    from pfreeze.run.runtime import Runtime
+
+    lm = load_model("random:llama")
+    cfg = load_config(None, BASE + ["arms=[{kind: full}]"])
+    rt = Runtime.resolve(cfg.training, cfg.generation, lm.model, 32, sharded=True)
+    assert (rt.decoder, rt.decoder_note) == ("generate",
+                                             "a sharded arm (FSDP2) samples with generate")
+    cfg = load_config(None, BASE + ["arms=[{kind: full}]", "generation.decoder=pfreeze"])
+    with pytest.raises(PfreezeError, match="decoder=pfreeze cannot sample from an arm sharded"):
+        Runtime.resolve(cfg.training, cfg.generation, lm.model, 32, sharded=True)

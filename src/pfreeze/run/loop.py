@@ -131,9 +131,6 @@ class Loop(AcrossRanks):
             self.build_arms(self.lm.model, self.lm.family, mine)
             self.theta0 = None
             del self.lm.model  # each arm holds its own copy now
-        if self.sharded:  # the before-samples are drawn from the sharded modules
-            self.rt = replace(self.rt, decoder="generate",
-                              decoder_note="a sharded arm (FSDP2) samples with generate")
         self.moments = Moments(self.arms, self.rt, self.val_windows, self.train_windows,
                                self.t, cfg.generation, self.lm.tokenizer, self.stats.top_set,
                                self.files, self.probe.windows if self.probe else None)
@@ -149,7 +146,8 @@ class Loop(AcrossRanks):
     def build_arms(self, base: nn.Module, family: str, which: list[int] | None = None) -> None:
         """Copy θ₀ into every arm (or the arms `which`), apply its first plan, build its
         optimizer and tracker."""
-        self.rt = Runtime.resolve(self.t, self.cfg.generation, base, self.cfg.data.block_size)
+        self.rt = Runtime.resolve(self.t, self.cfg.generation, base, self.cfg.data.block_size,
+                                  self.sharded)
         infos = describe_params(base, family)
         self.base_info = {"n_layers": base.config.num_hidden_layers,
                           "total_params": count_params(base),

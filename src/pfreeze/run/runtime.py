@@ -133,13 +133,21 @@ class Runtime:
 
     @classmethod
     def resolve(cls, t: TrainingConfig, g: GenerationConfig, model: nn.Module,
-                block: int) -> Runtime:
+                block: int, sharded: bool = False) -> Runtime:
+        """Every auto setting against `model` on its device; `sharded`: the arms are FSDP2
+        shards, which pfreeze's sampler cannot decode from (their forward gathers)."""
         device = check(t)
         bf16 = _bf16(t, device) or _stored_below_fp32(t, model)
         compiled = resolve_compile(t.torch_compile, device, t.max_steps)
         mode = resolve_compile_mode(t.torch_compile_mode, device, t.gradient_accumulation_steps)
         attention = resolve_backend(t.attention_backend, device, bf16, model, block,
                                     graphs=uses_graphs(compiled, mode))
+        if sharded:
+            if g.decoder == "pfreeze":
+                raise PfreezeError("generation.decoder=pfreeze cannot sample from an arm sharded "
+                                   "with FSDP2", "use generation.decoder=auto (or generate)")
+            return cls(device, bf16, compiled, mode, attention, "generate",
+                       "a sharded arm (FSDP2) samples with generate")
         decoder = resolve_decoder(g.decoder, model, g.top_k, device)
         note = (why_not(model, g.top_k, device) or "") if g.decoder == "auto" else ""
         return cls(device, bf16, compiled, mode, attention, decoder, note)
