@@ -63,18 +63,22 @@ def save(root: Path, arms: list[ArmCheckpoint], rng: dict[str, torch.Tensor],
     ensure_space(root, _nbytes(arms), f"the checkpoint at step {state['step']}")
     tmp.mkdir(parents=True)
     previous = folder(root)  # after a kill mid-swap, the complete one may be .old
-    kept = _names(previous)
+    kept, shards = _names(previous), dict(shards or {})
     try:
         for i, arm in enumerate(arms):
-            # The previous files of this arm (a sequential run's arm0 was another arm's).
+            # The previous files of this arm (a sequential run's arm0 was another arm's), and
+            # its previous shards in place of the new ones.
             if (arm.keep_previous and kept[i:i + 1] == [state["arms"][i].get("name")]
                     and (previous / f"arm{i}.safetensors").exists()):
                 for suffix in (".safetensors", ".optim.pt"):
                     shutil.copy2(previous / f"arm{i}{suffix}", tmp / f"arm{i}{suffix}")
+                if (previous / f"arm{i}.dcp").is_dir():
+                    shutil.copytree(previous / f"arm{i}.dcp", tmp / f"arm{i}.dcp")
+                    shutil.rmtree(shards.pop(f"arm{i}.dcp", tmp / "none"), ignore_errors=True)
                 continue
             save_file(arm.tensors, str(tmp / f"arm{i}.safetensors"))
             torch.save(arm.optimizer, tmp / f"arm{i}.optim.pt")
-        for name, src in (shards or {}).items():
+        for name, src in shards.items():
             shutil.move(str(src), str(tmp / name))
         save_file(rng, str(tmp / "rng.safetensors"))
         write_json(tmp / "state.json", {"format": FORMAT, **state})
