@@ -206,12 +206,11 @@ def families() -> None:
     """List the supported model families: their model_types, roles, fused layouts and the
     model_types pfreeze's sampler serves (the others sample with transformers' generate)."""
     from pfreeze.models.families import FAMILIES
-    from pfreeze.models.layouts import FUSED
+    from pfreeze.models.layouts import FUSED, rule_roles
 
     table = Table("family", "model_types", "roles", "fused layouts", "sampler")
     for fam in FAMILIES.values():
-        roles = dict.fromkeys(r for rule in fam.rules for r in
-                              FUSED.get(rule.layout, (rule.role,)) + ("experts",) * rule.experts)
+        roles = dict.fromkeys(r for rule in fam.rules for r in rule_roles(rule))
         fused = sorted({f"{rule.role}: {rule.layout}" + " per expert" * rule.experts
                         for rule in fam.rules if rule.layout in FUSED})
         served = ("all" if fam.sampler_model_types == fam.model_types else

@@ -126,15 +126,15 @@ def role_index(info: ParamInfo, role: str, heads: list[int] | None,
     return _rows(*_qkv_offsets(rule.layout, role, hs, size, g))
 
 
+def rule_roles(rule: Rule) -> tuple[str, ...]:
+    """The roles a tensor matched by `rule` holds: each role of a fused layout, and
+    `experts` for an expert tensor."""
+    return FUSED.get(rule.layout, (rule.role,)) + ("experts",) * rule.experts
+
+
 def roles_in(info: ParamInfo) -> tuple[str, ...]:
-    """The roles a parameter holds: each role of a fused layout, `experts` for an expert
-    tensor, embed and head when tied."""
-    roles = FUSED.get(info.rule.layout, (info.rule.role,))
-    if info.rule.experts:
-        roles += ("experts",)
-    if info.tied:
-        roles += ("head",)
-    return roles
+    """The roles a parameter holds: its rule's, and head too for an embedding tied to it."""
+    return rule_roles(info.rule) + (("head",) if info.tied else ())
 
 
 def pieces(info: ParamInfo, g: Geometry) -> list[tuple[str, torch.Tensor | None]]:
