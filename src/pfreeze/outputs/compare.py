@@ -7,37 +7,24 @@ pfreeze.outputs.repeats in readable units; columns are "<folder>: <arm>".
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 from pfreeze.errors import PfreezeError
-from pfreeze.outputs.evidence import is_repeats_dir, repeat_dirs
+from pfreeze.outputs.evidence import finished_repeats, is_repeats_dir
+from pfreeze.outputs.files import read_summary
 from pfreeze.outputs.repeats import FIGURES, aggregate
 from pfreeze.outputs.units import fmt, fmt_stats
-
-
-def _read(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    return data if isinstance(data, dict) and data.get("arms") else None
 
 
 def _columns(run: Path) -> tuple[dict[str, list[str]], str]:
     """{arm: cells (one per figure)} of one folder, and how many runs it stands for."""
     if is_repeats_dir(run):
-        summaries = [s for p in repeat_dirs(run) if (s := _read(p / "summary.json"))
-                     and s.get("status") == "finished"]
-        if not summaries:
-            raise PfreezeError(f"no repeat in {run} has finished yet",
-                               f"finish them with `pfreeze run --resume {run}`")
+        summaries = [s for _, s in finished_repeats(run)]
         agg = aggregate(summaries)
         return ({arm: [fmt_stats(e["figures"].get(f.key), f.unit) for f in FIGURES]
                  for arm, e in agg["arms"].items()}, f"{len(summaries)} repeats")
-    summary = _read(run / "summary.json")
-    if summary is None:
+    summary = read_summary(run)
+    if not isinstance(summary, dict) or not summary.get("arms"):
         raise PfreezeError(f"no pfreeze run in {run} (summary.json missing or lists no arms)",
                            "pass the output_dir of a finished `pfreeze run`")
     return ({arm: [fmt(f.get(a), f.unit) for f in FIGURES]

@@ -12,7 +12,6 @@ are left out and the report says so.
 from __future__ import annotations
 
 import base64
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from pfreeze.atomic import write_json, write_text
 from pfreeze.errors import PfreezeError
 from pfreeze.outputs.claims import claims_table
 from pfreeze.outputs.evidence_plots import plot_curves, plot_scatter
+from pfreeze.outputs.files import read_summary
 from pfreeze.outputs.repeats import FIGURES, aggregate, render_markdown
 from pfreeze.outputs.report import _templates, metric_rows, render_report
 from pfreeze.outputs.report_partial import read_config
@@ -45,11 +45,17 @@ def is_repeats_dir(root: Path) -> bool:
 
 def _summary(run: Path) -> dict[str, Any] | None:
     """A repeat's summary if it finished; None otherwise (missing, partial or unreadable)."""
-    try:
-        s = json.loads((run / "summary.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
+    s = read_summary(run)
     return s if isinstance(s, dict) and s.get("status") == "finished" and s.get("arms") else None
+
+
+def finished_repeats(root: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """(folder, summary) of each finished repeat in `root`; one line if none has finished."""
+    done = [(p, s) for p in repeat_dirs(root) if (s := _summary(p)) is not None]
+    if not done:
+        raise PfreezeError(f"no repeat in {root} has finished yet",
+                           f"finish them with `pfreeze run --resume {root}`")
+    return done
 
 
 def _uri(path: Path) -> str:
@@ -116,10 +122,7 @@ def render_evidence(root: Path) -> dict[str, Path]:
     if not runs:
         raise PfreezeError(f"no repeats in {root} (no repeat-<r>/config.yaml)",
                            "pass the output_dir of a `pfreeze run` with repeats > 1")
-    done = [(p, s) for p in runs if (s := _summary(p)) is not None]
-    if not done:
-        raise PfreezeError(f"no repeat in {root} has finished yet",
-                           f"finish them with `pfreeze run --resume {root}`")
+    done = finished_repeats(root)
     planned = int(read_config(root / "config.yaml").get("repeats") or len(runs))
     summaries = [s for _, s in done]
     agg = aggregate(summaries)
