@@ -31,13 +31,16 @@ from pfreeze import (
     meta_model,
     model_config,
 )
+from pfreeze.run.activations import lowest_trained_block
 
 QKV_UPPER = {"kind": "plan", "name": "qkv-upper", "select": ARMS["frozen"]}
 CASES: dict[str, Row] = {
-    # Two arms that train parts of an 8B model, side by side in bf16 storage: the frozen
-    # tensors cost their checkpoint's bytes (15 GiB), the trained ones keep fp32 masters.
+    # Two arms that train the same matrices of an 8B model (q, k, v of the upper half), whole
+    # and by LoRA, side by side in bf16 storage: the frozen tensors cost their checkpoint's
+    # bytes (15 GiB, held once for both arms), the trained ones keep fp32 masters.
     "8b-two-plans": {"model": "random:llama-3.1-8b", "dtype": "bfloat16", "batch": 4,
-                     "seq": 2048, "arms": [QKV_UPPER, {"kind": "lora", "name": "lora"}]},
+                     "seq": 2048, "arms": [QKV_UPPER, {"kind": "lora", "name": "lora-upper",
+                                                       "select": ARMS["frozen"]}]},
     "1b-full-and-frozen": {"model": "random:llama-3.2-1b", "dtype": "bfloat16", "batch": 8,
                            "seq": 2048, "arms": [{"kind": "full", "name": "full"}, QKV_UPPER]},
 }
@@ -62,13 +65,15 @@ def config(case: Row, corpus: str, steps: int, checkpointing: bool,
 
 
 def arm_flops(model_name: str, arm: Row, batch: int, seq: int) -> float:
-    """Model FLOPs of one step of `arm` (a LoRA arm: its adapters sit in every block)."""
+    """Model FLOPs of one step of `arm` (a LoRA arm: backward from its lowest adapted block)."""
     meta = meta_model(model_config(model_name)[0])
     family = family_of(meta)
+    if arm["kind"] == "full":
+        return model_flops(meta, family, {n for n, _ in meta.named_parameters()}, batch, seq)
+    names = set(compile_plan(meta, family, arm.get("select", "roles=q,k,v")).tensors)
     if arm["kind"] == "lora":
-        return model_flops(meta, family, set(), batch, seq, adapters_from=0)
-    names = ({n for n, _ in meta.named_parameters()} if arm["kind"] == "full" else
-             set(compile_plan(meta, family, arm["select"]).tensors))
+        return model_flops(meta, family, set(), batch, seq,
+                           adapters_from=lowest_trained_block(names, family))
     return model_flops(meta, family, names, batch, seq)
 
 

@@ -79,6 +79,11 @@ def test_cli_run_writes_the_run_directory(cli_run) -> None:
                                     "attention": "model", "decoder": "generate",
                                     "gpu_reserved_peak_mb": None,
                                     "arms_placement": "together",
+                                    # every θ₀ tensor but the 24,960 trained elements, fp32,
+                                    # once for both arms (the full arm shares none)
+                                    "frozen_shared_mib": round(
+                                        (summary["model"]["total_params"] - 24_960) * 4
+                                        / 2**20, 1),
                                     "decoder_note": "on the CPU generate is kept (this "
                                                     "sampler's gain is its CUDA graph)"}
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]

@@ -64,6 +64,23 @@ def test_byte_counts_match_a_hand_computation(make_config: Callable[..., RunConf
                              + full.optimizer + full.grads + full.activations)
 
 
+def test_frozen_tensors_count_once_for_arms_together(
+        make_config: Callable[..., RunConfig]) -> None:
+    two = ("arms=[{kind: plan, name: up, select: 'layers=2: roles=q,k,v'}, "
+           "{kind: plan, name: low, select: 'layers=:2 roles=q,k,v'}]")
+    cfg = make_config("model.name=random:llama", two, "model.dtype=bfloat16")
+    plan = memory_plan(cfg, torch.device("meta"), bf16=False)
+    up, low = plan.arms
+    # Each arm trains q, k, v of two blocks (QKV_UPPER elements, fp32 masters) and leaves the
+    # rest frozen; no tensor trains in both, so every θ₀ tensor is frozen in some arm.
+    assert sum(up.frozen.values()) == sum(low.frozen.values()) == (TOTAL - QKV_UPPER) * 2
+    assert plan.shared == TOTAL * 2
+    own = QKV_UPPER * 4 + _buffers() + 2 * QKV_UPPER * 4  # masters, buffers, AdamW
+    assert up.own == low.own == own
+    assert plan.together == TOTAL * 2 + 2 * own + max(up.step, low.step)
+    assert plan.together < up.resident + low.resident + max(up.step, low.step)
+
+
 def test_checkpointing_keeps_block_inputs_only(make_config: Callable[..., RunConfig]) -> None:
     cfg = make_config("model.name=random:llama", QKV, "training.gradient_checkpointing=true")
     qkv = memory_plan(cfg, CPU, bf16=False).arms[0]

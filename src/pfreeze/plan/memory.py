@@ -19,8 +19,10 @@ loads anything and stops there if its arms cannot fit together.
                  tokens × V × (b + 8). An estimate, not a measurement: within tens of percent.
 
 Gradients and activations live for one step of one arm (arms step one after the other and
-gradients are freed after each step), so arms together need Σ(weights + optimizer) + the
-largest (gradients + activations); on the CPU, θ₀ itself is held too while the arms are made.
+gradients are freed after each step). A tensor an arm never trains is θ₀'s, held once for
+all arms (pfreeze.run.shared). So arms together need those shared frozen tensors + Σ(own
+weights + optimizer) + the largest (gradients + activations); on the CPU, θ₀ itself is held
+too while the arms are made.
 Placed one after the other (arms_placement: sequential), the largest arm's total is what
 counts.
 """
@@ -28,7 +30,7 @@ counts.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +65,13 @@ class ArmMemory:
     optimizer: int
     activations: int
     note: str = ""  # e.g. an upper bound: what trains is chosen from data at run time
+    # θ₀'s tensors it never trains, by name: their bytes (part of `weights`), shareable
+    frozen: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def own(self) -> int:
+        """What it holds that no other arm can share: weights it trains, optimizer state."""
+        return self.resident - sum(self.frozen.values())
 
     @property
     def resident(self) -> int:
@@ -87,9 +96,15 @@ class MemoryPlan:
     device: str
 
     @property
+    def shared(self) -> int:
+        """θ₀'s tensors that some arm never trains: on the device once for all arms."""
+        union = {n: b for a in self.arms for n, b in a.frozen.items()}
+        return sum(union.values())
+
+    @property
     def together(self) -> int:
         """Bytes the arms need resident together, at the peak of the largest step."""
-        return (self.base + sum(a.resident for a in self.arms)
+        return (self.base + self.shared + sum(a.own for a in self.arms)
                 + max((a.step for a in self.arms), default=0))
 
     @property
@@ -133,12 +148,14 @@ class MemoryPlan:
 
     def summary(self) -> dict[str, Any]:
         return {"arms": self.rows(), "together_mib": mib(self.together),
+                "frozen_shared_mib": mib(self.shared),
                 "one_at_a_time_mib": mib(self.alone),
                 "free_mib": None if self.free is None else mib(self.free), "device": self.device}
 
     def headline(self) -> str:
         free = "unknown" if self.free is None else f"{mib(self.free):,.0f} MiB"
-        return (f"arms together: {mib(self.together):,.0f} MiB, one at a time "
+        return (f"arms together: {mib(self.together):,.0f} MiB (frozen tensors "
+                f"{mib(self.shared):,.0f} MiB, shared), one at a time "
                 f"(arms_placement: sequential): {mib(self.alone):,.0f} MiB, of {free} free on "
                 f"{self.device}")
 
@@ -166,11 +183,13 @@ def arm_memory(name: str, model: nn.Module, plans: list[Plan | None], storage: t
     sizes = {n: tp.total for p in plans if p is not None for n, tp in p.tensors.items()}
     params = dict(model.named_parameters())  # tied weights once
     store, keep = storage.itemsize, master.itemsize
-    weights = sum(p.numel() * (keep if n in sizes else store) for n, p in params.items())
+    frozen = {n: p.numel() * store for n, p in params.items() if n not in sizes}
+    weights = sum(frozen.values()) + sum(p.numel() * keep for n, p in params.items()
+                                         if n in sizes)
     weights += sum(b.numel() * b.element_size() for b in model.buffers())
     return ArmMemory(name, weights, keep * sum(sizes.values()),
                      optimizer_state_bytes(plans, optim, momentum, bytes_per_element=keep),
-                     activations, note)
+                     activations, note, frozen)
 
 
 def free_bytes(device: torch.device) -> int | None:

@@ -48,6 +48,7 @@ from pfreeze.run.prefix import Caches, PrefixCache
 from pfreeze.run.ranks import AcrossRanks
 from pfreeze.run.runtime import Runtime, release
 from pfreeze.run.sharding import LocalView, Replicas, ShardFreezer
+from pfreeze.run.shared import SharedTheta0
 from pfreeze.settings import ArmConfig, RunSpec
 
 
@@ -88,6 +89,8 @@ class Loop(AcrossRanks):
         self.stage = steps.Staging(self.device)  # host ids -> device, once per step
         self.reserved_mb = 0.0  # GPU memory reserved by this process (all arms), at its peak
         self.sharded = False  # this rank's arm sharded with FSDP2 (setup)
+        self.shared: SharedTheta0 | None = None  # θ₀'s frozen tensors, once for all arms
+        self.shared_mib = 0.0  # their bytes on the device
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -155,7 +158,13 @@ class Loop(AcrossRanks):
         tracked = list(compile_plan(base, family, self.cfg.track).tensors)
         self.theta0 = (base, family, infos, tracked)
         arms = self.cfg.arms if which is None else [self.cfg.arms[i] for i in which]
+        if self.placement == "together" and self.dist.mode != "replicas":
+            self.shared = SharedTheta0(base, self.device)
         self.arms = [self._build(acfg) for acfg in arms]
+        if self.shared is not None:
+            self.shared_mib = sum(t.numel() * t.element_size()
+                                  for t in self.shared.tensors.values()) / 2**20
+            self.shared = None  # the arms hold the device copies; θ₀ itself can go
         if which is None and self.t.prefix_cache is True and not any(a.prefix for a in self.arms):
             why = "; ".join(f"{a.strategy.name}: {a.prefix_note}" for a in self.arms)
             raise PfreezeError(f"training.prefix_cache=true, but no arm can use it ({why})",
@@ -187,6 +196,8 @@ class Loop(AcrossRanks):
         model = strat.build(base)
         # Hash each copy where it was made (host memory): the proof that all arms share θ₀.
         h = getattr(strat, "theta0_hash", None) or state_hash(model)
+        if self.shared is not None:  # what it never trains: θ₀'s one device copy
+            self.shared.alias(model, strat.origin, strat.trained_names())
         model = model.to(self.device).train()
         if self.t.master_weights == "fp32":  # frozen tensors keep their storage dtype
             promote(model, strat.trained_names())
@@ -342,7 +353,9 @@ class Loop(AcrossRanks):
             # reserved during one; gpu_reserved_peak_mb is the run's, all arms together (after
             # a resume, the larger of the two processes' peaks).
             "execution": {**self.rt.reported(), "gpu_reserved_peak_mb": self.reserved_mb or None,
-                          "arms_placement": self.placement},
+                          "arms_placement": self.placement,
+                          # θ₀'s tensors that some arm never trains, held once for all arms
+                          "frozen_shared_mib": round(self.shared_mib, 1)},
             "model": {"name": self.lm.name, "architecture": self.lm.family, **self.base_info},
             "config": self.cfg.model_dump(mode="json"),
             "corpus": self.corpus,

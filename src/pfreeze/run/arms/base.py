@@ -64,10 +64,20 @@ class ArmStrategy:
         self.max_steps = max_steps
         self.calibration = calibration  # for data-driven arms; drawn apart from the stream
         self.plans: dict[int, Plan | None] = {}
+        self.origin: dict[int, str] = {}  # id of a copied parameter -> its θ₀ name
 
     def build(self, base: nn.Module) -> nn.Module:
-        model = copy.deepcopy(base)
+        model = self.copy_theta0(base)
         self.plans = self._plans(model)
+        return model
+
+    def copy_theta0(self, base: nn.Module) -> nn.Module:
+        """This arm's copy of θ₀. `origin` keeps, per copied parameter (by id), the name of the
+        θ₀ parameter it copies, so that the loop can point the ones this arm never trains at
+        one device copy of θ₀ shared by all arms (pfreeze.run.shared)."""
+        memo: dict[int, Any] = {}
+        model = copy.deepcopy(base, memo)
+        self.origin = {id(memo[id(p)]): n for n, p in base.named_parameters()}
         return model
 
     def _plans(self, model: nn.Module) -> dict[int, Plan | None]:
@@ -126,22 +136,6 @@ class ArmStrategy:
                 for n in sorted(self.trained_names()) if n in params}
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 def load_named(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """Copy `tensors` into the parameters of the same names; a name or shape the model does
     not have is refused (the tensors were trained on another model)."""
@@ -161,9 +155,5 @@ def make_arm(cfg: Any, family: str, max_steps: int = 0,
              calibration: Calibration | None = None) -> ArmStrategy:
     """The strategy for one arm config (any kind registered above)."""
     return ARM_KINDS[cfg.kind](cfg, family, max_steps, calibration)
-
-
-
-
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any, Literal
 
@@ -56,7 +55,7 @@ class Lora(ArmStrategy):
     def build(self, base: nn.Module) -> nn.Module:
         from peft import LoraConfig, get_peft_model
 
-        model = copy.deepcopy(base)
+        model = self.copy_theta0(base)
         # θ₀ is the base model; the adapters (B = 0) start as an exact no-op on top of it.
         self.theta0_hash = state_hash(model)
         plan = compile_plan(model, self.family, self.cfg.select)

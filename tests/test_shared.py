@@ -1,0 +1,91 @@
+"""θ₀'s frozen tensors are held once for all arms (pfreeze.run.shared): an arm's tensor that it
+never trains shares its storage with every other arm's copy of that θ₀ tensor, a tensor it
+trains at some step is its own, and a run with sharing equals one without, bit for bit."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import read_rows, rows_of
+from safetensors.torch import load_file
+
+from pfreeze.config import RunConfig
+from pfreeze.outputs.files import RunFiles
+from pfreeze.run import loop as loop_module
+from pfreeze.run.loop import Loop
+from pfreeze.run.session import run_loop
+
+ARMS = ("model.name=random:llama", "training.max_steps=4", "training.weight_decay=0.1",
+        "model.dtype=bfloat16", "training.bf16=auto",
+        "arms=[{kind: full}, {kind: plan, name: qkv, select: 'layers=2: roles=q,k,v'}, "
+        "{kind: unfreeze, every: 2}, {kind: lora, name: lora, select: 'layers=2: roles=q,v'}]")
+
+
+def _storage(model: torch.nn.Module) -> dict[str, int]:
+    return {n: p.untyped_storage().data_ptr() for n, p in model.named_parameters()}
+
+
+def _run(make_config: Callable[..., RunConfig], out: Path) -> tuple[Loop, dict]:
+    loop = Loop(make_config(*ARMS), RunFiles(out))
+    return loop, run_loop(loop)
+
+
+def test_frozen_tensors_share_theta0_and_trained_ones_do_not(
+        make_config: Callable[..., RunConfig], tmp_path: Path) -> None:
+    loop, summary = _run(make_config, tmp_path / "run")
+    arms = {a.strategy.name: a for a in loop.arms}
+    full, qkv = _storage(arms["full"].model), _storage(arms["qkv"].model)
+    unfreeze = _storage(arms["unfreeze"].model)
+    lora = {n.replace("base_model.model.", "").replace(".base_layer", ""): s
+            for n, s in _storage(arms["lora"].model).items() if "lora_" not in n}
+    trained = arms["qkv"].strategy.trained_names()
+    assert trained and set(qkv) == set(full) == set(lora)
+    for name in qkv:
+        # The full arm trains everything: nothing of it is shared.
+        assert full[name] not in (qkv[name], lora[name])
+        if name in trained:  # the qkv arm's own fp32 master, never the LoRA arm's θ₀
+            assert qkv[name] != lora[name]
+            assert arms["qkv"].freezer.params[name].dtype == torch.float32
+        else:  # one storage, in the checkpoint's dtype
+            assert qkv[name] == lora[name]
+    assert all(p.dtype == torch.bfloat16 for n, p in arms["lora"].model.named_parameters()
+               if "lora_" not in n)
+    # The unfreeze arm trains every block by its last phase: none of its blocks is shared.
+    ever = arms["unfreeze"].strategy.trained_names()
+    assert all(unfreeze[n] != qkv[n] for n in ever)
+    assert summary["execution"]["frozen_shared_mib"] > 0
+    # Training did not move a shared tensor: each arm's audit finds its frozen tensors at θ₀.
+    for arm in summary["arms"].values():
+        assert arm["integrity"]["ok"], arm["integrity"]
+
+
+class _NoSharing:
+    def __init__(self, *args: object) -> None:
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def alias(self, *args: object) -> int:
+        return 0
+
+
+def test_sharing_changes_no_number(make_config: Callable[..., RunConfig], tmp_path: Path,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    _, shared = _run(make_config, tmp_path / "shared")
+    monkeypatch.setattr(loop_module, "SharedTheta0", _NoSharing)
+    loop, alone = _run(make_config, tmp_path / "alone")
+    assert alone["execution"]["frozen_shared_mib"] == 0
+    ptrs = [_storage(a.model) for a in loop.arms if a.strategy.name in ("qkv", "lora")]
+    assert not set(ptrs[0].values()) & set(ptrs[1].values())
+    for kind in ("train", "eval"):
+        got = [{k: r[k] for k in ("step", "arm", "loss", "val_loss", "batch_hash") if k in r}
+               for r in rows_of(read_rows(tmp_path / "shared"), kind)]
+        want = [{k: r[k] for k in ("step", "arm", "loss", "val_loss", "batch_hash") if k in r}
+                for r in rows_of(read_rows(tmp_path / "alone"), kind)]
+        assert got == want and got
+    for arm in ("full", "qkv", "unfreeze", "lora"):
+        a = load_file(tmp_path / "shared" / "arms" / arm / "trained.safetensors")
+        b = load_file(tmp_path / "alone" / "arms" / arm / "trained.safetensors")
+        assert a.keys() == b.keys() and a
+        assert all(torch.equal(a[k], b[k]) for k in a)
