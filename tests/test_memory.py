@@ -81,6 +81,15 @@ def test_frozen_tensors_count_once_for_arms_together(
     assert plan.together < up.resident + low.resident + max(up.step, low.step)
 
 
+def test_a_lora_arm_keeps_activations_from_its_lowest_adapted_block(
+        make_config: Callable[..., RunConfig]) -> None:
+    lora = "arms=[{kind: lora, name: lora, select: 'layers=2: roles=q,v'}]"
+    arm = memory_plan(make_config("model.name=random:llama", lora), CPU, bf16=False).arms[0]
+    # Blocks 2 and 3 keep activations; its base is all frozen θ₀, shareable.
+    assert arm.activations == 2 * TOKENS * (10 * H + 3 * MLP) * 4 + TOKENS * V * 12
+    assert sum(arm.frozen.values()) == TOTAL * 4 and arm.grads == arm.optimizer == 0
+
+
 def test_checkpointing_keeps_block_inputs_only(make_config: Callable[..., RunConfig]) -> None:
     cfg = make_config("model.name=random:llama", QKV, "training.gradient_checkpointing=true")
     qkv = memory_plan(cfg, CPU, bf16=False).arms[0]

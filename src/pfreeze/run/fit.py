@@ -10,7 +10,7 @@ from torch import nn
 from pfreeze.errors import PfreezeError
 from pfreeze.models.load import family_of, meta_model, model_config, storage_dtype
 from pfreeze.plan import memory
-from pfreeze.plan.selectors import Plan, full_plan
+from pfreeze.plan.selectors import Plan, compile_plan, full_plan
 from pfreeze.run.activations import lowest_trained_block
 from pfreeze.run.arms import ArmStrategy, make_arm
 from pfreeze.settings import RunSpec
@@ -51,8 +51,12 @@ def _arm_plans(strat: ArmStrategy, model: nn.Module, family: str
         arm_model = strat.build(model)
     except (NotImplementedError, RuntimeError):
         # A kind whose build reads weights (a wrapper hashing its θ₀: LoRA) cannot build on
-        # the meta device; its own small tensors are left out, the base counted frozen.
-        return model, [], "adapter tensors not counted (they are made at run time)", 0
+        # the meta device; its own small tensors are left out, the base counted frozen, and
+        # backward reaches down to the lowest block its selector adapts.
+        select = getattr(strat.cfg, "select", None)
+        adapted = compile_plan(model, family, select).tensors if select else {}
+        return (model, [], "adapter tensors not counted (they are made at run time)",
+                lowest_trained_block(adapted, family) if adapted else 0)
     plans = list(strat.plans.values())
     names = {n for p in plans if p is not None for n in p.tensors}
     return arm_model, plans, "", lowest_trained_block(names, family) if names else None
