@@ -13,13 +13,16 @@ from pfreeze.data.corpus import (
     GUTENBERG_URL,
     CorpusStats,
     cache_dir,
+    count_tokens,
     describe,
     read_corpus,
     strip_gutenberg,
-    tokenize_corpus,
     top_share,
 )
+from pfreeze.data.formats import Documents
+from pfreeze.data.tokens import tokenize_documents
 from pfreeze.errors import PfreezeError
+from pfreeze.settings import DataConfig
 
 MOBY = Path("/work/shared/data/moby-dick/pg2701.txt")
 
@@ -48,6 +51,13 @@ class ListTokenizer:
         return list(self.ids)
 
 
+def tokenize(text: str, tokenizer, validation_fraction: float = 0.1, top_k: int = 100,
+             min_tokens: int = 2) -> CorpusStats:
+    """The statistics pfreeze makes of a corpus of one text (pfreeze.data.tokens)."""
+    data = DataConfig(corpus="text", validation_fraction=validation_fraction, top_k=top_k)
+    return tokenize_documents(Documents("text", texts=[text]), tokenizer, data, min_tokens)
+
+
 def raises(match: str, fn, *args, **kwargs) -> str:
     """Assert fn raises a one-line PfreezeError containing `match`; return the message."""
     with pytest.raises(PfreezeError) as info:
@@ -72,7 +82,7 @@ def test_top_share_hand_counted() -> None:
 def test_top_k_table_hand_counted_with_ties() -> None:
     # counts: 7->3, 2->2, 5->2, 9->1, 1->1 ; ties broken by the smaller id
     ids = [5, 7, 2, 7, 9, 5, 7, 2, 1]
-    stats = tokenize_corpus("x", ListTokenizer(ids), validation_fraction=0.0, top_k=3)
+    stats = tokenize("x", ListTokenizer(ids), validation_fraction=0.0, top_k=3)
     assert stats.top_k == [(7, 3), (2, 2), (5, 2)]
     assert stats.frequency_table() == [(7, 3), (2, 2), (5, 2), (1, 1), (9, 1)]
     assert stats.n_unique == 5
@@ -83,7 +93,7 @@ def test_top_k_table_hand_counted_with_ties() -> None:
 
 def test_validation_is_exact_tail() -> None:
     ids = list(range(100, 120))  # 20 tokens
-    stats = tokenize_corpus("x", ListTokenizer(ids), validation_fraction=0.25)
+    stats = tokenize("x", ListTokenizer(ids), validation_fraction=0.25)
     assert stats.n_train == 15
     assert stats.train_ids == ids[:15]
     assert stats.val_ids == ids[15:]
@@ -93,37 +103,38 @@ def test_validation_is_exact_tail() -> None:
 def test_frequencies_cover_whole_corpus_not_just_train() -> None:
     # id 9 only appears in the validation tail but is still the most frequent
     ids = [1, 2, 3, 4, 5, 6, 9, 9, 9, 9]
-    stats = tokenize_corpus("x", ListTokenizer(ids), validation_fraction=0.4, top_k=1)
+    stats = tokenize("x", ListTokenizer(ids), validation_fraction=0.4, top_k=1)
     assert stats.val_ids == [9, 9, 9, 9]
     assert stats.top_k == [(9, 4)]
 
 
 def test_zero_validation_fraction_allows_empty_val() -> None:
-    stats = tokenize_corpus("a b c", WordTokenizer(), validation_fraction=0.0, min_tokens=3)
+    stats = tokenize("a b c", WordTokenizer(), validation_fraction=0.0, min_tokens=3)
     assert stats.n_train == 3
     assert stats.val_ids == []
 
 
 def test_too_short_for_training_window() -> None:
-    message = raises("needs 257", tokenize_corpus, "a " * 120, WordTokenizer(), 0.0, 100, 257)
+    message = raises("needs 257", tokenize, "a " * 120, WordTokenizer(), 0.0, 100, 257)
     assert "120 tokens" in message
     assert "data.block_size" in message
 
 
 def test_too_short_for_validation_window() -> None:
     # 20 tokens, 10% -> 2 validation tokens, but a window needs 5
-    raises("validation part has 2 tokens", tokenize_corpus, "w " * 20, WordTokenizer(), 0.1, 10, 5)
+    raises("validation part has 2 tokens", tokenize, "w " * 20, WordTokenizer(), 0.1, 10, 5)
 
 
 @pytest.mark.parametrize("fraction", [-0.1, 0.6, 1.0])
 def test_bad_validation_fraction(fraction: float) -> None:
-    raises("outside [0, 0.5]", tokenize_corpus, "a b c d", WordTokenizer(), fraction)
+    # DataConfig refuses such a fraction first; count_tokens refuses it for any other caller.
+    raises("outside [0, 0.5]", count_tokens, [0, 1, 2, 3], fraction)
 
 
 def test_describe_is_consistent() -> None:
     tok = WordTokenizer()
     text = "the cat the dog the cat a bird the end"  # 10 words
-    stats = tokenize_corpus(text, tok, validation_fraction=0.2, top_k=2)
+    stats = tokenize(text, tok, validation_fraction=0.2, top_k=2)
     info = describe(stats, tok.decode)
     assert info["n_total"] == 10
     assert info["n_train"] == 8

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pfreeze.data import tokens
-from pfreeze.data.formats import read_documents
+from pfreeze.data.formats import Documents, read_documents
 from pfreeze.data.tokens import documents_n_val, tokenize_documents
 from pfreeze.errors import PfreezeError
 from pfreeze.models.load import ByteTokenizer, HFTokenizer
@@ -206,6 +206,22 @@ def test_bad_inputs_get_one_line_each(tmp_path: Path) -> None:
     one_line("'messages' is not a list", _write(tmp_path / "m.jsonl", '{"messages": "hi"}\n'))
 
 
+def test_a_valid_jsonl_is_parsed_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """datasets alone parses a good file; the line-by-line check runs only on its failure, and
+    then names the file and line."""
+    from pfreeze.data import formats
+
+    checked: list[Path] = []
+    check = formats._check_json
+    monkeypatch.setattr(formats, "_check_json", lambda path: (checked.append(path), check(path)))
+    good = _write(tmp_path / "good.jsonl", "".join(json.dumps({"text": d}) + "\n" for d in DOCS))
+    assert stream(good) == list("\n\n".join(DOCS).encode())
+    assert checked == []
+    bad = _write(tmp_path / "bad.jsonl", '{"text": "fine"}\n{"text": "a" "b"}\n')
+    assert f"{bad} line 2 is not JSON" in one_line("line 2 is not JSON", bad)
+    assert checked == [bad]
+
+
 def test_a_hub_dataset_offline_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     import datasets
     import huggingface_hub.constants
@@ -242,7 +258,7 @@ def test_a_run_on_jsonl_reports_the_plain_texts_statistics_and_p(
     token stream) and p is measured against its top-k set."""
     from conftest import corpus_text
 
-    from pfreeze.data.corpus import describe, tokenize_corpus
+    from pfreeze.data.corpus import describe
     from pfreeze.outputs.files import RunFiles
     from pfreeze.run.loop import Loop
     from pfreeze.run.session import run_loop
@@ -254,8 +270,9 @@ def test_a_run_on_jsonl_reports_the_plain_texts_statistics_and_p(
     cfg = make_config(f"data.corpus={path}", "training.max_steps=2",
                       "data.validation_split=documents", "arms=[{kind: plan}]")
     summary = run_loop(Loop(cfg, RunFiles(tmp_path / "run")))
-    plain = describe(tokenize_corpus("\n\n".join(paragraphs), ByteTokenizer(), 0.1,
-                                     cfg.data.top_k, 32), ByteTokenizer().decode)
+    one_text = Documents("plain", texts=["\n\n".join(paragraphs)])
+    plain = describe(tokenize_documents(one_text, ByteTokenizer(), DataConfig(top_k=cfg.data.top_k),
+                                        min_tokens=32), ByteTokenizer().decode)
     corpus = summary["corpus"]
     assert corpus["n_documents"] == len(paragraphs) > 10
     assert corpus["top"] == plain["top"] and corpus["n_total"] == plain["n_total"]
@@ -270,4 +287,5 @@ def test_the_cli_gives_a_bad_jsonl_line_as_one_line(tmp_path: Path) -> None:
     bad = _write(tmp_path / "bad.jsonl", '{"text": "fine"}\nnot json\n')
     proc = pfreeze("run", "--corpus", str(bad), "-o", str(tmp_path / "out"), *sets(*TINY))
     assert_one_line_error(proc, f"{bad} line 2 is not JSON")
+    assert "Failed to load JSON" not in proc.stderr  # datasets' own log of the failure
     assert not (tmp_path / "out").exists()

@@ -18,7 +18,9 @@ from conftest import TINY_RUN_STEPS, TinyRun, read_rows, rows_of
 from safetensors.torch import load_file
 
 from pfreeze.config import dump_config
-from pfreeze.data.corpus import BatchStream, read_corpus, strip_gutenberg, tokenize_corpus
+from pfreeze.data.corpus import BatchStream
+from pfreeze.data.formats import read_documents
+from pfreeze.data.tokens import tokenize_documents
 from pfreeze.measure.generation import generate_samples, p_stats
 from pfreeze.measure.heldout import fixed_windows
 from pfreeze.measure.stats import mean_ci, t_quantile
@@ -129,9 +131,8 @@ def test_arms_saw_identical_batches_and_batches_change(tiny_run: TinyRun) -> Non
 
 
 def _train_ids(cfg) -> list[int]:
-    text, _ = read_corpus(cfg.data.corpus)
-    stats = tokenize_corpus(strip_gutenberg(text), ByteTokenizer(), cfg.data.validation_fraction,
-                            cfg.data.top_k, min_tokens=cfg.data.block_size)
+    stats = tokenize_documents(read_documents(cfg.data), ByteTokenizer(), cfg.data,
+                               min_tokens=cfg.data.block_size)
     return stats.train_ids
 
 

@@ -1,4 +1,4 @@
-"""Read a plain-text corpus, strip Project Gutenberg boilerplate, tokenise it and count tokens.
+"""Read a plain-text corpus, strip Project Gutenberg boilerplate and count its tokens.
 
 Here a corpus is a local text file or `gutenberg:<id>` (folders, JSONL, CSV, Parquet, saved
 and hub datasets: pfreeze.data.formats, which reads text files through this module). Every way
@@ -245,22 +245,6 @@ def _ranked(counts: Counter[int]) -> list[tuple[int, int]]:
     return sorted(counts.items(), key=lambda item: (-item[1], item[0]))
 
 
-def tokenize_corpus(
-    text: str,
-    tokenizer: Tokenizer,
-    validation_fraction: float = 0.1,
-    top_k: int = 100,
-    min_tokens: int = 2,
-) -> CorpusStats:
-    """Tokenise one text; hold out its contiguous tail as validation; count token frequencies.
-
-    The validation set is the tail (not a random sample) so that no validation window overlaps
-    training text. Frequencies cover the whole corpus.
-    """
-    ids = [int(token) for token in tokenizer.encode(text)]
-    return count_tokens(ids, validation_fraction, top_k, min_tokens)
-
-
 def count_tokens(
     ids: list[int],
     validation_fraction: float = 0.1,
@@ -269,7 +253,10 @@ def count_tokens(
     n_val: int | None = None,
 ) -> CorpusStats:
     """The statistics of a token stream whose last `n_val` ids (default: the tail share
-    `validation_fraction`) are validation text."""
+    `validation_fraction`) are validation text.
+
+    Validation is a tail (not a random sample) so that no validation window overlaps
+    training text; frequencies cover the whole stream."""
     if not 0.0 <= validation_fraction <= 0.5:
         raise PfreezeError(
             f"validation fraction {validation_fraction} is outside [0, 0.5]",

@@ -16,6 +16,7 @@ the file and, for JSONL, the line.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,6 +111,9 @@ def _datasets() -> Any:
     import datasets
 
     datasets.disable_progress_bars()  # a corpus of a few files is read in a blink
+    # Its JSON reader logs each parse failure before raising it; pfreeze reports the failure
+    # in its own one line.
+    logging.getLogger("datasets.packaged_modules.json.json").setLevel(logging.CRITICAL)
     return datasets
 
 
@@ -119,13 +123,13 @@ def _from_file(path: Path, builder: str, text_field: str, encoding: str | None) 
                            f"convert {path.name} to UTF-8, or drop data.encoding")
     if path.stat().st_size == 0:
         raise PfreezeError(f"corpus file {path} is empty", "pass a file that holds rows")
-    if builder == "json":
-        _check_json(path)  # datasets names neither the line nor the file of a parse error
     ds = _datasets()
     try:
         rows = ds.load_dataset(builder, data_files=str(path), split="train",
                                cache_dir=str(cache_dir() / "datasets"))
     except Exception as exc:  # datasets wraps each parser's own error types
+        if builder == "json":  # datasets names neither the line nor the file of a parse
+            _check_json(path)  # error: read the file again only to find them
         cause = exc.__cause__ or exc
         raise PfreezeError(f"cannot read {path} as {builder.upper()} "
                            f"({type(cause).__name__}: {_one_line(cause)})",
@@ -135,7 +139,8 @@ def _from_file(path: Path, builder: str, text_field: str, encoding: str | None) 
 
 
 def _check_json(path: Path) -> None:
-    """Raise, naming the line, where a .jsonl line (or a .json file) is not JSON."""
+    """Raise, naming the line, where a .jsonl line (or a .json file) is not JSON (or not
+    UTF-8, or a .jsonl line not an object); return where every line is."""
     try:
         text, _ = _read_local(path, None)
     except PfreezeError as exc:
