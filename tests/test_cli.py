@@ -93,7 +93,10 @@ def test_cli_run_writes_the_run_directory(cli_run) -> None:
     # The closing table shows the key numbers whole, even 80 columns wide.
     for a in summary["arms"].values():
         assert f"{a['val_loss_before']:.3f}→{a['val_loss_after']:.3f}" in proc.stderr
-        assert f"{a['p_before']['mean']:.3f}→{a['p_after']['mean']:.3f}" in proc.stderr
+        # p in % and the step in ms, as `pfreeze compare` and the evidence report show them
+        assert f"{100 * a['p_before']['mean']:.1f}%→{100 * a['p_after']['mean']:.1f}%" \
+            in proc.stderr
+        assert f"{1e3 * a['median_step_time_s']:,.1f} ms" in proc.stderr
     report = (out / "report.md").read_text()
     assert summary["theta0_hash"] in report
     assert "qkv-upper-half" in report and "full" in report

@@ -4,6 +4,7 @@ numbers, the combined report for 2 and 3 repeats and for an interrupted-then-res
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import shutil
@@ -113,6 +114,29 @@ def test_repeats_md_numbers_are_human_formatted() -> None:
     assert "20.0 ± 2.5 ms" in text  # full's median step: mean 0.020 s, CI half 0.00248 s
 
 
+
+def _cells(line: str) -> list[str]:
+    """The cells of a Markdown table row ('\\|' inside a cell is no border)."""
+    return [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]
+
+
+def _table(md: str, heading: str) -> list[list[str]]:
+    """The rows (header first, the --- line left out) of the first table under `heading`."""
+    lines = md.split(heading, 1)[1].splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("|"))
+    rows = [_cells(ln) for ln in itertools.takewhile(lambda ln: ln.startswith("|"),
+                                                     lines[start:])]
+    return [rows[0], *rows[2:]]
+
+
+def test_a_pipe_in_an_arm_name_does_not_break_repeats_md() -> None:
+    renamed = [{"arms": {"full": a["full"], "a|b": a["frozen"]}} for a in KNOWN]
+    text = render_markdown(aggregate(renamed))
+    rows = [ln for ln in text.splitlines() if ln.startswith("|")]
+    assert rows and {len(_cells(r)) for r in rows} == {len(_cells(rows[0]))}
+    assert "| a\\|b |" in text
+
+
 # ------------------------------------------------------------------ real tiny repeats runs
 
 
@@ -189,6 +213,25 @@ def test_compare_puts_two_runs_side_by_side(three: Path, tiny_run) -> None:
     assert "3 repeats" in notes[1]
     result = CliRunner().invoke(app, ["compare", "--markdown", str(tiny_run.dir), str(three)])
     assert result.exit_code == 0 and "| trainable params |" in result.output
+
+
+
+def test_repeats_md_evidence_and_compare_show_the_same_cells(three: Path) -> None:
+    render_evidence(three)
+    repeats = _table((three / "repeats.md").read_text(), "seeds")  # arms as rows
+    by_arm = {r[0]: dict(zip(repeats[0][1:], r[1:], strict=True)) for r in repeats[1:]}
+    evidence = _table((three / "evidence.md").read_text(), "## Per arm")  # arms as columns
+    header, rows, _ = compare([three, three])
+    arms = evidence[0][1:]
+    assert arms == list(by_arm) == [h.split(": ", 1)[1] for h in header[1:3]]
+    shown = 0
+    for ev, cmp in zip(evidence[1:], rows, strict=True):
+        assert ev == cmp[:3] and cmp[1:3] == cmp[3:]  # the same cells, folder after folder
+        for arm, cell in zip(arms, ev[1:], strict=True):
+            if ev[0] in by_arm[arm]:
+                assert by_arm[arm][ev[0]] == cell, (arm, ev[0])
+                shown += 1
+    assert shown == 2 * (len(repeats[0]) - 1) and "±" in by_arm["plan"]["held-out after"]
 
 
 def test_compare_refuses_a_folder_without_a_run(three: Path, tmp_path: Path) -> None:

@@ -85,6 +85,7 @@ def test_the_model_card_names_what_trained_and_the_figures(trained: tuple,
     assert "base_model:" not in card  # a random shape has no hub id
     assert a["description"] in card
     assert f"{a['val_loss_before']:.4f} | {a['val_loss_after']:.4f}" in card
+    assert f"| {100 * a['p_before']['mean']:.1f}% | {100 * a['p_after']['mean']:.1f}% |" in card
     assert f"{a['trainable_params']:,} of {a['total_params']:,}" in card
     assert "byte" in card  # the tokenizer of a random model is explained
     assert "merged" not in card

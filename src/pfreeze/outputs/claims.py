@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pfreeze.outputs.repeats import BY_KEY
+from pfreeze.outputs.figures import BY_KEY
 from pfreeze.outputs.units import diff_unit, fmt_ci, fmt_stats
 
 HOLDS, CONTRADICTED, NOT_SHOWN = "holds", "contradicted", "not shown"
@@ -28,7 +28,7 @@ HOLDS, CONTRADICTED, NOT_SHOWN = "holds", "contradicted", "not shown"
 
 @dataclass(frozen=True)
 class Claim:
-    """One claim: `key` a figure of pfreeze.outputs.repeats, `lower` whether the claim says
+    """One claim: `key` a figure of pfreeze.outputs.figures, `lower` whether the claim says
     the arm's value is below the reference's (else above), `own` whether the figure is the
     arm's own rather than its paired difference with the reference."""
 

@@ -20,11 +20,12 @@ from pfreeze.atomic import write_json, write_text
 from pfreeze.errors import PfreezeError
 from pfreeze.outputs.claims import claims_table
 from pfreeze.outputs.evidence_plots import plot_curves, plot_scatter
+from pfreeze.outputs.figures import by_figure, figure_cells
 from pfreeze.outputs.files import read_summary
-from pfreeze.outputs.repeats import FIGURES, aggregate, render_markdown
+from pfreeze.outputs.repeats import aggregate, render_markdown
 from pfreeze.outputs.report import _templates, metric_rows, render_report
 from pfreeze.outputs.report_partial import read_config
-from pfreeze.outputs.units import DASH, diff_unit, fmt_stats
+from pfreeze.outputs.units import DASH
 
 _REPEAT = re.compile(r"repeat-(\d+)")
 EVIDENCE_FILES = ("evidence.html", "evidence.md", "evidence-curves.png", "evidence-scatter.png")
@@ -83,13 +84,8 @@ def _what(first: dict[str, Any], planned: int, done: int) -> str:
 
 def _figure_rows(agg: dict[str, Any], part: str) -> tuple[list[str], list[dict[str, Any]]]:
     """One row per figure, one column per arm (per compared arm for the differences)."""
-    arms = [a for a in agg["arms"] if part == "figures" or a != agg["reference_arm"]]
-    diff = part != "figures"
-    rows = [{"figure": f.title,
-             "cells": [fmt_stats(agg["arms"][a][part].get(f.key),
-                                 diff_unit(f.unit) if diff else f.unit, diff) for a in arms]}
-            for f in FIGURES]
-    return arms, rows
+    cells = figure_cells(agg, part)
+    return list(cells), [{"figure": r[0], "cells": r[1:]} for r in by_figure(list(cells.values()))]
 
 
 def _context(root: Path, summaries: list[dict[str, Any]], agg: dict[str, Any],

@@ -3,75 +3,19 @@
 Repeat r runs every arm with seed `training.seed + r` (random init, batch stream) and
 generation seed `generation.seed + r`, shared by all arms of that repeat, into
 `output_dir/repeat-<r>/` (each a complete run with its own report). `repeats.json` and
-`repeats.md` then give, per arm, mean ± 95% CI of each headline figure over repeats, and a
-*paired* comparison with the reference arm (the first one): the per-repeat difference
-arm − reference, with its mean and CI. Pairing removes the seed-to-seed variation both arms
-share, which is why the arms see identical batches in the first place.
+`repeats.md` then give, per arm, mean ± 95% CI of each headline figure
+(pfreeze.outputs.figures) over repeats, and a *paired* comparison with the reference arm (the
+first one): the per-repeat difference arm − reference, with its mean and CI. Pairing removes
+the seed-to-seed variation both arms share, which is why the arms see identical batches in the
+first place.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from pfreeze.measure.stats import mean_ci
-from pfreeze.outputs.units import diff_unit, fmt_stats
-
-
-def _get(key: str) -> Callable[[dict[str, Any]], float | None]:
-    return lambda a: a.get(key)
-
-
-def _gap(a: dict[str, Any]) -> float | None:
-    v, t = a.get("val_loss_after"), a.get("train_loss_after")
-    return None if v is None or t is None else v - t
-
-
-def _p(moment: str, field: str = "mean") -> Callable[[dict[str, Any]], float | None]:
-    return lambda a: (a.get(moment) or {}).get(field)
-
-
-def _p_rise(a: dict[str, Any]) -> float | None:
-    after, before = _p("p_after")(a), _p("p_before")(a)
-    return None if after is None or before is None else after - before
-
-
-@dataclass(frozen=True)
-class Figure:
-    """One headline figure of an arm: its key in repeats.json, its title, its unit
-    (pfreeze.outputs.units) and how to read it from the arm's summary."""
-
-    key: str
-    title: str
-    unit: str
-    get: Callable[[dict[str, Any]], float | None]
-    table: bool = True  # in repeats.md's tables (the rest: repeats.json and the claims)
-
-
-FIGURES: list[Figure] = [
-    Figure("trainable_params", "trainable params", "params", _get("trainable_params")),
-    Figure("median_step_time_s", "median step", "ms", _get("median_step_time_s")),
-    Figure("tokens_per_s", "throughput", "ktok/s", _get("tokens_per_s")),
-    Figure("peak_mem_mb", "peak memory", "MiB", _get("peak_mem_mb")),
-    Figure("last_loss", "last loss", "nats", _get("last_loss"), table=False),
-    Figure("mean_loss", "mean loss", "nats", _get("mean_loss"), table=False),
-    Figure("val_loss_best", "held-out best", "nats", _get("val_loss_best")),
-    Figure("val_loss_best_step", "best step", "params", _get("val_loss_best_step")),
-    Figure("val_loss_after", "held-out after", "nats", _get("val_loss_after")),
-    Figure("overfit_gap", "overfit gap", "nats", _gap),
-    Figure("p_after", "p after", "%", _p("p_after")),
-    Figure("p_rise", "p rise", "pp", _p_rise, table=False),
-    Figure("p_spread_after", "p spread (std) after", "pp", _p("p_after", "std"), table=False),
-    Figure("probe_loss_before", "probe before", "nats", _get("probe_loss_before"), table=False),
-    Figure("probe_loss_after", "probe after", "nats", _get("probe_loss_after"), table=False),
-    Figure("learning_best", "learning (best)", "nats", _get("learning_best"), table=False),
-    Figure("learning_after", "learning", "nats", _get("learning_after")),
-    Figure("forgetting_best", "forgetting (best)", "nats", _get("forgetting_best"),
-           table=False),
-    Figure("forgetting_after", "forgetting", "nats", _get("forgetting_after")),
-]
-BY_KEY = {f.key: f for f in FIGURES}
+from pfreeze.outputs.figures import FIGURES, figure_cells, markdown_table
 
 
 def _stats(values: list[float | None]) -> dict[str, Any]:
@@ -103,17 +47,12 @@ def aggregate(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _table(agg: dict[str, Any], part: str, signed: bool) -> list[str]:
+def _table(agg: dict[str, Any], part: str) -> list[str]:
+    """Arms as rows, the figures of repeats.md as columns."""
     shown = [f for f in FIGURES if f.table]
-    lines = ["| arm | " + " | ".join(f.title for f in shown) + " |",
-             "|---|" + "---:|" * len(shown)]
-    for arm, e in agg["arms"].items():
-        if part == "vs_reference" and arm == agg["reference_arm"]:
-            continue
-        cells = [fmt_stats(e[part].get(f.key), diff_unit(f.unit) if signed else f.unit, signed)
-                 for f in shown]
-        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
-    return lines
+    cells = figure_cells(agg, part, shown)
+    return markdown_table(["arm", *(f.title for f in shown)],
+                          [[arm, *c] for arm, c in cells.items()])
 
 
 def render_markdown(agg: dict[str, Any]) -> str:
@@ -123,9 +62,9 @@ def render_markdown(agg: dict[str, Any]) -> str:
              "Mean ± half-width of the 95% t-interval over repeats. Losses in nats/token; p "
              "in % of generated tokens (differences in percentage points, pp); learning: the "
              "fall of held-out loss, forgetting: the rise of the probe's loss (after training "
-             "against before).", "", *_table(agg, "figures", False),
+             "against before).", "", *_table(agg, "figures"),
              "", f"## Paired difference: arm − {ref} (same seed, same batches)", "",
-             *_table(agg, "vs_reference", True),
+             *_table(agg, "vs_reference"),
              "", "Each repeat's full report: `repeat-<r>/report.html`; all repeats together, "
              "with the claims table: `evidence.html`.", ""]
     return "\n".join(lines)
