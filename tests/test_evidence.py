@@ -5,6 +5,7 @@ numbers, the combined report for 2 and 3 repeats and for an interrupted-then-res
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import re
 import shutil
@@ -165,11 +166,16 @@ def test_combined_report_of_two_repeats(three: Path, tmp_path: Path) -> None:
     two.mkdir()
     for r in range(2):
         shutil.copytree(three / f"repeat-{r}", two / f"repeat-{r}")
+        # As a GPU run records it: the header names the card, not just "cuda".
+        summary = json.loads((two / f"repeat-{r}" / "summary.json").read_text())
+        summary["environment"].update(device="cuda", device_name="NVIDIA H100 80GB HBM3")
+        (two / f"repeat-{r}" / "summary.json").write_text(json.dumps(summary))
     cfg = yaml.safe_load((three / "config.yaml").read_text())
     (two / "config.yaml").write_text(yaml.safe_dump({**cfg, "repeats": 2}))
     render_evidence(two)
     md = (two / "evidence.md").read_text()
     assert "2 of 2 repeats finished" in md
+    assert "· device NVIDIA H100 80GB HBM3\n" in md
     agg = (two / "repeats.json").read_text()
     assert '"repeats": 2' in agg
 

@@ -99,7 +99,8 @@ def _context(root: Path, summaries: list[dict[str, Any]], agg: dict[str, Any],
         "title": f"pfreeze evidence: {(first.get('model') or {}).get('name', DASH)}, "
                  f"{done} repeats",
         "created": first.get("created", DASH), "command": first.get("command"),
-        "device": env.get("device") or DASH, "what": _what(first, planned, done),
+        # The card's name where the run recorded one (figures compare within one card only).
+        "device": env.get("device_name") or env.get("device") or DASH, "what": _what(first, planned, done),
         "partial": partial, "ref": agg["reference_arm"],
         "figures": _figure_rows(agg, "figures"),
         "diffs": _figure_rows(agg, "vs_reference"),
