@@ -27,11 +27,12 @@ from bench.flops import model_flops
 from bench.results import run_environment, write_json
 from pfreeze import (
     compile_plan,
+    describe_params,
     family_of,
+    first_trained_block,
     meta_model,
     model_config,
 )
-from pfreeze.run.activations import lowest_trained_block
 
 QKV_UPPER = {"kind": "plan", "name": "qkv-upper", "select": ARMS["frozen"]}
 CASES: dict[str, Row] = {
@@ -72,8 +73,9 @@ def arm_flops(model_name: str, arm: Row, batch: int, seq: int) -> float:
         return model_flops(meta, family, {n for n, _ in meta.named_parameters()}, batch, seq)
     names = set(compile_plan(meta, family, arm.get("select", "roles=q,k,v")).tensors)
     if arm["kind"] == "lora":
-        return model_flops(meta, family, set(), batch, seq,
-                           adapters_from=lowest_trained_block(names, family))
+        lowest = first_trained_block(names, describe_params(meta, family),
+                                     meta.config.num_hidden_layers)
+        return model_flops(meta, family, set(), batch, seq, adapters_from=lowest)
     return model_flops(meta, family, names, batch, seq)
 
 

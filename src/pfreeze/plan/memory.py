@@ -154,8 +154,9 @@ class MemoryPlan:
 
     def headline(self) -> str:
         free = "unknown" if self.free is None else f"{mib(self.free):,.0f} MiB"
-        return (f"arms together: {mib(self.together):,.0f} MiB (frozen tensors "
-                f"{mib(self.shared):,.0f} MiB, shared), one at a time "
+        return (f"arms together: {mib(self.together):,.0f} MiB (of it "
+                f"{mib(self.shared):,.0f} MiB of frozen tensors, held once for all arms), "
+                "one at a time "
                 f"(arms_placement: sequential): {mib(self.alone):,.0f} MiB, of {free} free on "
                 f"{self.device}")
 
