@@ -182,7 +182,7 @@ def test_p_at_the_best_point_is_shown_when_measured(tmp_path: Path) -> None:
     (root / "summary.json").write_text(json.dumps(summary))
     render_report(root)
     md = (root / "report.md").read_text()
-    assert "(best point: 0.432 ± 0.010)" in md
+    assert "(best point: 43.2 ± 1.0%)" in md
     assert md.count("best point:") == 1  # only the arm that has it
 
 
@@ -217,8 +217,7 @@ def test_tables_scroll_inside_wrappers_key_columns_first(tmp_path: Path) -> None
     md_head = md.split("## Headline")[1].strip().splitlines()[0]
     assert [c.strip() for c in md_head.strip("|").split("|")][:5] == HEADLINE
     # the p cell (key result) wraps only between its values
-    assert '<span class="nw">0.500 ± 0.050</span> → <span class="nw">0.530 ± 0.050</span>' \
-        in html
+    assert '<span class="nw">50.0 ± 5.0%</span> → <span class="nw">53.0 ± 5.0%</span>' in html
 
 
 def test_an_interrupted_run_is_rendered_as_partial(tmp_path: Path) -> None:
@@ -233,7 +232,7 @@ def test_an_interrupted_run_is_rendered_as_partial(tmp_path: Path) -> None:
     md, html = _check_outputs(run, render_report(run), PNGS)
     for text in (md, html):
         assert "Partial: interrupted at step 3 of 5." in text
-        assert "0.500 ± 0.050 → —" in text.replace('<span class="nw">', "").replace(
+        assert "50.0 ± 5.0% → —" in text.replace('<span class="nw">', "").replace(
             "</span>", "")
     assert md.index("Partial:") < md.index("## What was run")
     assert 'class="partial"' in html

@@ -22,6 +22,7 @@ from pfreeze.errors import PfreezeError
 from pfreeze.outputs.loggers import read_jsonl
 from pfreeze.outputs.plots import DASH, Row, Summary, ci95, draw, num
 from pfreeze.outputs.report_partial import killed_summary, partial_note, read_config
+from pfreeze.outputs.units import fmt
 
 SAMPLE_LINES = 40
 TOP_TOKENS = 20
@@ -87,9 +88,10 @@ def _seconds(x: Any, digits: int) -> str:
 
 
 def _p(p: Any) -> str:
+    """p in %, ± half its 95% CI (as the evidence report, compare and the CLI show it)."""
     p = p or {}
     half = (ci95(p)[1] - ci95(p)[0]) / 2
-    return f"{_f(p.get('mean'))} ± {_f(half)}" if math.isfinite(half) else _f(p.get("mean"))
+    return fmt(p.get("mean"), "%", half if math.isfinite(half) else None)
 
 
 def _probe(a: dict[str, Any]) -> str:
@@ -130,7 +132,7 @@ def _arm_row(arm: str, a: dict[str, Any], total: Any, ref_median: float) -> dict
         "trainable": _int(a.get("trainable_params"))
         + (f" ({pct:.3g}%)" if pct < 1 else f" ({pct:.1f}%)" if math.isfinite(pct) else ""),
         "steps": _int(a.get("steps")), "time": _seconds(a.get("total_time_s"), 1),
-        "median": _seconds(a.get("median_step_time_s"), 3),
+        "median": fmt(a.get("median_step_time_s"), "ms"),
         "ratio": f"{ratio:.2f}×" if math.isfinite(ratio) else DASH,
         "tps": _int(a.get("tokens_per_s")), "gap": _f(gap),
         "mean_loss": _f(a.get("mean_loss")), "last_loss": _f(a.get("last_loss")),
