@@ -71,7 +71,8 @@ def arm_flops(model_name: str, arm: Row, batch: int, seq: int) -> float:
     family = family_of(meta)
     if arm["kind"] == "full":
         return model_flops(meta, family, {n for n, _ in meta.named_parameters()}, batch, seq)
-    names = set(compile_plan(meta, family, arm.get("select", "roles=q,k,v")).tensors)
+    select = arm.get("select", "roles=q,k,v") if arm["kind"] == "lora" else arm["select"]
+    names = set(compile_plan(meta, family, select).tensors)
     if arm["kind"] == "lora":
         lowest = first_trained_block(names, describe_params(meta, family),
                                      meta.config.num_hidden_layers)

@@ -90,6 +90,15 @@ def test_a_lora_arm_keeps_activations_from_its_lowest_adapted_block(
     assert sum(arm.frozen.values()) == TOTAL * 4 and arm.grads == arm.optimizer == 0
 
 
+def test_an_arm_choosing_from_the_weights_counts_as_training_everything(
+        make_config: Callable[..., RunConfig]) -> None:
+    snr = "arms=[{kind: snr, name: snr, top_percent: 25}]"
+    arm = memory_plan(make_config("model.name=random:llama", snr), CPU, bf16=False).arms[0]
+    # SNR reads the weights to choose: on the meta device its plan is the upper bound.
+    assert arm.grads == TOTAL * 4 and arm.optimizer == 2 * TOTAL * 4 and not arm.frozen
+    assert "upper bound" in arm.note
+
+
 def test_checkpointing_keeps_block_inputs_only(make_config: Callable[..., RunConfig]) -> None:
     cfg = make_config("model.name=random:llama", QKV, "training.gradient_checkpointing=true")
     qkv = memory_plan(cfg, CPU, bf16=False).arms[0]

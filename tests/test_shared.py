@@ -13,8 +13,10 @@ from conftest import read_rows, rows_of
 from safetensors.torch import load_file
 
 from pfreeze.config import RunConfig
+from pfreeze.errors import PfreezeError
 from pfreeze.outputs.files import RunFiles
 from pfreeze.run import loop as loop_module
+from pfreeze.run.arms import base as arms_base
 from pfreeze.run.loop import Loop
 from pfreeze.run.session import run_loop
 
@@ -66,7 +68,7 @@ class _NoSharing:
     def __init__(self, *args: object) -> None:
         self.tensors: dict[str, torch.Tensor] = {}
 
-    def alias(self, *args: object) -> int:
+    def alias(self, *args: object, **kwargs: object) -> int:
         return 0
 
 
@@ -89,3 +91,44 @@ def test_sharing_changes_no_number(make_config: Callable[..., RunConfig], tmp_pa
         b = load_file(tmp_path / "alone" / "arms" / arm / "trained.safetensors")
         assert a.keys() == b.keys() and a
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_tensor_an_arm_edits_in_its_build_stays_its_own(
+        make_config: Callable[..., RunConfig], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An arm kind may change a tensor it then keeps frozen: that tensor is not θ₀'s."""
+    edited = "model.layers.0.self_attn.o_proj.weight"
+    copy = arms_base.ArmStrategy.copy_theta0
+
+    def zero_for_qkv(self: arms_base.ArmStrategy, base: torch.nn.Module) -> torch.nn.Module:
+        model = copy(self, base)
+        if self.name == "qkv":
+            with torch.no_grad():
+                model.get_parameter(edited).zero_()
+        return model
+
+    monkeypatch.setattr(arms_base.ArmStrategy, "copy_theta0", zero_for_qkv)
+    loop = Loop(make_config(*ARMS), RunFiles(tmp_path / "run"))
+    loop.setup()
+    arms = {a.strategy.name: a for a in loop.arms}
+    qkv, lora = _storage(arms["qkv"].model), _storage(arms["lora"].model)
+    assert not arms["qkv"].model.get_parameter(edited).any()
+    assert qkv[edited] != lora["base_model.model." + edited]
+    name = "model.layers.1.self_attn.o_proj.weight"  # untouched: still shared
+    assert qkv[name] == lora["base_model.model." + name]
+
+
+def test_a_checkpoint_that_trains_a_now_frozen_tensor_is_refused(
+        make_config: Callable[..., RunConfig], tmp_path: Path) -> None:
+    """A data-driven plan that comes out differently on resume must not write its old
+    tensors into θ₀'s shared copy: one line, and nothing written."""
+    loop = Loop(make_config(*ARMS), RunFiles(tmp_path / "run"))
+    loop.setup()
+    arms = {a.strategy.name: a for a in loop.arms}
+    frozen = "model.layers.0.self_attn.q_proj.weight"  # qkv trains blocks 2 and 3 only
+    before = arms["qkv"].model.get_parameter(frozen).detach().clone()
+    t = torch.ones_like(before)
+    with pytest.raises(PfreezeError, match=f"trains {frozen}, which the arm's plan now"):
+        arms["qkv"].restore(2, {f"param.{frozen}": t}, {}, {})
+    assert torch.equal(arms["qkv"].model.get_parameter(frozen), before)
+    assert torch.equal(arms["lora"].model.get_parameter("base_model.model." + frozen), before)

@@ -178,6 +178,19 @@ class ArmRun:
     def restore(self, step: int, tensors: dict[str, torch.Tensor], optimizer: dict[str, Any],
                 saved: dict[str, Any]) -> None:
         """Back to where the checkpoint at `step` left this arm (on top of a fresh θ₀)."""
+        # A tensor the rebuilt arm leaves frozen may be θ₀'s copy that every arm shares
+        # (pfreeze.run.shared): the checkpoint must not write into it.
+        trained = self.strategy.trained_names()
+        stray = sorted(k.partition(".")[2] for k in tensors
+                       if k.startswith("param.") and k.partition(".")[2] not in trained)
+        if stray:
+            more = f" and {len(stray) - 1} more" if len(stray) > 1 else ""
+            raise PfreezeError(
+                f"the checkpoint of arm '{self.strategy.name}' trains {stray[0]}{more}, which "
+                "the arm's plan now leaves frozen (a plan chosen from data came out "
+                "differently on resume)",
+                "resume on the machine, thread count and torch version that made the "
+                "checkpoint, or start the run again")
         # Replay plan changes up to `step`, so the Freezer knows what was ever trainable.
         for s in sorted(self.strategy.plans):
             if 0 < s < step:

@@ -50,9 +50,13 @@ def _arm_plans(strat: ArmStrategy, model: nn.Module, family: str
     try:
         arm_model = strat.build(model)
     except (NotImplementedError, RuntimeError):
-        # A kind whose build reads weights (a wrapper hashing its θ₀: LoRA) cannot build on
-        # the meta device; its own small tensors are left out, the base counted frozen, and
-        # backward reaches down to the lowest block its selector adapts.
+        # A kind whose build reads weights cannot build on the meta device. One that chooses
+        # what trains from them (SNR) counts as training everything; an adapter (LoRA: it
+        # hashes its θ₀) has its own small tensors left out, the base counted frozen, and
+        # backward reaching down to the lowest block its selector adapts.
+        if strat.tracks_base_weights:
+            return (model, [full_plan(model, family)], "upper bound (chosen from the "
+                    "weights at run time)", 0)
         select = getattr(strat.cfg, "select", None)
         adapted = compile_plan(model, family, select).tensors if select else {}
         return (model, [], "adapter tensors not counted (they are made at run time)",

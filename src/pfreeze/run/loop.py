@@ -197,7 +197,9 @@ class Loop(AcrossRanks):
         # Hash each copy where it was made (host memory): the proof that all arms share θ₀.
         h = getattr(strat, "theta0_hash", None) or state_hash(model)
         if self.shared is not None:  # what it never trains: θ₀'s one device copy
-            self.shared.alias(model, strat.origin, strat.trained_names())
+            self.shared.alias(model, strat.origin, strat.trained_names(),
+                              check=h != getattr(self, "theta0_hash", None))
+        strat.origin = {}  # ids of live objects only: never read again
         model = model.to(self.device).train()
         if self.t.master_weights == "fp32":  # frozen tensors keep their storage dtype
             promote(model, strat.trained_names())

@@ -25,23 +25,27 @@ class SharedTheta0:
         self.device = device
         self.tensors: dict[str, torch.Tensor] = {}
 
-    def alias(self, model: nn.Module, origin: dict[int, str], trained: set[str]) -> int:
+    def alias(self, model: nn.Module, origin: dict[int, str], trained: set[str],
+              check: bool = True) -> int:
         """Point every parameter of `model` that copies a θ₀ parameter (`origin`: by id, as
         ArmStrategy.copy_theta0 records it) and is not in `trained` at the shared device copy
-        of that θ₀ parameter. Returns the bytes now shared."""
+        of that θ₀ parameter. `check`: alias only a copy still equal to θ₀ (an arm may edit a
+        tensor it then keeps frozen); False where the arm's hash already proves the whole
+        copy equal. Returns the bytes now shared."""
         shared = 0
         for name, p in model.named_parameters():
             src = origin.get(id(p))
             if src is None or name in trained:
                 continue
+            base = self.base[src]
+            if base.shape != p.shape or base.dtype != p.dtype or (
+                    check and not torch.equal(base.detach(), p.detach())):
+                continue  # the arm's own version of this tensor
             t = self.tensors.get(src)
             if t is None:
                 # copy=True: on the CPU too, so the arms never alias the host θ₀ itself (an
                 # export writes trained tensors into it).
-                t = self.base[src].detach().to(self.device, copy=True)
-                self.tensors[src] = t
-            if t.shape != p.shape or t.dtype != p.dtype:  # an arm that reshaped its copy
-                continue
+                t = self.tensors[src] = base.detach().to(self.device, copy=True)
             p.data = t
             shared += t.numel() * t.element_size()
         return shared
