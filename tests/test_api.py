@@ -17,7 +17,7 @@ import yaml
 
 import pfreeze
 from pfreeze.api import config_of
-from pfreeze.config import RunConfig, dump_config
+from pfreeze.config import RunConfig, dump_config, load_config
 from pfreeze.errors import PfreezeError
 
 
@@ -73,6 +73,13 @@ def test_overrides_take_every_spelling(make_config: Callable[..., RunConfig],
     assert want.training.max_steps == 7 and want.training.seed == cfg.training.seed
     assert config_of(None).model_dump() == RunConfig().model_dump()  # the defaults
     assert yaml.safe_load(dump_config(want))["training"]["max_steps"] == 7
+
+
+def test_overrides_reach_list_items_as_set_does() -> None:
+    """`arms.1.select` edits the second arm, as `--set arms.1.select=...` does."""
+    cfg = config_of(None, **{"arms.1.select": "roles=q"})
+    want = load_config(None, ["arms.1.select=roles=q"])
+    assert cfg == want and cfg.arms[1].select == "roles=q" and cfg.arms[0].kind == "full"
 
 
 def test_a_bad_setting_is_one_line(make_config: Callable[..., RunConfig]) -> None:

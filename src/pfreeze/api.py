@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pfreeze.config import RunConfig, load_config, validate
+from pfreeze.config import NotASection, RunConfig, apply_override, load_config, validate
 from pfreeze.errors import PfreezeError
 from pfreeze.outputs.loggers import read_jsonl
 
@@ -147,21 +147,23 @@ def _repeats(root: Path) -> Result:
                   {k: p for k, p in paths.items() if p.exists()}, each)
 
 
-def _merge(tree: dict[str, Any], key: str, value: Any) -> None:
-    """Set one override: "training.max_steps" or training__max_steps (a dotted path), or a
-    section given as a dict (merged into it)."""
-    *parents, last = key.replace("__", ".").split(".")
-    node = tree
-    for k in parents:
-        node = node.setdefault(k, {})
-        if not isinstance(node, dict):
-            raise PfreezeError(f"override '{key}': {k} is not a section of the config",
-                               "check the key path")
-    if isinstance(value, Mapping) and isinstance(node.get(last), dict):
+def _merge(tree: dict[str, Any], key: str, value: Any, defaults: dict[str, Any]) -> None:
+    """Set one override as `--set` does (config.apply_override): "training.max_steps" or
+    training__max_steps, list indices included (arms.1.select); a dict given for a section
+    is merged into it."""
+    path = key.replace("__", ".").split(".")
+    node: Any = tree
+    for part in path:
+        node = node.get(part) if isinstance(node, dict) else None
+    if isinstance(value, Mapping) and isinstance(node, dict):
         for k, v in value.items():
-            _merge(node[last], str(k), v)
-    else:
-        node[last] = copy.deepcopy(value)
+            _merge(tree, f"{'.'.join(path)}.{k}", v, defaults)
+        return
+    try:
+        apply_override(tree, path, copy.deepcopy(value), defaults)
+    except (ValueError, IndexError, TypeError, AttributeError, KeyError) as e:
+        why = str(e) if isinstance(e, NotASection) else "no such place in the config"
+        raise PfreezeError(f"override '{key}': {why}", "check the key path") from None
 
 
 def config_of(source: ConfigLike | None = None, /, **overrides: Any) -> RunConfig:
@@ -174,8 +176,9 @@ def config_of(source: ConfigLike | None = None, /, **overrides: Any) -> RunConfi
     else:
         tree = load_config(source).model_dump(mode="json") if source is not None else {}
         where = str(source) if source is not None else "the defaults"
+    defaults = RunConfig().model_dump(mode="json")
     for key, value in overrides.items():
-        _merge(tree, key, value)
+        _merge(tree, key, value, defaults)
     return validate(tree, where + (" + overrides" if overrides else ""))
 
 

@@ -208,27 +208,35 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
-def _apply(tree: dict[str, Any], path: list[str], value: Any,
+class NotASection(TypeError):
+    """An override path that runs through a value, not a section (training.seed.x)."""
+
+
+def apply_override(tree: dict[str, Any], path: list[str], value: Any,
            defaults: dict[str, Any] | None = None) -> None:
     """Set `value` at `path`; a list the config does not spell out (arms) starts from its default,
     so `--set arms.1.select=...` edits the default arms instead of replacing them by a dict."""
     node: Any = tree
     dnode: Any = defaults
-    for part in path[:-1]:
+    for k, part in enumerate(path[:-1]):
         if isinstance(node, list):
             i = int(part)
             node = node[i]
             dnode = None
-        else:
+        elif isinstance(node, dict):
             if part not in node:
                 d = dnode.get(part) if isinstance(dnode, dict) else None
                 node[part] = copy.deepcopy(d) if isinstance(d, list) else {}
             dnode = dnode.get(part) if isinstance(dnode, dict) else None
             node = node[part]
+        else:
+            raise NotASection(f"{path[k - 1]} is not a section of the config")
     if isinstance(node, list):
         node[int(path[-1])] = value
-    else:
+    elif isinstance(node, dict):
         node[path[-1]] = value
+    else:
+        raise NotASection(f"{path[-2]} is not a section of the config")
 
 
 def load_config(
@@ -259,7 +267,7 @@ def load_config(
     for item in overrides or []:
         keys, value = parse_override(item)
         try:
-            _apply(tree, keys, value, defaults)
+            apply_override(tree, keys, value, defaults)
         except (ValueError, IndexError, TypeError, AttributeError, KeyError):
             raise PfreezeError(f"--set '{item}': no such place in the config",
                                "check the key path") from None
