@@ -336,6 +336,33 @@ def test_fsdp_settings_that_cannot_run() -> None:
     t = load_config(None, BASE + ["training.keep_best=true"]).training
     with pytest.raises(PfreezeError, match="does not support training.keep_best"):
         sharding.check_fsdp(t)
+    t = load_config(None, BASE + ["training.prefix_cache=true", "data.sampling=epochs"]).training
+    with pytest.raises(PfreezeError, match="does not support training.prefix_cache=true"):
+        sharding.check_fsdp(t)
+
+
+def test_a_sharded_arm_that_tracks_nothing_settles_its_losses(tmp_path: Path) -> None:
+    """A sharded LoRA arm queues no ‖ΔW‖ (zeros(0)): the flush averages its losses alone."""
+    from types import SimpleNamespace
+
+    from pfreeze.run import sharding
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        replicas = sharding.Replicas(dist.group.WORLD, [0], 0, sharded=True)
+        records = [SimpleNamespace(loss=torch.tensor(float(k)), dw=torch.zeros(0),
+                                   dw0=torch.zeros(0)) for k in (1, 2)]
+        replicas.settle(records)
+        assert [float(r.loss) for r in records] == [1.0, 2.0]
+        assert all(r.dw.numel() == 0 for r in records)
+        tracked = [SimpleNamespace(loss=torch.tensor(1.0), dw=torch.tensor([3.0, 4.0]),
+                                   dw0=torch.tensor([5.0, 12.0])) for _ in range(2)]
+        replicas.settle(tracked)  # one shard: the norms come back as they were
+        assert all(torch.allclose(r.dw, torch.tensor([3.0, 4.0])) for r in tracked)
+        assert all(torch.allclose(r.dw0, torch.tensor([5.0, 12.0])) for r in tracked)
+    finally:
+        dist.destroy_process_group()
 
 
 def test_what_ranks_must_agree_on_is_one_line(monkeypatch: pytest.MonkeyPatch,

@@ -57,7 +57,7 @@ def test_frozen_tensors_share_theta0_and_trained_ones_do_not(
                if "lora_" not in n)
     # The unfreeze arm trains every block by its last phase: none of its blocks is shared.
     ever = arms["unfreeze"].strategy.trained_names()
-    assert all(unfreeze[n] != qkv[n] for n in ever)
+    assert ever and all(unfreeze[n] != qkv[n] for n in ever)
     assert summary["execution"]["frozen_shared_mib"] > 0
     # Training did not move a shared tensor: each arm's audit finds its frozen tensors at θ₀.
     for arm in summary["arms"].values():

@@ -33,8 +33,9 @@ from pfreeze.errors import PfreezeError
 
 T = TypeVar("T")
 
-DIED = ("another rank stopped mid-run; see its error above (the last checkpoint stays usable: "
-        "`pfreeze run --resume OUTPUT_DIR` under the same launcher)")
+DIED = "another rank stopped mid-run"
+DIED_FIX = ("see its error above (the last checkpoint stays usable: "
+            "`pfreeze run --resume OUTPUT_DIR` under the same launcher)")
 
 
 @dataclass(frozen=True)
@@ -181,22 +182,30 @@ def single_process_only(what: str, fix: str) -> None:
 
 
 def _lost(e: RuntimeError) -> PfreezeError:
-    return PfreezeError(f"{DIED.split(';')[0]} ({' '.join(str(e).split())[:200]})",
-                        DIED.split("; ", 1)[1])
+    return PfreezeError(f"{DIED} ({' '.join(str(e).split())[:200]})", DIED_FIX)
+
+
+def _peer_lost(e: RuntimeError) -> bool:
+    text = f"{type(e).__name__} {e}"
+    return any(m in text for m in _PEER_LOST)
 
 
 def collective(fn: Callable[[], T]) -> T:
-    """Run a collective; a peer that died turns into one line instead of a traceback."""
+    """Run a collective; a peer that died turns into one line instead of a traceback (any
+    other error, the same on every rank, keeps its own)."""
     try:
         return fn()
     except RuntimeError as e:  # gloo/nccl errors (DistBackendError is one) and timeouts
-        raise _lost(e) from None
+        if _peer_lost(e):
+            raise _lost(e) from None
+        raise
 
 
 # How gloo and NCCL word a lost peer inside collectives pfreeze does not call itself (FSDP2's
 # all-gathers in the forward, DDP's all-reduce in the backward).
 _PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "remote worker",
-              "Timed out waiting", "NCCL communicator was aborted", "DistBackendError")
+              "Timed out waiting", "NCCL communicator was aborted", "DistBackendError",
+              "Broken pipe")
 
 
 @contextlib.contextmanager
@@ -205,8 +214,7 @@ def peers_watched(world: World) -> Iterator[None]:
     try:
         yield
     except RuntimeError as e:
-        text = f"{type(e).__name__} {e}"
-        if world.distributed and any(m in text for m in _PEER_LOST):
+        if world.distributed and _peer_lost(e):
             raise _lost(e) from None
         raise
 

@@ -172,8 +172,10 @@ class Loop(AcrossRanks):
 
     def turn(self, i: int) -> ArmRun:
         """arms_placement=sequential: arm `i` alone on the device, on the stream from its
-        start; the previous arm's memory is given back first."""
-        self.leave()
+        start; the previous arm's memory is given back first (setup and the last leave()
+        left a fresh stream already)."""
+        if self.arms:
+            self.leave()
         torch.manual_seed(self.t.seed)
         self.arms.append(self._build(self.cfg.arms[i]))
         self.mine = [i]

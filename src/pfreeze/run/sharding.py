@@ -67,11 +67,12 @@ class Replicas:
     DDP wrapper over the arm's current trainable set."""
 
     def __init__(self, group: Any, ranks: list[int], rank: int, sharded: bool = False) -> None:
-        self.group, self.ranks, self.sharded = group, ranks, sharded
+        self.group, self.sharded = group, sharded
         self.index, self.size = ranks.index(rank), len(ranks)
         self.ddp: DistributedDataParallel | None = None
         self.module: nn.Module | None = None
         self.skeleton: nn.Module | None = None  # FSDP2: the arm's plain module, on meta
+        self.synced = False  # DDP has broadcast rank 0's tensors once
 
     def shard(self, model: nn.Module) -> None:
         """FSDP2 over the arm's ranks: each decoder block, then the rest of the model."""
@@ -86,7 +87,10 @@ class Replicas:
         mesh = DeviceMesh.from_group(self.group, device.type)
         n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
         blocks = next((m for m in model.modules()
-                       if isinstance(m, nn.ModuleList) and len(m) == n), [])
+                       if isinstance(m, nn.ModuleList) and len(m) == n), None)
+        if blocks is None:  # one unit would gather the whole model for every forward
+            raise PfreezeError(f"FSDP2 found no list of {n} decoder blocks in "
+                               f"{type(model).__name__}", "set training.fsdp=false")
         for block in blocks:
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
@@ -140,10 +144,15 @@ class Replicas:
         if self.sharded or not any(p.requires_grad for p in module.parameters()):
             return
         device = next(module.parameters()).device
+        # The replicas start equal (θ₀ hashed on every rank) and stay equal: rank 0's
+        # tensors are broadcast at the first wrap only, not the whole model at every plan
+        # change, and buffers (rotary frequencies) never change.
         self.ddp = collective(lambda: DistributedDataParallel(
-            module, process_group=self.group,
+            module, process_group=self.group, init_sync=not self.synced,
+            broadcast_buffers=False,
             device_ids=[device.index if device.index is not None
                         else torch.cuda.current_device()] if device.type == "cuda" else None))
+        self.synced = True
 
     @property
     def forward_module(self) -> nn.Module:
@@ -174,7 +183,10 @@ class Replicas:
             return
         losses = torch.stack([r.loss.detach().float().reshape(()) for r in records])
         parts = [losses]
-        if self.sharded:
+        # A sharded arm sums its shards' ‖ΔW‖ in squares; one that tracks nothing (LoRA) has
+        # none to sum.
+        tracked = self.sharded and records[0].dw.numel() > 0
+        if tracked:
             # An arm whose tracker follows no trained tensor queues zeros on the host.
             parts += [torch.stack([r.dw for r in records]).float().to(losses.device) ** 2,
                       torch.stack([r.dw0 for r in records]).float().to(losses.device) ** 2]
@@ -183,7 +195,7 @@ class Replicas:
         n = len(records)
         for k, r in enumerate(records):
             r.loss = flat[k] / self.size
-        if self.sharded:
+        if tracked:
             dw, dw0 = flat[n:].sqrt().split(flat[n:].numel() // 2)
             for k, r in enumerate(records):
                 r.dw, r.dw0 = dw.view(n, -1)[k], dw0.view(n, -1)[k]

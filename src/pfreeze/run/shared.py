@@ -26,13 +26,12 @@ class SharedTheta0:
         self.tensors: dict[str, torch.Tensor] = {}
 
     def alias(self, model: nn.Module, origin: dict[int, str], trained: set[str],
-              check: bool = True) -> int:
+              check: bool = True) -> None:
         """Point every parameter of `model` that copies a θ₀ parameter (`origin`: by id, as
         ArmStrategy.copy_theta0 records it) and is not in `trained` at the shared device copy
         of that θ₀ parameter. `check`: alias only a copy still equal to θ₀ (an arm may edit a
         tensor it then keeps frozen); False where the arm's hash already proves the whole
-        copy equal. Returns the bytes now shared."""
-        shared = 0
+        copy equal."""
         for name, p in model.named_parameters():
             src = origin.get(id(p))
             if src is None or name in trained:
@@ -47,5 +46,3 @@ class SharedTheta0:
                 # export writes trained tensors into it).
                 t = self.tensors[src] = base.detach().to(self.device, copy=True)
             p.data = t
-            shared += t.numel() * t.element_size()
-        return shared
