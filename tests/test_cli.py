@@ -290,6 +290,18 @@ def test_plan_with_a_config_shows_every_arm_and_phase(tmp_path: Path) -> None:
     assert [r[0] for r in rows] == ["qkv", "thaw"] and float(rows[0][1]) > 0
 
 
+def test_plan_says_why_an_arm_has_no_table_before_the_run(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: {name: random:llama}\narms: [{kind: snr, name: s}, "
+                   "{kind: grad, name: g}, {kind: lora, name: l}]\n")
+    result = CliRunner().invoke(app, ["plan", "--config", str(cfg)], env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    line = {ln.split(":")[0]: ln for ln in result.output.splitlines()}
+    assert "chosen from the weights at run time" in line["s"]
+    assert "chosen from the training data at run time" in line["g"]
+    assert "made at run time" in line["l"]
+
+
 def test_plan_of_an_8b_config_loads_no_weights_and_says_what_misses(tmp_path: Path) -> None:
     # The plan is made on the meta device: 8B parameters (32 GB in fp32) never load, so this
     # finishes in seconds on a small machine; the full arm cannot fit the host and says so.

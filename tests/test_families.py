@@ -129,3 +129,13 @@ def test_families_are_frozen() -> None:
     fam: Family = FAMILIES["gpt2"]
     with pytest.raises(AttributeError):
         fam.name = "other"  # type: ignore[misc]
+
+
+def test_a_module_without_a_config_gets_the_one_line_error() -> None:
+    from torch import nn
+
+    from pfreeze.errors import PfreezeError
+    from pfreeze.models.load import family_of
+
+    with pytest.raises(PfreezeError, match="architecture 'None' is not supported"):
+        family_of(nn.Linear(2, 2))

@@ -176,6 +176,7 @@ def plan(
                            "pass one of them")
     from pfreeze.config import load_config
     from pfreeze.run.arms import make_arm
+    from pfreeze.run.fit import arm_plans
 
     cfg = load_config(config)
     if model:
@@ -183,16 +184,12 @@ def plan(
     shapes, family = tables.shapes_of(cfg.model.name, cfg.model.revision)
     for acfg in cfg.arms:
         strat = make_arm(acfg, family, cfg.training.max_steps)
-        if not strat.plans_before_training:
-            out.print(f"[bold]{escape(str(acfg.name))}[/]: {escape(strat.describe())}; "
-                      "chosen from the training data at run time")
+        note = arm_plans(strat, shapes, family)[2]  # built on the meta device
+        head = f"[bold]{escape(str(acfg.name))}[/]: {escape(strat.describe())}"
+        if note:  # chosen or made at run time: no table of it before
+            out.print(f"{head}; {escape(note)}")
             continue
-        try:
-            strat.build(shapes)
-        except (NotImplementedError, RuntimeError):  # an adapter made from real weights
-            out.print(f"[bold]{escape(str(acfg.name))}[/]: {escape(strat.describe())}")
-            continue
-        out.print(f"[bold]{escape(str(acfg.name))}[/]: {escape(strat.describe())}")
+        out.print(head)
         for step, p in sorted(strat.plans.items()):
             if p is None:
                 out.print(f"  from step {step}: nothing trains")

@@ -103,7 +103,8 @@ def family_of(model: nn.Module) -> str:
     """The name of the registered family (models.families.FAMILIES) that covers the model."""
     mtype = getattr(getattr(model, "config", None), "model_type", None)
     family = family_for(mtype)
-    if family is None and getattr(model.config, "vision_config", None) is not None:
+    if family is None and getattr(getattr(model, "config", None), "vision_config",
+                                  None) is not None:
         # Gemma 3 4B+ (`gemma3`) loads as Gemma3ForConditionalGeneration: its decoder sits
         # under model.language_model, its text settings under config.text_config.
         raise PfreezeError(

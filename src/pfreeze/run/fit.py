@@ -29,7 +29,7 @@ def memory_plan(cfg: RunSpec, device: torch.device, bf16: bool) -> memory.Memory
     arms = []
     for acfg in cfg.arms:
         strat = make_arm(acfg, family, t.max_steps)
-        arm_model, plans, note, lowest = _arm_plans(strat, model, family)
+        arm_model, plans, note, lowest = arm_plans(strat, model, family)
         act = memory.activation_bytes(shape, tokens, lowest, bf16 or storage != torch.float32,
                                       t.gradient_checkpointing)
         arms.append(memory.arm_memory(str(acfg.name), arm_model, plans, storage, master,
@@ -40,10 +40,11 @@ def memory_plan(cfg: RunSpec, device: torch.device, bf16: bool) -> memory.Memory
     return memory.MemoryPlan(arms, base, memory.free_bytes(device), str(device))
 
 
-def _arm_plans(strat: ArmStrategy, model: nn.Module, family: str
+def arm_plans(strat: ArmStrategy, model: nn.Module, family: str
                ) -> tuple[nn.Module, list[Plan | None], str, int | None]:
     """What an arm trains, built on the meta model: its model, plans, a note, and its lowest
-    trained block (None: nothing trains)."""
+    trained block (None: nothing trains). A note says the plans are an estimate: what
+    trains is chosen at run time (from data or weights) or made then (adapters)."""
     if not strat.plans_before_training:  # chosen from training data: at most everything
         return (model, [full_plan(model, family)], "upper bound (chosen from the training "
                 "data at run time)", 0)
