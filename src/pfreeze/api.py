@@ -108,10 +108,12 @@ def load_result(run_dir: str | Path) -> Result:
     summary_path = root / "summary.json"
     if not summary_path.is_file() and (root / "repeats.json").is_file():
         return _repeats(root)
-    if not summary_path.is_file():
-        raise PfreezeError(f"{root} holds no run summary (summary.json missing)",
+    from pfreeze.outputs.files import read_summary
+
+    summary = read_summary(root)
+    if summary is None:
+        raise PfreezeError(f"{root} holds no run summary (summary.json missing or unreadable)",
                            "pass the output_dir of a run that finished or was interrupted")
-    summary = json.loads(summary_path.read_text(encoding="utf-8"))
     rows = read_jsonl(root / "metrics.jsonl")
     train = [r for r in rows if r.get("kind") == "train"]
     evals = [{k: v for k, v in r.items() if k != "kind"} for r in rows if r.get("kind") == "eval"]
@@ -132,9 +134,9 @@ def _repeats(root: Path) -> Result:
     """A run of n repeats: repeats.json, and every repeat's rows with its index."""
     import pandas as pd
 
-    dirs = sorted((d for d in root.glob("repeat-*") if d.name[7:].isdigit()),
-                  key=lambda d: int(d.name[7:]))
-    each = [load_result(d) for d in dirs]
+    from pfreeze.outputs.evidence import repeat_dirs
+
+    each = [load_result(d) for d in repeat_dirs(root)]
 
     def joined(name: str) -> pd.DataFrame:
         return pd.concat([getattr(r, name).assign(repeat=i) for i, r in enumerate(each)],

@@ -35,6 +35,7 @@ from pfreeze.config import RunConfig
 from pfreeze.errors import PfreezeError
 from pfreeze.models.load import SMOLLM2, ByteTokenizer, LoadedModel, load_model, state_hash
 from pfreeze.outputs.card import CardFacts, model_card
+from pfreeze.outputs.evidence import is_repeats_dir
 from pfreeze.outputs.files import ensure_space, read_summary, tensors_bytes
 from pfreeze.run.arms import make_arm
 from pfreeze.settings import RunSpec
@@ -183,7 +184,7 @@ def export_arm(run_dir: str | Path, arm: str, out: str | Path, best: bool = Fals
     if not (run_dir / "config.yaml").is_file():
         raise PfreezeError(f"{run_dir} holds no pfreeze run (config.yaml missing)",
                            "pass the output_dir of a run")
-    if (run_dir / "repeat-0").is_dir():
+    if is_repeats_dir(run_dir):
         raise PfreezeError(f"{run_dir} holds a run of several repeats, each with its arms",
                            f"export one repeat: pass {run_dir / 'repeat-0'} (or another)")
     config_yaml = (run_dir / "config.yaml").read_text(encoding="utf-8")

