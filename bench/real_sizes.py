@@ -17,6 +17,7 @@ import json
 import subprocess
 import sys
 import tempfile
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,16 @@ def arm_flops(model_name: str, arm: Row, batch: int, seq: int) -> float:
     return model_flops(meta, family, names, batch, seq)
 
 
+def _run_echoed(cmd: list[str]) -> tuple[int, str]:
+    """Run `cmd`, passing its stderr through as it comes; its exit code and last lines."""
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    tail: deque[str] = deque(maxlen=20)
+    for line in proc.stderr or []:
+        sys.stderr.write(line)
+        tail.append(line)
+    return proc.wait(), "".join(tail)
+
+
 def measure(case_name: str, corpus: str, steps: int, checkpointing: bool, peak: float,
             compile_: bool | str = True) -> Row:
     case = CASES[case_name]
@@ -90,9 +101,10 @@ def measure(case_name: str, corpus: str, steps: int, checkpointing: bool, peak: 
         # The command a user types, in its own process: the card holds only this run.
         cmd = [sys.executable, "-m", "pfreeze.cli", "run", "-c", str(cfg_path),
                "--output-dir", str(Path(tmp) / "run")]
-        rc = subprocess.run(cmd).returncode
-        if rc == 2 and not checkpointing:
+        rc, said = _run_echoed(cmd)
+        if rc == 2 and "MiB free" in said and not checkpointing:
             # The plan said the arms cannot fit (its line is printed): the knob it names.
+            # Any other one-line error (a corpus path) is not retried.
             return measure(case_name, corpus, steps, True, peak, compile_)
         if rc:
             raise SystemExit(f"pfreeze run exited {rc}")
