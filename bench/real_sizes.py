@@ -43,6 +43,9 @@ CASES: dict[str, Row] = {
     "8b-two-plans": {"model": "random:llama-3.1-8b", "dtype": "bfloat16", "batch": 4,
                      "seq": 2048, "arms": [QKV_UPPER, {"kind": "lora", "name": "lora-upper",
                                                        "select": ARMS["frozen"]}]},
+    # The pair measured at 604ce3e (docs/BENCHMARKS.md): LoRA on q, k, v of every block.
+    "8b-two-plans-s10": {"model": "random:llama-3.1-8b", "dtype": "bfloat16", "batch": 4,
+                         "seq": 2048, "arms": [QKV_UPPER, {"kind": "lora", "name": "lora"}]},
     "1b-full-and-frozen": {"model": "random:llama-3.2-1b", "dtype": "bfloat16", "batch": 8,
                            "seq": 2048, "arms": [{"kind": "full", "name": "full"}, QKV_UPPER]},
 }

@@ -240,3 +240,15 @@ def test_a_repeated_method_or_shape_is_measured_once() -> None:
     args = bench.parse_args(["--methods", "eager,eager", "--shapes", "tiny,tiny"])
     assert args.methods == ["eager"]
     assert args.shapes == "tiny"
+
+
+def test_the_benchmark_configs_are_valid() -> None:
+    """The configs docs/BENCHMARKS.md names (bench/configs/) load as they are."""
+    from pathlib import Path
+
+    from pfreeze.config import load_config
+
+    found = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+    assert len(found) >= 3
+    for path in found:
+        load_config(path)
