@@ -192,6 +192,8 @@ def test_repeats_resume_skips_finished_repeats_and_finishes_the_rest(corpus: Pat
     ("[{kind: unfreeze, start_layers: 5}]", "start_layers=5 but the model has 4 blocks"),
     ("[{kind: schedule, phases: [{start: 50, select: 'layers=3:'}]}]",
      "no phase that starts before max_steps=10"),
+    ("[{kind: schedule, phases: [{start: 0, select: 'layers=3:'}, {start: 50, select: "
+     "'layers=2:'}]}]", "phase start 50 is not before max_steps=10"),
 ])
 def test_impossible_schedules_are_refused(corpus: Path, tmp_path: Path, arms: str,
                                           needle: str) -> None:

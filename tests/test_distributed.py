@@ -339,6 +339,8 @@ def test_fsdp_settings_that_cannot_run() -> None:
     t = load_config(None, BASE + ["training.prefix_cache=true", "data.sampling=epochs"]).training
     with pytest.raises(PfreezeError, match="does not support training.prefix_cache=true"):
         sharding.check_fsdp(t)
+    with pytest.raises(PfreezeError, match="FSDP2 found no list of None decoder blocks"):
+        sharding.Replicas(None, [0], 0, sharded=True).shard(torch.nn.Linear(2, 2))
 
 
 def test_a_sharded_arm_that_tracks_nothing_settles_its_losses(tmp_path: Path) -> None:

@@ -79,18 +79,18 @@ class Replicas:
         from torch.distributed.device_mesh import DeviceMesh
         from torch.distributed.fsdp import fully_shard
 
-        device = next(model.parameters()).device
-        # A plain copy without its weights, filled once at the end (gathered).
-        memo = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad)
-                for p in model.parameters()}
-        self.skeleton = copy.deepcopy(model, memo)
-        mesh = DeviceMesh.from_group(self.group, device.type)
         n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
         blocks = next((m for m in model.modules()
                        if isinstance(m, nn.ModuleList) and len(m) == n), None)
         if blocks is None:  # one unit would gather the whole model for every forward
             raise PfreezeError(f"FSDP2 found no list of {n} decoder blocks in "
                                f"{type(model).__name__}", "set training.fsdp=false")
+        device = next(model.parameters()).device
+        # A plain copy without its weights, filled once at the end (gathered).
+        memo = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad)
+                for p in model.parameters()}
+        self.skeleton = copy.deepcopy(model, memo)
+        mesh = DeviceMesh.from_group(self.group, device.type)
         for block in blocks:
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
