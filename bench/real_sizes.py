@@ -26,14 +26,7 @@ import torch
 from bench.common import ARMS, Row
 from bench.flops import model_flops
 from bench.results import run_environment, write_json
-from pfreeze import (
-    compile_plan,
-    describe_params,
-    family_of,
-    first_trained_block,
-    meta_model,
-    model_config,
-)
+from pfreeze import compile_plan, describe_params, first_trained_block, meta_of
 
 QKV_UPPER = {"kind": "plan", "name": "qkv-upper", "select": ARMS["frozen"]}
 CASES: dict[str, Row] = {
@@ -71,8 +64,7 @@ def config(case: Row, corpus: str, steps: int, checkpointing: bool,
 
 def arm_flops(model_name: str, arm: Row, batch: int, seq: int) -> float:
     """Model FLOPs of one step of `arm` (a LoRA arm: backward from its lowest adapted block)."""
-    meta = meta_model(model_config(model_name)[0])
-    family = family_of(meta)
+    meta, family = meta_of(model_name)
     if arm["kind"] == "full":
         return model_flops(meta, family, {n for n, _ in meta.named_parameters()}, batch, seq)
     select = arm.get("select", "roles=q,k,v") if arm["kind"] == "lora" else arm["select"]

@@ -246,7 +246,7 @@ def test_the_benchmark_configs_are_valid() -> None:
     """The configs docs/BENCHMARKS.md names (bench/configs/) load as they are."""
     from pathlib import Path
 
-    from pfreeze.config import load_config
+    from pfreeze import load_config
 
     found = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
     assert len(found) >= 3

@@ -38,6 +38,7 @@ _PUBLIC = {
     "load_model": "pfreeze.models.load",
     "model_config": "pfreeze.models.load",
     "meta_model": "pfreeze.models.load",
+    "meta_of": "pfreeze.models.load",
     "family_of": "pfreeze.models.load",
     "compile_plan": "pfreeze.plan.selectors",
     "describe_params": "pfreeze.models.families",

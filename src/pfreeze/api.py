@@ -249,13 +249,12 @@ def plan(model: str | nn.Module = "random:gpt2", select: str = "layers=50%: role
     how it trains; frozen tensors included (trainable 0). `attrs` holds the totals."""
     import pandas as pd
 
-    from pfreeze.models.load import family_of, load_model
+    from pfreeze.models.load import family_of, meta_of
     from pfreeze.plan.selectors import compile_plan
     from pfreeze.plan.table import plan_rows
 
-    if isinstance(model, str):
-        lm = load_model(model)
-        module, family = lm.model, lm.family
+    if isinstance(model, str):  # shapes only: no weights load
+        module, family = meta_of(model)
     else:
         module, family = model, family_of(model)
     p = compile_plan(module, family, select)

@@ -161,11 +161,12 @@ def plan(
     all_rows: Annotated[bool, typer.Option("--all", help="List frozen tensors too.")] = False,
 ) -> None:
     """Print what a selector (or every arm of a config) trains: per tensor, and totals."""
+    from pfreeze.models.load import meta_of
     from pfreeze.plan.selectors import compile_plan
 
     if config is None:
         name = model or "random:gpt2"
-        shapes, family = tables.shapes_of(name)
+        shapes, family = meta_of(name)
         selector = select or "layers=50%: roles=q,k,v"
         tables.print_inferred(console, family)
         tables.print_plan(out, f"{name} ({family}): {selector}",
@@ -181,7 +182,7 @@ def plan(
     cfg = load_config(config)
     if model:
         cfg.model.name = model
-    shapes, family = tables.shapes_of(cfg.model.name, cfg.model.revision)
+    shapes, family = meta_of(cfg.model.name, cfg.model.revision)
     for acfg in cfg.arms:
         strat = make_arm(acfg, family, cfg.training.max_steps)
         note = arm_plans(strat, shapes, family)[2]  # built on the meta device

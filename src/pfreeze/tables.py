@@ -33,15 +33,6 @@ def print_summary(console: Console, summary: dict) -> None:
     console.print(table)
 
 
-def shapes_of(name: str, revision: str | None = None) -> tuple[Any, str]:
-    """The model `name` on the meta device (names and shapes: what a plan needs, so an 8B
-    model plans in seconds and no memory), and its family."""
-    from pfreeze.models.load import family_of, meta_model, model_config
-
-    model = meta_model(model_config(name, revision)[0])
-    return model, family_of(model)
-
-
 def print_memory(out: Console, cfg: Any) -> None:
     """Per arm, what it needs on the run's device (pfreeze.plan.memory)."""
     from pfreeze.run.fit import memory_plan

@@ -203,6 +203,13 @@ def meta_model(config: Any) -> nn.Module:
         return tf.AutoModelForCausalLM.from_config(config)
 
 
+def meta_of(name: str, revision: str | None = None) -> tuple[nn.Module, str]:
+    """The model `name` on the meta device (names and shapes: what a plan needs, so an 8B
+    model plans in seconds and no memory), and its family."""
+    model = meta_model(model_config(name, revision)[0])
+    return model, family_of(model)
+
+
 def load_model(name: str, revision: str | None = None, seed: int = 0,
                dtype: str = "auto") -> LoadedModel:
     """Load `name` with its weights stored in `dtype` (auto: the checkpoint's own, float32 for
