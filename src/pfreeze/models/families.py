@@ -114,17 +114,18 @@ _MOE = (
 )
 _MODEL_LAYERS = Split("model", "layers", "norm", input_scale="embedding_multiplier")
 
+_LLAMA_TYPES = ("llama", "mistral", "granite", "qwen2", "qwen3", "gemma", "gemma2",
+                "gemma3_text", "olmo", "olmo2", "stablelm")
+_MOE_TYPES = ("mixtral", "qwen3_moe", "olmoe", "phimoe")
+
 _FAMILIES = (
-    Family("llama", model_types=("llama", "mistral", "granite", "qwen2", "qwen3", "gemma",
-                                 "gemma2", "gemma3_text", "olmo", "olmo2", "stablelm"),
+    Family("llama", model_types=_LLAMA_TYPES,
            block=r"model\.layers\.(\d+)\.", rules=_DECODER + _MLP_REST, split=_MODEL_LAYERS,
-           sampler_model_types=("llama", "mistral", "granite", "qwen2", "qwen3", "gemma",
-                                "gemma2", "gemma3_text", "olmo", "olmo2", "stablelm")),
+           sampler_model_types=_LLAMA_TYPES),
     # PhiMoE (Phi-3.5-MoE) names its router `mlp.router`, not `mlp.gate`.
-    Family("moe", model_types=("mixtral", "qwen3_moe", "olmoe", "phimoe"),
-           block=r"model\.layers\.(\d+)\.",
+    Family("moe", model_types=_MOE_TYPES, block=r"model\.layers\.(\d+)\.",
            rules=_DECODER + _MOE + _MLP_REST, split=_MODEL_LAYERS,
-           sampler_model_types=("mixtral", "qwen3_moe", "olmoe", "phimoe")),
+           sampler_model_types=_MOE_TYPES),
     Family(
         "phi3",
         model_types=("phi3",),  # Phi-3, Phi-3.5 and Phi-4 all load as phi3

@@ -20,7 +20,7 @@ from torch import nn
 from pfreeze.errors import PfreezeError
 from pfreeze.models.families import FAMILIES, family_for
 from pfreeze.models.infer import infer_family
-from pfreeze.models.tiny import TINY, tiny_config
+from pfreeze.models.tiny import TINY
 
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -86,17 +86,16 @@ RANDOM_FAMILIES = (*TINY, *REAL_SHAPES)
 
 
 def _random_config(family: str) -> Any:
-    if (cfg := tiny_config(family)) is not None:
-        return cfg
-    if family in REAL:
-        from transformers import AutoConfig
+    spec = TINY.get(family) or REAL.get(family)
+    if spec is None:
+        raise PfreezeError(
+            f"unknown random model family '{family}'",
+            f"use one of random:{', random:'.join(RANDOM_FAMILIES)}",
+        )
+    from transformers import AutoConfig
 
-        model_type, kwargs = REAL[family]
-        return AutoConfig.for_model(model_type, **kwargs)
-    raise PfreezeError(
-        f"unknown random model family '{family}'",
-        f"use one of random:{', random:'.join(RANDOM_FAMILIES)}",
-    )
+    model_type, kwargs = spec
+    return AutoConfig.for_model(model_type, **kwargs)
 
 
 def family_of(model: nn.Module) -> str:

@@ -59,13 +59,3 @@ TINY: dict[str, tuple[str, dict[str, Any]]] = {
     "gptj": ("gptj", dict(vocab_size=_V, n_embd=_H, n_layer=_L, n_head=_NH, n_positions=512,
                           n_inner=_I, rotary_dim=8)),
 }
-
-
-def tiny_config(name: str) -> Any:
-    """The transformers config of random:<name>, or None if `name` is not in TINY."""
-    if name not in TINY:
-        return None
-    from transformers import AutoConfig
-
-    model_type, kwargs = TINY[name]
-    return AutoConfig.for_model(model_type, **kwargs)
