@@ -129,9 +129,9 @@ def save_tokenizer(tokenizer: Any, folder: Path) -> None:
         str(folder))
 
 
-def _notes(cfg: RunSpec, lm: LoadedModel, arm: str) -> list[str]:
+def _notes(cfg: RunSpec, lm: LoadedModel, kind: str) -> list[str]:
     notes = []
-    if _arm_config(cfg, arm, "the run").kind == "lora":
+    if kind == "lora":
         notes.append("The LoRA adapters are merged into the weights (peft's merge_and_unload): "
                      "a plain model, no adapter files.")
     if cfg.model.name == SMOLLM2:
@@ -168,9 +168,8 @@ def _write(out: Path, model: nn.Module, lm: LoadedModel, card: str, config_yaml:
     return atomic_dir(out, write)
 
 
-def _apply(cfg: RunSpec, delta: Delta, arm: str, base: str, want: str | None
+def _apply(cfg: RunSpec, delta: Delta, acfg: Any, base: str, want: str | None
            ) -> tuple[LoadedModel, nn.Module]:
-    acfg = _arm_config(cfg, arm, str(delta.path))
     lm = _base(cfg, base, want)
     strategy = make_arm(acfg, lm.family, cfg.training.max_steps)
     model = strategy.with_trained(lm.model, delta.tensors)
@@ -189,21 +188,21 @@ def export_arm(run_dir: str | Path, arm: str, out: str | Path, best: bool = Fals
                            f"export one repeat: pass {run_dir / 'repeat-0'} (or another)")
     config_yaml = (run_dir / "config.yaml").read_text(encoding="utf-8")
     cfg = _run_config(config_yaml, str(run_dir / "config.yaml"))
-    _arm_config(cfg, arm, str(run_dir))
+    acfg = _arm_config(cfg, arm, str(run_dir))
     _writable(out)
     summary = read_summary(run_dir) or {}
     path = run_dir / "arms" / arm / ("best.safetensors" if best else "trained.safetensors")
     if not path.is_file():
         raise _missing(run_dir, arm, best, summary)
     delta = read_delta(path)
-    lm, model = _apply(cfg, delta, arm, cfg.model.name, summary.get("theta0_hash"))
+    lm, model = _apply(cfg, delta, acfg, cfg.model.name, summary.get("theta0_hash"))
     a = summary.get("arms", {}).get(arm)
     weights = (f"the best evaluation (step {(a or {}).get('val_loss_best_step')})" if best
                else f"the last step ({(a or {}).get('steps', '?')})")
     card = model_card(CardFacts(
         arm, cfg.model.name, str(model.dtype).removeprefix("torch."),
         (a or {}).get("description") or delta.meta.get("description", arm), weights,
-        summary.get("theta0_hash"), a, summary.get("corpus"), _notes(cfg, lm, arm)))
+        summary.get("theta0_hash"), a, summary.get("corpus"), _notes(cfg, lm, acfg.kind)))
     return _write(out, model, lm, card, config_yaml)
 
 
@@ -233,11 +232,12 @@ def apply_delta(delta_path: str | Path, base: str, out: str | Path) -> Path:
             "export it from its run instead: `pfreeze export RUN_DIR --arm NAME --out DIR`")
     cfg = _run_config(delta.meta["config"], str(delta_path))
     arm = delta.meta.get("arm", "")
+    acfg = _arm_config(cfg, arm, str(delta_path))
     _writable(out)
-    lm, model = _apply(cfg, delta, arm, base, delta.meta["theta0_hash"])
+    lm, model = _apply(cfg, delta, acfg, base, delta.meta["theta0_hash"])
     card = model_card(CardFacts(
         arm, cfg.model.name, str(model.dtype).removeprefix("torch."),
         delta.meta.get("description", arm), f"the tensors of {delta_path.name}",
-        delta.meta["theta0_hash"], notes=_notes(cfg, lm, arm)))
+        delta.meta["theta0_hash"], notes=_notes(cfg, lm, acfg.kind)))
     return _write(out, model, lm, card, delta.meta["config"])
 
