@@ -90,6 +90,7 @@ def test_a_folder_keeps_its_order_and_the_text_field_is_chosen(tmp_path: Path) -
     (folder / "b" / "1.txt").write_text("second", encoding="utf-8")
     (folder / "a.md").write_text("first", encoding="utf-8")
     (folder / "empty.txt").write_text("", encoding="utf-8")
+    (folder / "blank.txt").write_text(" \r\n\t\n", encoding="utf-8")  # a blank note: skipped
     assert read_documents(DataConfig(corpus=str(folder))).texts == ["first", "second"]
     rows = tmp_path / "rows.jsonl"
     rows.write_text('{"body": "x y", "text": "no"}\n{"body": "z", "text": "no"}\n')

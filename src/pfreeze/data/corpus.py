@@ -65,6 +65,14 @@ def _default_download(url: str) -> bytes:
         return response.read()
 
 
+class Undecodable(PfreezeError):
+    """A text file its encoding cannot decode; `guess`: the encoding it likely is."""
+
+    def __init__(self, problem: str, fix: str, guess: str) -> None:
+        super().__init__(problem, fix)
+        self.guess = guess
+
+
 def _decode(data: bytes, path: Path, encoding: str | None) -> tuple[str, str]:
     """Decode file bytes; return (text, encoding used). Never guesses an encoding silently."""
     if encoding is None:
@@ -83,21 +91,34 @@ def _decode(data: bytes, path: Path, encoding: str | None) -> tuple[str, str]:
                 data.decode("cp1252")
             except UnicodeDecodeError:
                 # cp1252 leaves five bytes undefined; latin-1 decodes any byte at all.
-                fix = "pass its real encoding, e.g. --encoding latin-1"
+                guess, fix = "latin-1", "pass its real encoding, e.g. --encoding latin-1"
             else:
-                fix = "it is likely cp1252 (Windows): pass --encoding cp1252"
-            raise PfreezeError(problem, fix) from None
+                guess, fix = "cp1252", "it is likely cp1252 (Windows): pass --encoding cp1252"
+            raise Undecodable(problem, fix, guess) from None
     try:
         return data.decode(encoding), encoding
     except UnicodeDecodeError as exc:
-        raise PfreezeError(
+        raise Undecodable(
             f"corpus file {path} cannot be decoded as {encoding} "
             f"(byte 0x{data[exc.start]:02x} at offset {exc.start})",
-            "pass the file's real encoding with --encoding NAME",
+            "pass the file's real encoding with --encoding NAME", "latin-1",
         ) from None
 
 
 def _read_local(path: Path, encoding: str | None) -> tuple[str, str]:
+    """A plain-text file's text and a description naming its encoding; an empty or blank
+    file is refused."""
+    text, used = read_text(path, encoding)
+    if not text and path.stat().st_size == 0:
+        raise PfreezeError(f"corpus file {path} is empty", "pass a file that contains text")
+    if not text.strip():
+        raise PfreezeError(f"corpus file {path} contains only whitespace", "pass a real text")
+    return text, f"{path} ({used})"
+
+
+def read_text(path: Path, encoding: str | None) -> tuple[str, str]:
+    """A plain-text file's text (BOM dropped, line endings as \\n; possibly blank) and the
+    encoding it was decoded with. Unreadable, binary or undecodable files are refused."""
     codec = "utf-8"
     if encoding is not None:
         try:
@@ -122,8 +143,6 @@ def _read_local(path: Path, encoding: str | None) -> tuple[str, str]:
             f"corpus file {path} is not readable ({_one_line(why)})",
             "fix its permissions (chmod u+r) or copy it somewhere readable",
         ) from None
-    if not data:
-        raise PfreezeError(f"corpus file {path} is empty", "pass a file that contains text")
     # NUL bytes mean a binary file (or UTF-16/32, which legitimately contain them).
     nul = data.find(b"\x00")
     if nul >= 0 and not codec.startswith(("utf-16", "utf-32")):
@@ -135,10 +154,7 @@ def _read_local(path: Path, encoding: str | None) -> tuple[str, str]:
     # A BOM is never content, whichever encoding produced it.
     text = text.removeprefix("\ufeff")
     # Tokenisers treat "\r\n" and "\n" differently; one line-ending style keeps counts stable.
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
-    if not text.strip():
-        raise PfreezeError(f"corpus file {path} contains only whitespace", "pass a real text")
-    return text, f"{path} ({used})"
+    return text.replace("\r\n", "\n").replace("\r", "\n"), used
 
 
 def _read_gutenberg(

@@ -21,7 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pfreeze.data.corpus import _read_local, cache_dir, read_corpus, strip_gutenberg
+from pfreeze.data.corpus import (
+    Undecodable,
+    _read_local,
+    cache_dir,
+    read_corpus,
+    read_text,
+    strip_gutenberg,
+)
 from pfreeze.errors import PfreezeError
 from pfreeze.settings import DataConfig
 
@@ -82,24 +89,20 @@ def _from_folder(root: Path, encoding: str | None) -> Documents:
                     and p.is_file() and visible(p)), key=lambda p: p.relative_to(root).as_posix())
     texts, used = [], set()
     for path in files:
-        if path.stat().st_size == 0:
-            continue
         try:
-            text, desc = _read_local(path, encoding)
-        except PfreezeError as exc:
-            if "whitespace" in exc.problem:
-                continue  # an empty note in a folder of texts is no reason to stop
-            if texts and ("not UTF-8" in exc.problem or "cannot be decoded" in exc.problem):
-                guess = "cp1252" if "cp1252" in (exc.fix or "") else "latin-1"
-                raise PfreezeError(
-                    f"{exc.problem}, while the {len(texts)} file(s) before it in {root} "
-                    "decoded",
-                    f"every file of a folder is read with one encoding "
-                    f"({encoding or 'utf-8'}): convert that file to it, e.g. iconv -f {guess} "
-                    f"-t {encoding or 'utf-8'} {path.name}") from None
-            raise
+            text, codec = read_text(path, encoding)
+        except Undecodable as exc:
+            if not texts:
+                raise
+            raise PfreezeError(
+                f"{exc.problem}, while the {len(texts)} file(s) before it in {root} decoded",
+                f"every file of a folder is read with one encoding ({encoding or 'utf-8'}): "
+                f"convert that file to it, e.g. iconv -f {exc.guess} -t {encoding or 'utf-8'} "
+                f"{path.name}") from None
+        if not text.strip():
+            continue  # an empty note in a folder of texts is no reason to stop
         texts.append(text)
-        used.add(desc.rsplit("(", 1)[-1].rstrip(")"))
+        used.add(codec)
     if not texts:
         raise PfreezeError(
             f"corpus folder {root} holds no text files (*.txt or *.md with text, searched "
