@@ -193,8 +193,9 @@ class Replicas:
         flat = torch.cat([p.reshape(-1) for p in parts])
         collective(lambda: dist.all_reduce(flat, group=self.group))
         n = len(records)
+        mean = flat[:n] / self.size  # one division for the flush, not one per step
         for k, r in enumerate(records):
-            r.loss = flat[k] / self.size
+            r.loss = mean[k]
         if tracked:
             dw, dw0 = flat[n:].sqrt().split(flat[n:].numel() // 2)
             for k, r in enumerate(records):
