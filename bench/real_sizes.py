@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> Row:
     p.add_argument("--out", default="real-sizes.json")
     a = p.parse_args(argv)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    out: Row = {"environment": run_environment(dev, argv or sys.argv[1:], a.peak_tflops * 1e12),
+    out: Row = {"environment": run_environment(dev, argv or sys.argv[1:], a.peak_tflops * 1e12,
+                                              "bench.real_sizes"),
                 "rows": []}
     for name in a.case:
         row = measure(name, a.corpus, a.steps, a.gradient_checkpointing, a.peak_tflops * 1e12,

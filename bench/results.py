@@ -84,11 +84,13 @@ def gen_key(r: Row) -> tuple[Any, ...]:
     return (r["variant"], r["shape"], r["batch"], r["prompt_tokens"], r["new_tokens"])
 
 
-def run_environment(device: torch.device, argv: list[str], peak: float | None) -> Row:
+def run_environment(device: torch.device, argv: list[str], peak: float | None,
+                    module: str = "bench") -> Row:
+    """The card, software and commit, and the command line as typed (`python -m <module>`)."""
     env = environment(device)  # the same probe every run's summary.json records
     return {**env, "git": env["git_hash"], "cuda": torch.version.cuda,
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "command": " ".join(["python", "-m", "bench", *argv]), "peak_flops": peak}
+            "command": " ".join(["python", "-m", module, *argv]), "peak_flops": peak}
 
 
 def resumed(path: str | Path, settings: Row, env: Row) -> Row | None:

@@ -252,3 +252,15 @@ def test_the_benchmark_configs_are_valid() -> None:
     assert len(found) >= 3
     for path in found:
         load_config(path)
+
+
+def test_a_raw_file_records_the_command_as_typed() -> None:
+    """A script's JSON names its own module (`python -m bench.real_sizes ...`), not the
+    driver's: BENCHMARKS.md copies the command from the raw file."""
+    import torch
+
+    env = bench_results.run_environment(torch.device("cpu"), ["--case", "8b-two-plans"], None,
+                                        "bench.real_sizes")
+    assert env["command"] == "python -m bench.real_sizes --case 8b-two-plans"
+    assert bench_results.run_environment(torch.device("cpu"), ["--steps", "3"],
+                                         None)["command"] == "python -m bench --steps 3"
