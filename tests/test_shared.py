@@ -132,3 +132,24 @@ def test_a_checkpoint_that_trains_a_now_frozen_tensor_is_refused(
         arms["qkv"].restore(2, {f"param.{frozen}": t}, {}, {})
     assert torch.equal(arms["qkv"].model.get_parameter(frozen), before)
     assert torch.equal(arms["lora"].model.get_parameter("base_model.model." + frozen), before)
+
+
+def test_compiled_arms_on_shared_theta0_match_eager(
+        make_config: Callable[..., RunConfig], tmp_path: Path) -> None:
+    """Compiled steps read the shared θ₀ storage as every arm's frozen input: the same losses
+    as eager (to fp32 reassociation) and every frozen element still at θ₀."""
+    arms = ("model.name=random:llama", "training.max_steps=3", "model.dtype=bfloat16",
+            "training.bf16=auto",
+            "arms=[{kind: plan, name: qkv, select: 'layers=2: roles=q,k,v'}, "
+            "{kind: lora, name: lora, select: 'layers=2: roles=q,v'}]")
+    runs = {}
+    for compiled in (False, True):
+        loop = Loop(make_config(*arms, f"training.torch_compile={str(compiled).lower()}"),
+                    RunFiles(tmp_path / str(compiled)))
+        runs[compiled] = run_loop(loop)
+        assert runs[compiled]["execution"]["compiled"] is compiled
+        assert runs[compiled]["execution"]["frozen_shared_mib"] > 0
+        assert all(a["integrity"]["ok"] for a in runs[compiled]["arms"].values())
+    for name, eager in runs[False]["arms"].items():
+        assert runs[True]["arms"][name]["last_loss"] == pytest.approx(eager["last_loss"],
+                                                                      rel=1e-4)
