@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -16,8 +17,12 @@ from conftest import TINY
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from pfreeze import cli
 from pfreeze.cli import app
 from pfreeze.errors import PfreezeError
+from pfreeze.outputs.files import RunFiles
+from pfreeze.run.loop import Loop
+from pfreeze.run.session import run_loop
 
 EXE = Path(sys.executable).with_name("pfreeze")
 PFREEZE = [str(EXE)] if EXE.exists() else [sys.executable, "-m", "pfreeze.cli"]
@@ -327,3 +332,28 @@ def test_families_lists_every_family_and_its_fused_layouts() -> None:
     for text in ("phi3", "qkv_concat", "falcon", "qkv_grouped", "mixtral", "router experts",
                  "gemma3_text", "gptj"):
         assert text in out.output, text
+
+
+# --------------------------------------------------------------------------- phases
+
+
+def test_a_run_names_each_phase_as_it_begins(make_config, tmp_path: Path,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    """Minutes pass before an 8B model's first step (load, hashes, each arm's copy): the run
+    names each phase as it begins, for the CLI's progress line."""
+    caplog.set_level(logging.INFO, logger="pfreeze.run")
+    cfg = make_config("training.max_steps=2", "arms=[{kind: full}, {kind: plan, name: qkv}]")
+    run_loop(Loop(cfg, RunFiles(tmp_path / "run")))
+    assert [r.getMessage() for r in caplog.records if r.name == "pfreeze.run"] == [
+        f"loading {cfg.model.name}", "hashing θ₀", "building arm full", "building arm qkv",
+        "measuring before training", "training", "measuring after training", "writing outputs"]
+
+
+def test_the_progress_line_shows_the_phases_of_its_run_only() -> None:
+    shown: list[str] = []
+    log = logging.getLogger("pfreeze.run")
+    with cli._phases_on(shown.append):
+        log.info("building arm %s", "qkv")
+    log.info("after the run")
+    assert shown == ["building arm qkv"]
+    assert not log.handlers and log.level == logging.NOTSET

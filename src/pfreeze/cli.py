@@ -6,8 +6,11 @@ code 2; `--debug` shows the traceback as well.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -134,14 +137,37 @@ def _train(cfg: Any, overwrite: bool, resume: bool) -> dict[str, Any]:
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), TextColumn("{task.fields[losses]}"),
                   console=console, transient=False, disable=not _rank0()) as progress:
-        task = progress.add_task("training", total=cfg.training.max_steps, losses="")
+        task = progress.add_task("starting", total=cfg.training.max_steps, losses="")
 
         def on_step(step: int, losses: dict[str, float]) -> None:
             shown = "  ".join(f"{k}={v:.3f}" for k, v in losses.items())
             progress.update(task, completed=step, **({"losses": shown} if shown else {}))
 
-        return run_experiment(cfg, cfg.output_dir, overwrite=overwrite, on_step=on_step,
-                              resume=resume, command=" ".join(["pfreeze", *sys.argv[1:]]))
+        with _phases_on(lambda phase: progress.update(task, description=escape(phase))):
+            summary = run_experiment(cfg, cfg.output_dir, overwrite=overwrite, on_step=on_step,
+                                     resume=resume, command=" ".join(["pfreeze", *sys.argv[1:]]))
+        progress.update(task, description="done")
+        return summary
+
+
+@contextmanager
+def _phases_on(show: Callable[[str], None]) -> Iterator[None]:
+    """The run's phases (pfreeze.run's log: loading, hashing θ₀, building each arm, ...) go to
+    `show` while the run lasts."""
+
+    class Shown(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            show(record.getMessage())
+
+    log, handler = logging.getLogger("pfreeze.run"), Shown(logging.INFO)
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
 
 
 def _rank0() -> bool:

@@ -14,6 +14,7 @@ and CUDA timing events are queued on the device and read every `logging_steps`.
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 import time
@@ -50,6 +51,10 @@ from pfreeze.run.runtime import Runtime, release
 from pfreeze.run.sharding import LocalView, Replicas, ShardFreezer
 from pfreeze.run.shared import SharedTheta0
 from pfreeze.settings import ArmConfig, RunSpec
+
+# The phases of a run as they begin (loading, building each arm, ...): the CLI shows them on
+# its progress line, since an 8B model spends minutes before its first step.
+log = logging.getLogger("pfreeze.run")
 
 
 class Loop(AcrossRanks):
@@ -110,6 +115,7 @@ class Loop(AcrossRanks):
             distributed.single_process_only("arms_placement=sequential",
                                             "set arms_placement=auto (arms spread over ranks)")
         docs = read_documents(cfg.data)  # before the model: a bad corpus fails fast
+        log.info("loading %s", cfg.model.name)
         self.lm: LoadedModel = load_model(cfg.model.name, cfg.model.revision, seed=self.t.seed,
                                                dtype=cfg.model.dtype)
         check_positions(self.lm, cfg.data.block_size, cfg.generation)
@@ -122,6 +128,7 @@ class Loop(AcrossRanks):
         self.train_windows = fixed_windows(self.stats.train_ids, cfg.data.block_size, n_eval)
         self.probe: Probe | None = build_probe(cfg.data.probe_corpus, self.lm.tokenizer,
                                                cfg.data.block_size, n_eval, cfg.data.encoding)
+        log.info("hashing θ₀")
         self.theta0_hash = state_hash(self.lm.model)
         distributed.same_everywhere(self.world, self.theta0_hash, "the θ₀ hash")
         # Adapter initialisation and any dropout draw from the global generator: seed it.
@@ -194,6 +201,7 @@ class Loop(AcrossRanks):
         from transformers import get_scheduler
 
         base, family, infos, tracked = self.theta0
+        log.info("building arm %s", acfg.name or acfg.kind)
         strat = make_arm(acfg, family, self.t.max_steps, self.calibration_batches)
         model = strat.build(base)
         # Hash each copy where it was made (host memory): the proof that all arms share θ₀.

@@ -34,7 +34,7 @@ from pfreeze.plan.masks import check_audit
 from pfreeze.run.arm_run import ArmRun
 from pfreeze.run.distributed import peers_watched, single_process_only
 from pfreeze.run.interrupts import Interrupted, Signals
-from pfreeze.run.loop import Loop
+from pfreeze.run.loop import Loop, log
 from pfreeze.run.turns import Turns
 from pfreeze.settings import RunSpec, digest, dump
 
@@ -113,6 +113,7 @@ class Session(Turns):
             files.open_trackers(loop.cfg, fresh=True)
             self.phase = "before"
         self.signals.check()
+        log.info("measuring before training")
         loop.moments.evaluate(0)
         self.p_before = loop.moments.sample("before")
         self.phase = "train"
@@ -120,6 +121,7 @@ class Session(Turns):
     def _train(self) -> None:
         """The steps from the last completed one; SIGINT/SIGTERM wait for the step boundary."""
         self.loop.share_signals(self.signals)
+        log.info("training")
         for step in range(self.done, self.t.max_steps):
             if self.loop.all_stopped():
                 break
@@ -217,6 +219,7 @@ class Session(Turns):
         """The after-measurements and files of the arms; their summaries, files not written."""
         loop = self.loop
         loop.unshard()  # a sharded arm is measured and saved whole
+        log.info("measuring after training")
         loop.moments.evaluate(self.t.max_steps)
         p_after = loop.moments.sample("after")
         p_best = loop.moments.sample_best() if self.t.keep_best else {}
@@ -227,6 +230,7 @@ class Session(Turns):
         # The arms' files first: a summary that says "finished" promises them (a kill between
         # the two must leave a run to resume, not a finished one without its tensors).
         missing = []
+        log.info("writing outputs")
         for arm in loop.arms:
             missing += self.files.save_arm(arm.strategy, arm.model, loop.lm.tokenizer,
                                            loop.cfg.save_pretrained, arm.best_state,
