@@ -349,6 +349,19 @@ def test_a_run_names_each_phase_as_it_begins(make_config, tmp_path: Path,
         "measuring before training", "training", "measuring after training", "writing outputs"]
 
 
+def test_a_sequential_run_names_each_turn_s_phases(make_config, tmp_path: Path,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="pfreeze.run")
+    cfg = make_config("training.max_steps=2", "arms_placement=sequential",
+                      "arms=[{kind: full}, {kind: plan, name: qkv}]")
+    run_loop(Loop(cfg, RunFiles(tmp_path / "run")))
+    said = [r.getMessage() for r in caplog.records if r.name == "pfreeze.run"]
+    turn = ["measuring before training", "training", "measuring after training",
+            "writing outputs"]
+    assert said == [f"loading {cfg.model.name}", "hashing θ₀", "building arm full", *turn,
+                    "building arm qkv", *turn]
+
+
 def test_the_progress_line_shows_the_phases_of_its_run_only() -> None:
     shown: list[str] = []
     log = logging.getLogger("pfreeze.run")

@@ -4,6 +4,7 @@ trains at some step is its own, and a run with sharing equals one without, bit f
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -135,7 +136,8 @@ def test_a_checkpoint_that_trains_a_now_frozen_tensor_is_refused(
 
 
 def test_compiled_arms_on_shared_theta0_match_eager(
-        make_config: Callable[..., RunConfig], tmp_path: Path) -> None:
+        make_config: Callable[..., RunConfig], tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
     """Compiled steps read the shared θ₀ storage as every arm's frozen input: the same losses
     as eager (to fp32 reassociation) and every frozen element still at θ₀."""
     arms = ("model.name=random:llama", "training.max_steps=3", "model.dtype=bfloat16",
@@ -146,8 +148,15 @@ def test_compiled_arms_on_shared_theta0_match_eager(
     for compiled in (False, True):
         loop = Loop(make_config(*arms, f"training.torch_compile={str(compiled).lower()}"),
                     RunFiles(tmp_path / str(compiled)))
-        runs[compiled] = run_loop(loop)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="pfreeze.run"):
+            runs[compiled] = run_loop(loop)
         assert runs[compiled]["execution"]["compiled"] is compiled
+        # Each arm stepped through its compiled graph (or none), and said so once.
+        assert all((a.step_fn is not None) is compiled for a in loop.arms)
+        said = [r.getMessage() for r in caplog.records if "compiling" in r.getMessage()]
+        assert said == (["compiling arm qkv's step", "compiling arm lora's step"]
+                        if compiled else [])
         assert runs[compiled]["execution"]["frozen_shared_mib"] > 0
         assert all(a["integrity"]["ok"] for a in runs[compiled]["arms"].values())
     for name, eager in runs[False]["arms"].items():

@@ -141,7 +141,8 @@ def _train(cfg: Any, overwrite: bool, resume: bool) -> dict[str, Any]:
 
         def on_step(step: int, losses: dict[str, float]) -> None:
             shown = "  ".join(f"{k}={v:.3f}" for k, v in losses.items())
-            progress.update(task, completed=step, **({"losses": shown} if shown else {}))
+            progress.update(task, completed=step, description="training",
+                            **({"losses": shown} if shown else {}))
 
         with _phases_on(lambda phase: progress.update(task, description=escape(phase))):
             summary = run_experiment(cfg, cfg.output_dir, overwrite=overwrite, on_step=on_step,

@@ -93,6 +93,7 @@ class Loop(AcrossRanks):
         self.theta0: tuple | None = None  # (θ₀, family, its params, tracked names): builds arms
         self.stage = steps.Staging(self.device)  # host ids -> device, once per step
         self.reserved_mb = 0.0  # GPU memory reserved by this process (all arms), at its peak
+        self.compiled_once: set[str] = set()  # arms whose compiled step has run here
         self.sharded = False  # this rank's arm sharded with FSDP2 (setup)
         self.shared: SharedTheta0 | None = None  # θ₀'s frozen tensors, once for all arms
         self.shared_mib = 0.0  # their bytes on the device
@@ -301,6 +302,9 @@ class Loop(AcrossRanks):
         batch). A host batch is staged here. A data-parallel arm takes its share of them."""
         if arm.replicas is not None:
             batch, windows, idx = arm.replicas.part(batch, windows, idx)
+        if arm.step_fn is not None and arm.strategy.name not in self.compiled_once:
+            log.info("compiling arm %s's step", arm.strategy.name)  # minutes at 8B
+            self.compiled_once.add(arm.strategy.name)
         reserved = steps.train_step(arm, step, batch, windows, idx, self.rt, self.t, self.stage)
         if reserved is not None:
             self.reserved_mb = max(self.reserved_mb, reserved)

@@ -113,7 +113,8 @@ class Session(Turns):
             files.open_trackers(loop.cfg, fresh=True)
             self.phase = "before"
         self.signals.check()
-        log.info("measuring before training")
+        if loop.arms:  # sequential: none yet, each turn measures its own
+            log.info("measuring before training")
         loop.moments.evaluate(0)
         self.p_before = loop.moments.sample("before")
         self.phase = "train"

@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 from pfreeze.errors import PfreezeError
+from pfreeze.run.loop import log
 
 
 class Turns:
@@ -58,6 +59,7 @@ class Turns:
         loop = self.loop
         loop.turn(i)  # no reference kept: the next turn frees it
         self.phase, self.done = "before", 0
+        log.info("measuring before training")
         loop.moments.evaluate(0)
         self.p_before.update(loop.moments.sample("before"))
         self.phase = "train"
