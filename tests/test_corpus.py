@@ -240,7 +240,8 @@ def test_unreadable_simulated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
         raise PermissionError(13, "Permission denied", str(self))
 
     monkeypatch.setattr(Path, "read_bytes", denied)
-    raises("permission denied", read_corpus, str(path))
+    message = raises("permission denied", read_corpus, str(path))
+    assert "is not readable (" in message
 
 
 def test_empty_file(tmp_path: Path) -> None:

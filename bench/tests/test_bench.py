@@ -252,6 +252,26 @@ def test_the_benchmark_configs_are_valid() -> None:
     assert len(found) >= 3
     for path in found:
         load_config(path)
+    # two-8b.yaml is the bench case's pair for `pfreeze plan --config`: the same arms.
+    from bench.real_sizes import CASES
+
+    two = load_config(Path(__file__).parents[1] / "configs" / "two-8b.yaml")
+    case = CASES["8b-two-plans"]
+    assert [a.model_dump(include={"kind", "name", "select"}) for a in two.arms] == case["arms"]
+    assert (two.model.name, two.data.block_size, two.training.per_device_train_batch_size) \
+        == (case["model"], case["seq"], case["batch"])
+
+
+def test_a_lora_arm_s_flops_start_at_its_lowest_adapted_block() -> None:
+    from bench.real_sizes import arm_flops
+    from pfreeze import meta_of
+
+    meta, family = meta_of("random:llama")
+    arm = {"kind": "lora", "name": "l", "select": "layers=2: roles=q,v"}
+    assert arm_flops("random:llama", arm, 2, 32) == model_flops(meta, family, set(), 2, 32,
+                                                                 adapters_from=2)
+    assert arm_flops("random:llama", arm, 2, 32) < model_flops(meta, family, set(), 2, 32,
+                                                               adapters_from=0)
 
 
 def test_a_raw_file_records_the_command_as_typed() -> None:
