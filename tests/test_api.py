@@ -79,6 +79,8 @@ def test_overrides_reach_list_items_as_set_does() -> None:
     cfg = config_of(None, **{"arms.1.select": "roles=q"})
     want = load_config(None, ["arms.1.select=roles=q"])
     assert cfg == want and cfg.arms[1].select == "roles=q" and cfg.arms[0].kind == "full"
+    # A dict for one arm edits it, as for a section: its kind and name stay.
+    assert config_of(None, arms__1={"select": "roles=q"}) == want
 
 
 def test_a_bad_setting_is_one_line(make_config: Callable[..., RunConfig]) -> None:

@@ -149,14 +149,24 @@ def _repeats(root: Path) -> Result:
                   {k: p for k, p in paths.items() if p.exists()}, each)
 
 
+def _at(tree: Any, path: list[str]) -> Any:
+    """The node at `path` (dict keys and list indices), None where there is none."""
+    for part in path:
+        if isinstance(tree, list):
+            tree = tree[int(part)] if part.isdigit() and int(part) < len(tree) else None
+        else:
+            tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
 def _merge(tree: dict[str, Any], key: str, value: Any, defaults: dict[str, Any]) -> None:
     """Set one override as `--set` does (config.apply_override): "training.max_steps" or
     training__max_steps, list indices included (arms.1.select); a dict given for a section
     is merged into it."""
     path = key.replace("__", ".").split(".")
-    node: Any = tree
-    for part in path:
-        node = node.get(part) if isinstance(node, dict) else None
+    node = _at(tree, path)
+    if node is None:  # not set in the source yet: the section as the defaults have it
+        node = _at(defaults, path)
     if isinstance(value, Mapping) and isinstance(node, dict):
         for k, v in value.items():
             _merge(tree, f"{'.'.join(path)}.{k}", v, defaults)
