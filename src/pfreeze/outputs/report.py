@@ -20,9 +20,9 @@ from markupsafe import Markup, escape
 from pfreeze.atomic import write_text
 from pfreeze.errors import PfreezeError
 from pfreeze.outputs.loggers import read_jsonl
-from pfreeze.outputs.plots import DASH, Row, Summary, ci95, draw, num
+from pfreeze.outputs.plots import DASH, Row, Summary, draw, num
 from pfreeze.outputs.report_partial import killed_summary, partial_note, read_config
-from pfreeze.outputs.units import fmt
+from pfreeze.outputs.units import fmt, fmt_stats
 
 SAMPLE_LINES = 40
 TOP_TOKENS = 20
@@ -89,9 +89,7 @@ def _seconds(x: Any, digits: int) -> str:
 
 def _p(p: Any) -> str:
     """p in %, ± half its 95% CI (as the evidence report, compare and the CLI show it)."""
-    p = p or {}
-    half = (ci95(p)[1] - ci95(p)[0]) / 2
-    return fmt(p.get("mean"), "%", half if math.isfinite(half) else None)
+    return fmt_stats(p, "%")
 
 
 def _probe(a: dict[str, Any]) -> str:
