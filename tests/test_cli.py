@@ -17,7 +17,7 @@ from conftest import TINY
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from pfreeze import cli
+from pfreeze.api import phases_to
 from pfreeze.cli import app
 from pfreeze.errors import PfreezeError
 from pfreeze.outputs.files import RunFiles
@@ -365,8 +365,10 @@ def test_a_sequential_run_names_each_turn_s_phases(make_config, tmp_path: Path,
 def test_the_progress_line_shows_the_phases_of_its_run_only() -> None:
     shown: list[str] = []
     log = logging.getLogger("pfreeze.run")
-    with cli._phases_on(shown.append):
+    with phases_to(shown.append):
         log.info("building arm %s", "qkv")
     log.info("after the run")
     assert shown == ["building arm qkv"]
     assert not log.handlers and log.level == logging.NOTSET
+    with phases_to(lambda phase: 1 / 0):  # a display that fails does not stop the run
+        log.info("loading %s", "x")

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Callable, Mapping
+import logging
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -216,8 +218,9 @@ def run(source: ConfigLike | None = None, /, *, overwrite: bool = False,
     out = Path(cfg.output_dir)
     bar = _bar(cfg.training.max_steps) if progress and on_step is None else None
     try:
-        run_experiment(cfg, out, overwrite=overwrite, resume=resume,
-                       on_step=on_step or (bar and bar.step))
+        with phases_to(bar.tqdm.set_description) if bar else nullcontext():
+            run_experiment(cfg, out, overwrite=overwrite, resume=resume,
+                           on_step=on_step or (bar and bar.step))
     finally:
         if bar:
             bar.close()
@@ -238,11 +241,36 @@ class _Bar:
         if step < self.tqdm.n:  # the next repeat starts from step 1
             self.tqdm.reset()
         self.tqdm.update(step - self.tqdm.n)
+        self.tqdm.set_description("training", refresh=False)
         if losses:
             self.tqdm.set_postfix({k: f"{v:.3f}" for k, v in losses.items()}, refresh=False)
 
     def close(self) -> None:
         self.tqdm.close()
+
+
+@contextmanager
+def phases_to(show: Callable[[str], None]) -> Iterator[None]:
+    """Each phase of a run (the `pfreeze.run` log: loading, hashing θ₀, building and compiling
+    each arm, measuring, writing) goes to `show` as it begins, while the block lasts: an 8B
+    model spends minutes before its first step."""
+
+    class Shown(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            try:
+                show(record.getMessage())
+            except Exception:  # a display that fails must not stop the run
+                self.handleError(record)
+
+    log, handler = logging.getLogger("pfreeze.run"), Shown(logging.INFO)
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
 
 
 def _bar(total: int) -> _Bar | None:

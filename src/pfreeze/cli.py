@@ -6,11 +6,8 @@ code 2; `--debug` shows the traceback as well.
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -126,6 +123,7 @@ def _run_config(config: Path | None, overrides: list[str], output_dir: Path | No
 
 def _train(cfg: Any, overwrite: bool, resume: bool) -> dict[str, Any]:
     """The run itself, with a progress bar and the latest losses."""
+    from pfreeze.api import phases_to
     from pfreeze.run.session import run as run_experiment
 
     arms = ", ".join(a.name or a.kind for a in cfg.arms)
@@ -144,31 +142,12 @@ def _train(cfg: Any, overwrite: bool, resume: bool) -> dict[str, Any]:
             progress.update(task, completed=step, description="training",
                             **({"losses": shown} if shown else {}))
 
-        with _phases_on(lambda phase: progress.update(task, description=escape(phase))):
+        with phases_to(lambda phase: progress.update(task, description=escape(phase))):
             summary = run_experiment(cfg, cfg.output_dir, overwrite=overwrite, on_step=on_step,
                                      resume=resume, command=" ".join(["pfreeze", *sys.argv[1:]]))
         progress.update(task, description="done")
         return summary
 
-
-@contextmanager
-def _phases_on(show: Callable[[str], None]) -> Iterator[None]:
-    """The run's phases (pfreeze.run's log: loading, hashing θ₀, building each arm, ...) go to
-    `show` while the run lasts."""
-
-    class Shown(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            show(record.getMessage())
-
-    log, handler = logging.getLogger("pfreeze.run"), Shown(logging.INFO)
-    level = log.level
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    try:
-        yield
-    finally:
-        log.removeHandler(handler)
-        log.setLevel(level)
 
 
 def _rank0() -> bool:

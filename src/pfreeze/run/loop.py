@@ -202,8 +202,8 @@ class Loop(AcrossRanks):
         from transformers import get_scheduler
 
         base, family, infos, tracked = self.theta0
-        log.info("building arm %s", acfg.name or acfg.kind)
         strat = make_arm(acfg, family, self.t.max_steps, self.calibration_batches)
+        log.info("building arm %s", strat.name)
         model = strat.build(base)
         # Hash each copy where it was made (host memory): the proof that all arms share θ₀.
         h = getattr(strat, "theta0_hash", None) or state_hash(model)

@@ -18,6 +18,7 @@ checkpoint holds the arm of the turn and the turns before (pfreeze.run.turns).
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,9 +35,11 @@ from pfreeze.plan.masks import check_audit
 from pfreeze.run.arm_run import ArmRun
 from pfreeze.run.distributed import peers_watched, single_process_only
 from pfreeze.run.interrupts import Interrupted, Signals
-from pfreeze.run.loop import Loop, log
+from pfreeze.run.loop import Loop
 from pfreeze.run.turns import Turns
 from pfreeze.settings import RunSpec, digest, dump
+
+log = logging.getLogger("pfreeze.run")  # the phases (loop.py says why)
 
 
 def config_hash(cfg: RunSpec) -> str:

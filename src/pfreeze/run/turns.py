@@ -13,11 +13,13 @@ from its step; then the remaining arms take their turns.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
 from pfreeze.errors import PfreezeError
-from pfreeze.run.loop import log
+
+log = logging.getLogger("pfreeze.run")  # the phases (loop.py says why)
 
 
 class Turns:
