@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from pfreeze.config import RunConfig
 from pfreeze.errors import PfreezeError
 from pfreeze.outputs.files import RunFiles
+from pfreeze.plan.masks import tensor_digest
 from pfreeze.run import loop as loop_module
 from pfreeze.run.arms import base as arms_base
 from pfreeze.run.loop import Loop
@@ -60,6 +61,12 @@ def test_frozen_tensors_share_theta0_and_trained_ones_do_not(
     ever = arms["unfreeze"].strategy.trained_names()
     assert ever and all(unfreeze[n] != qkv[n] for n in ever)
     assert summary["execution"]["frozen_shared_mib"] > 0
+    # The shared tensors' θ₀ digests were hashed once, on the host, and handed to each
+    # Freezer: they are the digests of what the arm holds (frozen, so still θ₀).
+    known = arms["qkv"].freezer.known
+    assert known and not set(known) & trained and set(known) <= set(qkv)
+    params = arms["qkv"].freezer.params
+    assert known == {n: tensor_digest(params[n]) for n in known}
     # Training did not move a shared tensor: each arm's audit finds its frozen tensors at θ₀.
     for arm in summary["arms"].values():
         assert arm["integrity"]["ok"], arm["integrity"]
@@ -69,8 +76,10 @@ class _NoSharing:
     def __init__(self, *args: object) -> None:
         self.tensors: dict[str, torch.Tensor] = {}
 
-    def alias(self, *args: object, **kwargs: object) -> int:
-        return 0
+    mib = 0.0
+
+    def alias(self, *args: object, **kwargs: object) -> dict[str, str]:
+        return {}
 
 
 def test_sharing_changes_no_number(make_config: Callable[..., RunConfig], tmp_path: Path,

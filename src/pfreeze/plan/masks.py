@@ -72,6 +72,8 @@ class Freezer:
     """Holds the current plan of one arm's model and enforces it around optimizer steps."""
 
     model: nn.Module
+    # θ₀ digests already known (tensors shared with other arms, hashed once on the host)
+    known: dict[str, str] = field(default_factory=dict)
     params: dict[str, nn.Parameter] = field(init=False)
     partial: dict[str, _Partial] = field(init=False, default_factory=dict)
     # Which elements were ever trainable: the audit checks only the rest against θ₀.
@@ -83,7 +85,8 @@ class Freezer:
 
     def __post_init__(self) -> None:
         self.params = dict(self.model.named_parameters())
-        self.theta0_digest = digests(self.params)
+        self.theta0_digest = {**digests({n: p for n, p in self.params.items()
+                                         if n not in self.known}), **self.known}
         for p in self.params.values():
             p.requires_grad_(False)  # nothing trains until a plan says so
 

@@ -95,7 +95,7 @@ class Loop(AcrossRanks):
         self.reserved_mb = 0.0  # GPU memory reserved by this process (all arms), at its peak
         self.compiled_once: set[str] = set()  # arms whose compiled step has run here
         self.sharded = False  # this rank's arm sharded with FSDP2 (setup)
-        self.shared: SharedTheta0 | None = None  # θ₀'s frozen tensors, once for all arms
+        self.theta0_hash: str | None = None  # set by setup (a benchmark's loop skips it)
         self.shared_mib = 0.0  # their bytes on the device
 
     # ------------------------------------------------------------------ setup
@@ -166,13 +166,12 @@ class Loop(AcrossRanks):
         tracked = list(compile_plan(base, family, self.cfg.track).tensors)
         self.theta0 = (base, family, infos, tracked)
         arms = self.cfg.arms if which is None else [self.cfg.arms[i] for i in which]
-        if self.placement == "together" and self.dist.mode != "replicas":
-            self.shared = SharedTheta0(base, self.device)
-        self.arms = [self._build(acfg) for acfg in arms]
-        if self.shared is not None:
-            self.shared_mib = sum(t.numel() * t.element_size()
-                                  for t in self.shared.tensors.values()) / 2**20
-            self.shared = None  # the arms hold the device copies; θ₀ itself can go
+        # θ₀'s frozen tensors, once for all arms (the arms hold the device copies after)
+        shared = (SharedTheta0(base, self.device)
+                  if self.placement == "together" and self.dist.mode != "replicas" else None)
+        self.arms = [self._build(acfg, shared) for acfg in arms]
+        if shared is not None:
+            self.shared_mib = shared.mib
         if which is None and self.t.prefix_cache is True and not any(a.prefix for a in self.arms):
             why = "; ".join(f"{a.strategy.name}: {a.prefix_note}" for a in self.arms)
             raise PfreezeError(f"training.prefix_cache=true, but no arm can use it ({why})",
@@ -180,10 +179,9 @@ class Loop(AcrossRanks):
 
     def turn(self, i: int) -> ArmRun:
         """arms_placement=sequential: arm `i` alone on the device, on the stream from its
-        start; the previous arm's memory is given back first (setup and the last leave()
-        left a fresh stream already)."""
-        if self.arms:
-            self.leave()
+        start (setup, or the last turn's leave(), gave back its memory and left a fresh
+        stream)."""
+        assert not self.arms, "turn() after leave()"
         torch.manual_seed(self.t.seed)
         self.arms.append(self._build(self.cfg.arms[i]))
         self.mine = [i]
@@ -198,7 +196,7 @@ class Loop(AcrossRanks):
         release()
         self.caches, self.stream, self.batch_hashes = None, self.new_stream(), []
 
-    def _build(self, acfg: ArmConfig) -> ArmRun:
+    def _build(self, acfg: ArmConfig, shared: SharedTheta0 | None = None) -> ArmRun:
         from transformers import get_scheduler
 
         base, family, infos, tracked = self.theta0
@@ -207,9 +205,10 @@ class Loop(AcrossRanks):
         model = strat.build(base)
         # Hash each copy where it was made (host memory): the proof that all arms share θ₀.
         h = getattr(strat, "theta0_hash", None) or state_hash(model)
-        if self.shared is not None:  # what it never trains: θ₀'s one device copy
-            self.shared.alias(model, strat.origin, strat.trained_names(),
-                              check=h != getattr(self, "theta0_hash", None))
+        known = {}  # what it never trains: θ₀'s one device copy, its digests known
+        if shared is not None:
+            known = shared.alias(model, strat.origin, strat.trained_names(),
+                                 check=h != self.theta0_hash)
         strat.origin = {}  # ids of live objects only: never read again
         model = model.to(self.device).train()
         if self.t.master_weights == "fp32":  # frozen tensors keep their storage dtype
@@ -219,7 +218,8 @@ class Loop(AcrossRanks):
                 strat.trained_names(), family))
         replicas = self._replicas(acfg, model)  # shards the model where FSDP2 is on
         sharded = replicas is not None and replicas.sharded
-        freezer = ShardFreezer(model, group=replicas.group) if sharded else Freezer(model)
+        freezer = (ShardFreezer(model, group=replicas.group) if sharded
+                   else Freezer(model, known))
         freezer.apply(strat.first_plan())
         # Every tensor that trains at some step is registered now: flipping requires_grad
         # later does nothing for a tensor the optimizer has never seen.

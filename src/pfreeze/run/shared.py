@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pfreeze.plan.masks import digests
+
 
 class SharedTheta0:
     """Device copies of θ₀'s parameters, made the first time an arm leaves one frozen."""
@@ -24,14 +26,21 @@ class SharedTheta0:
         self.base = dict(base.named_parameters())  # θ₀ by name (tied weights once)
         self.device = device
         self.tensors: dict[str, torch.Tensor] = {}
+        self.digests: dict[str, str] = {}  # of θ₀'s tensors, hashed on the host once
+
+    @property
+    def mib(self) -> float:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values()) / 2**20
 
     def alias(self, model: nn.Module, origin: dict[int, str], trained: set[str],
-              check: bool = True) -> None:
+              check: bool = True) -> dict[str, str]:
         """Point every parameter of `model` that copies a θ₀ parameter (`origin`: by id, as
         ArmStrategy.copy_theta0 records it) and is not in `trained` at the shared device copy
         of that θ₀ parameter. `check`: alias only a copy still equal to θ₀ (an arm may edit a
         tensor it then keeps frozen); False where the arm's hash already proves the whole
-        copy equal."""
+        copy equal. Returns the θ₀ digest of each parameter it aliased, by the arm's name: its
+        Freezer need not copy the shared tensors back to the host to hash them again."""
+        aliased: dict[str, str] = {}
         for name, p in model.named_parameters():
             src = origin.get(id(p))
             if src is None or name in trained:
@@ -42,7 +51,11 @@ class SharedTheta0:
                 continue  # the arm's own version of this tensor
             t = self.tensors.get(src)
             if t is None:
-                # copy=True: on the CPU too, so the arms never alias the host θ₀ itself (an
-                # export writes trained tensors into it).
+                # copy=True: on the CPU too, so no arm ever aliases the host θ₀ itself; it is
+                # dropped once the arms are built, so this costs θ₀ twice only meanwhile.
                 t = self.tensors[src] = base.detach().to(self.device, copy=True)
             p.data = t
+            aliased[name] = src
+        self.digests.update(digests({s: self.base[s] for s in set(aliased.values())
+                                     if s not in self.digests}))
+        return {n: self.digests[s] for n, s in aliased.items()}
