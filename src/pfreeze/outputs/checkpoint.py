@@ -74,7 +74,8 @@ def save(root: Path, arms: list[ArmCheckpoint], rng: dict[str, torch.Tensor],
                     shutil.copy2(previous / f"arm{i}{suffix}", tmp / f"arm{i}{suffix}")
                 if (previous / f"arm{i}.dcp").is_dir():
                     shutil.copytree(previous / f"arm{i}.dcp", tmp / f"arm{i}.dcp")
-                    shutil.rmtree(shards.pop(f"arm{i}.dcp", tmp / "none"), ignore_errors=True)
+                    if (fresh := shards.pop(f"arm{i}.dcp", None)) is not None:
+                        shutil.rmtree(fresh, ignore_errors=True)
                 continue
             save_file(arm.tensors, str(tmp / f"arm{i}.safetensors"))
             torch.save(arm.optimizer, tmp / f"arm{i}.optim.pt")

@@ -55,7 +55,7 @@ def arm_plans(strat: ArmStrategy, model: nn.Module, family: str
         # what trains from them (SNR) counts as training everything; an adapter (LoRA: it
         # hashes its θ₀) has its own small tensors left out, the base counted frozen, and
         # backward reaching down to the lowest block its selector adapts.
-        if strat.tracks_base_weights:
+        if not strat.adapter:
             return (model, [full_plan(model, family)], "upper bound (chosen from the "
                     "weights at run time)", 0)
         select = getattr(strat.cfg, "select", None)

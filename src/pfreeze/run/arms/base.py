@@ -55,6 +55,9 @@ class ArmStrategy:
     # Whether its plans can be shown before training (`pfreeze plan --config`); an arm that
     # chooses from training data cannot.
     plans_before_training = True
+    # Whether it trains tensors of its own beside a frozen θ₀ (an adapter): the memory plan
+    # then counts the base frozen.
+    adapter = False
 
     def __init__(self, cfg: Any, family: str, max_steps: int = 0,
                  calibration: Calibration | None = None) -> None:

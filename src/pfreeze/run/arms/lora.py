@@ -51,6 +51,7 @@ class Lora(ArmStrategy):
     """LoRA through peft on the modules the selector picks; base weights stay frozen."""
 
     tracks_base_weights = False  # peft renames the base weights (base_model.model...)
+    adapter = True
 
     def build(self, base: nn.Module) -> nn.Module:
         from peft import LoraConfig, get_peft_model
