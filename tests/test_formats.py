@@ -205,6 +205,13 @@ def test_bad_inputs_get_one_line_each(tmp_path: Path) -> None:
     one_line("row 2: field 'text' is missing",
              _write(tmp_path / "o.jsonl", '{"text": "a"}\n\n{"other": 1}\n'))
     one_line("'messages' is not a list", _write(tmp_path / "m.jsonl", '{"messages": "hi"}\n'))
+    # A JSON file that is not UTF-8 gets the JSON fix; one that is binary keeps its own.
+    latin = tmp_path / "l.jsonl"
+    latin.write_bytes('{"text": "naïve"}\n'.encode("cp1252"))
+    assert "JSON is read as UTF-8" in one_line("is not UTF-8", latin)
+    binary = tmp_path / "b.jsonl"
+    binary.write_bytes(b'{"text": "a"}\n\x00\x01\n')
+    assert "pass a plain-text file" in one_line("looks binary", binary)
 
 
 def test_a_valid_jsonl_is_parsed_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -23,7 +23,6 @@ from typing import Any
 
 from pfreeze.data.corpus import (
     Undecodable,
-    _read_local,
     cache_dir,
     read_corpus,
     read_text,
@@ -130,6 +129,10 @@ def _from_file(path: Path, builder: str, text_field: str, encoding: str | None) 
     try:
         rows = ds.load_dataset(builder, data_files=str(path), split="train",
                                cache_dir=str(cache_dir() / "datasets"))
+        # pyarrow keeps bytes that are not UTF-8 until a value is read: inside the try too.
+        return _rows(rows, text_field, str(path))
+    except PfreezeError:
+        raise
     except Exception as exc:  # datasets wraps each parser's own error types
         if builder == "json":  # datasets names neither the line nor the file of a parse
             _check_json(path)  # error: read the file again only to find them
@@ -138,15 +141,14 @@ def _from_file(path: Path, builder: str, text_field: str, encoding: str | None) 
                            f"({type(cause).__name__}: {_one_line(cause)})",
                            f"check that it is valid {builder.upper()} with a header/keys of "
                            "column names") from None
-    return _rows(rows, text_field, str(path))
 
 
 def _check_json(path: Path) -> None:
     """Raise, naming the line, where a .jsonl line (or a .json file) is not JSON (or not
     UTF-8, or a .jsonl line not an object); return where every line is."""
     try:
-        text, _ = _read_local(path, None)
-    except PfreezeError as exc:
+        text, _ = read_text(path, None)
+    except Undecodable as exc:  # other refusals (binary, unreadable) keep their own fix
         raise PfreezeError(exc.problem, "JSON is read as UTF-8: convert the file to it "
                            "(e.g. iconv -f cp1252 -t utf-8)") from None
     if path.suffix.lower() == ".json":
