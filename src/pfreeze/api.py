@@ -136,7 +136,7 @@ def _repeats(root: Path) -> Result:
     """A run of n repeats: repeats.json, and every repeat's rows with its index."""
     import pandas as pd
 
-    from pfreeze.outputs.evidence import repeat_dirs
+    from pfreeze.outputs.files import repeat_dirs
 
     each = [load_result(d) for d in repeat_dirs(root)]
 

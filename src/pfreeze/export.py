@@ -35,8 +35,7 @@ from pfreeze.config import RunConfig
 from pfreeze.errors import PfreezeError
 from pfreeze.models.load import SMOLLM2, ByteTokenizer, LoadedModel, load_model, state_hash
 from pfreeze.outputs.card import CardFacts, model_card
-from pfreeze.outputs.evidence import is_repeats_dir
-from pfreeze.outputs.files import ensure_space, read_summary, tensors_bytes
+from pfreeze.outputs.files import ensure_space, is_repeats_dir, read_summary, tensors_bytes
 from pfreeze.run.arms import make_arm
 from pfreeze.settings import RunSpec
 

@@ -11,9 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from pfreeze.errors import PfreezeError
-from pfreeze.outputs.evidence import finished_repeats, is_repeats_dir
 from pfreeze.outputs.figures import by_figure, figure_cells, markdown_table
-from pfreeze.outputs.files import read_summary
+from pfreeze.outputs.files import finished_repeats, is_repeats_dir, read_summary
 from pfreeze.outputs.repeats import aggregate
 
 

@@ -12,7 +12,6 @@ are left out and the report says so.
 from __future__ import annotations
 
 import base64
-import re
 from pathlib import Path
 from typing import Any
 
@@ -21,42 +20,13 @@ from pfreeze.errors import PfreezeError
 from pfreeze.outputs.claims import claims_table
 from pfreeze.outputs.evidence_plots import plot_curves, plot_scatter
 from pfreeze.outputs.figures import by_figure, figure_cells
-from pfreeze.outputs.files import read_summary
+from pfreeze.outputs.files import finished_repeats, is_repeats_dir, repeat_dirs
 from pfreeze.outputs.repeats import aggregate, render_markdown
 from pfreeze.outputs.report import _templates, metric_rows, render_report
 from pfreeze.outputs.report_partial import read_config
 from pfreeze.outputs.units import DASH
 
-_REPEAT = re.compile(r"repeat-(\d+)")
 EVIDENCE_FILES = ("evidence.html", "evidence.md", "evidence-curves.png", "evidence-scatter.png")
-
-
-def repeat_dirs(root: Path) -> list[Path]:
-    """`root`'s repeat-<r> folders that hold a run, in repeat order."""
-    found = [(int(m.group(1)), p) for p in Path(root).iterdir()
-             if p.is_dir() and (m := _REPEAT.fullmatch(p.name)) and (p / "config.yaml").is_file()]
-    return [p for _, p in sorted(found)]
-
-
-def is_repeats_dir(root: Path) -> bool:
-    """Whether `root` is the output_dir of a run with repeats > 1."""
-    return Path(root).is_dir() and not (Path(root) / "metrics.jsonl").is_file() \
-        and bool(repeat_dirs(root))
-
-
-def _summary(run: Path) -> dict[str, Any] | None:
-    """A repeat's summary if it finished; None otherwise (missing, partial or unreadable)."""
-    s = read_summary(run)
-    return s if isinstance(s, dict) and s.get("status") == "finished" and s.get("arms") else None
-
-
-def finished_repeats(root: Path) -> list[tuple[Path, dict[str, Any]]]:
-    """(folder, summary) of each finished repeat in `root`; one line if none has finished."""
-    done = [(p, s) for p in repeat_dirs(root) if (s := _summary(p)) is not None]
-    if not done:
-        raise PfreezeError(f"no repeat in {root} has finished yet",
-                           f"finish them with `pfreeze run --resume {root}`")
-    return done
 
 
 def _uri(path: Path) -> str:

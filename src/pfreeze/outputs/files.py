@@ -22,6 +22,7 @@ import errno
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -280,3 +281,35 @@ def environment(device: torch.device) -> dict[str, Any]:
     return {"python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "device": device.type,
             "device_name": name, "git_hash": git or None}
+
+
+# A run with repeats > 1 keeps each repeat in repeat-<r>/ (run/repeats.py).
+_REPEAT = re.compile(r"repeat-(\d+)")
+
+
+def repeat_dirs(root: Path) -> list[Path]:
+    """`root`'s repeat-<r> folders that hold a run, in repeat order."""
+    found = [(int(m.group(1)), p) for p in Path(root).iterdir()
+             if p.is_dir() and (m := _REPEAT.fullmatch(p.name)) and (p / "config.yaml").is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def is_repeats_dir(root: Path) -> bool:
+    """Whether `root` is the output_dir of a run with repeats > 1."""
+    return Path(root).is_dir() and not (Path(root) / "metrics.jsonl").is_file() \
+        and bool(repeat_dirs(root))
+
+
+def _finished_repeat(run: Path) -> dict[str, Any] | None:
+    """A repeat's summary if it finished; None otherwise (missing, partial or unreadable)."""
+    s = read_summary(run)
+    return s if isinstance(s, dict) and s.get("status") == "finished" and s.get("arms") else None
+
+
+def finished_repeats(root: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """(folder, summary) of each finished repeat in `root`; one line if none has finished."""
+    done = [(p, s) for p in repeat_dirs(root) if (s := _finished_repeat(p)) is not None]
+    if not done:
+        raise PfreezeError(f"no repeat in {root} has finished yet",
+                           f"finish them with `pfreeze run --resume {root}`")
+    return done
