@@ -49,7 +49,8 @@ class Tracker:
                 contiguous = torch.equal(idx, torch.arange(lo, lo + len(idx)))
                 sel = slice(lo, lo + len(idx)) if contiguous else idx.to(self.params[i].device)
                 self.parts.append((pos, i, info.rule.dim, sel))
-        device = self.params[0].device if self.params else torch.device("cpu")
+        # The model's device even where nothing is tracked: no step's norms are host tensors.
+        device = next((p.device for p in params.values()), torch.device("cpu"))
         self._pos_whole = torch.tensor([p for p, _ in self.whole], dtype=torch.long, device=device)
         self._pos_parts = torch.tensor([p for p, *_ in self.parts], dtype=torch.long, device=device)
 
@@ -73,7 +74,7 @@ class Tracker:
     def step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Norms for this step, as two 1-D tensors aligned with self.keys (no host sync)."""
         if not self.params:
-            z = torch.zeros(len(self.keys))
+            z = torch.zeros(len(self.keys), device=self._pos_whole.device)
             return z, z
         cur = [p.detach() for p in self.params]
         d_0 = torch._foreach_sub(cur, self.w0)

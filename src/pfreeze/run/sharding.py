@@ -187,9 +187,8 @@ class Replicas:
         # none to sum.
         tracked = self.sharded and records[0].dw.numel() > 0
         if tracked:
-            # An arm whose tracker follows no trained tensor queues zeros on the host.
-            parts += [torch.stack([r.dw for r in records]).float().to(losses.device) ** 2,
-                      torch.stack([r.dw0 for r in records]).float().to(losses.device) ** 2]
+            parts += [torch.stack([r.dw for r in records]).float() ** 2,
+                      torch.stack([r.dw0 for r in records]).float() ** 2]
         flat = torch.cat([p.reshape(-1) for p in parts])
         collective(lambda: dist.all_reduce(flat, group=self.group))
         n = len(records)
