@@ -112,6 +112,10 @@ def test_bad_set_items(item: str, needle: str) -> None:
     assert needle in error(None, [item])
 
 
+def test_a_set_item_below_a_value_says_so_as_the_api_does() -> None:
+    assert "seed is not a section" in error(None, ["training.seed=1", "training.seed.x=2"])
+
+
 # --------------------------------------------------------------------------- arm names
 
 

@@ -21,7 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pfreeze.config import NotASection, RunConfig, apply_override, load_config, validate
+from pfreeze.config import (
+    OVERRIDE_ERRORS,
+    RunConfig,
+    apply_override,
+    load_config,
+    override_problem,
+    validate,
+)
 from pfreeze.errors import PfreezeError
 from pfreeze.outputs.loggers import read_jsonl
 
@@ -175,9 +182,9 @@ def _merge(tree: dict[str, Any], key: str, value: Any, defaults: dict[str, Any])
         return
     try:
         apply_override(tree, path, copy.deepcopy(value), defaults)
-    except (ValueError, IndexError, TypeError, AttributeError, KeyError) as e:
-        why = str(e) if isinstance(e, NotASection) else "no such place in the config"
-        raise PfreezeError(f"override '{key}': {why}", "check the key path") from None
+    except OVERRIDE_ERRORS as e:
+        raise PfreezeError(f"override '{key}': {override_problem(e)}",
+                           "check the key path") from None
 
 
 def config_of(source: ConfigLike | None = None, /, **overrides: Any) -> RunConfig:

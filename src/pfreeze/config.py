@@ -268,12 +268,20 @@ def load_config(
         keys, value = parse_override(item)
         try:
             apply_override(tree, keys, value, defaults)
-        except (ValueError, IndexError, TypeError, AttributeError, KeyError):
-            raise PfreezeError(f"--set '{item}': no such place in the config",
+        except OVERRIDE_ERRORS as e:
+            raise PfreezeError(f"--set '{item}': {override_problem(e)}",
                                "check the key path") from None
     if overrides:
         source = f"{source} + --set"
     return validate(tree, source)
+
+
+# What apply_override raises for a path that leads nowhere (NotASection: says where).
+OVERRIDE_ERRORS = (ValueError, IndexError, TypeError, AttributeError, KeyError)
+
+
+def override_problem(e: Exception) -> str:
+    return str(e) if isinstance(e, NotASection) else "no such place in the config"
 
 
 def validate(tree: dict[str, Any], source: str = "the config") -> RunConfig:
